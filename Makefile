@@ -1,0 +1,57 @@
+# byok-credits: every target installs what it needs first, so each works on a fresh machine.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: install up down status run test unit integration e2e bench demo asyncapi migrate clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install -q -U pip
+	@$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+up: install           ## start Kafka, PostgreSQL and every service in the background
+	@bash infra/stack.sh up
+
+down:                 ## stop everything `up` started
+	@bash infra/stack.sh down
+
+status:
+	@bash infra/stack.sh status
+
+run: install          ## start everything, print the page's address, stay until Ctrl-C
+	@bash infra/stack.sh run
+
+migrate: install
+	@bash infra/postgres.sh up && DATABASE_URL=$$(bash infra/postgres.sh url) $(PY) -m migrations
+
+test: install         ## the whole suite on the real broker and database
+	@bash infra/kafka.sh up && bash infra/postgres.sh up
+	@$(PY) -m pytest tests $(PYTEST_ARGS)
+
+unit: install
+	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	@bash infra/kafka.sh up && bash infra/postgres.sh up
+	@$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+e2e: install
+	@bash infra/kafka.sh up && bash infra/postgres.sh up
+	@$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+bench: install        ## benchmarks, each figure beside its baseline from the same run
+	@bash infra/kafka.sh up && bash infra/postgres.sh up
+	@$(PY) -m bench $(BENCH_ARGS)
+
+demo: install         ## scripted scenario against the live stack; exit 0 only if balances are right
+	@bash infra/stack.sh up
+	@$(PY) -m services.demo
+
+asyncapi: install     ## regenerate docs/asyncapi.json from the code
+	@$(PY) -m schemas.asyncapi > docs/asyncapi.json
+
+clean: down
+	rm -rf .run

@@ -1,0 +1,64 @@
+"""Waits for the broker to answer, then creates the system's topics (idempotent).
+
+`python -m infra.topics [--wait SECONDS] [--prefix P] [--partitions N]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from schemas.topics import DEFAULT_PARTITIONS, TopicSpec, topic_specs
+
+
+async def wait_for_broker(bootstrap: str, timeout_s: float) -> AIOKafkaAdminClient:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return admin
+        except (KafkaError, OSError) as exc:
+            await admin.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Kafka at {bootstrap} did not answer in {timeout_s:.0f} s: {exc}")
+            await asyncio.sleep(0.3)
+
+
+async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str]:
+    """Create the topics of `specs` that do not exist yet; return the names created."""
+    existing = set(await admin.list_topics())
+    missing = [s for s in specs if s.name not in existing]
+    if missing:
+        await admin.create_topics(
+            [NewTopic(s.name, s.partitions, 1, topic_configs=s.config()) for s in missing]
+        )
+    return [s.name for s in missing]
+
+
+async def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--wait", type=float, default=60)
+    ap.add_argument("--prefix", default="")
+    ap.add_argument("--partitions", type=int, default=int(os.environ.get("KAFKA_PARTITIONS", DEFAULT_PARTITIONS)))
+    args = ap.parse_args(argv)
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    admin = await wait_for_broker(bootstrap, args.wait)
+    try:
+        created = await ensure_topics(admin, topic_specs(args.partitions, args.prefix))
+    finally:
+        await admin.close()
+    if created:
+        print(f"created topics: {', '.join(created)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,68 @@
+"""The credit policy (contract, see DESIGN.md "Credit policy"), as a pure function.
+
+Kept free of I/O so the credit service, the compatibility route and finance's reconciliation all
+decide with the very same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.events import CallStatus, Decision, Feature, KeySource, ModelCallCompleted
+from schemas.pricing import PriceBook, PriceList
+
+# These run on the platform's models whatever the event says, so they are always billed.
+ALWAYS_PLATFORM = frozenset({Feature.DEEP_ANALYSIS, Feature.CODE_FIX, Feature.CODE_CANVAS})
+
+
+class CreditError(Exception):
+    """Base of the credit domain's errors."""
+
+
+class UnpricedModel(CreditError):
+    def __init__(self, model: str, version: str):
+        super().__init__(f"model {model!r} has no price in price list {version}; not billed at a guessed price")
+        self.model, self.version = model, version
+
+
+class InsufficientCredits(CreditError):
+    def __init__(self, needed: int, balance: int):
+        super().__init__(f"this call costs {needed} credits and the balance is {balance}")
+        self.needed, self.balance = needed, balance
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one event owes."""
+
+    decision: Decision
+    credits: int
+    price_list_version: str | None
+    reason: str | None = None
+
+
+def is_billable(feature: Feature, key_source: KeySource) -> bool:
+    return key_source is KeySource.PLATFORM or feature in ALWAYS_PLATFORM
+
+
+def price_of(feature: Feature, model: str, prices: PriceList) -> int:
+    """Credits for one successful billable call; raises UnpricedModel rather than guess."""
+    if feature in ALWAYS_PLATFORM:
+        return prices.feature_prices[feature]
+    credits = prices.model_price(model)
+    if credits is None:
+        raise UnpricedModel(model, prices.version)
+    return credits
+
+
+def decide(event: ModelCallCompleted, book: PriceBook) -> Charge:
+    """What `event` owes under the price list in force when it occurred."""
+    prices = book.in_force(event.occurred_at)
+    if event.status is CallStatus.FAILED:
+        return Charge(Decision.NOT_BILLED_FAILED, 0, prices.version)
+    if not is_billable(event.feature, event.key_source):
+        return Charge(Decision.NOT_BILLED_BYOK, 0, prices.version)
+    try:
+        return Charge(Decision.DEBITED, price_of(event.feature, event.model, prices), prices.version)
+    except UnpricedModel as exc:
+        return Charge(Decision.REJECTED, 0, prices.version, reason=str(exc))

@@ -1,0 +1,31 @@
+"""PostgreSQL connections for the services."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from migrations import apply_migrations
+
+
+def server_settings(schema: str | None) -> dict[str, str]:
+    settings = {"application_name": "byok-credits"}
+    if schema:
+        settings["search_path"] = schema
+    return settings
+
+
+async def create_pool(url: str, schema: str | None = None, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, server_settings=server_settings(schema)
+    )
+
+
+async def migrate(url: str, schema: str | None = None) -> list[str]:
+    """Apply pending migrations (into `schema` when given, creating it)."""
+    conn = await asyncpg.connect(url, server_settings=server_settings(schema))
+    try:
+        if schema:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        return await apply_migrations(conn)
+    finally:
+        await conn.close()

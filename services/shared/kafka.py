@@ -1,0 +1,63 @@
+"""Kafka helpers: a producer tuned for this system and the dead-letter publisher."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+
+from schemas.topics import dlq
+
+log = logging.getLogger(__name__)
+
+# The largest value a consumer here accepts; anything bigger is dead-lettered unread.
+MAX_EVENT_BYTES = 64 * 1024
+
+
+def make_producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
+    """Idempotent producer: acks=all, so an acknowledged event is on disk, never duplicated by retries."""
+    options = dict(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=2,
+        max_request_size=4 * 1024 * 1024,
+        request_timeout_ms=10_000,
+    )
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message refused by a consumer, with why."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    error: str
+    error_type: str
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("dlq.error", self.error[:2000].encode()),
+            ("dlq.error_type", self.error_type.encode()),
+            ("dlq.source_topic", self.topic.encode()),
+            ("dlq.source_partition", str(self.partition).encode()),
+            ("dlq.source_offset", str(self.offset).encode()),
+        ]
+
+
+async def send_dead_letters(producer: AIOKafkaProducer, letters: list[DeadLetter]) -> None:
+    """Publish the original bytes to `<topic>.dlq` with the error in headers; wait for the acks."""
+    futures = [
+        await producer.send(dlq(d.topic), value=d.value or b"", key=d.key, headers=d.headers())
+        for d in letters
+    ]
+    for f in futures:
+        await f
+    for d in letters:
+        log.warning("dead-lettered %s[%d]@%d: %s", d.topic, d.partition, d.offset, d.error_type)

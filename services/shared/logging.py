@@ -1,0 +1,37 @@
+"""Logging set-up shared by the services.
+
+Keys must never reach a log. The first line of defence is that no code logs them; this filter is the
+second: it masks anything shaped like a provider key in every record, whatever logged it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+# OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), Groq (gsk_), Gemini (AIza) key shapes.
+_KEY_SHAPES = re.compile(r"(sk-ant-[A-Za-z0-9_\-]{8,}|sk-[A-Za-z0-9_\-]{16,}|gsk_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,})")
+
+
+def redact(text: str) -> str:
+    return _KEY_SHAPES.sub("[REDACTED]", text)
+
+
+class RedactKeys(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def setup_logging(level: str = "INFO", service: str = "byok") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactKeys())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
