@@ -157,3 +157,78 @@ async def db_schema(database_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 def stack(kafka_bootstrap: str, database_url: str, kafka_topics: str, db_schema: str) -> Stack:
     return Stack(kafka_bootstrap, database_url, db_schema, kafka_topics)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateServer:
+    """A Kafka broker or PostgreSQL cluster of one test's own, which the test may stop and start
+    (restart and outage tests) without disturbing the shared one other tests use."""
+
+    def __init__(self, script: str, state_dir: Path, env: dict[str, str]):
+        self.script, self.state_dir = script, state_dir
+        self.env = {**os.environ, "BYOK_STATE_DIR": str(state_dir), **env}
+        self.env.pop("DATABASE_URL", None)
+        self.env.pop("BYOK_EXTERNAL_KAFKA", None)
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(
+            ["bash", str(ROOT / "infra" / self.script), *args],
+            cwd=ROOT, env=self.env, capture_output=True, text=True,
+        )
+        if done.returncode:
+            raise RuntimeError(f"{self.script} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return done.stdout.strip()
+
+    def start(self) -> None:
+        self.run("up")
+
+    def stop(self) -> None:
+        self.run("down")
+
+
+@pytest.fixture
+def private_state() -> Iterator[Path]:
+    """A state folder under .run/ (not /tmp: PostgreSQL runs as another user and must reach it)."""
+    import shutil
+
+    path = ROOT / ".run" / "private" / unique_name()
+    path.mkdir(parents=True)
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def private_kafka(private_state) -> Iterator[PrivateServer]:
+    """A broker of this test's own (`.bootstrap`), started; stopped at the end whatever happened."""
+    port, controller = _free_port(), _free_port()
+    server = PrivateServer(
+        "kafka.sh", private_state,
+        {"BYOK_KAFKA_PORT": str(port), "BYOK_KAFKA_CONTROLLER_PORT": str(controller), "BYOK_KAFKA_HEAP": "512M"},
+    )
+    server.bootstrap = f"127.0.0.1:{port}"
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_postgres(private_state) -> Iterator[PrivateServer]:
+    """A PostgreSQL cluster of this test's own (`.url`), started; stopped at the end."""
+    port = _free_port()
+    server = PrivateServer("postgres.sh", private_state, {"BYOK_PG_PORT": str(port)})
+    server.url = f"postgresql://byok:byok@127.0.0.1:{port}/byok"
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,63 @@
+"""`python -m bench [--quick] [--only NAME ...]`: run the benchmarks and print one table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench import BenchEnv, Figure
+
+ROOT = Path(__file__).resolve().parents[1]
+# Each module here defines `async def run(env) -> list[Figure]`.
+MODULES = ["credits", "validation", "chat", "finance"]
+
+
+def table(figures: list[Figure]) -> Table:
+    t = Table(title="byok-credits benchmarks (baselines measured in the same run)")
+    for col in ("benchmark", "metric", "value", "baseline", "baseline value", "ratio", "target"):
+        t.add_column(col, justify="right" if "value" in col or col == "ratio" else "left")
+    for f in figures:
+        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
+        base = f"{f.baseline_value:,.2f} {f.unit}" if f.baseline_value is not None else ""
+        t.add_row(f.benchmark, f.metric, f"{f.value:,.2f} {f.unit}", f.baseline_name, base, ratio, f.target)
+    return t
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small loads, for a smoke run")
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    args = ap.parse_args()
+    db = os.environ.get("DATABASE_URL") or subprocess.run(
+        ["bash", str(ROOT / "infra/postgres.sh"), "url"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    env = BenchEnv(os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), db, args.quick)
+    figures: list[Figure] = []
+    for name in args.only or MODULES:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"bench.{name}":
+                print(f"(no benchmark module bench/{name}.py yet)", file=sys.stderr)
+                continue
+            raise
+        print(f"running bench/{name}.py ...", file=sys.stderr)
+        figures += await module.run(env)
+    Console().print(table(figures))
+    if args.json:
+        args.json.write_text(json.dumps([f.__dict__ | {"ratio": f.ratio} for f in figures], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
