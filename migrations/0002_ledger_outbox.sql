@@ -1,0 +1,24 @@
+-- Outcomes are published from the ledger itself: every decision row is the outbox record of its
+-- CreditOutcome, so writing a decision and "queueing" its outcome are the same insert.
+--
+-- The relay reads rows in (txid, seq) order and only rows whose transaction is older than every
+-- transaction still running (txid < pg_snapshot_xmin(pg_current_snapshot())): such rows are final,
+-- and any row that becomes visible later has a larger txid, so a cursor on (txid, seq) never skips
+-- one, even with several writers committing out of order.
+
+ALTER TABLE ledger_entries
+    ADD COLUMN seq bigserial,
+    ADD COLUMN txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    ADD COLUMN balance_after bigint;
+
+CREATE INDEX ledger_entries_relay_idx ON ledger_entries (txid, seq) WHERE kind = 'decision';
+
+CREATE TABLE relay_cursors (
+    name       text PRIMARY KEY,
+    last_txid  xid8 NOT NULL DEFAULT '0',
+    last_seq   bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- credit_outbox now carries dead letters (the original bytes and the error in headers).
+ALTER TABLE credit_outbox ADD COLUMN headers jsonb NOT NULL DEFAULT '{}';

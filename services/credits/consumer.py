@@ -1,0 +1,107 @@
+"""FastStream wiring: `model_call_completed` batches into the CreditService.
+
+Offsets are committed only after the ledger transaction has committed. A batch the ledger cannot
+take (PostgreSQL away) is retried, never skipped; a rebalance in between only causes a redelivery,
+which the ledger ignores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import ConsumerRecord
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+
+from services.credits import metrics
+from services.credits.service import CreditService
+from services.credits.settings import CreditSettings
+
+log = logging.getLogger(__name__)
+
+
+def _clean_headers(record: ConsumerRecord) -> ConsumerRecord:
+    # FastStream decodes headers as UTF-8; one bad header byte must not poison a whole batch.
+    try:
+        for _, value in record.headers:
+            value.decode()
+        return record
+    except UnicodeDecodeError:
+        headers = [(k, v.decode(errors="replace").encode()) for k, v in record.headers]
+        return dataclasses.replace(record, headers=headers)
+
+
+async def tolerant_parser(records: tuple[ConsumerRecord, ...], original):
+    return await original(tuple(_clean_headers(r) for r in records))
+
+
+async def raw_decoder(message, original) -> None:
+    # Records are validated one by one in services.credits.intake, not by FastStream as a whole.
+    return None
+
+
+def build_broker(settings: CreditSettings, service: CreditService) -> KafkaBroker:
+    broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="credits", logger=log)
+
+    @broker.subscriber(
+        settings.model_call_completed_topic,
+        group_id=settings.consumer_group,
+        batch=True,
+        max_records=settings.batch_max_records,
+        batch_timeout_ms=settings.batch_timeout_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.MANUAL,
+        parser=tolerant_parser,
+        decoder=raw_decoder,
+        title="credits",
+        description="Applies the credit policy to every model call and keeps the ledger.",
+    )
+    async def on_model_calls(body: Any, msg: KafkaMessage) -> None:
+        records = list(msg.raw_message)
+        delay = 0.1
+        while True:
+            try:
+                await service.process(records)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the batch stays ours until the ledger has it
+                metrics.LEDGER_RETRIES.inc()
+                log.warning("ledger write failed (%s: %s); retrying the batch in %.1f s",
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        try:
+            await msg.ack()
+        except (CommitFailedError, KafkaError) as exc:
+            # Decisions are committed; the records will be redelivered and found already decided.
+            log.warning("offset commit failed after the ledger commit (%s); redelivery is harmless", exc)
+
+    broker._credit_subscriber = on_model_calls  # for the lag gauge
+    return broker
+
+
+async def track_lag(broker: KafkaBroker, every_s: float = 5.0) -> None:
+    """Keep the consumer-lag gauge current."""
+    subscriber = broker._credit_subscriber
+    while True:
+        await asyncio.sleep(every_s)
+        consumer = getattr(subscriber, "consumer", None)
+        if consumer is None:
+            continue
+        try:
+            lag = 0
+            for tp in consumer.assignment():
+                high = consumer.highwater(tp)
+                if high is not None:
+                    lag += max(high - await consumer.position(tp), 0)
+            metrics.CONSUMER_LAG.set(lag)
+        except Exception as exc:
+            log.debug("lag not measured: %s", exc)

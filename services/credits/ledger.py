@@ -1,0 +1,156 @@
+"""The ledger in PostgreSQL: decisions, grants and balances.
+
+One transaction per batch, set-based: a handful of statements whatever the batch size. The event id is
+the ledger entry's primary key, so an event redelivered, duplicated or replayed is decided once; the
+database refuses a second decision even if two consumers race (see migrations/0001).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from uuid import UUID
+
+import asyncpg
+
+from schemas.events import Decision, ModelCallCompleted
+from services.credits.policy import Charge, CreditError
+from services.shared.kafka import DeadLetter
+from schemas.topics import dlq
+
+LEDGER_COLUMNS = (
+    "entry_id", "event_id", "kind", "user_id", "decision", "credits", "price_list_version", "reason",
+    "provider", "model", "feature", "key_source", "status", "occurred_at", "balance_after",
+)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """An event and what the policy says it owes; `raw` is kept to dead-letter a rejected event."""
+
+    event: ModelCallCompleted
+    charge: Charge
+    raw: bytes | None = None
+    source_topic: str = ""
+    source_partition: int = -1
+    source_offset: int = -1
+
+
+@dataclass(frozen=True)
+class Recorded:
+    new: int
+    duplicates: int
+    debited: int
+    credits: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class Balance:
+    user_id: str
+    granted: int
+    debited: int
+    balance: int
+
+
+class GrantConflict(CreditError):
+    """A grant key already used for a different grant."""
+
+
+def _letter_row(letter: DeadLetter) -> tuple:
+    return (dlq(letter.topic), letter.key, letter.value or b"",
+            json.dumps({k: v.decode() for k, v in letter.headers()}))
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def record(self, decided: list[Decided], letters: list[DeadLetter] = ()) -> Recorded:
+        """Write the decisions not yet in the ledger and the dead letters, in one transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            users = sorted({d.event.user_id for d in decided})
+            fresh: list[tuple] = []
+            rejected_letters: list[DeadLetter] = []
+            debited = credits = 0
+            if users:
+                await conn.execute(
+                    "INSERT INTO accounts (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", users
+                )
+                # Locked in a fixed order, so concurrent writers never deadlock, and so the running
+                # balances computed below are the ones the triggers will produce.
+                balances = dict(
+                    await conn.fetch(
+                        "SELECT user_id, balance FROM accounts WHERE user_id = ANY($1::text[]) "
+                        "ORDER BY user_id FOR UPDATE",
+                        users,
+                    )
+                )
+                seen = {
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT entry_id FROM ledger_entries WHERE entry_id = ANY($1::uuid[])",
+                        [d.event.event_id for d in decided],
+                    )
+                }
+                for d in decided:
+                    e, c = d.event, d.charge
+                    if e.event_id in seen:
+                        continue
+                    seen.add(e.event_id)
+                    balances[e.user_id] -= c.credits
+                    if c.decision is Decision.DEBITED:
+                        debited += 1
+                        credits += c.credits
+                    elif c.decision is Decision.REJECTED:
+                        rejected_letters.append(
+                            DeadLetter(d.source_topic, d.source_partition, d.source_offset,
+                                       e.user_id.encode(), d.raw, c.reason or "rejected", "unpriced_model")
+                        )
+                    fresh.append((
+                        e.event_id, e.event_id, "decision", e.user_id, c.decision.value, c.credits,
+                        c.price_list_version, c.reason, e.provider.value, e.model, e.feature.value,
+                        e.key_source.value, e.status.value, e.occurred_at, balances[e.user_id],
+                    ))
+                if fresh:
+                    await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
+            all_letters = list(letters) + rejected_letters
+            if all_letters:
+                await conn.executemany(
+                    "INSERT INTO credit_outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4::jsonb)",
+                    [_letter_row(letter) for letter in all_letters],
+                )
+        return Recorded(len(fresh), len(decided) - len(fresh), debited, credits, len(rejected_letters))
+
+    async def balance(self, user_id: str) -> Balance:
+        row = await self.pool.fetchrow(
+            "SELECT granted, debited, balance FROM accounts WHERE user_id = $1", user_id
+        )
+        if row is None:
+            return Balance(user_id, 0, 0, 0)
+        return Balance(user_id, row["granted"], row["debited"], row["balance"])
+
+    async def grant(self, grant_key: str, user_id: str, plan: str, credits: int) -> tuple[bool, Balance]:
+        """Add a grant once per `grant_key`; a repeat with the same terms is a no-op."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO accounts (user_id) VALUES ($1) ON CONFLICT DO NOTHING", user_id)
+            created = await conn.fetchval(
+                """INSERT INTO grants (grant_key, user_id, plan, credits) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (grant_key) DO NOTHING RETURNING true""",
+                grant_key, user_id, plan, credits,
+            )
+            if not created:
+                prior = await conn.fetchrow("SELECT user_id, plan, credits FROM grants WHERE grant_key = $1", grant_key)
+                if (prior["user_id"], prior["plan"], prior["credits"]) != (user_id, plan, credits):
+                    raise GrantConflict(
+                        f"grant key {grant_key!r} was already used for {prior['credits']} credits "
+                        f"({prior['plan']}) to {prior['user_id']}"
+                    )
+        return bool(created), await self.balance(user_id)
+
+    async def decision_of(self, event_id: UUID) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            """SELECT event_id, user_id, decision, credits, balance_after, price_list_version, reason
+                 FROM ledger_entries WHERE entry_id = $1 AND kind = 'decision'""",
+            event_id,
+        )

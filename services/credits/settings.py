@@ -1,0 +1,24 @@
+"""Settings of the credit service (environment variables, local defaults)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.shared.settings import CommonSettings
+
+
+class CreditSettings(CommonSettings):
+    http_host: str = "127.0.0.1"
+    http_port: int = 8001
+    auth_jwt_secret: str = Field(default="dev-only-secret-change-me-32-bytes!!", min_length=16)
+    consumer_group: str = "credits"
+    # One ledger transaction per batch: larger batches amortise the round trips, smaller ones
+    # keep the publish-to-debit latency low when the topic is quiet.
+    batch_max_records: int = 5000
+    batch_timeout_ms: int = 20
+    fetch_max_wait_ms: int = 20
+    relay_batch: int = 5000
+    relay_idle_poll_s: float = 0.2
+    db_pool_size: int = 5
+    # The compatibility route waits this long for its event's decision before answering 202.
+    deduct_wait_s: float = 10.0

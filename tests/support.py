@@ -1,0 +1,115 @@
+"""Helpers for tests that run services as real processes and feed real topics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaProducer
+
+from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_event(**overrides) -> ModelCallCompleted:
+    fields = dict(
+        event_id=uuid.uuid4(), occurred_at=datetime.now(timezone.utc), user_id="alice", session_id="s1",
+        request_id=uuid.uuid4().hex, provider=Provider.OPENAI, model="gpt-4o", feature=Feature.CHAT,
+        key_source=KeySource.PLATFORM, status=CallStatus.SUCCEEDED, input_tokens=10, output_tokens=20,
+        latency_ms=5,
+    )
+    fields.update(overrides)
+    return ModelCallCompleted(**fields)
+
+
+async def publish(bootstrap: str, topic: str, values: list[bytes | ModelCallCompleted], keys=None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                max_request_size=4 * 1024 * 1024)
+    await producer.start()
+    try:
+        futures = []
+        for i, v in enumerate(values):
+            if isinstance(v, ModelCallCompleted):
+                key, v = v.user_id.encode(), v.to_json()
+            else:
+                key = keys[i] if keys else b"k"
+            futures.append(await producer.send(topic, v, key=key))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+class ServiceProcess:
+    """One service run as `python -m <module>`, with its output kept in a log file."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path, health_url: str | None = None):
+        self.module, self.log_path, self.health_url = module, log_path, health_url
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServiceProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    async def wait_healthy(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.module} exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
+                try:
+                    if (await client.get(self.health_url, timeout=1)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.module} not healthy in {timeout_s} s:\n{self.logs()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = 20) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def wait_for(predicate, timeout_s: float = 30, every_s: float = 0.1, what: str = "condition"):
+    """Poll an async predicate until it returns a truthy value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached in {timeout_s} s (last: {value!r})")
+        await asyncio.sleep(every_s)
