@@ -1,0 +1,31 @@
+"""`python -m services.provider_simulator [--host H] [--port 8090]`: serve the provider simulator.
+
+Point the services at it with the base URLs it prints (see the package docstring for the control
+API). Env: `SIM_HOST`, `SIM_PORT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import uvicorn
+
+from services.provider_simulator.app import base_urls, build_app
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host", default=os.environ.get("SIM_HOST", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("SIM_PORT", "8090")))
+    args = ap.parse_args(argv)
+    for name, url in base_urls(f"http://{args.host}:{args.port}").items():
+        print(f"{name}={url}", file=sys.stderr)
+    # No access log: a Gemini client may put a key in the query string (?key=).
+    uvicorn.run(build_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
