@@ -51,7 +51,7 @@ demo: install         ## scripted scenario against the live stack; exit 0 only i
 	@$(PY) -m services.demo
 
 asyncapi: install     ## regenerate docs/asyncapi.json from the code
-	@$(PY) -m schemas.asyncapi > docs/asyncapi.json
+	@.venv/bin/faststream docs gen schemas.asyncapi:app --out docs/asyncapi.json
 
 clean: down
 	rm -rf .run

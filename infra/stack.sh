@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The whole stack on this machine: Kafka, PostgreSQL and every service, each as its own process.
+#   up      start every part that is not running (so it also brings back one that died); returns
+#           when every part answers its health check
+#   down    stop everything `up` started, and nothing else
+#   run     up, print the page's address, stay in the foreground until Ctrl-C, then down
+#   status  what runs
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+SVC_DIR="$STATE_DIR/services"
+LOG_DIR="$STATE_DIR/logs"
+mkdir -p "$SVC_DIR" "$LOG_DIR"
+
+SIM_PORT="${SIMULATOR_PORT:-8090}"
+SIM="http://127.0.0.1:$SIM_PORT"
+# The LLM providers are unreachable here: locally, every provider URL points at the simulator.
+# Set these variables (and the platform keys) to use the real providers.
+export OPENAI_BASE_URL="${OPENAI_BASE_URL:-$SIM/v1}"
+export GROQ_BASE_URL="${GROQ_BASE_URL:-$SIM/openai/v1}"
+export ANTHROPIC_BASE_URL="${ANTHROPIC_BASE_URL:-$SIM}"
+export GEMINI_BASE_URL="${GEMINI_BASE_URL:-$SIM}"
+export DATABASE_URL="${DATABASE_URL:-$(bash "$ROOT/infra/postgres.sh" url)}"
+export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:${BYOK_KAFKA_PORT:-9092}}"
+export CHAT_DEV_LOGIN="${CHAT_DEV_LOGIN:-true}"
+export PYTHONUNBUFFERED=1
+
+# name  module                            health URL
+SERVICES=(
+  "simulator  services.provider_simulator  $SIM/healthz"
+  "credits    services.credits             http://127.0.0.1:${CREDITS_PORT:-8001}/healthz"
+  "validation services.validation          http://127.0.0.1:${VALIDATION_PORT:-8002}/healthz"
+  "chat       services.chat                http://127.0.0.1:${CHAT_PORT:-8000}/healthz"
+)
+
+module_exists() { [ -f "$ROOT/$(echo "$1" | tr . /)/__main__.py" ]; }
+
+healthy() { "$PYTHON" - "$1" <<'PY' 2>/dev/null
+import sys, httpx
+sys.exit(0 if httpx.get(sys.argv[1], timeout=2).status_code == 200 else 1)
+PY
+}
+
+start_service() {
+  local name=$1 module=$2 url=$3 pidfile="$SVC_DIR/$1.pid"
+  if ! module_exists "$module"; then log "$name: $module is not built yet; skipped"; return; fi
+  if pid_alive "$pidfile"; then log "$name already running (pid $(cat "$pidfile"))"; return; fi
+  (cd "$ROOT" && nohup "$PYTHON" -m "$module" >>"$LOG_DIR/$name.log" 2>&1 </dev/null & echo $! >"$pidfile")
+  log "$name starting (pid $(cat "$pidfile"), log $LOG_DIR/$name.log)"
+}
+
+wait_healthy() {
+  local name=$1 module=$2 url=$3 t0=$SECONDS
+  module_exists "$module" || return 0
+  until healthy "$url"; do
+    pid_alive "$SVC_DIR/$name.pid" || { tail -n 20 "$LOG_DIR/$name.log" >&2; die "$name exited while starting"; }
+    (( SECONDS - t0 > 90 )) && die "$name did not answer $url in 90 s (log: $LOG_DIR/$name.log)"
+    sleep 0.3
+  done
+  log "$name healthy"
+}
+
+up() {
+  bash "$ROOT/infra/kafka.sh" up
+  bash "$ROOT/infra/postgres.sh" up
+  "$PYTHON" -m migrations >/dev/null
+  local s
+  for s in "${SERVICES[@]}"; do start_service $s; done
+  for s in "${SERVICES[@]}"; do wait_healthy $s; done
+}
+
+down() {
+  local i s
+  for (( i=${#SERVICES[@]}-1; i>=0; i-- )); do
+    s=(${SERVICES[$i]}); stop_pid "$SVC_DIR/${s[0]}.pid" "${s[0]}"
+  done
+  bash "$ROOT/infra/kafka.sh" down
+  bash "$ROOT/infra/postgres.sh" down
+}
+
+status() {
+  local s
+  bash "$ROOT/infra/kafka.sh" status || true
+  bash "$ROOT/infra/postgres.sh" status || true
+  for s in "${SERVICES[@]}"; do
+    s=($s)
+    if pid_alive "$SVC_DIR/${s[0]}.pid"; then echo "${s[0]}: running (pid $(cat "$SVC_DIR/${s[0]}.pid"))"
+    else echo "${s[0]}: stopped"; fi
+  done
+}
+
+run() {
+  trap 'echo; down; exit 0' INT TERM
+  up
+  echo
+  echo "  byok-credits is up:  http://127.0.0.1:${CHAT_PORT:-8000}/   (Ctrl-C stops everything)"
+  echo "  logs: $LOG_DIR"
+  echo
+  while true; do sleep 1; done
+}
+
+case "${1:-}" in
+  up) up ;; down) down ;; status) status ;; run) run ;;
+  *) echo "usage: $0 up|down|run|status" >&2; exit 2 ;;
+esac
