@@ -1,0 +1,24 @@
+"""`python -m services.chat`: the HTTP app (port 8000) and the outbox relay in one process."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from services.chat.app import create_app
+from services.chat.bootstrap import wire
+from services.chat.settings import ChatSettings
+from services.shared.logging import setup_logging
+
+
+def main() -> None:
+    settings = ChatSettings()
+    setup_logging(settings.log_level, "chat")
+    app = create_app(settings, wire)
+    logging.getLogger(__name__).info("chat service on http://%s:%d/", settings.http_host, settings.http_port)
+    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False, log_config=None)
+
+
+if __name__ == "__main__":
+    main()

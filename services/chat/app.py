@@ -1,0 +1,236 @@
+"""HTTP entry points of the chat service (port 8000). Routes only translate: read the caller's
+identity and session key, call `ChatService`, turn its refusals into HTTP statuses.
+
+Routes: `GET /` (the page), `POST /settings/model`, `GET /api/model-settings`, `POST /chat`,
+`GET /api/balance`, `GET /api/me`, `POST /auth/dev-login` (only with DEV_LOGIN on), `POST /auth/logout`,
+`GET /healthz`, `GET /metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Cookie, Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import Feature, Provider
+from services.chat.balances import BalanceReader, CreditsUnavailable
+from services.chat.identity import SESSION_COOKIE, NotAuthenticated, Principal, issue_token, read_token, token_from
+from services.chat.key_session import KEY_COOKIE, KeySealer, SessionKey
+from services.chat.service import (
+    BalanceUnknown, ChatRefused, ChatService, InvalidRequest, OwnKeyMissing, PaymentRequired, PlatformKeyMissing,
+    ProviderFailed,
+)
+from services.chat.settings import ChatSettings
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+CALLS = Counter("chat_calls_total", "Model calls by feature, key source and outcome", ["feature", "key_source", "outcome"])
+REFUSALS = Counter("chat_refusals_total", "Calls refused before reaching a provider", ["reason"])
+
+STATUS_OF: dict[type[ChatRefused], int] = {
+    PaymentRequired: 402,
+    OwnKeyMissing: 409,
+    PlatformKeyMissing: 503,
+    BalanceUnknown: 503,
+    ProviderFailed: 502,
+    InvalidRequest: 422,
+}
+
+
+@dataclass
+class Wiring:
+    """What the routes need; built by the composition root (`bootstrap.py`) or by a test."""
+
+    service: ChatService
+    sealer: KeySealer
+    balances: BalanceReader
+    # Dev sign-in's welcome grant; None = no grant.
+    grant_plan: Callable[[str], object] | None = None
+    healthy: Callable[[], object] | None = None
+
+
+class SettingsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: Provider
+    model: str = Field(min_length=1, max_length=200)
+    use_own_key: bool = False
+    # Never echoed back, logged or stored; kept only sealed in the session cookie once checked.
+    api_key: str | None = Field(default=None, max_length=1024, repr=False)
+
+
+class ChatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    feature: Feature = Feature.CHAT
+    message: str = Field(min_length=1, max_length=20_000)
+
+
+class DevLoginIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@\-]+$")
+
+
+def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAsyncContextManager[Wiring]]) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with wire(settings) as wiring:
+            app.state.wiring = wiring
+            yield
+
+    app = FastAPI(title="byok-credits: chat service", version="1", lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def wiring(request: Request) -> Wiring:
+        return request.app.state.wiring
+
+    def principal(
+        authorization: Annotated[str | None, Header()] = None,
+        byok_session: Annotated[str | None, Cookie()] = None,
+    ) -> Principal:
+        return read_token(settings.auth_jwt_secret, token_from(authorization, byok_session))
+
+    def session_key(
+        who: Annotated[Principal, Depends(principal)], w: Annotated[Wiring, Depends(wiring)],
+        byok_key: Annotated[str | None, Cookie()] = None,
+    ) -> SessionKey | None:
+        return w.sealer.open(who.user_id, who.session_id, byok_key)
+
+    Who = Annotated[Principal, Depends(principal)]
+    Key = Annotated[SessionKey | None, Depends(session_key)]
+    Wired = Annotated[Wiring, Depends(wiring)]
+
+    def set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
+        response.set_cookie(name, value, max_age=max_age, httponly=True, secure=settings.cookie_secure,
+                            samesite="strict", path="/")
+
+    def drop_cookie(response: Response, name: str) -> None:
+        response.delete_cookie(name, path="/", httponly=True, secure=settings.cookie_secure, samesite="strict")
+
+    @app.exception_handler(NotAuthenticated)
+    async def not_authenticated(_: Request, exc: NotAuthenticated) -> JSONResponse:
+        return JSONResponse({"error": "not_authenticated", "message": "Sign in first.", "detail": str(exc)},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ChatRefused)
+    async def refused(_: Request, exc: ChatRefused) -> JSONResponse:
+        REFUSALS.labels(exc.code).inc()
+        return JSONResponse({"error": exc.code, "message": exc.message, **exc.details},
+                            status_code=STATUS_OF.get(type(exc), 400))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Pydantic's default body echoes the input, which for settings may hold a key: say where, not what.
+        where = ["/".join(str(p) for p in e.get("loc", ())) + ": " + e.get("msg", "") for e in exc.errors()[:5]]
+        return JSONResponse({"error": "invalid_request", "message": "; ".join(where)}, status_code=422)
+
+    @app.get("/healthz")
+    async def healthz(w: Wired) -> JSONResponse:
+        detail = await w.healthy() if w.healthy else {}
+        ok = all(v is not False for v in detail.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", **detail}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/config")
+    async def config() -> dict:
+        """What the page needs before sign-in."""
+        return {"dev_login": settings.dev_login, "providers": [p.value for p in Provider]}
+
+    @app.post("/auth/dev-login")
+    async def dev_login(body: DevLoginIn, w: Wired, response: Response) -> dict:
+        if not settings.dev_login:
+            return JSONResponse({"error": "not_found", "message": "Dev sign-in is off."}, status_code=404)
+        token = issue_token(settings.auth_jwt_secret, body.user_id, ttl_s=settings.session_ttl_s)
+        set_cookie(response, SESSION_COOKIE, token, settings.session_ttl_s)
+        drop_cookie(response, KEY_COOKIE)  # a key sealed for an earlier session opens no more anyway
+        granted = None
+        if w.grant_plan is not None:
+            try:
+                granted = await w.grant_plan(body.user_id)
+            except Exception as exc:  # the sign-in works without its welcome grant
+                log.warning("welcome grant for %s failed: %s", body.user_id, exc)
+        return {"user_id": body.user_id, "role": "user", "welcome_grant": granted}
+
+    @app.post("/auth/logout")
+    async def logout(response: Response) -> dict:
+        drop_cookie(response, SESSION_COOKIE)
+        drop_cookie(response, KEY_COOKIE)
+        return {"signed_out": True}
+
+    @app.get("/api/me")
+    async def me(who: Who) -> dict:
+        return {"user_id": who.user_id, "role": who.role}
+
+    @app.get("/api/balance")
+    async def balance(who: Who, w: Wired) -> JSONResponse:
+        try:
+            return JSONResponse({"user_id": who.user_id, "balance": await w.balances.balance(who)})
+        except CreditsUnavailable as exc:
+            return JSONResponse({"error": "credits_unavailable", "message": "Your balance cannot be read right now.",
+                                 "detail": str(exc)}, status_code=503)
+
+    @app.get("/api/model-settings")
+    async def model_settings(who: Who, key: Key, w: Wired) -> dict:
+        return (await w.service.view(who, key)).as_dict()
+
+    @app.post("/settings/model")
+    async def update_settings(body: SettingsIn, who: Who, key: Key, w: Wired, response: Response) -> dict:
+        change = await w.service.update_settings(who, key, body.provider, body.model, body.use_own_key, body.api_key)
+        if change.keep_key is not None:
+            sealed = w.sealer.seal(who.user_id, who.session_id, body.provider, change.keep_key, change.settings.key_hint or "")
+            set_cookie(response, KEY_COOKIE, sealed, w.sealer.ttl_s)
+        elif change.discard_key:
+            drop_cookie(response, KEY_COOKIE)
+        if not change.accepted:
+            response.status_code = 400
+        new_key = (SessionKey(body.provider, "", change.settings.key_hint or "", 0) if change.keep_key
+                   else None if change.discard_key else key)
+        view = await w.service.view(who, new_key)
+        answer = {"accepted": change.accepted, "message": change.message, "settings": view.as_dict(),
+                  "key_check": None}
+        if change.check is not None:
+            check = change.check.model_dump(mode="json")
+            # The KeyCheckResult's own fields at the top level too (status, message, key_hint, ...).
+            answer = {**check, **answer, "key_check": check, "message": change.check.message}
+        return answer
+
+    @app.post("/chat")
+    async def chat(body: ChatIn, who: Who, key: Key, w: Wired) -> dict:
+        try:
+            result = await w.service.call(who, key, body.feature, body.message)
+        except ProviderFailed as exc:
+            CALLS.labels(body.feature.value, exc.details.get("key_source", ""), "failed").inc()
+            raise
+        event = result.event
+        CALLS.labels(event.feature.value, event.key_source.value, "succeeded").inc()
+        return {
+            "reply": result.reply,
+            "provider": event.provider.value,
+            "model": event.model,
+            "feature": event.feature.value,
+            "key_source": event.key_source.value,
+            "event_id": str(event.event_id),
+            "usage": {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
+            "latency_ms": event.latency_ms,
+            "billing": result.billing.as_dict(),
+        }
+
+    return app

@@ -1,0 +1,117 @@
+"""The composition root: builds the chat service's adapters from one `ChatSettings` at start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+
+from schemas.events import KeyCheckResult, Provider
+from schemas.pricing import default_price_book
+from services.chat.app import Wiring
+from services.chat.balances import HttpBalanceReader
+from services.chat.identity import issue_token
+from services.chat.key_session import KeySealer, derive_secret
+from services.chat.outbox import OutboxRelay, PgOutbox
+from services.chat.service import ChatService, KeyChecker
+from services.chat.settings import ChatSettings
+from services.chat.store import PgSettingsStore
+from services.shared.db import create_pool, migrate
+from services.shared.kafka import make_producer
+from services.shared.providers import ProviderSettings, chat_completion
+
+log = logging.getLogger(__name__)
+
+
+def key_sealer(settings: ChatSettings) -> KeySealer:
+    secret = settings.key_cookie_secret or settings.auth_jwt_secret
+    return KeySealer(derive_secret(secret, b"byok-credits chat key cookie v1"), settings.key_ttl_s)
+
+
+class StartingKeyChecker:
+    """The validation service's requester, started on first use, so the chat service comes up (and
+    platform calls work) while Kafka is still down; a check then answers 'provider_unavailable'."""
+
+    def __init__(self, settings: ChatSettings):
+        self.settings = settings
+        self._requester = None
+
+    async def _ready(self):
+        if self._requester is None:
+            from services.validation.requester import KeyCheckRequester
+
+            requester = KeyCheckRequester.from_settings(self.settings)
+            await requester.start()
+            self._requester = requester
+        return self._requester
+
+    async def check(self, user_id: str, provider: Provider, api_key: str, timeout_s: float) -> KeyCheckResult:
+        try:
+            requester = await self._ready()
+        except ImportError as exc:
+            raise ConnectionError("the key checker is not installed") from exc
+        except Exception as exc:
+            raise ConnectionError(f"the key checker could not start ({type(exc).__name__})") from None
+        return await requester.check(user_id, provider, api_key, timeout_s)
+
+    async def stop(self) -> None:
+        if self._requester is not None:
+            await self._requester.stop()
+
+
+@contextlib.asynccontextmanager
+async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> AsyncIterator[Wiring]:
+    await migrate(settings.database_url, settings.database_schema)
+    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size)
+    relay = OutboxRelay(
+        pool, lambda: make_producer(settings.kafka_bootstrap_servers), settings.model_call_completed_topic,
+        batch=settings.relay_batch, idle_poll_s=settings.relay_idle_poll_s, stale_after_s=settings.outbox_stale_after_s,
+    )
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+    provider_http = httpx.AsyncClient(timeout=settings.provider_timeout_s, limits=limits)
+    credits_http = httpx.AsyncClient(timeout=settings.credits_timeout_s, limits=limits)
+    providers = ProviderSettings()
+
+    async def call_model(provider, api_key, model, messages):
+        return await chat_completion(provider_http, providers, provider, api_key, model, messages)
+
+    own_checker = checker is None
+    checker = checker or StartingKeyChecker(settings)
+    balances = HttpBalanceReader(credits_http, settings.credits_url)
+    service = ChatService(
+        store=PgSettingsStore(pool), outbox=PgOutbox(pool, relay.wake), balances=balances, checker=checker,
+        call_model=call_model, platform_keys=settings.platform_keys(), price_book=default_price_book(),
+        default_provider=settings.default_provider, default_model=settings.default_model,
+        key_check_timeout_s=settings.key_check_timeout_s,
+    )
+
+    async def grant_plan(user_id: str) -> dict:
+        admin = issue_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
+        r = await credits_http.post(
+            f"{settings.credits_url.rstrip('/')}/api/admin/grants",
+            json={"grant_key": f"dev-welcome:{user_id}", "user_id": user_id, "plan": settings.dev_login_grant_plan},
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        r.raise_for_status()
+        return {"plan": settings.dev_login_grant_plan, "created": r.json().get("created")}
+
+    async def healthy() -> dict:
+        try:
+            await pool.fetchval("SELECT 1")
+            return {"database": True}
+        except Exception:
+            return {"database": False}
+
+    await relay.start()
+    try:
+        yield Wiring(service, key_sealer(settings), balances,
+                     grant_plan if settings.dev_login and settings.dev_login_grant_plan else None, healthy)
+    finally:
+        await relay.stop()
+        if own_checker:
+            await checker.stop()
+        await provider_http.aclose()
+        await credits_http.aclose()
+        await pool.close()

@@ -1,0 +1,181 @@
+"""ModelCallCompleted events that are never lost: a transactional outbox in PostgreSQL, relayed to Kafka.
+
+`PgOutbox.begin` writes a row before the provider is asked (holding the call as *failed*, the safe
+default), `complete` turns it into the real event once the provider has answered. `OutboxRelay`
+publishes ready rows, and rows left in flight past the provider timeout (their process died), to
+`model_call_completed` keyed by user id, and deletes each row only after Kafka acknowledged it. If
+Kafka is down the rows wait; if the relay dies after the ack but before the delete, the event is sent
+again with the same `event_id`, which the credit service applies once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from schemas.events import ModelCallCompleted
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    """Port: where a call's event is recorded so that it is published exactly once, later."""
+
+    async def begin(self, pending: ModelCallCompleted) -> int:
+        """Record a call about to be made (`pending` is what to publish if it never completes)."""
+        raise NotImplementedError
+
+    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
+        """Replace the pending event by the real one; False if the pending one was already published."""
+        raise NotImplementedError
+
+
+class PgOutbox(Outbox):
+    def __init__(self, pool: asyncpg.Pool, on_ready: Callable[[], None] = lambda: None):
+        self.pool, self.on_ready = pool, on_ready
+
+    async def begin(self, pending: ModelCallCompleted) -> int:
+        return await self.pool.fetchval(
+            "INSERT INTO chat_outbox (event_id, user_id, payload) VALUES ($1, $2, $3) RETURNING id",
+            pending.event_id, pending.user_id, pending.to_json(),
+        )
+
+    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
+        done = await self.pool.fetchval(
+            "UPDATE chat_outbox SET payload = $2, ready = true WHERE id = $1 AND event_id = $3 RETURNING id",
+            handle, event.to_json(), event.event_id,
+        )
+        if done is None:
+            log.warning("call %s completed after its pending event was published as failed", event.event_id)
+            return False
+        self.on_ready()
+        return True
+
+
+@dataclass
+class MemoryOutbox(Outbox):
+    """For unit tests: what would be published, in order."""
+
+    rows: dict[int, tuple[ModelCallCompleted, bool]] = field(default_factory=dict)
+
+    async def begin(self, pending: ModelCallCompleted) -> int:
+        handle = len(self.rows) + 1
+        self.rows[handle] = (pending, False)
+        return handle
+
+    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
+        self.rows[handle] = (event, True)
+        return True
+
+    @property
+    def events(self) -> list[ModelCallCompleted]:
+        return [e for e, _ in self.rows.values()]
+
+
+class OutboxRelay:
+    """Publishes outbox rows to Kafka until stopped; survives Kafka being down (rows wait)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        make_producer: Callable[[], AIOKafkaProducer],
+        topic: str,
+        *,
+        batch: int = 500,
+        idle_poll_s: float = 0.5,
+        stale_after_s: float = 90.0,
+        send_timeout_s: float = 15.0,
+    ):
+        self.pool, self.make_producer, self.topic = pool, make_producer, topic
+        self.batch, self.idle_poll_s, self.stale_after_s, self.send_timeout_s = batch, idle_poll_s, stale_after_s, send_timeout_s
+        self._wake = asyncio.Event()
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task | None = None
+        self.published = 0
+
+    def wake(self) -> None:
+        """Called when a row became ready, so it goes out now rather than at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="chat-outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._drop_producer()
+
+    async def _producer_ready(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = self.make_producer()
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+            self._producer = producer
+        return self._producer
+
+    async def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), 10)
+            except Exception:  # a producer that cannot flush to a dead broker is discarded anyway
+                pass
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                sent = await self.relay_once()
+                backoff = 0.2
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                # Kafka is down or slow: keep the rows, start afresh with a new producer later.
+                log.warning("outbox relay cannot reach Kafka (%s); retrying in %.1f s", type(exc).__name__, backoff)
+                await self._drop_producer()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError) as exc:
+                log.warning("outbox relay cannot reach PostgreSQL (%s); retrying in %.1f s", type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if sent < self.batch:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def relay_once(self) -> int:
+        """Publish one batch of due rows and delete them once acknowledged; returns how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """SELECT id, user_id, payload FROM chat_outbox
+                    WHERE ready OR created_at < now() - make_interval(secs => $1)
+                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+                self.stale_after_s, self.batch,
+            )
+            if not rows:
+                return 0
+            await asyncio.wait_for(self._publish(rows), self.send_timeout_s)
+            await conn.execute("DELETE FROM chat_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+        self.published += len(rows)
+        return len(rows)
+
+    async def _publish(self, rows: list[asyncpg.Record]) -> None:
+        producer = await self._producer_ready()
+        futures = [await producer.send(self.topic, value=bytes(r["payload"]), key=r["user_id"].encode()) for r in rows]
+        await asyncio.gather(*futures)

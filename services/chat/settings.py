@@ -1,0 +1,55 @@
+"""Settings of the chat service (environment variables, local defaults that make `make run` work)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from schemas.events import Provider
+from services.shared.settings import CommonSettings, HttpSettings
+
+
+class ChatSettings(CommonSettings, HttpSettings):
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+
+    # Dev sign-in on the page (POST /auth/dev-login): only for local runs, the demo and tests.
+    dev_login: bool = False
+    # Plan granted (idempotently) to a user on dev sign-in, so a fresh local user can chat at once;
+    # empty = no grant.
+    dev_login_grant_plan: str = "free"
+    session_ttl_s: int = 12 * 3600
+
+    # Where the credit service answers balance queries.
+    credits_url: str = "http://127.0.0.1:8001"
+    credits_timeout_s: float = 5.0
+
+    # AES-GCM secret of the key cookie; unset = derived from AUTH_JWT_SECRET (HKDF, own label).
+    key_cookie_secret: str | None = Field(default=None, min_length=16)
+    # How long a sealed key stays usable: the session, at most this long.
+    key_ttl_s: int = 8 * 3600
+    # Browsers treat http://localhost and 127.0.0.1 as secure contexts, so Secure cookies work locally.
+    cookie_secure: bool = True
+
+    # The platform's own keys (env OPENAI_API_KEY, ...): used for every call that is not BYOK chat.
+    openai_api_key: str | None = Field(default=None, repr=False)
+    anthropic_api_key: str | None = Field(default=None, repr=False)
+    groq_api_key: str | None = Field(default=None, repr=False)
+    gemini_api_key: str | None = Field(default=None, repr=False)
+
+    key_check_timeout_s: float = 15.0
+    provider_timeout_s: float = 60.0
+    default_provider: Provider = Provider.OPENAI
+    default_model: str = "gpt-4o-mini"
+
+    # Outbox relay.
+    relay_batch: int = 500
+    relay_idle_poll_s: float = 0.5
+    db_pool_size: int = 10
+
+    def platform_keys(self) -> dict[Provider, str | None]:
+        return {p: getattr(self, f"{p.value}_api_key") for p in Provider}
+
+    @property
+    def outbox_stale_after_s(self) -> float:
+        """A call still in flight after this long died with its process: its event is published as failed."""
+        return self.provider_timeout_s + 30.0
