@@ -1,0 +1,3 @@
+from services.finance.cli import main
+
+main()

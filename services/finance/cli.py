@@ -1,0 +1,189 @@
+"""`byok-finance` / `python -m services.finance`: reconcile, repair and replay.
+
+Exit codes: 0 clean, 1 differences found, 2 could not run (bad arguments, Kafka or PostgreSQL
+unreachable, topic missing, refused scratch schema).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from services.finance import report as render
+from services.finance.reconciliation import reconcile as run_reconcile
+from services.finance.reconciliation import repair as run_repair
+from services.finance.reconciliation import replay as run_replay
+from services.finance.settings import FinanceSettings
+from services.finance.window import EPOCH, Window
+
+WINDOW_RULE = (
+    "The window is half-open, [--from, --to), on each event's occurred_at: an event at exactly "
+    "--from is in, one at exactly --to is out (it belongs to the next window). Times are ISO 8601; "
+    "without an offset they are UTC."
+)
+
+app = typer.Typer(
+    help="Replay model_call_completed from Kafka and reconcile it against the credit ledger. " + WINDOW_RULE,
+    no_args_is_help=True,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+class RichProgress:
+    """The reconciliation's progress port, drawn as a rich progress bar on stderr."""
+
+    def __init__(self, bar: Progress):
+        self.bar, self.task = bar, None
+
+    def start(self, total: int, description: str) -> None:
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+
+def _bar(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True, disable=quiet,
+    )
+
+
+def parse_moment(value: str | None, default: datetime) -> datetime:
+    if value is None:
+        return default
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00:00Z)")
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _settings(bootstrap, database_url, schema, topic_prefix) -> FinanceSettings:
+    overrides = {
+        "kafka_bootstrap_servers": bootstrap, "database_url": database_url,
+        "database_schema": schema, "topic_prefix": topic_prefix,
+    }
+    return FinanceSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _window(start: str | None, end: str | None) -> Window:
+    try:
+        return Window(parse_moment(start, EPOCH), parse_moment(end, datetime.now(timezone.utc)))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc))
+
+
+def _run(coro):
+    try:
+        return asyncio.run(coro)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # an operational failure: say what, exit 2, no traceback for users
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(2)
+
+
+FromOpt = Annotated[Optional[str], typer.Option("--from", help="Start of the window, inclusive (default: the beginning).")]
+ToOpt = Annotated[Optional[str], typer.Option("--to", help="End of the window, exclusive (default: now).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Write the full list here (.csv or .json).")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="csv or json (default: from --out's suffix).")]
+BootstrapOpt = Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS).")]
+DbOpt = Annotated[Optional[str], typer.Option(help="Ledger database (env DATABASE_URL).")]
+SchemaOpt = Annotated[Optional[str], typer.Option(help="Ledger schema (env DATABASE_SCHEMA).")]
+PrefixOpt = Annotated[Optional[str], typer.Option(help="Topic prefix (env TOPIC_PREFIX).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+@app.command(help="Report every difference between what the window's events owe and the ledger. " + WINDOW_RULE)
+def reconcile(
+    start: FromOpt = None, end: ToOpt = None, out: OutOpt = None, fmt: FormatOpt = None,
+    show: Annotated[int, typer.Option(help="Differences listed on the terminal.")] = 20,
+    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None, quiet: QuietOpt = False,
+) -> None:
+    settings, window = _settings(bootstrap, database_url, schema, topic_prefix), _window(start, end)
+
+    async def go():
+        with _bar(quiet) as bar:
+            return await run_reconcile(settings, window, RichProgress(bar))
+
+    report = _run(go())
+    out_console.print(render.summary_table(report))
+    out_console.print(render.stats_table(report))
+    if report.differences and show:
+        out_console.print(render.differences_table(report.differences, show))
+    if out:
+        render.write_report(out, report, fmt)
+        out_console.print(f"full list: {out}")
+    raise typer.Exit(0 if report.clean else 1)
+
+
+@app.command(help="Show the correction entries that would fix the window (dry run); --apply writes them. "
+                  "Idempotent: running it twice writes nothing new. " + WINDOW_RULE)
+def repair(
+    start: FromOpt = None, end: ToOpt = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Write the corrections (default: dry run).")] = False,
+    out: OutOpt = None, fmt: FormatOpt = None,
+    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None, quiet: QuietOpt = False,
+) -> None:
+    settings, window = _settings(bootstrap, database_url, schema, topic_prefix), _window(start, end)
+
+    async def go():
+        with _bar(quiet) as bar:
+            return await run_repair(settings, window, apply=apply, progress=RichProgress(bar))
+
+    result = _run(go())
+    out_console.print(render.summary_table(result.report))
+    out_console.print(render.corrections_table(result))
+    if result.applied:
+        out_console.print(f"{result.written:,} new correction entries written "
+                          f"({len(result.corrections) - result.written:,} were already there)")
+    if result.not_repaired:
+        out_console.print(f"[yellow]{len(result.not_repaired):,} differences need a person "
+                          f"(unreadable events are never repaired automatically)[/]")
+    if out:
+        render.write_corrections(out, result.corrections, fmt)
+        out_console.print(f"corrections: {out}")
+    # Differences remain unless every one was corrected by this run.
+    fixed = result.applied and not result.not_repaired
+    raise typer.Exit(0 if result.report.clean or fixed else 1)
+
+
+@app.command(help="Rebuild every balance from the whole log (plus the live grants, which are not events) "
+                  "into a scratch schema and compare it with the live balances.")
+def replay(
+    into: Annotated[str, typer.Option("--into", help="Scratch schema to build (never the live one).")],
+    replace: Annotated[bool, typer.Option("--replace", help="Drop and rebuild the scratch schema if it holds data.")] = False,
+    out: OutOpt = None, fmt: FormatOpt = None,
+    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None, quiet: QuietOpt = False,
+) -> None:
+    settings = _settings(bootstrap, database_url, schema, topic_prefix)
+
+    async def go():
+        with _bar(quiet) as bar:
+            return await run_replay(settings, into, replace=replace, progress=RichProgress(bar))
+
+    result = _run(go())
+    out_console.print(render.replay_table(result))
+    out_console.print(
+        f"{result.tally.records:,} records replayed ({result.tally.unreadable:,} unreadable), "
+        f"{result.entries:,} ledger entries rebuilt in {result.elapsed_s:,.1f} s"
+    )
+    if out:
+        render.write_replay(out, result, fmt)
+    raise typer.Exit(0 if result.clean else 1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,273 @@
+"""The use cases: reconcile a window, repair it, replay the whole log into a scratch schema.
+
+Each takes the typed settings and an optional progress port, builds its clients at start and closes
+them at the end; the CLI only translates arguments into these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+import asyncpg
+
+from schemas.pricing import PriceBook, default_price_book
+from services.finance import ledger
+from services.finance.assessment import Assessor, Tally, Unreadable
+from services.finance.differences import Correction, Difference, Kind, correction_for
+from services.finance.event_log import EventLog
+from services.finance.settings import FinanceSettings
+from services.finance.window import Window
+from services.shared.db import migrate, server_settings
+
+
+class Progress(Protocol):
+    """Where long reads report how far they are (a rich progress bar in the CLI)."""
+
+    def start(self, total: int, description: str) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+@dataclass
+class ReconcileReport:
+    window: Window
+    topic: str
+    tally: Tally
+    differences: list[Difference]
+    ledger_entries: int = 0
+    duplicate_deliveries: int = 0
+    log_records_planned: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return not self.differences
+
+    def counts(self) -> dict[Kind, tuple[int, int]]:
+        """Per kind: (differences, credits the corrections would move)."""
+        out: dict[Kind, tuple[int, int]] = {k: (0, 0) for k in Kind}
+        for d in self.differences:
+            n, credits = out[d.kind]
+            out[d.kind] = (n + 1, credits + (d.correction_credits if d.repairable else 0))
+        return out
+
+
+@dataclass
+class RepairResult:
+    report: ReconcileReport
+    corrections: list[Correction]
+    applied: bool
+    written: int = 0
+    not_repaired: list[Difference] = field(default_factory=list)
+
+
+@dataclass
+class ReplayResult:
+    topic: str
+    live_schema: str
+    scratch_schema: str
+    tally: Tally
+    entries: int
+    accounts: int
+    differences: list[ledger.BalanceDifference]
+    unreadable: list[Unreadable]
+    elapsed_s: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return not self.differences
+
+
+async def _connect(settings: FinanceSettings, schema: str | None = None) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        settings.database_url, server_settings=server_settings(schema or settings.database_schema)
+    )
+
+
+async def load_events(
+    settings: FinanceSettings,
+    conn: asyncpg.Connection,
+    assessor: Assessor,
+    from_ms: int | None,
+    to_ms: int | None,
+    progress: Progress,
+) -> tuple[Tally, list[Unreadable], int]:
+    """Read the log range, assess each record and COPY the events into the temporary table while
+    the next batch is read (Kafka, Python and PostgreSQL work overlap)."""
+    await ledger.create_events_table(conn)
+    tally, unreadable = Tally(), []
+    queue: asyncio.Queue[list[tuple] | None] = asyncio.Queue(maxsize=4)
+
+    async def writer() -> None:
+        while (rows := await queue.get()) is not None:
+            await ledger.copy_events(conn, rows)
+
+    async def put(rows: list[tuple] | None) -> None:
+        if task.done():  # the writer failed: surface its error instead of waiting forever
+            task.result()
+        await queue.put(rows)
+
+    task = asyncio.create_task(writer())
+    try:
+        async with EventLog(
+            settings.kafka_bootstrap_servers, settings.model_call_completed_topic,
+            fetch_records=settings.finance_fetch_records, stall_timeout_s=settings.finance_stall_timeout_s,
+        ) as log:
+            ranges = await log.plan(from_ms, to_ms)
+            planned = sum(r.size for r in ranges)
+            progress.start(planned, f"reading {settings.model_call_completed_topic}")
+            buffer: list[tuple] = []
+            async for records in log.read(ranges):
+                rows, bad, t = assessor.assess(records)
+                tally.add(t)
+                unreadable += bad
+                buffer += rows
+                if len(buffer) >= settings.finance_copy_rows:
+                    await put(buffer)
+                    buffer = []
+                progress.advance(len(records))
+            await put(buffer)
+        await put(None)
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+    return tally, unreadable, planned
+
+
+def _unreadable_differences(unreadable: list[Unreadable], ledger_only: dict) -> list[Difference]:
+    out = []
+    for u in unreadable:
+        held = ledger_only.pop(u.event_id, None) if u.event_id else None
+        out.append(Difference(
+            kind=Kind.UNREADABLE_EVENT,
+            event_id=u.event_id,
+            user_id=held.user_id if held else None,
+            occurred_at=held.occurred_at if held else None,
+            ledger_credits=held.ledger_credits if held else 0,
+            ledger_entries=held.ledger_entries if held else 0,
+            partition=u.partition,
+            offset=u.offset,
+            detail=f"kafka timestamp {u.timestamp_ms}: {u.error}",
+        ))
+    return out
+
+
+async def reconcile(
+    settings: FinanceSettings,
+    window: Window,
+    progress: Progress | None = None,
+    book: PriceBook | None = None,
+) -> ReconcileReport:
+    """Compare what the window's events owe (by the credit policy) with what the ledger holds."""
+    began = time.perf_counter()
+    progress = progress or NoProgress()
+    from_ms, to_ms = window.log_range_ms(
+        timedelta(seconds=settings.finance_clock_skew_s), timedelta(seconds=settings.finance_lateness_s)
+    )
+    conn = await _connect(settings)
+    try:
+        tally, unreadable, planned = await load_events(
+            settings, conn, Assessor(book or default_price_book(), window), from_ms, to_ms, progress
+        )
+        diffs = await ledger.compare(conn, window)
+        # Entries of an unreadable event are reported once, with that event, not as "no event".
+        unreadable_ids = {u.event_id for u in unreadable if u.event_id}
+        ledger_only = {}
+        kept = []
+        for d in diffs:
+            if d.expected_decision is None and d.event_id in unreadable_ids:
+                ledger_only[d.event_id] = d
+            else:
+                kept.append(d)
+        kept += _unreadable_differences(unreadable, ledger_only)
+        duplicates = await conn.fetchval(
+            f"SELECT count(*) - count(DISTINCT event_id) FROM {ledger.EVENTS_TABLE}"
+        )
+        entries = await ledger.ledger_entry_count(conn, window)
+    finally:
+        await conn.close()
+    return ReconcileReport(
+        window, settings.model_call_completed_topic, tally, kept, entries, duplicates, planned,
+        time.perf_counter() - began,
+    )
+
+
+async def repair(
+    settings: FinanceSettings,
+    window: Window,
+    *,
+    apply: bool = False,
+    progress: Progress | None = None,
+    book: PriceBook | None = None,
+) -> RepairResult:
+    """The corrections that bring the window's ledger to what its events owe; written only with
+    `apply`. Idempotent: ids are deterministic and a rerun finds nothing left to correct."""
+    report = await reconcile(settings, window, progress, book)
+    corrections, not_repaired = [], []
+    for d in report.differences:
+        c = correction_for(d)
+        if c is None:
+            not_repaired.append(d)
+        else:
+            corrections.append(c)
+    written = 0
+    if apply and corrections:
+        conn = await _connect(settings)
+        try:
+            written = await ledger.write_corrections(conn, corrections)
+        finally:
+            await conn.close()
+    return RepairResult(report, corrections, apply, written, not_repaired)
+
+
+class ReplayRefused(RuntimeError):
+    pass
+
+
+async def replay(
+    settings: FinanceSettings,
+    scratch: str,
+    *,
+    replace: bool = False,
+    progress: Progress | None = None,
+    book: PriceBook | None = None,
+) -> ReplayResult:
+    """Rebuild every balance from the whole log (plus the live grants) into `scratch` and compare
+    them with the live balances."""
+    began = time.perf_counter()
+    progress = progress or NoProgress()
+    scratch = ledger.check_schema_name(scratch)
+    conn = await _connect(settings)
+    try:
+        live = settings.database_schema or await conn.fetchval("SELECT current_schema()")
+        if scratch in (live, "public"):
+            raise ReplayRefused(f"refusing to replay into {scratch!r}: it is the live ledger's schema")
+        if not await ledger.scratch_is_empty(conn, scratch):
+            if not replace:
+                raise ReplayRefused(f"schema {scratch!r} already holds a ledger; pass --replace to rebuild it")
+            await conn.execute(f"DROP SCHEMA {ledger.ident(scratch)} CASCADE")
+        await migrate(settings.database_url, scratch)
+        tally, unreadable, _ = await load_events(
+            settings, conn, Assessor(book or default_price_book()), None, None, progress
+        )
+        entries = await ledger.build_replay(conn, live, scratch)
+        accounts, diffs = await ledger.compare_balances(conn, live, scratch)
+    finally:
+        await conn.close()
+    return ReplayResult(
+        settings.model_call_completed_topic, live, scratch, tally, entries, accounts, diffs, unreadable,
+        time.perf_counter() - began,
+    )

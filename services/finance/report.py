@@ -1,0 +1,125 @@
+"""What a person sees: rich tables on the terminal, and the full lists as CSV or JSON files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from rich.table import Table
+
+from services.finance.differences import Correction, Difference, Kind
+from services.finance.reconciliation import ReconcileReport, RepairResult, ReplayResult
+
+DIFFERENCE_COLUMNS = [f.name for f in fields(Difference) if f.name != "extra"] + ["correction_credits"]
+
+
+def summary_table(report: ReconcileReport) -> Table:
+    t = Table(title=f"reconciliation of {report.topic} over {report.window} (occurred_at, half-open)")
+    t.add_column("difference")
+    t.add_column("count", justify="right")
+    t.add_column("credits to correct", justify="right")
+    for kind, (n, credits) in report.counts().items():
+        t.add_row(kind.value, f"{n:,}", "" if kind is Kind.UNREADABLE_EVENT else f"{credits:+,}",
+                  style="bold red" if n else "dim")
+    t.add_section()
+    t.add_row("total", f"{len(report.differences):,}", "", style="bold")
+    return t
+
+
+def stats_table(report: ReconcileReport) -> Table:
+    t = Table(show_header=False, box=None)
+    t.add_column()
+    t.add_column(justify="right")
+    s = report.tally
+    rate = s.records / report.elapsed_s if report.elapsed_s else 0
+    for label, value in [
+        ("log records read", f"{s.records:,}"),
+        ("events in the window", f"{s.in_window:,}"),
+        ("  of which redeliveries of an event", f"{report.duplicate_deliveries:,}"),
+        ("records outside the window", f"{s.outside_window:,}"),
+        ("unreadable records", f"{s.unreadable:,}"),
+        ("ledger entries in the window", f"{report.ledger_entries:,}"),
+        ("elapsed", f"{report.elapsed_s:,.1f} s ({rate:,.0f} records/s)"),
+    ]:
+        t.add_row(label, value)
+    return t
+
+
+def differences_table(differences: list[Difference], limit: int = 20) -> Table:
+    t = Table(title=f"first {min(limit, len(differences))} of {len(differences):,} differences")
+    for col in ("kind", "event_id", "user", "occurred_at", "feature/model", "key/status", "owed", "ledger", "fix"):
+        t.add_column(col, justify="right" if col in ("owed", "ledger", "fix") else "left")
+    for d in differences[:limit]:
+        t.add_row(
+            d.kind.value, str(d.event_id or ""), d.user_id or "",
+            d.occurred_at.isoformat() if d.occurred_at else "",
+            f"{d.feature or ''}/{d.model or ''}", f"{d.key_source or ''}/{d.status or ''}",
+            "?" if d.expected_credits is None and d.kind is Kind.UNREADABLE_EVENT else str(d.expected_credits or 0),
+            str(d.ledger_credits), f"{d.correction_credits:+}" if d.repairable else d.detail[:60],
+        )
+    return t
+
+
+def corrections_table(result: RepairResult, limit: int = 50) -> Table:
+    verb = "written" if result.applied else "would write (dry run; --apply writes)"
+    t = Table(title=f"corrections: {len(result.corrections):,} {verb}")
+    for col in ("entry_id", "event_id", "user", "credits", "reason"):
+        t.add_column(col, justify="right" if col == "credits" else "left")
+    for c in result.corrections[:limit]:
+        t.add_row(str(c.entry_id), str(c.event_id), c.user_id, f"{c.credits:+}", c.reason)
+    return t
+
+
+def replay_table(result: ReplayResult, limit: int = 50) -> Table:
+    t = Table(title=(
+        f"replay of {result.topic} into {result.scratch_schema}: {result.accounts:,} accounts, "
+        f"{len(result.differences):,} differ from {result.live_schema}"
+    ))
+    for col in ("user", "live granted", "live debited", "live balance", "replay debited", "replay balance", "delta"):
+        t.add_column(col, justify="left" if col == "user" else "right")
+    for d in result.differences[:limit]:
+        t.add_row(d.user_id, f"{d.live_granted:,}", f"{d.live_debited:,}", f"{d.live_balance:,}",
+                  f"{d.replay_debited:,}", f"{d.replay_balance:,}", f"{d.delta:+,}")
+    return t
+
+
+def _format(path: Path, fmt: str | None) -> str:
+    fmt = (fmt or path.suffix.lstrip(".") or "csv").lower()
+    if fmt not in ("csv", "json"):
+        raise ValueError(f"unknown output format {fmt!r}: use .csv or .json")
+    return fmt
+
+
+def write_rows(path: Path, rows: list[dict], columns: list[str], fmt: str | None = None, header: dict | None = None) -> None:
+    """The full list: CSV (one row per item) or JSON ({...header, "items": [...]})."""
+    if _format(path, fmt) == "csv":
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        path.write_text(json.dumps({**(header or {}), "items": rows}, default=str, indent=1))
+
+
+def write_report(path: Path, report: ReconcileReport, fmt: str | None = None) -> None:
+    header = {
+        "topic": report.topic,
+        "window": {"from": report.window.start, "to": report.window.end, "rule": "[from, to) on occurred_at"},
+        "summary": {k.value: n for k, (n, _) in report.counts().items()},
+        "events_in_window": report.tally.in_window,
+    }
+    write_rows(path, [d.as_row() for d in report.differences], DIFFERENCE_COLUMNS, fmt, header)
+
+
+def write_corrections(path: Path, corrections: list[Correction], fmt: str | None = None) -> None:
+    rows = [c.__dict__ for c in corrections]
+    write_rows(path, rows, [f.name for f in fields(Correction)], fmt)
+
+
+def write_replay(path: Path, result: ReplayResult, fmt: str | None = None) -> None:
+    rows = [d.as_row() for d in result.differences]
+    cols = list(rows[0]) if rows else ["user_id", "live_granted", "live_debited", "live_balance",
+                                       "replay_granted", "replay_debited", "replay_balance", "delta"]
+    write_rows(path, rows, cols, fmt, {"scratch_schema": result.scratch_schema, "accounts": result.accounts})
