@@ -1,9 +1,9 @@
 """HTTP API of the credit service (port 8001): balances, grants, the compatibility route, health, metrics."""
 
-from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated
@@ -62,7 +62,7 @@ class ApiContext:
     ledger: Ledger
     book: PriceBook
     producer: AIOKafkaProducer | None
-    consumer_running: callable = lambda: True
+    consumer_running: Callable[[], bool] = lambda: True
 
 
 def build_api(ctx: ApiContext) -> FastAPI:
@@ -107,7 +107,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
             raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin may grant credits")
         plans = ctx.book.in_force(datetime.now(timezone.utc)).plans
         if body.plan not in plans:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY,
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                 f"unknown plan {body.plan!r}; plans are {sorted(plans)}")
         try:
             created, b = await ctx.ledger.grant(body.grant_key, body.user_id, body.plan, plans[body.plan])
@@ -123,7 +123,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
         truth) and answers with the decision the credit consumer made for it."""
         provider = body.provider or infer_provider(body.model)
         if provider is None:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY,
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                 f"cannot tell the provider of model {body.model!r}; send 'provider'")
         event_id = uuid.uuid5(DEDUCT_NAMESPACE, f"{caller.user_id}\x00{body.idempotency_key}")
         decided = await ctx.ledger.decision_of(event_id)

@@ -45,10 +45,11 @@ async def raw_decoder(message, original) -> None:
     return None
 
 
-def build_broker(settings: CreditSettings, service: CreditService) -> KafkaBroker:
+def build_broker(settings: CreditSettings, service: CreditService):
+    """The broker and its one subscriber (whose `.consumer` the lag gauge reads)."""
     broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="credits", logger=log)
 
-    @broker.subscriber(
+    subscriber = broker.subscriber(
         settings.model_call_completed_topic,
         group_id=settings.consumer_group,
         batch=True,
@@ -63,6 +64,8 @@ def build_broker(settings: CreditSettings, service: CreditService) -> KafkaBroke
         title="credits",
         description="Applies the credit policy to every model call and keeps the ledger.",
     )
+
+    @subscriber
     async def on_model_calls(body: Any, msg: KafkaMessage) -> None:
         records = list(msg.raw_message)
         delay = 0.1
@@ -84,24 +87,31 @@ def build_broker(settings: CreditSettings, service: CreditService) -> KafkaBroke
             # Decisions are committed; the records will be redelivered and found already decided.
             log.warning("offset commit failed after the ledger commit (%s); redelivery is harmless", exc)
 
-    broker._credit_subscriber = on_model_calls  # for the lag gauge
-    return broker
+    return broker, subscriber
 
 
-async def track_lag(broker: KafkaBroker, every_s: float = 5.0) -> None:
+async def consumer_lag(subscriber) -> int | None:
+    """Records of the assigned partitions not yet committed, or None before the first assignment."""
+    consumer = getattr(subscriber, "consumer", None)
+    if consumer is None or not consumer.assignment():
+        return None
+    lag = 0
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            return None
+        lag += max(high - (await consumer.committed(tp) or 0), 0)
+    return lag
+
+
+async def track_lag(subscriber, every_s: float = 5.0) -> None:
     """Keep the consumer-lag gauge current."""
-    subscriber = broker._credit_subscriber
     while True:
         await asyncio.sleep(every_s)
-        consumer = getattr(subscriber, "consumer", None)
-        if consumer is None:
-            continue
         try:
-            lag = 0
-            for tp in consumer.assignment():
-                high = consumer.highwater(tp)
-                if high is not None:
-                    lag += max(high - await consumer.position(tp), 0)
-            metrics.CONSUMER_LAG.set(lag)
+            lag = await consumer_lag(subscriber)
         except Exception as exc:
             log.debug("lag not measured: %s", exc)
+            continue
+        if lag is not None:
+            metrics.CONSUMER_LAG.set(lag)

@@ -1,0 +1,149 @@
+"""The credit consumer on the real broker and database: policy, idempotence, dead letters."""
+
+import asyncio
+import json
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from schemas.events import CallStatus, CreditOutcome, Decision, Feature, KeySource
+from schemas.topics import dlq
+from services.credits.bootstrap import running
+from services.credits.settings import CreditSettings
+from tests.support import make_event, publish, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def credits(stack):
+    async with running(stack.settings(CreditSettings)) as runtime:
+        yield runtime
+
+
+async def ledger_count(stack) -> int:
+    conn = await stack.connect()
+    try:
+        return await conn.fetchval("SELECT count(*) FROM ledger_entries")
+    finally:
+        await conn.close()
+
+
+async def read_all(bootstrap: str, topic: str, expected: int, timeout_ms: int = 15_000):
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    records = []
+    try:
+        while len(records) < expected:
+            batch = await consumer.getmany(timeout_ms=timeout_ms)
+            if not batch:
+                break
+            for rs in batch.values():
+                records += rs
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def test_every_delivery_three_times_gives_the_same_ledger_as_once(stack, credits):
+    topic = stack.settings().model_call_completed_topic
+    events = [make_event(user_id=f"u{i % 7}", model=m, key_source=ks, feature=f)
+              for i, (m, ks, f) in enumerate([("gpt-4o", KeySource.PLATFORM, Feature.CHAT),
+                                              ("o1", KeySource.PLATFORM, Feature.CHAT),
+                                              ("gpt-4o", KeySource.BYOK, Feature.CHAT),
+                                              ("gpt-4o", KeySource.BYOK, Feature.DEEP_ANALYSIS),
+                                              ("claude-3-5-haiku", KeySource.BYOK, Feature.CODE_FIX)] * 40)]
+    await publish(stack.kafka_bootstrap, topic, events * 3)
+    await wait_for(lambda: _at_least(stack, len(events)), what="every event decided")
+    conn = await stack.connect()
+    try:
+        # Let any straggling duplicate batches land before counting.
+        await wait_for(lambda: _lag_zero(credits), what="consumer caught up")
+        assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == len(events)
+        expected = {}
+        for e, price in zip(events, [5, 20, 0, 50, 1] * 40):
+            expected[e.user_id] = expected.get(e.user_id, 0) + price
+        debited = dict(await conn.fetch("SELECT user_id, debited FROM accounts"))
+        assert debited == expected
+    finally:
+        await conn.close()
+
+
+async def _at_least(stack, n):
+    return await ledger_count(stack) >= n
+
+
+async def _lag_zero(runtime):
+    return await runtime.lag() == 0
+
+
+async def test_bad_input_goes_to_the_dlq_with_the_reason_and_the_consumer_keeps_going(stack, credits):
+    topic = stack.settings().model_call_completed_topic
+    good_before, good_after = make_event(), make_event()
+    wrong_type = json.loads(make_event().to_json()) | {"input_tokens": "12"}
+    negative = json.loads(make_event().to_json()) | {"output_tokens": -5}
+    unknown_provider = json.loads(make_event().to_json()) | {"provider": "mistral"}
+    unknown_feature = json.loads(make_event().to_json()) | {"feature": "summarise"}
+    unpriced = make_event(model="gpt-9-ultra")
+    huge = b'{"pad": "' + b"x" * (1024 * 1024) + b'"}'
+    bad = [b'{"event_id": ', json.dumps(wrong_type).encode(), json.dumps(negative).encode(),
+           json.dumps(unknown_provider).encode(), json.dumps(unknown_feature).encode(), huge, b"\xff\xfe", b""]
+    await publish(stack.kafka_bootstrap, topic, [good_before])
+    await publish(stack.kafka_bootstrap, topic, bad, keys=[b"alice"] * len(bad))
+    await publish(stack.kafka_bootstrap, topic, [unpriced, good_after])
+
+    letters = await read_all(stack.kafka_bootstrap, dlq(topic), expected=len(bad) + 1)
+    assert len(letters) == len(bad) + 1
+    kinds = sorted(dict(r.headers)["dlq.error_type"].decode() for r in letters)
+    assert kinds == sorted(["malformed_json", "schema", "schema", "schema", "schema", "too_large",
+                            "malformed_json", "empty", "unpriced_model"])
+    by_value = {r.value: dict(r.headers) for r in letters}
+    assert b"input_tokens" in by_value[json.dumps(wrong_type).encode()][b"dlq.error".decode()]
+    assert b"provider" in by_value[json.dumps(unknown_provider).encode()]["dlq.error"]
+    assert huge in by_value, "the original bytes are kept"
+    assert b"gpt-9-ultra" in by_value[unpriced.to_json()]["dlq.error"]
+    assert all(h["dlq.source_topic"] == topic.encode() for h in by_value.values())
+
+    conn = await stack.connect()
+    try:
+        rows = dict(await conn.fetch("SELECT event_id, decision FROM ledger_entries"))
+        assert rows == {good_before.event_id: "debited", good_after.event_id: "debited",
+                        unpriced.event_id: "rejected"}
+    finally:
+        await conn.close()
+
+
+async def test_an_outcome_is_published_for_every_decision(stack, credits):
+    topic = stack.settings().model_call_completed_topic
+    events = [make_event(user_id="bob"), make_event(user_id="bob", key_source=KeySource.BYOK),
+              make_event(user_id="bob", status=CallStatus.FAILED), make_event(user_id="bob", model="nope")]
+    await publish(stack.kafka_bootstrap, topic, events)
+    records = await read_all(stack.kafka_bootstrap, stack.settings().credit_ledger_topic, expected=4)
+    outcomes = {o.event_id: o for o in (CreditOutcome.from_json(r.value) for r in records)}
+    assert [outcomes[e.event_id].decision for e in events] == [
+        Decision.DEBITED, Decision.NOT_BILLED_BYOK, Decision.NOT_BILLED_FAILED, Decision.REJECTED]
+    assert outcomes[events[0].event_id].credits == 5
+    assert outcomes[events[0].event_id].balance_after == -5  # no grant: the call happened, the debit is recorded
+    assert outcomes[events[3].event_id].reason and "nope" in outcomes[events[3].event_id].reason
+    assert all(r.key == b"bob" for r in records)
+
+
+async def test_a_batch_written_while_postgres_refuses_is_retried_not_skipped(stack, credits, database_url):
+    """The ledger write fails (the schema's table is locked out), then succeeds: nothing is lost."""
+    blocker = await asyncpg.connect(database_url, server_settings={"search_path": stack.database_schema})
+    tx = blocker.transaction()
+    await tx.start()
+    await blocker.execute("LOCK TABLE ledger_entries IN ACCESS EXCLUSIVE MODE")
+    events = [make_event(user_id="carol") for _ in range(20)]
+    await publish(stack.kafka_bootstrap, stack.settings().model_call_completed_topic, events)
+    await asyncio.sleep(1.0)
+    await tx.rollback()
+    await blocker.close()
+    await wait_for(lambda: _at_least(stack, 20), what="all 20 decided after the lock is released")
+    conn = await stack.connect()
+    try:
+        assert await conn.fetchval("SELECT debited FROM accounts WHERE user_id='carol'") == 100
+    finally:
+        await conn.close()
