@@ -1,0 +1,71 @@
+"""`python -m services.validation`: the key-check worker, with `GET /healthz` and `GET /metrics` on port 8002."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.shared.logging import setup_logging
+from services.validation.bootstrap import Validation, build
+from services.validation.settings import SealingSettings, ValidationSettings
+
+log = logging.getLogger("services.validation")
+
+
+def health_app(validation: Validation) -> FastAPI:
+    app = FastAPI(title="validation worker", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    async def healthz():
+        if validation.worker.running:
+            return {"status": "ok"}
+        return JSONResponse({"status": "consumer not running"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def start_worker(validation: Validation) -> None:
+    """Start the worker, waiting for the broker if it is not up yet."""
+    while True:
+        try:
+            await validation.worker.start()
+            return
+        except Exception as exc:
+            log.warning("Kafka not reachable yet (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(1)
+
+
+async def serve(settings: ValidationSettings) -> None:
+    sealing = SealingSettings()
+    if sealing.uses_dev_key:
+        log.warning("using the DEV-ONLY sealing key pair from the repository; set KEY_SEAL_* in production")
+    validation = build(settings, sealing)
+    await start_worker(validation)
+    server = uvicorn.Server(uvicorn.Config(health_app(validation), host=settings.http_host, port=settings.http_port,
+                                           log_level="warning", access_log=False))
+    log.info("validation worker up: consuming %s, health on %s:%d (keys: %s)", settings.key_check_requests_topic,
+             settings.http_host, settings.http_port, ", ".join(sealing.private_keys))
+    try:
+        await server.serve()  # returns on SIGINT/SIGTERM
+    finally:
+        await validation.stop()
+        log.info("validation worker stopped")
+
+
+def main() -> None:
+    settings = ValidationSettings()
+    setup_logging(settings.log_level, "validation")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

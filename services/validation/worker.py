@@ -1,0 +1,189 @@
+"""The Kafka side of the worker: consume requests, run checks concurrently, reply, then commit.
+
+Plain aiokafka rather than a FastStream subscriber, because the worker needs three things at once
+that FastStream's per-message handler does not give together: many checks in flight (one slow
+provider must not hold up everyone's checks), offsets committed only up to the oldest unanswered
+request of each partition (so a crash or restart re-answers, never drops, a request), and replies
+plus dead letters sent before that commit. The wire protocol stays FastStream's (see handler.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from services.shared.kafka import make_producer, send_dead_letters
+from services.validation import metrics
+from services.validation.handler import Outcome, RequestHandler
+from services.validation.settings import ValidationSettings
+
+log = logging.getLogger(__name__)
+
+
+class PartitionProgress:
+    """Which offsets of one partition are answered; the commit point is the oldest unanswered one."""
+
+    def __init__(self) -> None:
+        self.pending: set[int] = set()
+        self.next_offset: int | None = None  # one past the highest offset taken
+        self.committed: int | None = None
+
+    def take(self, offset: int) -> None:
+        self.pending.add(offset)
+        self.next_offset = max(self.next_offset or 0, offset + 1)
+
+    def done(self, offset: int) -> None:
+        self.pending.discard(offset)
+
+    def commit_point(self) -> int | None:
+        point = min(self.pending) if self.pending else self.next_offset
+        return point if point is not None and point != self.committed else None
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: ValidationWorker):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked):
+        await self.worker._finish_partitions(set(revoked))
+
+    async def on_partitions_assigned(self, assigned):
+        for tp in assigned:
+            self.worker._progress[tp] = PartitionProgress()
+
+
+class ValidationWorker:
+    """Consumes `key_check_requests` (group `validation`) and answers each on its `reply_to` topic."""
+
+    def __init__(self, settings: ValidationSettings, handler: RequestHandler):
+        self.settings, self.handler = settings, handler
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self._progress: dict[TopicPartition, PartitionProgress] = {}
+        self._tasks: dict[asyncio.Task, TopicPartition] = {}
+        self._loop_task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.producer = make_producer(s.kafka_bootstrap_servers, linger_ms=0, client_id="validation")
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            # The topic prefix isolates groups too, so parallel stacks on one broker do not rebalance each other.
+            group_id=s.topic(s.consumer_group),
+            group_instance_id=s.group_instance_id,
+            client_id="validation",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a request sent before the group's first start is still answered
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
+            max_partition_fetch_bytes=1024 * 1024,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
+        )
+        await self.producer.start()
+        try:
+            await self.consumer.start()
+        except Exception:
+            await self.producer.stop()
+            raise
+        self.consumer.subscribe([s.key_check_requests_topic], listener=_Rebalance(self))
+        self._loop_task = asyncio.create_task(self._run(), name="validation-worker")
+
+    async def stop(self) -> None:
+        """Finish the checks in flight, send their replies, commit, leave the group."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self.consumer is not None:
+            await self._finish_partitions(set(self._progress))
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+
+    async def _run(self) -> None:
+        s = self.settings
+        while not self._stopping:
+            try:
+                room = s.max_in_flight - len(self._tasks)
+                if room <= 0:
+                    await asyncio.wait(list(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch = await self.consumer.getmany(timeout_ms=100, max_records=room)
+                for tp, records in batch.items():
+                    progress = self._progress.setdefault(tp, PartitionProgress())
+                    for record in records:
+                        progress.take(record.offset)
+                        task = asyncio.create_task(self._answer(tp, record))
+                        self._tasks[task] = tp
+                        task.add_done_callback(self._tasks.pop)
+                await self._commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop outlives any one failure (broker away, a bug in one batch)
+                log.exception("worker loop iteration failed; continuing")
+                await asyncio.sleep(0.5)
+
+    async def _answer(self, tp: TopicPartition, record) -> None:
+        with metrics.HANDLE_SECONDS.time():
+            outcome = await self.handler.handle(record)
+            delay = 0.2
+            while True:
+                try:
+                    await self._send(outcome)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # not answered, so not committed: keep trying
+                    if self._stopping:
+                        log.warning("reply to %s[%d]@%d not sent before stopping; it will be redelivered",
+                                    tp.topic, tp.partition, record.offset)
+                        return
+                    log.warning("sending the answer to %s[%d]@%d failed (%s); retrying", tp.topic, tp.partition,
+                                record.offset, type(exc).__name__)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        progress = self._progress.get(tp)
+        if progress is not None:
+            progress.done(record.offset)
+
+    async def _send(self, outcome: Outcome) -> None:
+        if outcome.reply is not None:
+            r = outcome.reply
+            await (await self.producer.send(r.topic, r.value, key=r.key, headers=r.headers))
+        if outcome.dead_letter is not None:
+            await send_dead_letters(self.producer, [outcome.dead_letter])
+
+    async def _commit(self, only: set[TopicPartition] | None = None) -> None:
+        offsets = {}
+        for tp, progress in self._progress.items():
+            if only is not None and tp not in only:
+                continue
+            point = progress.commit_point()
+            if point is not None:
+                offsets[tp] = point
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # harmless: uncommitted requests are answered again, never lost
+            log.warning("offset commit failed (%s); will retry", type(exc).__name__)
+            return
+        for tp, point in offsets.items():
+            self._progress[tp].committed = point
+
+    async def _finish_partitions(self, tps: set[TopicPartition]) -> None:
+        """Let the checks of `tps` finish (bounded by the provider timeout) and commit them."""
+        tasks = [t for t, tp in list(self._tasks.items()) if tp in tps]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.check_timeout_s + 5)
+        await self._commit(tps)
+        for tp in tps:
+            self._progress.pop(tp, None)
