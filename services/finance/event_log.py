@@ -61,10 +61,13 @@ class EventLog:
         await self._consumer.stop()
 
     async def _partitions(self) -> list[TopicPartition]:
-        consumer = self._consumer
-        if self.topic not in await consumer.topics():
+        # `topics()` fetches fresh metadata but keeps only the names; the partitions come from the
+        # same fetch (aiokafka's client), as `partitions_for_topic` knows only subscribed topics.
+        cluster = await self._consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(self.topic)
+        if not partitions:
             raise EventLogError(f"topic {self.topic!r} does not exist on {self.bootstrap}")
-        return [TopicPartition(self.topic, p) for p in sorted(consumer.partitions_for_topic(self.topic))]
+        return [TopicPartition(self.topic, p) for p in sorted(partitions)]
 
     async def plan(self, from_ms: int | None = None, to_ms: int | None = None) -> list[PartitionRange]:
         """Offsets holding the records with timestamps in [from_ms, to_ms) (None: an open end)."""

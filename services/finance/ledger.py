@@ -199,6 +199,8 @@ async def scratch_is_empty(conn: asyncpg.Connection, scratch: str) -> bool:
 async def build_replay(conn: asyncpg.Connection, live: str, scratch: str) -> int:
     """Fill `scratch` (migrated, empty) from the events table and the live grants; return entries."""
     s, lv = ident(scratch), ident(live)
+    if await conn.fetchval("SELECT current_schema()") != scratch:
+        raise RuntimeError("build_replay needs a connection whose search_path starts with the scratch schema")
     async with conn.transaction():
         await conn.execute(f"INSERT INTO {s}.accounts (user_id, created_at) SELECT user_id, created_at FROM {lv}.accounts")
         await conn.execute(
@@ -209,13 +211,13 @@ async def build_replay(conn: asyncpg.Connection, live: str, scratch: str) -> int
             f"INSERT INTO {s}.grants (grant_key, user_id, plan, credits, granted_at) "
             f"SELECT grant_key, user_id, plan, credits, granted_at FROM {lv}.grants"
         )
-        # Rejected events (unpriced models) go to the credit service's DLQ, not to the ledger.
+        # Every event gets its decision, rejected ones too (0 credits), as the credit service does.
         status = await conn.execute(f"""
             INSERT INTO {s}.ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
                 price_list_version, reason, provider, model, feature, key_source, status, occurred_at)
             SELECT DISTINCT ON (event_id) event_id, event_id, 'decision', user_id, decision, credits,
                    price_list_version, reason, provider, model, feature, key_source, status, occurred_at
-              FROM {EVENTS_TABLE} WHERE decision <> 'rejected'
+              FROM {EVENTS_TABLE}
              ORDER BY event_id, part, "off"
         """)
     return int(status.split()[-1])

@@ -259,7 +259,13 @@ async def replay(
             if not replace:
                 raise ReplayRefused(f"schema {scratch!r} already holds a ledger; pass --replace to rebuild it")
             await conn.execute(f"DROP SCHEMA {ledger.ident(scratch)} CASCADE")
-        await migrate(settings.database_url, scratch)
+    finally:
+        await conn.close()
+    await migrate(settings.database_url, scratch)
+    # The ledger's triggers name their tables unqualified, so the rebuild must run with the scratch
+    # schema first on the search path: otherwise its sums would land on the live accounts.
+    conn = await _connect(settings, scratch)
+    try:
         tally, unreadable, _ = await load_events(
             settings, conn, Assessor(book or default_price_book()), None, None, progress
         )
