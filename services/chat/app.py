@@ -6,7 +6,6 @@ Routes: `GET /` (the page), `POST /settings/model`, `GET /api/model-settings`, `
 `GET /healthz`, `GET /metrics`.
 """
 
-from __future__ import annotations
 
 import contextlib
 import logging
@@ -23,7 +22,9 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import Feature, Provider
+from schemas.events import Feature, Provider, utc_now
+from schemas.pricing import default_price_book
+from services.chat.catalog import catalog
 from services.chat.balances import BalanceReader, CreditsUnavailable
 from services.chat.identity import SESSION_COOKIE, NotAuthenticated, Principal, issue_token, read_token, token_from
 from services.chat.key_session import KEY_COOKIE, KeySealer, SessionKey
@@ -152,7 +153,10 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     @app.get("/api/config")
     async def config() -> dict:
         """What the page needs before sign-in."""
-        return {"dev_login": settings.dev_login, "providers": [p.value for p in Provider]}
+        prices = default_price_book().in_force(utc_now())
+        return {"dev_login": settings.dev_login, "models": catalog(prices),
+                "feature_credits": {f.value: c for f, c in prices.feature_prices.items()},
+                "price_list_version": prices.version}
 
     @app.post("/auth/dev-login")
     async def dev_login(body: DevLoginIn, w: Wired, response: Response) -> dict:

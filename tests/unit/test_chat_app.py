@@ -1,0 +1,180 @@
+"""HTTP routes of the chat service with fake ports (no services needed)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from fastapi.testclient import TestClient
+
+from schemas.events import KeyCheckStatus, Provider
+from schemas.pricing import default_price_book
+from services.chat.app import Wiring, create_app
+from services.chat.balances import FixedBalances
+from services.chat.bootstrap import key_sealer
+from services.chat.identity import issue_token
+from services.chat.outbox import MemoryOutbox
+from services.chat.service import ChatService
+from services.chat.settings import ChatSettings
+from services.chat.store import MemorySettingsStore
+from tests.unit.test_chat_service import PLATFORM_KEY, FakeChecker, FakeProvider
+
+pytestmark = pytest.mark.unit
+SECRET = "unit-test-secret-0123456789abcdef"
+USER_KEY = "sk-proj-appTESTkey00000000000000000042"
+
+
+@pytest.fixture
+def world():
+    settings = ChatSettings(auth_jwt_secret=SECRET, cookie_secure=False, dev_login=True)
+    store, outbox, provider, checker = MemorySettingsStore(), MemoryOutbox(), FakeProvider(), FakeChecker()
+    balances = FixedBalances({"alice": 100, "bob": 7})
+    service = ChatService(store=store, outbox=outbox, balances=balances, checker=checker, call_model=provider,
+                          platform_keys={p: PLATFORM_KEY for p in Provider}, price_book=default_price_book())
+
+    @contextlib.asynccontextmanager
+    async def wire(_):
+        yield Wiring(service, key_sealer(settings), balances)
+
+    app = create_app(settings, wire)
+    with TestClient(app) as client:
+        yield client, settings, outbox, provider, checker
+
+
+def login(client: TestClient, user: str) -> None:
+    r = client.post("/auth/dev-login", json={"user_id": user})
+    assert r.status_code == 200, r.text
+
+
+def test_routes_need_identity(world):
+    client, *_ = world
+    for method, path in [("get", "/api/model-settings"), ("post", "/chat"), ("post", "/settings/model"),
+                         ("get", "/api/balance")]:
+        r = client.request(method.upper(), path, json={"provider": "openai", "model": "gpt-4o", "message": "x"})
+        assert r.status_code == 401, path
+    assert client.get("/api/model-settings", headers={"Authorization": "Bearer forged"}).status_code == 401
+
+
+def test_dev_login_is_off_unless_configured():
+    settings = ChatSettings(auth_jwt_secret=SECRET)
+    assert settings.dev_login is False
+
+    @contextlib.asynccontextmanager
+    async def wire(_):
+        yield Wiring(None, key_sealer(settings), FixedBalances())
+
+    with TestClient(create_app(settings, wire)) as client:
+        assert client.post("/auth/dev-login", json={"user_id": "eve"}).status_code == 404
+
+
+def test_byok_flow_sets_a_sealed_cookie_and_never_echoes_the_key(world):
+    client, _, outbox, provider, checker = world
+    login(client, "alice")
+    r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True,
+                                             "api_key": f"  {USER_KEY}\n"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accepted"] and body["status"] == "valid" and body["key_check"]["status"] == "valid"
+    assert body["key_hint"] == "sk-proj-…0042" and body["settings"]["byok"] is True
+    cookie = r.headers["set-cookie"]
+    assert "byok_key=" in cookie and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+    assert checker.calls == [("alice", Provider.OPENAI, USER_KEY)]
+    answers = [r.text]
+
+    settings = client.get("/api/model-settings")
+    assert settings.json()["byok"] and settings.json()["key_in_session"] and settings.json()["key_status"] == "valid"
+    chat = client.post("/chat", json={"feature": "chat", "message": "hi"})
+    assert chat.status_code == 200
+    assert chat.json()["billing"]["decision"] == "not_billed_byok" and chat.json()["key_source"] == "byok"
+    assert provider.calls[-1][1] == USER_KEY
+    deep = client.post("/chat", json={"feature": "deep_analysis", "message": "hi"})
+    assert deep.json()["billing"]["credits"] == 50 and provider.calls[-1][1] == PLATFORM_KEY
+    answers += [settings.text, chat.text, deep.text, *(c for c in r.headers.get_list("set-cookie"))]
+    assert not any(USER_KEY in a or USER_KEY[8:] in a for a in answers)
+    assert all(USER_KEY not in e.to_json().decode() for e in outbox.events)
+
+    off = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": False})
+    assert off.json()["settings"]["byok"] is False
+    assert 'byok_key=""' in off.headers["set-cookie"] and "Max-Age=0" in off.headers["set-cookie"]
+    assert client.post("/chat", json={"message": "hi"}).json()["key_source"] == "platform"
+
+
+def test_secure_cookie_flags_are_on_by_default():
+    settings = ChatSettings(auth_jwt_secret=SECRET, dev_login=True, dev_login_grant_plan="")
+
+    @contextlib.asynccontextmanager
+    async def wire(_):
+        yield Wiring(None, key_sealer(settings), FixedBalances())
+
+    with TestClient(create_app(settings, wire)) as client:
+        cookie = client.post("/auth/dev-login", json={"user_id": "alice"}).headers["set-cookie"]
+        assert "byok_session=" in cookie and "Secure" in cookie and "HttpOnly" in cookie
+
+
+def test_a_refused_key_answers_400_with_the_check_and_sets_no_cookie(world):
+    client, _, _, _, checker = world
+    checker.status = KeyCheckStatus.QUOTA_EXHAUSTED
+    login(client, "alice")
+    r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True,
+                                             "api_key": USER_KEY})
+    assert r.status_code == 400 and r.json()["status"] == "quota_exhausted" and not r.json()["accepted"]
+    assert "byok_key=" not in r.headers.get("set-cookie", "")
+    assert client.get("/api/model-settings").json()["byok"] is False
+
+
+def test_short_balance_answers_402_suggesting_byok(world):
+    client, *_ = world
+    login(client, "bob")  # 7 credits
+    client.post("/settings/model", json={"provider": "openai", "model": "o1", "use_own_key": False})
+    r = client.post("/chat", json={"message": "hi"})
+    assert r.status_code == 402 and r.json()["suggest_byok"] is True and "own API key" in r.json()["message"]
+
+
+def test_a_validation_error_does_not_echo_the_key(world):
+    client, *_ = world
+    login(client, "alice")
+    r = client.post("/settings/model", json={"provider": "nope", "model": "m", "use_own_key": True, "api_key": USER_KEY})
+    assert r.status_code == 422 and USER_KEY not in r.text
+
+
+def test_one_users_key_cookie_is_useless_to_another_user(world):
+    client, settings, _, provider, _ = world
+    login(client, "alice")
+    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY})
+    alice_key_cookie = client.cookies.get("byok_key")
+    bob = issue_token(SECRET, "bob")
+    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True},
+                headers={"Authorization": f"Bearer {bob}"})
+    view = client.get("/api/model-settings", headers={"Authorization": f"Bearer {bob}"},
+                      cookies={"byok_key": alice_key_cookie})
+    assert view.json()["user_id"] == "bob" and view.json()["key_in_session"] is False
+    r = client.post("/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {bob}"})
+    assert r.status_code in (402, 409) or r.json()["key_source"] == "platform"
+    assert all(call[1] != USER_KEY for call in provider.calls)
+
+
+def test_identity_never_comes_from_the_body(world):
+    client, *_ = world
+    login(client, "alice")
+    r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "user_id": "bob"})
+    assert r.status_code == 422
+    assert client.get("/api/balance").json() == {"user_id": "alice", "balance": 100}
+
+
+def test_page_and_health(world):
+    client, *_ = world
+    page = client.get("/")
+    assert page.status_code == 200 and "Use my own API key" in page.text and 'role="switch"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/api/config").json()["models"]["gemini"][1] == {"id": "gemini-2.5-flash", "credits": None}
+
+
+def test_logout_discards_session_and_key(world):
+    client, *_ = world
+    login(client, "alice")
+    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY})
+    r = client.post("/auth/logout")
+    cookies = " ".join(r.headers.get_list("set-cookie"))
+    assert 'byok_key=""' in cookies and 'byok_session=""' in cookies
+    assert client.get("/api/model-settings").status_code == 401

@@ -1,0 +1,73 @@
+"""Identity tokens and the session-sealed key cookie (no services needed)."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from schemas.events import Provider
+from services.chat.identity import NotAuthenticated, issue_token, read_token, token_from
+from services.chat.key_session import KeySealer, derive_secret
+
+pytestmark = pytest.mark.unit
+SECRET = "unit-test-secret-0123456789abcdef"
+KEY = "sk-proj-unitTESTkey0123456789abcdefXYZ"
+
+
+def sealer(ttl: int = 60) -> KeySealer:
+    return KeySealer(derive_secret(SECRET, b"test"), ttl)
+
+
+def test_token_round_trip_carries_user_role_and_session():
+    who = read_token(SECRET, issue_token(SECRET, "alice", role="admin", session_id="s1"))
+    assert (who.user_id, who.role, who.session_id, who.is_admin) == ("alice", "admin", "s1", True)
+
+
+@pytest.mark.parametrize("token", [
+    issue_token("another-secret-0123456789abcdef", "alice"),  # forged
+    issue_token(SECRET, "alice", ttl_s=-10),  # expired
+    jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"),  # other algorithm
+    jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),  # no expiry
+    "not-a-token",
+])
+def test_bad_tokens_are_refused(token):
+    with pytest.raises(NotAuthenticated):
+        read_token(SECRET, token)
+
+
+def test_bearer_header_wins_over_cookie_and_other_schemes_are_refused():
+    assert token_from("Bearer abc", "cookie") == "abc"
+    assert token_from(None, "cookie") == "cookie"
+    with pytest.raises(NotAuthenticated):
+        token_from("Basic abc", None)
+    with pytest.raises(NotAuthenticated):
+        token_from(None, None)
+
+
+def test_sealed_key_opens_only_for_its_user_and_session():
+    box = sealer()
+    value = box.seal("alice", "s1", Provider.OPENAI, KEY, "sk-proj-…XYZ")
+    assert KEY not in value and "unitTESTkey" not in value
+    opened = box.open("alice", "s1", value)
+    assert opened is not None and opened.api_key == KEY and opened.provider is Provider.OPENAI
+    assert box.open("bob", "s1", value) is None
+    assert box.open("alice", "s2", value) is None
+    assert KEY not in repr(opened)
+
+
+def test_sealed_key_expires_and_resists_tampering():
+    assert sealer(ttl=-1).open("alice", "s1", sealer(ttl=-1).seal("alice", "s1", Provider.GROQ, KEY, "h")) is None
+    box = sealer()
+    value = box.seal("alice", "s1", Provider.GROQ, KEY, "h")
+    flipped = value[:-3] + ("A" if value[-3] != "A" else "B") + value[-2:]
+    assert box.open("alice", "s1", flipped) is None
+    assert box.open("alice", "s1", "garbage!") is None
+    # Another server secret cannot open it.
+    assert KeySealer(derive_secret("other-secret-0123456789", b"test"), 60).open("alice", "s1", value) is None
+
+
+def test_each_seal_is_fresh_ciphertext():
+    box = sealer()
+    assert box.seal("a", "s", Provider.OPENAI, KEY, "h") != box.seal("a", "s", Provider.OPENAI, KEY, "h")
