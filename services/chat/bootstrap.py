@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -37,15 +38,24 @@ class StartingKeyChecker:
     def __init__(self, settings: ChatSettings):
         self.settings = settings
         self._requester = None
+        self._lock = asyncio.Lock()
 
     async def _ready(self):
-        if self._requester is None:
-            from services.validation.requester import KeyCheckRequester
+        async with self._lock:
+            if self._requester is None:
+                from services.validation.requester import KeyCheckRequester
 
-            requester = KeyCheckRequester.from_settings(self.settings)
-            await requester.start()
-            self._requester = requester
+                requester = KeyCheckRequester(self.settings)
+                await requester.start()
+                self._requester = requester
         return self._requester
+
+    async def warm(self) -> None:
+        """Start now if Kafka answers (so the first check is quick); otherwise on first use."""
+        try:
+            await self._ready()
+        except Exception as exc:
+            log.warning("key checker not started yet (%s); will retry on first check", type(exc).__name__)
 
     async def check(self, user_id: str, provider: Provider, api_key: str, timeout_s: float) -> KeyCheckResult:
         try:
@@ -105,11 +115,15 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
             return {"database": False}
 
     await relay.start()
+    warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
     try:
         yield Wiring(service, key_sealer(settings), balances,
                      grant_plan if settings.dev_login and settings.dev_login_grant_plan else None, healthy)
     finally:
         await relay.stop()
+        if warming is not None:
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
         if own_checker:
             await checker.stop()
         await provider_http.aclose()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
 
 from schemas.events import Provider
 from services.shared.settings import CommonSettings, HttpSettings
 
 
 class ChatSettings(CommonSettings, HttpSettings):
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
 
-    # Dev sign-in on the page (POST /auth/dev-login): only for local runs, the demo and tests.
-    dev_login: bool = False
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, validation_alias=AliasChoices("chat_port", "http_port"))
+
+    # Dev sign-in on the page (POST /auth/dev-login): only for local runs, the demo and tests
+    # (env CHAT_DEV_LOGIN or DEV_LOGIN).
+    dev_login: bool = Field(default=False, validation_alias=AliasChoices("chat_dev_login", "dev_login"))
     # Plan granted (idempotently) to a user on dev sign-in, so a fresh local user can chat at once;
     # empty = no grant.
     dev_login_grant_plan: str = "free"
@@ -31,10 +35,12 @@ class ChatSettings(CommonSettings, HttpSettings):
     cookie_secure: bool = True
 
     # The platform's own keys (env OPENAI_API_KEY, ...): used for every call that is not BYOK chat.
-    openai_api_key: str | None = Field(default=None, repr=False)
-    anthropic_api_key: str | None = Field(default=None, repr=False)
-    groq_api_key: str | None = Field(default=None, repr=False)
-    gemini_api_key: str | None = Field(default=None, repr=False)
+    # The defaults are dummies the local provider simulator accepts (its "valid" marker), so
+    # `make run` works on a fresh machine; production sets the real keys with the real base URLs.
+    openai_api_key: str | None = Field(default="sk-local-simulator-valid-platform-0001", repr=False)
+    anthropic_api_key: str | None = Field(default="sk-ant-local-simulator-valid-platform-0001", repr=False)
+    groq_api_key: str | None = Field(default="gsk_localsimulatorvalidplatform0001", repr=False)
+    gemini_api_key: str | None = Field(default="AIzaLocalSimulatorValidPlatform000000001", repr=False)
 
     key_check_timeout_s: float = 15.0
     provider_timeout_s: float = 60.0
