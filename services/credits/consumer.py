@@ -52,6 +52,9 @@ def build_broker(settings: CreditSettings, service: CreditService):
     subscriber = broker.subscriber(
         settings.model_call_completed_topic,
         group_id=settings.consumer_group,
+        group_instance_id=settings.consumer_instance_id,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=max(settings.session_timeout_ms // 4, 500),
         batch=True,
         max_records=settings.batch_max_records,
         batch_timeout_ms=settings.batch_timeout_ms,

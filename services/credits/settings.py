@@ -12,6 +12,10 @@ class CreditSettings(CommonSettings):
     http_port: int = 8001
     auth_jwt_secret: str = Field(default="dev-only-secret-change-me-32-bytes!!", min_length=16)
     consumer_group: str = "credits"
+    # Static group membership (KIP-345): an instance restarted with the same id takes its partitions
+    # back at once instead of waiting out the session timeout. Unique per running instance.
+    consumer_instance_id: str | None = None
+    session_timeout_ms: int = 10_000
     # One ledger transaction per batch: larger batches amortise the round trips, smaller ones
     # keep the publish-to-debit latency low when the topic is quiet.
     batch_max_records: int = 5000
