@@ -210,3 +210,39 @@ def test_report_files_hold_every_difference(tmp_path):
     assert [i["kind"] for i in doc["items"]] == ["double_debit", "unreadable_event"]
     with pytest.raises(ValueError, match="format"):
         write_report(tmp_path / "r.txt", report)
+
+
+# --- the memo of charges ------------------------------------------------------------------------
+
+
+def test_decide_depends_only_on_what_the_memo_keys_on():
+    """`Charges` computes `decide` once per (price list, status, feature, key source, model); this
+    holds it to that: events equal on those and different in everything else owe the same."""
+    import itertools
+
+    from services.credits.policy import decide
+
+    book = default_price_book()
+    for status, feature, key_source, model in itertools.product(
+        CallStatus, Feature, KeySource, ["gpt-4o", "o1", "claude-3-5-haiku", "unpriced-model"]
+    ):
+        base = dict(status=status, feature=feature, key_source=key_source, model=model)
+        variants = [
+            event(**base),
+            event(**base, user_id="someone-else", session_id="x", request_id="y", provider=Provider.GROQ,
+                  input_tokens=10**9, output_tokens=0, latency_ms=10**6, occurred_at=T2 + timedelta(days=3)),
+        ]
+        assert len({decide(v, book) for v in variants}) == 1, base
+
+
+def test_charges_memo_gives_what_decide_gives():
+    from services.credits.policy import decide
+
+    from services.finance.assessment import Charges
+
+    book = default_price_book()
+    charges = Charges(book, Window(T1, T2))
+    events = [event(model=m, feature=f, key_source=k) for m in ("gpt-4o", "o1", "nope")
+              for f in Feature for k in KeySource] * 2
+    assert [charges.of(e) for e in events] == [decide(e, book) for e in events]
+    assert len(charges._memo) == len(events) // 2
