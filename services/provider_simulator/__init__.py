@@ -46,7 +46,8 @@ An outage (`POST /_sim/outage`) makes every call to a provider answer 5xx whatev
 In-process (tests): `build_app(state)` gives the ASGI app; `SimulatorServer` runs it with uvicorn
 on a free port in a background thread (`with SimulatorServer() as sim: sim.base_url`), and its
 `state` (`SimulatorState`) can be driven directly (`sim.state.register(key, "revoked")`,
-`sim.state.calls(key)`). As a process: `python -m services.provider_simulator [--port 8090]`.
+`sim.state.calls(key)`). As a process: `python -m services.provider_simulator [--port 8090]` (env `SIM_VALID_KEYS`: comma-separated
+keys to accept, e.g. the platform keys).
 """
 
 from services.provider_simulator.app import BEHAVIOURS, SimulatorState, base_urls, build_app

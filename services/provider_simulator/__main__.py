@@ -1,7 +1,8 @@
 """`python -m services.provider_simulator [--host H] [--port 8090]`: serve the provider simulator.
 
 Point the services at it with the base URLs it prints (see the package docstring for the control
-API). Env: `SIM_HOST`, `SIM_PORT`.
+API). Env: `SIM_HOST`, `SIM_PORT`, `SIM_VALID_KEYS` (comma-separated keys to accept on every
+provider, e.g. the platform keys of a demo stack, whatever their shape).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import uvicorn
 
-from services.provider_simulator.app import base_urls, build_app
+from services.provider_simulator.app import SimulatorState, base_urls, build_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, url in base_urls(f"http://{args.host}:{args.port}").items():
         print(f"{name}={url}", file=sys.stderr)
     # No access log: a Gemini client may put a key in the query string (?key=).
-    uvicorn.run(build_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+    state = SimulatorState()
+    for key in filter(None, (k.strip() for k in os.environ.get("SIM_VALID_KEYS", "").split(","))):
+        state.register(key, "valid")
+    uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 

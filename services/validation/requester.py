@@ -73,6 +73,8 @@ class KeyCheckRequester:
         try:
             await self._consumer.start()
             partitions = await self._producer.partitions_for(self.replies_topic)
+            if not partitions:
+                raise RuntimeError(f"the replies topic {self.replies_topic!r} has no partitions (does it exist?)")
             tps = [TopicPartition(self.replies_topic, p) for p in sorted(partitions)]
             self._consumer.assign(tps)
             await self._consumer.seek_to_end(*tps)
