@@ -23,6 +23,11 @@ that a correction supplied). Every (event, account) that is not clean gets exact
   event's user (the event's own account then shows its own difference, usually a missing debit).
 - unreadable_event: a record of the window that cannot be read as a `ModelCallCompleted`; what it
   owes is unknown, so it is reported for a person to look at and never repaired automatically.
+
+Not a difference: not_yet_decided, an event with no ledger entry at all that lies at or beyond the
+credit service's committed offset (group `credits`): the service may simply not have reached it.
+It is listed apart, never counted in the exit code and never repaired (a correction written now
+would double the debit the service is about to write).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Kind(StrEnum):
     DEBIT_WITH_NO_EVENT = "debit_with_no_event"
     DEBIT_ON_WRONG_ACCOUNT = "debit_on_wrong_account"
     UNREADABLE_EVENT = "unreadable_event"
+    NOT_YET_DECIDED = "not_yet_decided"
 
 
 def classify(
@@ -112,7 +118,7 @@ class Difference:
 
     @property
     def repairable(self) -> bool:
-        return self.kind is not Kind.UNREADABLE_EVENT and self.user_id is not None
+        return self.kind not in (Kind.UNREADABLE_EVENT, Kind.NOT_YET_DECIDED) and self.user_id is not None
 
     @property
     def correction_credits(self) -> int:

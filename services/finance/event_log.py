@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 
 class EventLogError(RuntimeError):
@@ -116,3 +117,14 @@ class EventLog:
                 )
             else:
                 await asyncio.sleep(0)
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The offsets `group` has committed on `topic` ({} when it has none), read without joining it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="byok-finance")
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic and om.offset >= 0}

@@ -18,7 +18,7 @@ from schemas.pricing import PriceBook, default_price_book
 from services.finance import ledger
 from services.finance.assessment import Assessor, Tally, Unreadable
 from services.finance.differences import Correction, Difference, Kind, correction_for
-from services.finance.event_log import EventLog
+from services.finance.event_log import EventLog, committed_offsets
 from services.finance.settings import FinanceSettings
 from services.finance.window import Window
 from services.shared.db import migrate, server_settings
@@ -46,6 +46,8 @@ class ReconcileReport:
     topic: str
     tally: Tally
     differences: list[Difference]
+    # Events the credit service has not consumed yet: listed apart, not differences.
+    pending: list[Difference] = field(default_factory=list)
     ledger_entries: int = 0
     duplicate_deliveries: int = 0
     log_records_planned: int = 0
@@ -59,7 +61,7 @@ class ReconcileReport:
 
     def counts(self) -> dict[Kind, tuple[int, int]]:
         """Per kind: (differences, credits the corrections would move)."""
-        out: dict[Kind, tuple[int, int]] = {k: (0, 0) for k in Kind}
+        out: dict[Kind, tuple[int, int]] = {k: (0, 0) for k in Kind if k is not Kind.NOT_YET_DECIDED}
         for d in self.differences:
             n, credits = out[d.kind]
             out[d.kind] = (n + 1, credits + (d.correction_credits if d.repairable else 0))
@@ -197,6 +199,7 @@ async def reconcile(
             else:
                 kept.append(d)
         kept += _unreadable_differences(unreadable, ledger_only)
+        kept, pending = await _set_apart_undecided(settings, kept)
         duplicates = await conn.fetchval(
             f"SELECT count(*) - count(DISTINCT event_id) FROM {ledger.EVENTS_TABLE}"
         )
@@ -204,9 +207,30 @@ async def reconcile(
     finally:
         await conn.close()
     return ReconcileReport(
-        window, settings.model_call_completed_topic, tally, kept, entries, duplicates, planned,
+        window, settings.model_call_completed_topic, tally, kept, pending, entries, duplicates, planned,
         time.perf_counter() - began, {"read_s": loaded - began, "compare_s": compared - loaded},
     )
+
+
+async def _set_apart_undecided(settings: FinanceSettings, diffs: list[Difference]) -> tuple[list, list]:
+    """Split off the missing debits the credit service simply has not reached yet."""
+    candidates = [d for d in diffs if d.kind is Kind.MISSING_DEBIT and d.ledger_entries == 0]
+    if not settings.finance_credits_group or not candidates:
+        return diffs, []
+    committed = await committed_offsets(
+        settings.kafka_bootstrap_servers, settings.finance_credits_group, settings.model_call_completed_topic
+    )
+    if not committed:  # the group never consumed this topic: nothing tells lag from loss
+        return diffs, []
+    kept, pending = [], []
+    ids = {id(d) for d in candidates}
+    for d in diffs:
+        if id(d) in ids and d.offset >= committed.get(d.partition, 0):
+            d.kind = Kind.NOT_YET_DECIDED
+            pending.append(d)
+        else:
+            kept.append(d)
+    return kept, pending
 
 
 async def repair(

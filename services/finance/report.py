@@ -25,6 +25,9 @@ def summary_table(report: ReconcileReport) -> Table:
                   style="bold red" if n else "dim")
     t.add_section()
     t.add_row("total", f"{len(report.differences):,}", "", style="bold")
+    if report.pending:
+        t.add_row("not_yet_decided (not a difference: the credit service has not reached them)",
+                  f"{len(report.pending):,}", "", style="yellow")
     return t
 
 
@@ -108,9 +111,11 @@ def write_report(path: Path, report: ReconcileReport, fmt: str | None = None) ->
         "topic": report.topic,
         "window": {"from": report.window.start, "to": report.window.end, "rule": "[from, to) on occurred_at"},
         "summary": {k.value: n for k, (n, _) in report.counts().items()},
+        "not_yet_decided": len(report.pending),
         "events_in_window": report.tally.in_window,
     }
-    write_rows(path, [d.as_row() for d in report.differences], DIFFERENCE_COLUMNS, fmt, header)
+    rows = [d.as_row() for d in report.differences + report.pending]
+    write_rows(path, rows, DIFFERENCE_COLUMNS, fmt, header)
 
 
 def write_corrections(path: Path, corrections: list[Correction], fmt: str | None = None) -> None:

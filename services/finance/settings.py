@@ -16,5 +16,9 @@ class FinanceSettings(CommonSettings):
     finance_fetch_records: int = 20_000
     # Rows per COPY into the temporary table of the window's events.
     finance_copy_rows: int = 50_000
+    # The credit service's consumer group: an event it has not consumed yet (at or beyond its
+    # committed offset) and with no ledger entry is "not yet decided", not a missing debit.
+    # Empty: no such check (every undecided billable event is a missing debit).
+    finance_credits_group: str = "credits"
     # Give up when the log stops advancing for this long before reaching the range's end.
     finance_stall_timeout_s: float = 60.0

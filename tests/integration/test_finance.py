@@ -433,3 +433,32 @@ async def test_the_cli_reports_repairs_and_replays_with_exit_codes(stack, tmp_pa
 
     code, out = await run_cli(stack, "reconcile", "--from", T2.isoformat(), "--to", T1.isoformat())
     assert code == 2 and "empty" in out, out
+
+
+async def test_events_the_credit_service_has_not_reached_are_not_yet_decided_not_missing(stack):
+    group = "finance-test-credits-" + uuid.uuid4().hex[:6]
+    settings = settings_of(stack, finance_credits_group=group)
+    reached, not_reached = event(user_id="frank"), event(user_id="frank")  # one key: one partition
+    await produce(stack, [reached, not_reached])
+    report = await reconcile(settings, WINDOW)
+    # The group never consumed the topic: nothing tells lag from loss, so both are missing.
+    assert sorted(d.kind for d in report.differences) == [Kind.MISSING_DEBIT] * 2 and report.pending == []
+
+    # The credit service's group has committed past `reached` only.
+    first = next(d for d in report.differences if d.event_id == reached.event_id)
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tp = TopicPartition(settings.model_call_completed_topic, first.partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: first.offset + 1})
+    finally:
+        await consumer.stop()
+
+    report = await reconcile(settings, WINDOW)
+    assert [(d.kind, d.event_id) for d in report.differences] == [(Kind.MISSING_DEBIT, reached.event_id)]
+    assert [(d.kind, d.event_id) for d in report.pending] == [(Kind.NOT_YET_DECIDED, not_reached.event_id)]
+    fix = await repair(settings, WINDOW, apply=True)
+    assert [c.event_id for c in fix.corrections] == [reached.event_id] and fix.written == 1
