@@ -189,3 +189,23 @@ async def test_a_slow_provider_does_not_hold_up_other_checks(worker, requester, 
     assert all(r.status is KeyCheckStatus.VALID for r in fast)
     assert not slow.done()  # the fast ones overtook it
     assert (await slow).status is KeyCheckStatus.VALID
+
+
+async def test_a_graceful_stop_answers_and_commits_what_the_worker_took(kafka_bootstrap, kafka_topics, sim, requester):
+    slow_key = key(Provider.OPENAI, "valid")
+    sim.state.register(slow_key, "slow", delay_ms=1500)
+    settings = worker_settings(kafka_bootstrap, kafka_topics, sim)
+    first = await start_worker(settings)
+    checks = [asyncio.create_task(requester.check(f"g{i}", "openai", slow_key)) for i in range(3)]
+    while sim.state.calls(slow_key) < 3:  # all three are inside the worker
+        await asyncio.sleep(0.05)
+    await first.stop()
+    # Answered by the stopping worker (no other runs yet); unanswered ones would time out as unavailable.
+    assert [r.status for r in await asyncio.gather(*checks)] == [KeyCheckStatus.VALID] * 3
+    # Their offsets were committed: a new worker in the same group does not check them again.
+    second = await start_worker(settings)
+    try:
+        assert (await requester.check("after", "groq", key(Provider.GROQ, "valid"))).status is KeyCheckStatus.VALID
+    finally:
+        await second.stop()
+    assert sim.state.calls(slow_key) == 3
