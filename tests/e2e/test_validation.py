@@ -110,3 +110,22 @@ async def test_no_request_is_left_unanswered_across_a_worker_crash(kafka_bootstr
             second.stop()
     assert [r.status for r in answered] == [KeyCheckStatus.VALID] * 5 + [KeyCheckStatus.REVOKED_OR_EXPIRED] * 5
     assert sim.state.calls(quick_key) >= 1
+
+
+@pytest.mark.slow
+async def test_worker_and_requester_come_back_with_the_broker(private_kafka, sim, tmp_path):
+    worker = start_worker(private_kafka.bootstrap, "", sim, tmp_path / "worker.log")
+    common = CommonSettings(kafka_bootstrap_servers=private_kafka.bootstrap)
+    try:
+        await worker.wait_healthy()
+        async with KeyCheckRequester(common, timeout_s=60) as requester:
+            assert (await requester.check("u", "groq", "gsk_valid000000000000000000001")).status is KeyCheckStatus.VALID
+            private_kafka.stop()
+            away = await requester.check("u", "groq", "gsk_valid000000000000000000002", timeout_s=2)
+            assert away.status is KeyCheckStatus.PROVIDER_UNAVAILABLE and "try again" in away.message
+            private_kafka.start()
+            back = await requester.check("u", "groq", "gsk_revoked0000000000000000003")
+            assert back.status is KeyCheckStatus.REVOKED_OR_EXPIRED
+        assert worker.proc.poll() is None, worker.logs()[-2000:]
+    finally:
+        worker.stop()
