@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
+from uuid import UUID
 
 import asyncpg
 
@@ -119,9 +120,14 @@ async def load_events(
             await ledger.copy_events(conn, rows)
 
     async def put(rows: list[tuple] | None) -> None:
-        if task.done():  # the writer failed: surface its error instead of waiting forever
+        # Wait for room in the queue or for the writer to fail, whichever comes first, so a failed
+        # COPY surfaces as its own error instead of a reader waiting forever on a full queue.
+        putting = asyncio.ensure_future(queue.put(rows))
+        await asyncio.wait({putting, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not putting.done():
+            putting.cancel()
             task.result()
-        await queue.put(rows)
+            raise RuntimeError("the events writer stopped early")
 
     task = asyncio.create_task(writer())
     try:
@@ -151,17 +157,18 @@ async def load_events(
     return tally, unreadable, planned
 
 
-def _unreadable_differences(unreadable: list[Unreadable], ledger_only: dict) -> list[Difference]:
+def _unreadable_differences(unreadable: list[Unreadable], ledger_only: dict[UUID, list[Difference]]) -> list[Difference]:
+    """One difference per unreadable record, carrying the ledger entries held under its id, if any."""
     out = []
     for u in unreadable:
-        held = ledger_only.pop(u.event_id, None) if u.event_id else None
+        held = ledger_only.pop(u.event_id, []) if u.event_id else []
         out.append(Difference(
             kind=Kind.UNREADABLE_EVENT,
             event_id=u.event_id,
-            user_id=held.user_id if held else None,
-            occurred_at=held.occurred_at if held else None,
-            ledger_credits=held.ledger_credits if held else 0,
-            ledger_entries=held.ledger_entries if held else 0,
+            user_id=",".join(sorted({h.user_id for h in held})) or None,
+            occurred_at=min((h.occurred_at for h in held if h.occurred_at), default=None),
+            ledger_credits=sum(h.ledger_credits for h in held),
+            ledger_entries=sum(h.ledger_entries for h in held),
             partition=u.partition,
             offset=u.offset,
             detail=f"kafka timestamp {u.timestamp_ms}: {u.error}",
@@ -195,7 +202,7 @@ async def reconcile(
         kept = []
         for d in diffs:
             if d.expected_decision is None and d.event_id in unreadable_ids:
-                ledger_only[d.event_id] = d
+                ledger_only.setdefault(d.event_id, []).append(d)
             else:
                 kept.append(d)
         kept += _unreadable_differences(unreadable, ledger_only)

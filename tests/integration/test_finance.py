@@ -462,3 +462,26 @@ async def test_events_the_credit_service_has_not_reached_are_not_yet_decided_not
     assert [(d.kind, d.event_id) for d in report.pending] == [(Kind.NOT_YET_DECIDED, not_reached.event_id)]
     fix = await repair(settings, WINDOW, apply=True)
     assert [c.event_id for c in fix.corrections] == [reached.event_id] and fix.written == 1
+
+
+async def test_bad_input_in_the_log_is_reported_never_a_crash(stack):
+    good = event()
+    conn = await stack.connect()
+    await record_correctly(conn, [good])
+    await conn.close()
+    at = T1 + timedelta(hours=1)
+    bad = [
+        Raw(b"", at), Raw(b"\xff\xfe not utf-8", at), Raw(b"[1, 2, 3]", at), Raw(b"null", at),
+        Raw(b'{"event_id": "' + b"x" * 70_000 + b'"}', at),  # larger than any consumer here accepts
+        Raw(good.to_json().replace(b'"input_tokens":10', b'"input_tokens":-10'), at),
+        Raw(good.to_json().replace(b'"openai"', b'"not-a-provider"'), at),
+        Raw(event(user_id="nul\x00user").to_json(), at),  # the schema lets it through; PostgreSQL would not
+    ]
+    await produce(stack, [good] + bad)
+
+    report = await reconcile(settings_of(stack), WINDOW)
+
+    assert [d.kind for d in report.differences] == [Kind.UNREADABLE_EVENT] * len(bad)
+    assert report.tally.in_window == 1 and report.tally.unreadable == len(bad)
+    # Two of them name the good event's id: its debit is still matched to the good delivery.
+    assert all(d.ledger_credits == 0 for d in report.differences)

@@ -167,12 +167,16 @@ def test_unreadable_records_are_findings_not_crashes():
         record(half, offset=5),
         record(json.dumps({"event_id": "nope"}).encode(), offset=6),
         record(event().to_json(), offset=7),
+        record(event(user_id="a\x00b").to_json(), offset=8),  # valid by the schema, not for PostgreSQL
+        record(event().to_json().replace(b'"input_tokens":1', b'"input_tokens":-1'), offset=9),
+        record(event().to_json().replace(b'"input_tokens":1', b'"input_tokens":"1"'), offset=10),
     ]
     rows, bad, tally = Assessor(default_price_book(), Window(T1, T2)).assess(records)
-    assert len(rows) == 1 and [b.offset for b in bad] == [1, 2, 3, 4, 5, 6]
+    assert len(rows) == 1 and [b.offset for b in bad] == [1, 2, 3, 4, 5, 6, 8, 9, 10]
+    assert "NUL" in bad[6].error
     assert bad[4].event_id == eid and bad[0].event_id is None and bad[5].event_id is None
     assert "exceeds" in bad[3].error and "json" in bad[0].error.lower()
-    assert tally.unreadable == 6
+    assert tally.unreadable == 9
 
 
 def test_assessor_keeps_only_the_window():
