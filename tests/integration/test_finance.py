@@ -485,3 +485,16 @@ async def test_bad_input_in_the_log_is_reported_never_a_crash(stack):
     assert report.tally.in_window == 1 and report.tally.unreadable == len(bad)
     # Two of them name the good event's id: its debit is still matched to the good delivery.
     assert all(d.ledger_credits == 0 for d in report.differences)
+
+
+async def test_a_window_without_events_reads_nothing_and_is_clean(stack):
+    await produce(stack, [event()])
+    report = await reconcile(settings_of(stack), Window(T1 - timedelta(days=30), T1 - timedelta(days=29)))
+    assert report.clean and report.tally.records == 0 and report.log_records_planned == 0
+    # ... but a debit recorded in that period with no event is still found
+    conn = await stack.connect()
+    ghost = uuid.uuid4()
+    await entry(conn, event_id=ghost, occurred_at=T1 - timedelta(days=29, hours=12))
+    await conn.close()
+    report = await reconcile(settings_of(stack), Window(T1 - timedelta(days=30), T1 - timedelta(days=29)))
+    assert [(d.kind, d.event_id) for d in report.differences] == [(Kind.DEBIT_WITH_NO_EVENT, ghost)]
