@@ -55,7 +55,9 @@ class ChatSettings(CommonSettings, HttpSettings):
     def platform_keys(self) -> dict[Provider, str | None]:
         return {p: getattr(self, f"{p.value}_api_key") for p in Provider}
 
+    outbox_stale_margin_s: float = 30.0
+
     @property
     def outbox_stale_after_s(self) -> float:
         """A call still in flight after this long died with its process: its event is published as failed."""
-        return self.provider_timeout_s + 30.0
+        return self.provider_timeout_s + self.outbox_stale_margin_s

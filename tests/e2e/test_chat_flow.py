@@ -24,7 +24,7 @@ SECRET = "e2e-chat-secret-0123456789abcdef"
 class ChatSystem:
     chat: ServiceProcess
     credits: ServiceProcess
-    validation: ServiceProcess
+    validation: ServiceProcess | None
     sim: SimulatorServer
     log_dir: Path
 
@@ -54,7 +54,7 @@ class ChatSystem:
 
 
 def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: str, log_dir: Path,
-                 **chat_env: str) -> Iterator[ChatSystem]:
+                 with_validation: bool = True, **chat_env: str) -> Iterator[ChatSystem]:
     sim = SimulatorServer().start()
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": database_url, "DATABASE_SCHEMA": schema,
            "TOPIC_PREFIX": prefix, "AUTH_JWT_SECRET": SECRET, **sim.env()}
@@ -62,8 +62,10 @@ def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: s
     try:
         credits = ServiceProcess("credits", "services.credits", env, log_dir).start()
         started.append(credits)
-        validation = ServiceProcess("validation", "services.validation", env, log_dir).start()
-        started.append(validation)
+        validation = None
+        if with_validation:
+            validation = ServiceProcess("validation", "services.validation", env, log_dir).start()
+            started.append(validation)
         chat = ServiceProcess("chat", "services.chat", {
             **env, "CREDITS_URL": credits.url, "CHAT_DEV_LOGIN": "true", "COOKIE_SECURE": "false", **chat_env,
         }, log_dir).start()

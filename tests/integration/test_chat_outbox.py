@@ -1,0 +1,123 @@
+"""Events are never lost: calls made while Kafka is down, or by a process killed mid-call, still
+reach `model_call_completed`, each exactly once. A broker of the test's own is stopped and started."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas.events import ModelCallCompleted
+from schemas.topics import MODEL_CALL_COMPLETED
+from services.chat.harness import ServiceProcess
+from tests.e2e.test_chat_flow import start_system, use_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def read_all(bootstrap: str, topic: str) -> list[ModelCallCompleted]:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        events = []
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end[tp] for tp in partitions])
+
+        while await behind():
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                events += [ModelCallCompleted.from_json(r.value) for r in records]
+        return events
+    finally:
+        await consumer.stop()
+
+
+def outbox_rows(url: str, schema: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+        try:
+            return await conn.fetchval("SELECT count(*) FROM chat_outbox")
+        finally:
+            await conn.close()
+    return asyncio.run(count())
+
+
+def test_calls_made_while_kafka_is_down_reach_it_once_when_it_is_back(private_kafka, database_url, db_schema, tmp_path: Path):
+    for system in start_system(private_kafka.bootstrap, database_url, db_schema, "", tmp_path / "logs",
+                               with_validation=False):
+        system.grant("u1", "standard")  # 500
+        client = system.client("u1")
+        assert use_settings(client, "openai", "gpt-4o-mini").status_code == 200  # 3 credits a chat
+
+        private_kafka.stop()
+        ids = []
+        for feature in ["chat"] * 5 + ["code_fix"]:
+            r = client.post("/chat", json={"feature": feature, "message": "while Kafka is down"})
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["event_id"])
+        assert outbox_rows(database_url, db_schema) == 6  # held in PostgreSQL, not lost
+        assert system.balance("u1") == 500  # nothing could be debited yet
+
+        private_kafka.start()
+        assert system.wait_balance("u1", 500 - 5 * 3 - 1, within_s=120) == 484
+        events = asyncio.run(read_all(private_kafka.bootstrap, MODEL_CALL_COMPLETED))
+        seen = Counter(str(e.event_id) for e in events)
+        assert {i: seen[i] for i in ids} == {i: 1 for i in ids}
+        assert sum(seen.values()) == 6
+        assert all(e.user_id == "u1" and e.key_source.value == "platform" for e in events)
+        assert outbox_rows(database_url, db_schema) == 0
+
+
+def test_a_call_whose_process_dies_mid_call_is_published_as_failed_and_not_billed(private_kafka, database_url, db_schema, tmp_path: Path):
+    fast_stale = {"PROVIDER_TIMEOUT_S": "3", "OUTBOX_STALE_MARGIN_S": "1"}
+    for system in start_system(private_kafka.bootstrap, database_url, db_schema, "", tmp_path / "logs",
+                               with_validation=False, **fast_stale):
+        system.grant("u2", "standard")
+        client = system.client("u2")
+        assert use_settings(client, "anthropic", "claude-3-5-haiku").status_code == 200
+        system.sim.state.register("sk-ant-local-simulator-valid-platform-0001", "slow", delay_ms=2500)
+        import threading
+        answered = []
+        caller = threading.Thread(target=lambda: answered.append(
+            _post_ignoring_errors(client, "/chat", {"message": "slow one"})))
+        caller.start()
+        deadline = time.monotonic() + 10
+        while outbox_rows(database_url, db_schema) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outbox_rows(database_url, db_schema) == 1  # the call is recorded before the provider answers
+        system.chat.kill()
+        caller.join()
+        assert answered == [None]  # the client never got an answer
+
+        system.sim.state.register("sk-ant-local-simulator-valid-platform-0001", "valid")
+        restarted = ServiceProcess("chat2", "services.chat", {k: v for k, v in system.chat.env.items()
+                                                               if k != "HTTP_PORT"}, tmp_path / "logs").start()
+        try:
+            deadline = time.monotonic() + 60
+            while outbox_rows(database_url, db_schema) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            events = asyncio.run(read_all(private_kafka.bootstrap, MODEL_CALL_COMPLETED))
+            assert [(e.user_id, e.status.value, e.model) for e in events] == [("u2", "failed", "claude-3-5-haiku")]
+            assert system.wait_balance("u2", 500) == 500
+        finally:
+            restarted.stop()
+
+
+def _post_ignoring_errors(client, path, body):
+    try:
+        return client.post(path, json=body).status_code
+    except Exception:
+        return None
