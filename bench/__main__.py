@@ -53,7 +53,7 @@ async def main() -> int:
             raise
         print(f"running bench/{name}.py ...", file=sys.stderr)
         figures += await module.run(env)
-    Console().print(table(figures))
+    Console(width=200).print(table(figures))
     if args.json:
         args.json.write_text(json.dumps([f.__dict__ | {"ratio": f.ratio} for f in figures], indent=2))
     return 0

@@ -35,6 +35,9 @@ class PriceList(BaseModel):
     tiers: dict[str, Tier]
     plans: dict[str, int]
 
+    def __hash__(self) -> int:  # a version is immutable once published
+        return hash((self.version, self.effective_from))
+
     def model_price(self, model: str) -> int | None:
         """Credits for one successful call of `model`, or None when the model is unpriced."""
         return self._model_prices().get(model)

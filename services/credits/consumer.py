@@ -1,25 +1,25 @@
 """FastStream wiring: `model_call_completed` batches into the CreditService.
 
-Offsets are committed only after the ledger transaction has committed. A batch the ledger cannot
-take (PostgreSQL away) is retried, never skipped; a rebalance in between only causes a redelivery,
-which the ledger ignores.
+Offsets are committed only after the ledger transaction has committed (see CommitPipeline); a
+rebalance in between only causes a redelivery, which the ledger ignores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from dataclasses import dataclass
 import logging
 from typing import Any
 
-from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.structs import ConsumerRecord
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
 from services.credits import metrics
-from services.credits.service import CreditService
+from services.credits.service import CreditService, Prepared
 from services.credits.settings import CreditSettings
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,68 @@ async def raw_decoder(message, original) -> None:
     return None
 
 
-def build_broker(settings: CreditSettings, service: CreditService):
-    """The broker and its one subscriber (whose `.consumer` the lag gauge reads)."""
+class CommitPipeline:
+    """Overlaps the CPU work of batch N+1 with the ledger transaction of batch N.
+
+    Batches are committed one at a time, in order; the offsets of a batch are committed to Kafka
+    only once its ledger transaction has committed. A batch the ledger cannot take (PostgreSQL away)
+    is retried, never skipped, and the next batch waits for it.
+    """
+
+    def __init__(self, service: CreditService):
+        self.service = service
+        self._in_flight: asyncio.Task | None = None
+
+    async def submit(self, records: list[ConsumerRecord], consumer) -> None:
+        prepared = self.service.prepare(records)
+        await self.drain()
+        offsets: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        self._in_flight = asyncio.create_task(self._commit(prepared, offsets, consumer))
+
+    async def drain(self) -> None:
+        if self._in_flight is not None:
+            task, self._in_flight = self._in_flight, None
+            await task
+
+    async def _commit(self, prepared: Prepared, offsets: dict[TopicPartition, int], consumer) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.service.commit(prepared)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the batch stays ours until the ledger has it
+                metrics.LEDGER_RETRIES.inc()
+                log.warning("ledger write failed (%s: %s); retrying the batch in %.1f s",
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError, IllegalStateError) as exc:
+            # Decisions are committed; the records will be redelivered and found already decided.
+            log.warning("offset commit failed after the ledger commit (%s); redelivery is harmless", exc)
+
+
+@dataclass
+class CreditConsumer:
+    broker: KafkaBroker
+    subscriber: Any  # its `.consumer` is the AIOKafkaConsumer (for the lag gauge)
+    pipeline: CommitPipeline
+
+    async def start(self) -> None:
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+        await self.pipeline.drain()  # the ledger write in flight completes; its records are redelivered
+
+
+def build_consumer(settings: CreditSettings, service: CreditService) -> CreditConsumer:
     broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="credits", logger=log)
 
     subscriber = broker.subscriber(
@@ -68,29 +128,13 @@ def build_broker(settings: CreditSettings, service: CreditService):
         description="Applies the credit policy to every model call and keeps the ledger.",
     )
 
+    pipeline = CommitPipeline(service)
+
     @subscriber
     async def on_model_calls(body: Any, msg: KafkaMessage) -> None:
-        records = list(msg.raw_message)
-        delay = 0.1
-        while True:
-            try:
-                await service.process(records)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the batch stays ours until the ledger has it
-                metrics.LEDGER_RETRIES.inc()
-                log.warning("ledger write failed (%s: %s); retrying the batch in %.1f s",
-                            type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        try:
-            await msg.ack()
-        except (CommitFailedError, KafkaError) as exc:
-            # Decisions are committed; the records will be redelivered and found already decided.
-            log.warning("offset commit failed after the ledger commit (%s); redelivery is harmless", exc)
+        await pipeline.submit(list(msg.raw_message), msg.consumer)
 
-    return broker, subscriber
+    return CreditConsumer(broker, subscriber, pipeline)
 
 
 async def consumer_lag(subscriber) -> int | None:

@@ -30,7 +30,7 @@ def _validation_summary(exc: ValidationError) -> str:
 
 
 def read_batch(records: list[ConsumerRecord]) -> tuple[list[Received], list[DeadLetter]]:
-    """Validate every record; one bad record never spoils the others."""
+    """Validate every record on its own; one bad record never spoils the others."""
     good: list[Received] = []
     bad: list[DeadLetter] = []
     for record in records:

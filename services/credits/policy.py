@@ -7,6 +7,7 @@ decide with the very same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from schemas.events import CallStatus, Decision, Feature, KeySource, ModelCallCompleted
 from schemas.pricing import PriceBook, PriceList
@@ -57,12 +58,18 @@ def price_of(feature: Feature, model: str, prices: PriceList) -> int:
 
 def decide(event: ModelCallCompleted, book: PriceBook) -> Charge:
     """What `event` owes under the price list in force when it occurred."""
-    prices = book.in_force(event.occurred_at)
-    if event.status is CallStatus.FAILED:
+    return _charge(book.in_force(event.occurred_at), event.status, event.feature, event.key_source, event.model)
+
+
+# A charge depends only on these five values, and there are few distinct combinations: caching them
+# takes the policy off the hot path of a batch of thousands of events.
+@lru_cache(maxsize=4096)
+def _charge(prices: PriceList, status: CallStatus, feature: Feature, key_source: KeySource, model: str) -> Charge:
+    if status is CallStatus.FAILED:
         return Charge(Decision.NOT_BILLED_FAILED, 0, prices.version)
-    if not is_billable(event.feature, event.key_source):
+    if not is_billable(feature, key_source):
         return Charge(Decision.NOT_BILLED_BYOK, 0, prices.version)
     try:
-        return Charge(Decision.DEBITED, price_of(event.feature, event.model, prices), prices.version)
+        return Charge(Decision.DEBITED, price_of(feature, model, prices), prices.version)
     except UnpricedModel as exc:
         return Charge(Decision.REJECTED, 0, prices.version, reason=str(exc))

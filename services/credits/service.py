@@ -1,10 +1,16 @@
-"""The credit service's use case: a batch of records in, decisions committed to the ledger."""
+"""The credit service's use case: a batch of records in, decisions committed to the ledger.
+
+Split in two steps so the consumer can overlap them: `prepare` (validation and policy, CPU only) of
+one batch runs while the ledger transaction of the previous batch is in flight; `commit` runs one
+batch at a time, in order.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
@@ -13,14 +19,23 @@ from services.credits import metrics
 from services.credits.intake import read_batch
 from services.credits.ledger import Decided, Ledger, Recorded
 from services.credits.policy import decide
+from services.shared.kafka import DeadLetter
+
+
+@dataclass(frozen=True)
+class Prepared:
+    records: int
+    decided: list[Decided]
+    letters: list[DeadLetter]
+    started: float
 
 
 class CreditService:
     def __init__(self, ledger: Ledger, book: PriceBook, on_committed: Callable[[], None] = lambda: None):
         self.ledger, self.book, self.on_committed = ledger, book, on_committed
 
-    async def process(self, records: list[ConsumerRecord]) -> Recorded:
-        """Decide every record of the batch and commit the result in one ledger transaction."""
+    def prepare(self, records: list[ConsumerRecord]) -> Prepared:
+        """Validate every record and decide every event (no I/O)."""
         started = time.perf_counter()
         good, bad = read_batch(records)
         decided = [
@@ -28,17 +43,24 @@ class CreditService:
                     r.record.partition, r.record.offset)
             for r in good
         ]
-        result = await self.ledger.record(decided, bad)
+        return Prepared(len(records), decided, bad, started)
+
+    async def commit(self, batch: Prepared) -> Recorded:
+        """Write the batch's decisions and dead letters in one ledger transaction."""
+        result = await self.ledger.record(batch.decided, batch.letters)
         self.on_committed()
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        metrics.EVENTS_CONSUMED.inc(len(records))
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
+        metrics.EVENTS_CONSUMED.inc(batch.records)
         metrics.DUPLICATES.inc(result.duplicates)
         metrics.DEBITS.inc(result.debited)
         metrics.CREDITS_DEBITED.inc(result.credits)
-        for decision, n in Tally(d.charge.decision.value for d in decided).items():
+        for decision, n in Tally(d.charge.decision.value for d in batch.decided).items():
             metrics.DECISIONS.labels(decision).inc(n)
-        for reason, n in Tally(letter.error_type for letter in bad).items():
+        for reason, n in Tally(letter.error_type for letter in batch.letters).items():
             metrics.DLQ.labels(reason).inc(n)
         if result.rejected:
             metrics.DLQ.labels("unpriced_model").inc(result.rejected)
         return result
+
+    async def process(self, records: list[ConsumerRecord]) -> Recorded:
+        return await self.commit(self.prepare(records))
