@@ -77,6 +77,9 @@ async def serve(settings: ValidationSettings) -> None:
 def main() -> None:
     settings = ValidationSettings()
     setup_logging(settings.log_level, "validation")
+    if settings.log_level.upper() != "DEBUG":
+        # One INFO line per provider call is noise here; the handler logs each answered check.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(serve(settings))
 
 

@@ -346,3 +346,19 @@ async def test_a_failing_check_is_dead_lettered_not_raised(handler_parts):
     outcome = await handler.handle(record(request_bytes(sealer, "sk-" + "f" * 30)))
     assert outcome.dead_letter.error_type == "internal_error"
     assert KeyCheckResult.from_json(outcome.reply.value).status is KeyCheckStatus.PROVIDER_UNAVAILABLE
+
+
+def test_commit_point_is_the_oldest_unanswered_offset():
+    from services.validation.worker import PartitionProgress
+
+    progress = PartitionProgress()
+    assert progress.commit_point() is None
+    for offset in (10, 11, 12):
+        progress.take(offset)
+    progress.done(11)
+    progress.done(12)
+    assert progress.commit_point() == 10  # 10 is still being checked: a crash must re-answer it
+    progress.done(10)
+    assert progress.commit_point() == 13
+    progress.committed = 13
+    assert progress.commit_point() is None  # nothing new to commit
