@@ -71,3 +71,6 @@ class ValidationSettings(CommonSettings, ProviderSettings):
     # A request older than this is answered "try again" without calling the provider: its requester
     # gave up long ago, and a backlog after an outage must not become a burst on the providers.
     max_request_age_s: float = 120.0
+    # Attempts to send one reply before the request is dead-lettered instead (each waits up to the
+    # producer's 10 s request timeout); while the DLQ cannot be written either, it keeps trying.
+    reply_attempts: int = Field(default=3, ge=1)

@@ -15,7 +15,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared.kafka import make_producer, send_dead_letters
+from services.shared.kafka import DeadLetter, make_producer, send_dead_letters
 from services.validation import metrics
 from services.validation.handler import Outcome, RequestHandler
 from services.validation.settings import ValidationSettings
@@ -134,7 +134,7 @@ class ValidationWorker:
     async def _answer(self, tp: TopicPartition, record) -> None:
         with metrics.HANDLE_SECONDS.time():
             outcome = await self.handler.handle(record)
-            delay = 0.2
+            delay, attempts = 0.2, 0
             while True:
                 try:
                     await self._send(outcome)
@@ -142,10 +142,20 @@ class ValidationWorker:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # not answered, so not committed: keep trying
+                    attempts += 1
                     if self._stopping:
                         log.warning("reply to %s[%d]@%d not sent before stopping; it will be redelivered",
                                     tp.topic, tp.partition, record.offset)
                         return
+                    if outcome.reply is not None and attempts >= self.settings.reply_attempts:
+                        # The reply topic itself may be the problem (e.g. a reply_to that does not exist):
+                        # park the request in the DLQ rather than hold its partition forever.
+                        metrics.DEAD_LETTERS.labels("reply_failed").inc()
+                        outcome = Outcome(dead_letter=DeadLetter(
+                            record.topic, record.partition, record.offset, record.key, record.value,
+                            f"the reply to {outcome.reply.topic[:200]!r} could not be sent: {type(exc).__name__}",
+                            "reply_failed"))
+                        continue
                     log.warning("sending the answer to %s[%d]@%d failed (%s); retrying", tp.topic, tp.partition,
                                 record.offset, type(exc).__name__)
                     await asyncio.sleep(delay)

@@ -362,3 +362,37 @@ def test_commit_point_is_the_oldest_unanswered_offset():
     assert progress.commit_point() == 13
     progress.committed = 13
     assert progress.commit_point() is None  # nothing new to commit
+
+
+class FakeProducer:
+    """Accepts sends except to `broken_topics`, whose sends fail like a missing topic."""
+
+    def __init__(self, broken_topics=()):
+        self.broken, self.sent = set(broken_topics), []
+
+    async def send(self, topic, value=None, key=None, headers=None):
+        if topic in self.broken:
+            raise RuntimeError("unknown topic")
+        self.sent.append((topic, value, dict(headers or [])))
+        done = __import__("asyncio").get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_a_reply_that_cannot_be_sent_is_dead_lettered_and_the_offset_released(handler_parts):
+    from aiokafka import TopicPartition
+
+    from services.validation.worker import PartitionProgress, ValidationWorker
+
+    handler, sealer, _ = handler_parts
+    worker = ValidationWorker(ValidationSettings(reply_attempts=2), handler)
+    worker.producer = FakeProducer(broken_topics={REPLIES + ".gone"})
+    tp = TopicPartition("p.key_check_requests", 1)
+    worker._progress[tp] = progress = PartitionProgress()
+    progress.take(7)
+    value = request_bytes(sealer, "sk-" + "g" * 30)
+    await worker._answer(tp, record(value, headers=[("reply_to", (REPLIES + ".gone").encode())]))
+    [(topic, sent_value, headers)] = worker.producer.sent
+    assert topic == "p.key_check_requests.dlq" and sent_value == value
+    assert headers["dlq.error_type"] == b"reply_failed"
+    assert progress.commit_point() == 8
