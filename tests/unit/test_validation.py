@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -13,7 +14,7 @@ import pytest
 
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
-from services.shared.providers import KeyVerdict, ProviderSettings
+from services.shared.providers import KeyVerdict
 from services.validation.checks import KeyChecker
 from services.validation.guards import UserRateLimit, VerdictCache
 from services.validation.handler import RequestHandler
@@ -374,7 +375,7 @@ class FakeProducer:
         if topic in self.broken:
             raise RuntimeError("unknown topic")
         self.sent.append((topic, value, dict(headers or [])))
-        done = __import__("asyncio").get_running_loop().create_future()
+        done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
 
