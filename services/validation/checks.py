@@ -13,7 +13,8 @@ def make_http_client(timeout_s: float, connect_timeout_s: float, max_connections
     """The provider client: short timeouts and no retries (httpx retries nothing by default)."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
+        # Keep every connection alive: a burst of checks should not pay for new TCP connections.
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         follow_redirects=False,
     )
 
