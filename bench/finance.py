@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench import BenchEnv, Figure
 from infra.topics import ensure_topics, wait_for_broker
+from migrations import MigrationError
 from schemas.events import ModelCallCompleted
 from schemas.pricing import default_price_book
 from schemas.topics import FOREVER, MODEL_CALL_COMPLETED, TopicSpec
@@ -120,14 +121,18 @@ async def ensure_topic(env: BenchEnv, prefix: str, n: int) -> str:
 
 async def ensure_ledger(env: BenchEnv, schema: str, n: int) -> None:
     """The ledger the credit service would have written, with the planted differences."""
-    await migrate(env.database_url, schema)
-    conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})
     try:
-        await conn.execute("CREATE TABLE IF NOT EXISTS bench_meta (version text, events int)")
-        if await conn.fetchval("SELECT count(*) FROM bench_meta WHERE version = $1 AND events = $2", VERSION, n):
-            return
-    finally:
-        await conn.close()
+        await migrate(env.database_url, schema)
+    except MigrationError:  # a cached schema from before a migration changed: rebuild it
+        pass
+    else:
+        conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})
+        try:
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_meta (version text, events int)")
+            if await conn.fetchval("SELECT count(*) FROM bench_meta WHERE version = $1 AND events = $2", VERSION, n):
+                return
+        finally:
+            await conn.close()
     admin = await asyncpg.connect(env.database_url)
     await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
     await admin.close()
@@ -194,11 +199,12 @@ async def run(env: BenchEnv) -> list[Figure]:
     window = Window(BASE_TIME, BASE_TIME + timedelta(milliseconds=n))
     report = await reconcile(settings, window)
 
+    print(f"  finance: raw {raw_count:,} records in {raw_s:.1f} s; reconcile {report.elapsed_s:.1f} s "
+          f"(phases {', '.join(f'{k} {v:.1f}' for k, v in report.phases.items())}), {report.tally}", flush=True)
     counts = {k: c for k, (c, _) in report.counts().items()}
-    expected = {k: PLANTED for k in Kind} | {Kind.DEBIT_ON_WRONG_ACCOUNT: 0}
-    if counts != expected or report.tally.in_window != n:
+    expected = {k: 0 if k is Kind.DEBIT_ON_WRONG_ACCOUNT else PLANTED for k in counts}
+    if counts != expected or report.pending or report.tally.in_window != n:
         raise AssertionError(f"the benchmark's reconciliation is wrong: {counts}, {report.tally}")
-    print(f"  finance: reconcile phases {report.phases}, {report.tally}", flush=True)
     rate, raw_rate = report.tally.records / report.elapsed_s, raw_count / raw_s
     label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
     return [

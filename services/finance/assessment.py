@@ -17,14 +17,29 @@ from pydantic import ValidationError
 from schemas.events import ModelCallCompleted
 from schemas.pricing import PriceBook
 from services.credits.policy import Charge, decide
+from schemas.events import Decision
 from services.finance.window import Window
 from services.shared.kafka import MAX_EVENT_BYTES
 
-# Columns of one assessed event, in the order of `Assessor.assess` rows (the COPY layout).
-EVENT_COLUMNS = (
-    "event_id", "user_id", "occurred_at", "decision", "credits", "price_list_version", "reason",
-    "provider", "model", "feature", "key_source", "status", "part", "off",
-)
+# Columns of one assessed event, in the order of `Assessor.assess` rows (the COPY layout). What
+# the event owes and its descriptive fields are a `Shape`, stored once and referred to by number:
+# a window of millions of events has a few hundred shapes, and a narrow row is a cheap COPY.
+EVENT_COLUMNS = ("event_id", "user_id", "occurred_at", "shape", "credits", "part", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What an event of this shape owes (by `decide`) and the fields that make it so."""
+
+    decision: str
+    credits: int
+    price_list_version: str | None
+    reason: str | None
+    provider: str
+    model: str
+    feature: str
+    key_source: str
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +57,15 @@ class Unreadable:
 @dataclass
 class Tally:
     records: int = 0
-    in_window: int = 0
+    in_window: int = 0  # events of the window, redeliveries included
+    duplicates: int = 0  # redeliveries of an event already read (the first delivery counts)
     outside_window: int = 0
     unreadable: int = 0
 
     def add(self, other: Tally) -> None:
         self.records += other.records
         self.in_window += other.in_window
+        self.duplicates += other.duplicates
         self.outside_window += other.outside_window
         self.unreadable += other.unreadable
 
@@ -68,18 +85,20 @@ def _summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class Charges:
-    """What events owe, by `decide`, computed once per distinct (price list in force, status,
-    feature, key source, model).
+class Shapes:
+    """What events owe, by `decide`, computed once per distinct shape: (price list in force, status,
+    feature, key source, model, provider).
 
-    `decide` is a pure function of exactly those (services/credits/policy.py; a unit test holds it
-    to that), and a window of millions of events has only a few hundred distinct combinations, so
-    the policy runs a few hundred times instead of millions: the same answers, far cheaper.
+    `decide` is a pure function of the price list in force, status, feature, key source and model
+    (services/credits/policy.py; a unit test holds it to that), and a window of millions of events
+    has only a few hundred shapes, so the policy runs a few hundred times instead of millions: the
+    same answers, far cheaper.
     """
 
     def __init__(self, book: PriceBook, window: Window | None = None):
         self.book = book
-        self._memo: dict[tuple, Charge] = {}
+        self.shapes: list[Shape] = []
+        self._ids: dict[tuple, int] = {}
         # When no price list takes effect inside the window, one list is in force for all of it.
         starts = [p.effective_from for p in book.lists]
         if window is not None and not any(window.start < s < window.end for s in starts):
@@ -87,27 +106,45 @@ class Charges:
         else:
             self._fixed = book.lists[0] if len(book.lists) == 1 else None
 
-    def of(self, event: ModelCallCompleted) -> Charge:
+    def of(self, event: ModelCallCompleted) -> int:
+        """The number of `event`'s shape (see `shapes`)."""
         prices = self._fixed or self.book.in_force(event.occurred_at)
-        key = (prices.version, event.status, event.feature, event.key_source, event.model)
-        charge = self._memo.get(key)
-        if charge is None:
-            charge = self._memo[key] = decide(event, self.book)
-        return charge
+        key = (prices.version, event.status, event.feature, event.key_source, event.model, event.provider)
+        shape = self._ids.get(key)
+        if shape is None:
+            c = decide(event, self.book)
+            self.shapes.append(Shape(
+                c.decision.value, c.credits, c.price_list_version, c.reason, event.provider.value,
+                event.model, event.feature.value, event.key_source.value, event.status.value,
+            ))
+            shape = self._ids[key] = len(self.shapes) - 1
+        return shape
+
+    def charge(self, shape: int) -> Charge:
+        s = self.shapes[shape]
+        return Charge(Decision(s.decision), s.credits, s.price_list_version, s.reason)
 
 
 class Assessor:
-    """Reads records and applies the policy; `window=None` keeps every event (replay)."""
+    """Reads records and applies the policy; `window=None` keeps every event (replay).
+
+    Redeliveries are dropped here, keeping the first delivery read (for one event id, that is the
+    lowest offset, as the emitter keys an event's redeliveries alike), so the events table holds
+    each event once. The ids are kept as ints: about 80 bytes per event of the window.
+    """
 
     def __init__(self, book: PriceBook, window: Window | None = None):
         self.book, self.window = book, window
-        self.charges = Charges(book, window)
+        self.shapes = Shapes(book, window)
+        self.seen: set[int] = set()
 
+    def has_event(self, event_id: UUID) -> bool:
+        return event_id.int in self.seen
     def assess(self, records) -> tuple[list[tuple], list[Unreadable], Tally]:
         rows: list[tuple] = []
         unreadable: list[Unreadable] = []
         tally = Tally(records=len(records))
-        window, charge_of = self.window, self.charges.of
+        window, shape_of, seen, shapes = self.window, self.shapes.of, self.seen, self.shapes.shapes
         for r in records:
             value = r.value
             error = None
@@ -135,13 +172,13 @@ class Assessor:
             if window is not None and not window.contains(event.occurred_at):
                 tally.outside_window += 1
                 continue
-            charge = charge_of(event)
-            # The enums are StrEnums, so they go to the text columns as they are (no `.value`: that
-            # property lookup was a visible share of the time per event).
-            rows.append((
-                event.event_id, event.user_id, event.occurred_at, charge.decision, charge.credits,
-                charge.price_list_version, charge.reason, event.provider, event.model,
-                event.feature, event.key_source, event.status, r.partition, r.offset,
-            ))
-        tally.in_window = len(rows)
+            tally.in_window += 1
+            key = event.event_id.int
+            if key in seen:
+                tally.duplicates += 1
+                continue
+            seen.add(key)
+            shape = shape_of(event)
+            rows.append((event.event_id, event.user_id, event.occurred_at, shape, shapes[shape].credits,
+                         r.partition, r.offset))
         return rows, unreadable, tally

@@ -11,57 +11,63 @@ import re
 from dataclasses import dataclass
 import asyncpg
 
-from services.finance.assessment import EVENT_COLUMNS
+from services.finance.assessment import EVENT_COLUMNS, Shape
 from services.finance.differences import Correction, Difference, Kind, classify
 from services.finance.window import Window
 
 EVENTS_TABLE = "finance_events"
+SHAPES_TABLE = "finance_shapes"
+
+# Connection settings for finance's sessions: the window's events stay in memory (temp_buffers),
+# the joins hash in memory (work_mem), and JIT compilation, which costs more than it saves on
+# these few large statements, is off.
+SESSION_SETTINGS = {"temp_buffers": "1GB", "work_mem": "256MB", "jit": "off"}
 
 _CREATE_EVENTS = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {EVENTS_TABLE} (
     event_id uuid NOT NULL, user_id text NOT NULL, occurred_at timestamptz NOT NULL,
-    decision text NOT NULL, credits bigint NOT NULL, price_list_version text, reason text,
-    provider text, model text, feature text, key_source text, status text,
-    part int NOT NULL, "off" bigint NOT NULL
+    shape int NOT NULL, credits bigint NOT NULL, part int NOT NULL, "off" bigint NOT NULL
 )"""
 
-# One row per (event, account) that is not clean. `ev` keeps the first delivery of each event id
-# (log order), as the credit service does; `led` is every ledger entry of those events or of the
-# window, netted per (event, account); `known` tells an entry on the wrong account from one with no
-# event at all.
+# One row per (event, account) that is not clean. The events table holds each event of the window
+# once; `led` nets every ledger entry of those events, or of the window, per (event, account). The
+# two branches are disjoint (an entry's event is in the table or it is not), so no de-duplication.
 _COMPARE = f"""
-WITH ev AS MATERIALIZED (
-    SELECT DISTINCT ON (event_id) * FROM {EVENTS_TABLE} ORDER BY event_id, part, "off"
-), ids AS (
-    SELECT l.entry_id FROM ledger_entries l WHERE l.event_id IN (SELECT event_id FROM ev)
-    UNION
-    SELECT l.entry_id FROM ledger_entries l WHERE l.occurred_at >= $1 AND l.occurred_at < $2
-), led AS (
+WITH led AS (
     SELECT coalesce(l.event_id, l.entry_id) AS event_key, l.user_id,
            sum(l.credits)::bigint AS net,
            count(*) AS entries,
            count(*) FILTER (WHERE l.credits > 0) AS debits,
            count(*) FILTER (WHERE l.kind = 'correction') AS corrections,
-           max(l.decision) FILTER (WHERE l.kind = 'decision') AS decision,
-           max(l.price_list_version) FILTER (WHERE l.kind = 'decision') AS plv,
-           min(l.occurred_at) AS occurred_at,
-           max(l.provider) AS provider, max(l.model) AS model, max(l.feature) AS feature,
-           max(l.key_source) AS key_source, max(l.status) AS status
-      FROM ledger_entries l JOIN ids USING (entry_id)
+           min(l.occurred_at) AS occurred_at
+      FROM (
+            SELECT l.entry_id, l.event_id, l.user_id, l.credits, l.kind, l.occurred_at
+              FROM ledger_entries l JOIN {EVENTS_TABLE} e ON e.event_id = l.event_id
+            UNION ALL
+            SELECT l.entry_id, l.event_id, l.user_id, l.credits, l.kind, l.occurred_at
+              FROM ledger_entries l
+             WHERE l.occurred_at >= $1 AND l.occurred_at < $2
+               AND NOT EXISTS (SELECT 1 FROM {EVENTS_TABLE} e WHERE e.event_id = l.event_id)
+           ) l
      GROUP BY 1, 2
 )
-SELECT ev.event_id, ev.user_id, ev.occurred_at, ev.decision, ev.credits, ev.price_list_version,
-       ev.provider, ev.model, ev.feature, ev.key_source, ev.status, ev.part, ev."off",
+SELECT ev.event_id, ev.user_id, ev.occurred_at, ev.shape, ev.credits, ev.part, ev."off",
        led.event_key, led.user_id AS led_user, led.net, led.entries, led.debits, led.corrections,
-       led.decision AS led_decision, led.plv AS led_plv, led.occurred_at AS led_occurred_at,
-       led.provider AS led_provider, led.model AS led_model, led.feature AS led_feature,
-       led.key_source AS led_key_source, led.status AS led_status,
-       (known.event_id IS NOT NULL) AS event_in_window
-  FROM ev
+       led.occurred_at AS led_occurred_at
+  FROM {EVENTS_TABLE} ev
   FULL JOIN led ON led.event_key = ev.event_id AND led.user_id = ev.user_id
-  LEFT JOIN ev AS known ON ev.event_id IS NULL AND known.event_id = led.event_key
  WHERE coalesce(led.net, 0) <> coalesce(ev.credits, 0)
  ORDER BY coalesce(ev.occurred_at, led.occurred_at), coalesce(ev.event_id, led.event_key)
+"""
+
+# What the ledger says about the (few) entries of the differences, for the report.
+_DETAILS = """
+SELECT DISTINCT ON (coalesce(event_id, entry_id), user_id)
+       coalesce(event_id, entry_id) AS event_key, user_id, decision, price_list_version, provider, model,
+       feature, key_source, status
+  FROM ledger_entries
+ WHERE event_id = ANY($1::uuid[]) OR entry_id = ANY($1::uuid[])
+ ORDER BY coalesce(event_id, entry_id), user_id, (kind = 'decision') DESC, recorded_at
 """
 
 _INSERT_CORRECTIONS = """
@@ -99,46 +105,56 @@ async def copy_events(conn: asyncpg.Connection, rows: list[tuple]) -> None:
     await conn.copy_records_to_table(EVENTS_TABLE, records=rows, columns=EVENT_COLUMNS, schema_name="pg_temp")
 
 
-def _difference(row: asyncpg.Record) -> Difference | None:
-    has_event = row["event_id"] is not None
+def _difference(row: asyncpg.Record, shapes: list[Shape], has_event) -> Difference | None:
+    shape = shapes[row["shape"]] if row["event_id"] is not None else None
     kind = classify(
-        row["decision"], row["credits"], row["net"] or 0, row["debits"] or 0,
-        event_in_window=row["event_in_window"],
+        shape.decision if shape else None, row["credits"], row["net"] or 0, row["debits"] or 0,
+        event_in_window=shape is None and has_event(row["event_key"]),
     )
     if kind is None:
         return None
-    pick = (lambda a, b: row[a] if has_event else row[b])
     return Difference(
         kind=kind,
-        event_id=row["event_id"] if has_event else row["event_key"],
-        user_id=row["user_id"] if has_event else row["led_user"],
-        occurred_at=pick("occurred_at", "led_occurred_at"),
-        expected_decision=row["decision"],
+        event_id=row["event_id"] if shape else row["event_key"],
+        user_id=row["user_id"] if shape else row["led_user"],
+        occurred_at=row["occurred_at"] if shape else row["led_occurred_at"],
+        expected_decision=shape and shape.decision,
         expected_credits=row["credits"],
-        ledger_decision=row["led_decision"],
         ledger_credits=row["net"] or 0,
         ledger_entries=row["entries"] or 0,
         ledger_debits=row["debits"] or 0,
         ledger_corrections=row["corrections"] or 0,
-        price_list_version=row["price_list_version"],
-        ledger_price_list_version=row["led_plv"],
-        provider=pick("provider", "led_provider"),
-        model=pick("model", "led_model"),
-        feature=pick("feature", "led_feature"),
-        key_source=pick("key_source", "led_key_source"),
-        status=pick("status", "led_status"),
+        price_list_version=shape and shape.price_list_version,
+        provider=shape and shape.provider,
+        model=shape and shape.model,
+        feature=shape and shape.feature,
+        key_source=shape and shape.key_source,
+        status=shape and shape.status,
         partition=row["part"],
         offset=row["off"],
     )
 
 
-async def compare(conn: asyncpg.Connection, window: Window) -> list[Difference]:
-    """Every (event, account) of the events table and of the window's ledger entries that differs."""
-    # A bounded, generous work_mem keeps the hash joins of a large window in memory.
-    async with conn.transaction():
-        await conn.execute("SET LOCAL work_mem = '256MB'")
-        rows = await conn.fetch(_COMPARE, window.start, window.end)
-    return [d for d in map(_difference, rows) if d is not None]
+async def compare(conn: asyncpg.Connection, window: Window, shapes: list[Shape], has_event) -> list[Difference]:
+    """Every (event, account) of the events table and of the window's ledger entries that differs.
+
+    `shapes` are the events' shapes (by number); `has_event(id)` says whether an id is an event of
+    the window (to tell an entry on the wrong account from one with no event).
+    """
+    rows = await conn.fetch(_COMPARE, window.start, window.end)
+    diffs = [d for d in (_difference(r, shapes, has_event) for r in rows) if d is not None]
+    keys = [d.event_id for d in diffs if d.ledger_entries]
+    if keys:
+        details = {(r["event_key"], r["user_id"]): r for r in await conn.fetch(_DETAILS, keys)}
+        for d in diffs:
+            r = details.get((d.event_id, d.user_id))
+            if r is None:
+                continue
+            d.ledger_decision, d.ledger_price_list_version = r["decision"], r["price_list_version"]
+            if d.expected_decision is None:  # no event: describe the call as the ledger has it
+                d.provider, d.model, d.feature = r["provider"], r["model"], r["feature"]
+                d.key_source, d.status = r["key_source"], r["status"]
+    return diffs
 
 
 async def ledger_entry_count(conn: asyncpg.Connection, window: Window) -> int:
@@ -196,9 +212,18 @@ async def scratch_is_empty(conn: asyncpg.Connection, scratch: str) -> bool:
     )
 
 
-async def build_replay(conn: asyncpg.Connection, live: str, scratch: str) -> int:
+async def build_replay(conn: asyncpg.Connection, live: str, scratch: str, shapes: list[Shape]) -> int:
     """Fill `scratch` (migrated, empty) from the events table and the live grants; return entries."""
     s, lv = ident(scratch), ident(live)
+    await conn.execute(f"""CREATE TEMPORARY TABLE IF NOT EXISTS {SHAPES_TABLE} (
+        shape int PRIMARY KEY, decision text, credits bigint, price_list_version text, reason text,
+        provider text, model text, feature text, key_source text, status text)""")
+    await conn.execute(f"TRUNCATE {SHAPES_TABLE}")
+    await conn.copy_records_to_table(
+        SHAPES_TABLE, schema_name="pg_temp",
+        records=[(i, sh.decision, sh.credits, sh.price_list_version, sh.reason, sh.provider, sh.model,
+                  sh.feature, sh.key_source, sh.status) for i, sh in enumerate(shapes)],
+    )
     if await conn.fetchval("SELECT current_schema()") != scratch:
         raise RuntimeError("build_replay needs a connection whose search_path starts with the scratch schema")
     async with conn.transaction():
@@ -215,10 +240,10 @@ async def build_replay(conn: asyncpg.Connection, live: str, scratch: str) -> int
         status = await conn.execute(f"""
             INSERT INTO {s}.ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
                 price_list_version, reason, provider, model, feature, key_source, status, occurred_at)
-            SELECT DISTINCT ON (event_id) event_id, event_id, 'decision', user_id, decision, credits,
-                   price_list_version, reason, provider, model, feature, key_source, status, occurred_at
-              FROM {EVENTS_TABLE}
-             ORDER BY event_id, part, "off"
+            SELECT e.event_id, e.event_id, 'decision', e.user_id, sh.decision, e.credits,
+                   sh.price_list_version, sh.reason, sh.provider, sh.model, sh.feature, sh.key_source,
+                   sh.status, e.occurred_at
+              FROM {EVENTS_TABLE} e JOIN {SHAPES_TABLE} sh USING (shape)
         """)
     return int(status.split()[-1])
 

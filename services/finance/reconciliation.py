@@ -97,7 +97,8 @@ class ReplayResult:
 
 async def _connect(settings: FinanceSettings, schema: str | None = None) -> asyncpg.Connection:
     return await asyncpg.connect(
-        settings.database_url, server_settings=server_settings(schema or settings.database_schema)
+        settings.database_url,
+        server_settings=server_settings(schema or settings.database_schema) | ledger.SESSION_SETTINGS,
     )
 
 
@@ -190,11 +191,10 @@ async def reconcile(
     )
     conn = await _connect(settings)
     try:
-        tally, unreadable, planned = await load_events(
-            settings, conn, Assessor(book or default_price_book(), window), from_ms, to_ms, progress
-        )
+        assessor = Assessor(book or default_price_book(), window)
+        tally, unreadable, planned = await load_events(settings, conn, assessor, from_ms, to_ms, progress)
         loaded = time.perf_counter()
-        diffs = await ledger.compare(conn, window)
+        diffs = await ledger.compare(conn, window, assessor.shapes.shapes, assessor.has_event)
         compared = time.perf_counter()
         # Entries of an unreadable event are reported once, with that event, not as "no event".
         unreadable_ids = {u.event_id for u in unreadable if u.event_id}
@@ -207,14 +207,11 @@ async def reconcile(
                 kept.append(d)
         kept += _unreadable_differences(unreadable, ledger_only)
         kept, pending = await _set_apart_undecided(settings, kept)
-        duplicates = await conn.fetchval(
-            f"SELECT count(*) - count(DISTINCT event_id) FROM {ledger.EVENTS_TABLE}"
-        )
         entries = await ledger.ledger_entry_count(conn, window)
     finally:
         await conn.close()
     return ReconcileReport(
-        window, settings.model_call_completed_topic, tally, kept, pending, entries, duplicates, planned,
+        window, settings.model_call_completed_topic, tally, kept, pending, entries, tally.duplicates, planned,
         time.perf_counter() - began, {"read_s": loaded - began, "compare_s": compared - loaded},
     )
 
@@ -301,10 +298,9 @@ async def replay(
     # schema first on the search path: otherwise its sums would land on the live accounts.
     conn = await _connect(settings, scratch)
     try:
-        tally, unreadable, _ = await load_events(
-            settings, conn, Assessor(book or default_price_book()), None, None, progress
-        )
-        entries = await ledger.build_replay(conn, live, scratch)
+        assessor = Assessor(book or default_price_book())
+        tally, unreadable, _ = await load_events(settings, conn, assessor, None, None, progress)
+        entries = await ledger.build_replay(conn, live, scratch, assessor.shapes.shapes)
         accounts, diffs = await ledger.compare_balances(conn, live, scratch)
     finally:
         await conn.close()

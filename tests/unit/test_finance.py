@@ -143,17 +143,31 @@ def test_assessor_applies_the_credit_policy():
         event(key_source=KeySource.BYOK, feature=Feature.DEEP_ANALYSIS),  # always billed, 50
         event(status=CallStatus.FAILED),
         event(model="no-such-model"),  # unpriced: rejected, never billed cheap
+        event(),  # same shape as the first
     ]
-    rows, bad, tally = Assessor(default_price_book(), Window(T1, T2)).assess(
-        [record(e.to_json(), offset=i) for i, e in enumerate(events)]
-    )
+    assessor = Assessor(default_price_book(), Window(T1, T2))
+    rows, bad, tally = assessor.assess([record(e.to_json(), offset=i) for i, e in enumerate(events)])
     got = [dict(zip(EVENT_COLUMNS, r)) for r in rows]
-    assert [(g["decision"], g["credits"]) for g in got] == [
+    shapes = assessor.shapes.shapes
+    assert [(shapes[g["shape"]].decision, g["credits"]) for g in got] == [
         ("debited", 5), ("not_billed_byok", 0), ("debited", 50), ("not_billed_failed", 0), ("rejected", 0),
+        ("debited", 5),
     ]
-    assert all(g["price_list_version"] == "2026-01" for g in got)
+    assert len(shapes) == 5 and got[5]["shape"] == got[0]["shape"]
+    assert all(sh.price_list_version == "2026-01" for sh in shapes)
+    assert "no-such-model" in shapes[got[4]["shape"]].reason
     assert got[0]["event_id"] == events[0].event_id and got[4]["off"] == 4
-    assert bad == [] and tally.in_window == 5 and tally.records == 5
+    assert bad == [] and tally.in_window == 6 and tally.records == 6
+
+
+def test_redeliveries_are_one_event_the_first_delivery():
+    e = event()
+    assessor = Assessor(default_price_book(), Window(T1, T2))
+    rows, _, tally = assessor.assess([record(e.to_json(), offset=3), record(e.to_json(), offset=9)])
+    rows2, _, tally2 = assessor.assess([record(e.to_json(), offset=12)])  # a later batch
+    assert [r[-1] for r in rows] == [3] and rows2 == []
+    assert (tally.in_window, tally.duplicates, tally2.duplicates) == (2, 1, 1)
+    assert assessor.has_event(e.event_id) and not assessor.has_event(uuid.uuid4())
 
 
 def test_unreadable_records_are_findings_not_crashes():
@@ -239,14 +253,14 @@ def test_decide_depends_only_on_what_the_memo_keys_on():
         assert len({decide(v, book) for v in variants}) == 1, base
 
 
-def test_charges_memo_gives_what_decide_gives():
+def test_shapes_give_what_decide_gives():
     from services.credits.policy import decide
 
-    from services.finance.assessment import Charges
+    from services.finance.assessment import Shapes
 
     book = default_price_book()
-    charges = Charges(book, Window(T1, T2))
-    events = [event(model=m, feature=f, key_source=k) for m in ("gpt-4o", "o1", "nope")
-              for f in Feature for k in KeySource] * 2
-    assert [charges.of(e) for e in events] == [decide(e, book) for e in events]
-    assert len(charges._memo) == len(events) // 2
+    shapes = Shapes(book, Window(T1, T2))
+    events = [event(model=m, feature=f, key_source=k, status=st) for m in ("gpt-4o", "o1", "nope")
+              for f in Feature for k in KeySource for st in CallStatus] * 2
+    assert [shapes.charge(shapes.of(e)) for e in events] == [decide(e, book) for e in events]
+    assert len(shapes.shapes) == len(events) // 2
