@@ -222,6 +222,7 @@ async function onSend(event) {
     entry.answer.textContent = "The server did not answer. Try again.";
   } finally {
     $("send").disabled = false;
+    entry.billing.scrollIntoView({ block: "nearest" });
   }
   // The debit is applied by the credit service a moment later: read the real balance then.
   setTimeout(refreshBalance, 800);
