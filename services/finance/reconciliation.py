@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Protocol
 from uuid import UUID
 
@@ -172,7 +172,8 @@ def _unreadable_differences(unreadable: list[Unreadable], ledger_only: dict[UUID
             ledger_entries=sum(h.ledger_entries for h in held),
             partition=u.partition,
             offset=u.offset,
-            detail=f"kafka timestamp {u.timestamp_ms}: {u.error}",
+            detail=f"{u.error} (partition {u.partition}, offset {u.offset}, Kafka time "
+                   f"{datetime.fromtimestamp(u.timestamp_ms / 1000, timezone.utc).isoformat()})",
         ))
     return out
 

@@ -54,13 +54,19 @@ def differences_table(differences: list[Difference], limit: int = 20) -> Table:
     t = Table(title=f"first {min(limit, len(differences))} of {len(differences):,} differences")
     for col in ("kind", "event_id", "user", "occurred_at", "feature/model", "key/status", "owed", "ledger", "fix"):
         t.add_column(col, justify="right" if col in ("owed", "ledger", "fix") else "left")
+    t.add_column("note", max_width=60)
+
+    def pair(a, b):
+        return f"{a or ''}/{b or ''}" if a or b else ""
+
     for d in differences[:limit]:
         t.add_row(
             d.kind.value, str(d.event_id or ""), d.user_id or "",
             d.occurred_at.isoformat() if d.occurred_at else "",
-            f"{d.feature or ''}/{d.model or ''}", f"{d.key_source or ''}/{d.status or ''}",
-            "?" if d.expected_credits is None and d.kind is Kind.UNREADABLE_EVENT else str(d.expected_credits or 0),
-            str(d.ledger_credits), f"{d.correction_credits:+}" if d.repairable else d.detail[:60],
+            pair(d.feature, d.model), pair(d.key_source, d.status),
+            "?" if d.kind is Kind.UNREADABLE_EVENT else str(d.expected_credits or 0),
+            str(d.ledger_credits), f"{d.correction_credits:+}" if d.repairable else "-",
+            d.detail,
         )
     return t
 
