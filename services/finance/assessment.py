@@ -14,10 +14,9 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from schemas.events import ModelCallCompleted
+from schemas.events import Decision, ModelCallCompleted
 from schemas.pricing import PriceBook
 from services.credits.policy import Charge, decide
-from schemas.events import Decision
 from services.finance.window import Window
 from services.shared.kafka import MAX_EVENT_BYTES
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.finance.assessment import EVENT_COLUMNS, Shape
-from services.finance.differences import Correction, Difference, Kind, classify
+from services.finance.differences import Correction, Difference, classify
 from services.finance.window import Window
 
 EVENTS_TABLE = "finance_events"

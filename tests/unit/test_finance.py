@@ -230,11 +230,11 @@ def test_report_files_hold_every_difference(tmp_path):
         write_report(tmp_path / "r.txt", report)
 
 
-# --- the memo of charges ------------------------------------------------------------------------
+# --- shapes: decide once per shape ----------------------------------------------------------------
 
 
-def test_decide_depends_only_on_what_the_memo_keys_on():
-    """`Charges` computes `decide` once per (price list, status, feature, key source, model); this
+def test_decide_depends_only_on_what_a_shape_is_made_of():
+    """`Shapes` computes `decide` once per (price list, status, feature, key source, model); this
     holds it to that: events equal on those and different in everything else owe the same."""
     import itertools
 
