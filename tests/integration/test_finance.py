@@ -498,3 +498,40 @@ async def test_a_window_without_events_reads_nothing_and_is_clean(stack):
     await conn.close()
     report = await reconcile(settings_of(stack), Window(T1 - timedelta(days=30), T1 - timedelta(days=29)))
     assert [(d.kind, d.event_id) for d in report.differences] == [(Kind.DEBIT_WITH_NO_EVENT, ghost)]
+
+
+async def test_replay_catches_a_balance_that_drifted_from_its_entries(stack, scratch):
+    events = varied_events(12)
+    conn = await stack.connect()
+    await record_correctly(conn, events)
+    # Bypass the ledger's guard triggers (as only a superuser can) to make carol's sum drift
+    # from her entries: every entry is still right, so reconcile sees nothing; replay does.
+    async with conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute("UPDATE accounts SET debited = debited + 11 WHERE user_id = 'carol'")
+    await conn.close()
+    await produce(stack, events)
+
+    assert (await reconcile(settings_of(stack), WINDOW)).clean
+    result = await replay(settings_of(stack), scratch)
+    assert [(d.user_id, d.live_debited - d.replay_debited, d.delta) for d in result.differences] == [("carol", 11, -11)]
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.total, self.done, self.description = None, 0, ""
+
+    def start(self, total, description):
+        self.total, self.description = total, description
+
+    def advance(self, n):
+        self.done += n
+
+
+async def test_progress_is_reported_against_the_planned_total(stack):
+    events = varied_events(30)
+    await produce(stack, events)
+    progress = RecordingProgress()
+    report = await reconcile(settings_of(stack), WINDOW, progress)
+    assert progress.total == progress.done == report.tally.records == 30
+    assert stack.topic_prefix in progress.description
