@@ -12,25 +12,29 @@ SVC_DIR="$STATE_DIR/services"
 LOG_DIR="$STATE_DIR/logs"
 mkdir -p "$SVC_DIR" "$LOG_DIR"
 
-SIM_PORT="${SIMULATOR_PORT:-8090}"
+export SIM_PORT="${SIM_PORT:-8090}"
 SIM="http://127.0.0.1:$SIM_PORT"
-# The LLM providers are unreachable here: locally, every provider URL points at the simulator.
-# Set these variables (and the platform keys) to use the real providers.
-export OPENAI_BASE_URL="${OPENAI_BASE_URL:-$SIM/v1}"
-export GROQ_BASE_URL="${GROQ_BASE_URL:-$SIM/openai/v1}"
-export ANTHROPIC_BASE_URL="${ANTHROPIC_BASE_URL:-$SIM}"
-export GEMINI_BASE_URL="${GEMINI_BASE_URL:-$SIM}"
-export DATABASE_URL="${DATABASE_URL:-$(bash "$ROOT/infra/postgres.sh" url)}"
+# The LLM providers are unreachable here: locally, every provider URL points at the simulator (see
+# services/provider_simulator/app.py base_urls). Set these variables and the platform keys
+# (OPENAI_API_KEY, ...) to use the real providers.
+export OPENAI_BASE_URL="${OPENAI_BASE_URL:-$SIM/openai/v1}"
+export GROQ_BASE_URL="${GROQ_BASE_URL:-$SIM/groq}"
+export ANTHROPIC_BASE_URL="${ANTHROPIC_BASE_URL:-$SIM/anthropic}"
+export GEMINI_BASE_URL="${GEMINI_BASE_URL:-$SIM/gemini}"
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:${BYOK_KAFKA_PORT:-9092}}"
 export CHAT_DEV_LOGIN="${CHAT_DEV_LOGIN:-true}"
 export PYTHONUNBUFFERED=1
 
-# name  module                            health URL
+CHAT_PORT="${CHAT_PORT:-8000}" CREDITS_PORT="${CREDITS_PORT:-8001}" VALIDATION_PORT="${VALIDATION_PORT:-8002}"
+export CREDITS_URL="${CREDITS_URL:-http://127.0.0.1:$CREDITS_PORT}"
+unset HTTP_PORT  # each service gets its own below
+
+# name       module                       port
 SERVICES=(
-  "simulator  services.provider_simulator  $SIM/healthz"
-  "credits    services.credits             http://127.0.0.1:${CREDITS_PORT:-8001}/healthz"
-  "validation services.validation          http://127.0.0.1:${VALIDATION_PORT:-8002}/healthz"
-  "chat       services.chat                http://127.0.0.1:${CHAT_PORT:-8000}/healthz"
+  "simulator  services.provider_simulator  $SIM_PORT"
+  "credits    services.credits             $CREDITS_PORT"
+  "validation services.validation          $VALIDATION_PORT"
+  "chat       services.chat                $CHAT_PORT"
 )
 
 module_exists() { [ -f "$ROOT/$(echo "$1" | tr . /)/__main__.py" ]; }
@@ -42,15 +46,18 @@ PY
 }
 
 start_service() {
-  local name=$1 module=$2 url=$3 pidfile="$SVC_DIR/$1.pid"
+  local name=$1 module=$2 port=$3 pidfile="$SVC_DIR/$1.pid"
   if ! module_exists "$module"; then log "$name: $module is not built yet; skipped"; return; fi
   if pid_alive "$pidfile"; then log "$name already running (pid $(cat "$pidfile"))"; return; fi
-  (cd "$ROOT" && nohup "$PYTHON" -m "$module" >>"$LOG_DIR/$name.log" 2>&1 </dev/null & echo $! >"$pidfile")
+  port_open 127.0.0.1 "$port" && die "port $port (for $name) is taken by a process this script did not start"
+  # nohup and env exec into python, so $! is the service's own pid.
+  HTTP_PORT="$port" nohup env -C "$ROOT" "$PYTHON" -m "$module" >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
   log "$name starting (pid $(cat "$pidfile"), log $LOG_DIR/$name.log)"
 }
 
 wait_healthy() {
-  local name=$1 module=$2 url=$3 t0=$SECONDS
+  local name=$1 module=$2 url="http://127.0.0.1:$3/healthz" t0=$SECONDS
   module_exists "$module" || return 0
   until healthy "$url"; do
     pid_alive "$SVC_DIR/$name.pid" || { tail -n 20 "$LOG_DIR/$name.log" >&2; die "$name exited while starting"; }
@@ -63,6 +70,8 @@ wait_healthy() {
 up() {
   bash "$ROOT/infra/kafka.sh" up
   bash "$ROOT/infra/postgres.sh" up
+  DATABASE_URL="$(bash "$ROOT/infra/postgres.sh" url)"
+  export DATABASE_URL
   "$PYTHON" -m migrations >/dev/null
   local s
   for s in "${SERVICES[@]}"; do start_service $s; done
@@ -93,7 +102,7 @@ run() {
   trap 'echo; down; exit 0' INT TERM
   up
   echo
-  echo "  byok-credits is up:  http://127.0.0.1:${CHAT_PORT:-8000}/   (Ctrl-C stops everything)"
+  echo "  byok-credits is up:  http://127.0.0.1:$CHAT_PORT/   (Ctrl-C stops everything)"
   echo "  logs: $LOG_DIR"
   echo
   while true; do sleep 1; done

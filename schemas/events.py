@@ -14,7 +14,9 @@ from uuid import UUID
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
-Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+# No control characters: a NUL cannot be stored in PostgreSQL text, and none belongs in an id or a
+# model name; refusing them here sends such an event to the DLQ instead of stalling a consumer.
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 def utc_now() -> datetime:

@@ -35,3 +35,6 @@ def setup_logging(level: str = "INFO", service: str = "byok") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO; a provider URL may carry a key (Gemini accepts ?key=).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

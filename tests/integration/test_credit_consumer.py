@@ -86,10 +86,12 @@ async def test_bad_input_goes_to_the_dlq_with_the_reason_and_the_consumer_keeps_
     negative = json.loads(make_event().to_json()) | {"output_tokens": -5}
     unknown_provider = json.loads(make_event().to_json()) | {"provider": "mistral"}
     unknown_feature = json.loads(make_event().to_json()) | {"feature": "summarise"}
+    nul_user = json.loads(make_event().to_json()) | {"user_id": "al\u0000ice"}
     unpriced = make_event(model="gpt-9-ultra")
     huge = b'{"pad": "' + b"x" * (1024 * 1024) + b'"}'
     bad = [b'{"event_id": ', json.dumps(wrong_type).encode(), json.dumps(negative).encode(),
-           json.dumps(unknown_provider).encode(), json.dumps(unknown_feature).encode(), huge, b"\xff\xfe", b""]
+           json.dumps(unknown_provider).encode(), json.dumps(unknown_feature).encode(), huge, b"\xff\xfe", b"",
+           json.dumps(nul_user).encode()]
     await publish(stack.kafka_bootstrap, topic, [good_before])
     await publish(stack.kafka_bootstrap, topic, bad, keys=[b"alice"] * len(bad))
     await publish(stack.kafka_bootstrap, topic, [unpriced, good_after])
@@ -97,7 +99,7 @@ async def test_bad_input_goes_to_the_dlq_with_the_reason_and_the_consumer_keeps_
     letters = await read_all(stack.kafka_bootstrap, dlq(topic), expected=len(bad) + 1)
     assert len(letters) == len(bad) + 1
     kinds = sorted(dict(r.headers)["dlq.error_type"].decode() for r in letters)
-    assert kinds == sorted(["malformed_json", "schema", "schema", "schema", "schema", "too_large",
+    assert kinds == sorted(["malformed_json", "schema", "schema", "schema", "schema", "schema", "too_large",
                             "malformed_json", "empty", "unpriced_model"])
     by_value = {r.value: dict(r.headers) for r in letters}
     assert b"input_tokens" in by_value[json.dumps(wrong_type).encode()][b"dlq.error".decode()]

@@ -46,6 +46,8 @@ def test_json_round_trip_gives_back_the_same_value(model):
     ("occurred_at", "2026-11-27T12:00:00"),  # a time without a zone is ambiguous
     ("schema_version", 2),
     ("user_id", ""),
+    ("user_id", "al\x00ice"),      # PostgreSQL text cannot hold a NUL: refused here, not at COPY time
+    ("model", "gpt-4o\n"),
     ("latency_ms", True),            # a bool is not a count
 ])
 def test_bad_values_are_refused(field, value):
