@@ -232,3 +232,22 @@ def private_postgres(private_state) -> Iterator[PrivateServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def credit_service(stack, tmp_path):
+    """The credit service as its own process (`python -m services.credits`) on this test's stack;
+    `.port` is its HTTP port."""
+    from tests.support import ServiceProcess, free_port
+
+    port = free_port()
+    proc = ServiceProcess(
+        "services.credits", {**stack.env(), "HTTP_PORT": str(port)}, tmp_path / "credits.log",
+        health_url=f"http://127.0.0.1:{port}/healthz",
+    ).start()
+    proc.port = port
+    try:
+        await proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()

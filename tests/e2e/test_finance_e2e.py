@@ -13,23 +13,9 @@ from schemas.events import CallStatus, Feature, KeySource, Provider
 from services.finance.reconciliation import reconcile, replay
 from services.finance.settings import FinanceSettings
 from services.finance.window import Window
-from tests.support import ServiceProcess, free_port, make_event, publish, wait_for
+from tests.support import make_event, publish, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def credit_service(stack, tmp_path):
-    port = free_port()
-    proc = ServiceProcess(
-        "services.credits", {**stack.env(), "HTTP_PORT": str(port)}, tmp_path / "credits.log",
-        health_url=f"http://127.0.0.1:{port}/healthz",
-    ).start()
-    try:
-        await proc.wait_healthy()
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -7,24 +7,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from schemas.events import CreditOutcome, Decision, KeySource
-from tests.support import ServiceProcess, free_port, make_event, publish, wait_for
+from tests.support import make_event, publish, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def credit_service(stack, tmp_path):
-    port = free_port()
-    proc = ServiceProcess(
-        "services.credits", {**stack.env(), "HTTP_PORT": str(port)}, tmp_path / "credits.log",
-        health_url=f"http://127.0.0.1:{port}/healthz",
-    ).start()
-    try:
-        await proc.wait_healthy()
-        proc.port = port
-        yield proc
-    finally:
-        proc.stop()
 
 
 async def test_an_event_from_the_chat_side_becomes_one_ledger_entry_and_one_outcome(stack, credit_service):
