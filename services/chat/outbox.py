@@ -35,6 +35,10 @@ class Outbox:
         """Replace the pending event by the real one; False if the pending one was already published."""
         raise NotImplementedError
 
+    async def discard(self, handle: int) -> None:
+        """Forget a call that was refused before the provider was asked (it never happened)."""
+        raise NotImplementedError
+
 
 class PgOutbox(Outbox):
     def __init__(self, pool: asyncpg.Pool, on_ready: Callable[[], None] = lambda: None):
@@ -57,6 +61,9 @@ class PgOutbox(Outbox):
         self.on_ready()
         return True
 
+    async def discard(self, handle: int) -> None:
+        await self.pool.execute("DELETE FROM chat_outbox WHERE id = $1 AND NOT ready", handle)
+
 
 @dataclass
 class MemoryOutbox(Outbox):
@@ -72,6 +79,9 @@ class MemoryOutbox(Outbox):
     async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
         self.rows[handle] = (event, True)
         return True
+
+    async def discard(self, handle: int) -> None:
+        del self.rows[handle]
 
     @property
     def events(self) -> list[ModelCallCompleted]:

@@ -293,16 +293,25 @@ class ChatService:
             if not api_key:
                 raise PlatformKeyMissing(f"The platform has no {INFO[provider].name} key configured. "
                                          "Use your own key for chat, or choose another provider.")
-        balance = await self._ensure_affordable(who, feature, key_source, model)
-
-        started = time.monotonic()
         pending = ModelCallCompleted(
             event_id=uuid.uuid4(), occurred_at=self.clock(), user_id=who.user_id,
             session_id=who.session_id or "api", request_id=uuid.uuid4().hex, provider=provider, model=model,
             feature=feature, key_source=key_source, status=CallStatus.FAILED,
             input_tokens=0, output_tokens=0, latency_ms=0,
         )
-        handle = await self.outbox.begin(pending)
+        # The outbox row is written while the balance is asked (two round trips at once); a refused
+        # call's row is discarded again, as the call never happened.
+        begin = asyncio.ensure_future(self.outbox.begin(pending))
+        try:
+            balance = await self._ensure_affordable(who, feature, key_source, model)
+        except BaseException:
+            try:
+                await self.outbox.discard(await begin)
+            except Exception:
+                log.warning("could not discard the outbox row of refused call %s", pending.event_id)
+            raise
+        handle = await begin
+        started = time.monotonic()
         messages = [{"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message}]
         try:
             reply = await self.call_model(provider, api_key, model, messages)
@@ -326,10 +335,13 @@ class ChatService:
             raise
         event = self._finished(pending, started, CallStatus.SUCCEEDED, reply)
         await self.outbox.complete(handle, event)
+        billing = self._billing(event, balance)
+        if billing.charged:
+            self.balances.note_charge(who.user_id, billing.credits)
         if key_source is KeySource.BYOK and s.key_status != KeyCheckStatus.VALID.value:
             name = INFO[provider].name
             await self.store.mark_key(who.user_id, key.hint, KeyCheckStatus.VALID.value, f"Your {name} key works.")
-        return CallResult(reply.text, event, self._billing(event, balance))
+        return CallResult(reply.text, event, billing)
 
     async def _ensure_affordable(self, who: Principal, feature: Feature, key_source: KeySource, model: str) -> int | None:
         """The balance before a billable call, refusing (402) when it cannot pay or has no price."""

@@ -234,3 +234,24 @@ async def test_missing_platform_key_is_refused():
     service, _, _, _ = make(platform_keys={p: None for p in Provider})
     with pytest.raises(PlatformKeyMissing):
         await service.call(ALICE, None, Feature.CHAT, "hello")
+
+
+async def test_a_recent_balance_is_reused_less_the_charges_since_and_refreshed_when_old():
+    from services.chat.balances import RecentBalances
+
+    class Counting(FixedBalances):
+        reads = 0
+
+        async def balance(self, who):
+            Counting.reads += 1
+            return await super().balance(who)
+
+    now = [0.0]
+    inner = Counting({"alice": 10})
+    recent = RecentBalances(inner, max_age_s=1.0, clock=lambda: now[0])
+    assert await recent.balance(ALICE) == 10
+    recent.note_charge("alice", 3)
+    assert await recent.balance(ALICE) == 7 and Counting.reads == 1
+    inner.balances["alice"] = 500  # a grant arrives
+    now[0] = 1.5
+    assert await recent.balance(ALICE) == 500 and Counting.reads == 2
