@@ -93,16 +93,18 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
                   docs_url="/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    def wiring(request: Request) -> Wiring:
+    # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a thread pool, a
+    # thread hand-off per dependency per request for what are microseconds of work.
+    async def wiring(request: Request) -> Wiring:
         return request.app.state.wiring
 
-    def principal(
+    async def principal(
         authorization: Annotated[str | None, Header()] = None,
         byok_session: Annotated[str | None, Cookie()] = None,
     ) -> Principal:
         return read_token(settings.auth_jwt_secret, token_from(authorization, byok_session))
 
-    def session_key(
+    async def session_key(
         who: Annotated[Principal, Depends(principal)], w: Annotated[Wiring, Depends(wiring)],
         byok_key: Annotated[str | None, Cookie()] = None,
     ) -> SessionKey | None:

@@ -79,7 +79,8 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         pool, lambda: make_producer(settings.kafka_bootstrap_servers), settings.model_call_completed_topic,
         batch=settings.relay_batch, idle_poll_s=settings.relay_idle_poll_s, stale_after_s=settings.outbox_stale_after_s,
     )
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+    # httpcore scans its pool on every request: keep the idle part of it modest.
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
     provider_http = httpx.AsyncClient(timeout=settings.provider_timeout_s, limits=limits)
     credits_http = httpx.AsyncClient(timeout=settings.credits_timeout_s, limits=limits)
     providers = ProviderSettings()
