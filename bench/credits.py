@@ -23,7 +23,7 @@ from bench import BenchEnv, Figure, percentile
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
 from schemas.pricing import default_price_book
-from schemas.topics import TopicSpec, topic_specs
+from schemas.topics import MODEL_CALL_COMPLETED, topic_specs
 from services.credits.bootstrap import running
 from services.credits.ledger import LEDGER_COLUMNS, Ledger
 from services.credits.policy import decide
@@ -61,8 +61,8 @@ async def topic_size(bootstrap: str, topic: str) -> int:
 async def prefill(bootstrap: str, topic: str, n: int) -> None:
     """Fill `topic` with n events once; later runs reuse it (its name carries n)."""
     admin = await wait_for_broker(bootstrap, 60)
-    try:
-        await ensure_topics(admin, [TopicSpec(topic, "-1", 6)])
+    try:  # every topic of the prefix: the service also publishes outcomes and dead letters
+        await ensure_topics(admin, topic_specs(prefix=topic.removesuffix(MODEL_CALL_COMPLETED)))
     finally:
         await admin.close()
     have = await topic_size(bootstrap, topic)

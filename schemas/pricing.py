@@ -60,6 +60,8 @@ class PriceBook:
         self._starts = [p.effective_from for p in self.lists]
 
     def in_force(self, at: datetime) -> PriceList:
+        if len(self.lists) == 1:  # the common case; comparing aware datetimes is not free
+            return self.lists[0]
         i = bisect_right(self._starts, at) - 1
         # An event older than every list is priced by the first one rather than refused.
         return self.lists[max(i, 0)]

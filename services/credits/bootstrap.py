@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import multiprocessing
+import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,6 +24,7 @@ from services.credits.service import CreditService
 from services.credits.settings import CreditSettings
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
+from services.shared.logging import setup_logging
 
 log = logging.getLogger("services.credits")
 
@@ -43,7 +48,6 @@ class CreditRuntime:
     pool: asyncpg.Pool
     producer: AIOKafkaProducer
     ledger: Ledger
-    relay: OutcomeRelay
     consumer: CreditConsumer
     book: PriceBook
 
@@ -55,6 +59,55 @@ class CreditRuntime:
                                     consumer_running=lambda: self.consumer.broker.running))
 
 
+async def run_relay(settings: CreditSettings) -> None:
+    """The outcome relay with its own pool and producer, until cancelled."""
+    pool = await create_pool(settings.database_url, settings.database_schema, max_size=2)
+    producer = await start_producer(settings)
+    try:
+        await OutcomeRelay(pool, producer, settings.credit_ledger_topic, batch=settings.relay_batch,
+                           idle_poll_s=settings.relay_idle_poll_s).run()
+    finally:
+        await producer.stop()
+        await pool.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make the kernel end this process when its parent dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _relay_process_main(settings_json: str, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    settings = CreditSettings.model_validate_json(settings_json)
+    setup_logging(settings.log_level, "credits-relay")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_relay(settings))
+
+
+async def supervise_relay_process(settings: CreditSettings) -> None:
+    """Keep one relay child process running; it is restarted if it dies, stopped on cancel."""
+    ctx = multiprocessing.get_context("spawn")
+    proc = None
+    try:
+        while True:
+            if proc is None or not proc.is_alive():
+                if proc is not None:
+                    log.warning("outcome relay process exited with %s; restarting it", proc.exitcode)
+                proc = ctx.Process(target=_relay_process_main, args=(settings.model_dump_json(), os.getpid()),
+                                   name="credits-relay", daemon=True)
+                proc.start()
+            await asyncio.sleep(1)
+    finally:
+        if proc is not None and proc.is_alive():
+            proc.terminate()
+            await asyncio.to_thread(proc.join, 10)
+
+
 @contextlib.asynccontextmanager
 async def running(settings: CreditSettings, book: PriceBook | None = None,
                   ledger_factory: type[Ledger] = Ledger) -> AsyncIterator[CreditRuntime]:
@@ -64,13 +117,15 @@ async def running(settings: CreditSettings, book: PriceBook | None = None,
     producer = await start_producer(settings)
     book = book or default_price_book()
     ledger = ledger_factory(pool)
-    relay = OutcomeRelay(pool, producer, settings.credit_ledger_topic,
-                         batch=settings.relay_batch, idle_poll_s=settings.relay_idle_poll_s)
-    consumer = build_consumer(settings, CreditService(ledger, book, on_committed=relay.wake))
+    consumer = build_consumer(settings, CreditService(ledger, book))
     await consumer.start()
-    background = [asyncio.create_task(relay.run()), asyncio.create_task(track_lag(consumer.subscriber))]
+    background = [asyncio.create_task(track_lag(consumer.subscriber))]
+    if settings.relay_mode == "process":
+        background.append(asyncio.create_task(supervise_relay_process(settings)))
+    elif settings.relay_mode == "task":
+        background.append(asyncio.create_task(run_relay(settings)))
     try:
-        yield CreditRuntime(settings, pool, producer, ledger, relay, consumer, book)
+        yield CreditRuntime(settings, pool, producer, ledger, consumer, book)
     finally:
         await consumer.stop()
         for task in background:

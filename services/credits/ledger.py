@@ -107,13 +107,16 @@ class Ledger:
                             DeadLetter(d.source_topic, d.source_partition, d.source_offset,
                                        e.user_id.encode(), d.raw, c.reason or "rejected", "unpriced_model")
                         )
+                    # The enums are str subclasses: passed as they are, they are written as their values.
                     fresh.append((
-                        e.event_id, e.event_id, "decision", e.user_id, c.decision.value, c.credits,
-                        c.price_list_version, c.reason, e.provider.value, e.model, e.feature.value,
-                        e.key_source.value, e.status.value, e.occurred_at, balances[e.user_id],
+                        e.event_id, e.event_id, "decision", e.user_id, c.decision, c.credits,
+                        c.price_list_version, c.reason, e.provider, e.model, e.feature,
+                        e.key_source, e.status, e.occurred_at, balances[e.user_id],
                     ))
                 if fresh:
                     await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
+                    # Delivered at commit: wakes the outcome relay (services/credits/relay.py).
+                    await conn.execute("SELECT pg_notify('credit_outcomes', '')")
             all_letters = list(letters) + rejected_letters
             if all_letters:
                 await conn.executemany(

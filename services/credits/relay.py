@@ -3,6 +3,9 @@
 Decision rows are their own outbox (see migrations/0002): the relay reads them past its cursor, sends
 them, waits for Kafka's acks, and only then moves the cursor, in one database transaction. A crash
 in between re-sends (consumers of `credit_ledger` dedupe by event_id); nothing is lost.
+
+It runs in a process of its own (`python -m services.credits` starts it), so publishing never takes
+CPU from the consumer; the consumer's `NOTIFY credit_outcomes` wakes it as soon as a batch commits.
 """
 
 from __future__ import annotations
@@ -10,15 +13,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import defaultdict
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-
-from schemas.events import CreditOutcome, Decision
+from aiokafka.partitioner import DefaultPartitioner
 
 log = logging.getLogger(__name__)
 
+CHANNEL = "credit_outcomes"
 _LOCK = 0x72656C79  # one relay at a time per database schema
+
+# The CreditOutcome JSON is built by PostgreSQL from the row: the fields of schemas.events.CreditOutcome
+# (tests parse what is published with CreditOutcome.from_json).
+_OUTCOMES = """
+SELECT user_id, txid, seq,
+       json_build_object('event_id', entry_id, 'user_id', user_id, 'decision', decision, 'reason', reason,
+                         'credits', credits, 'balance_after', balance_after,
+                         'price_list_version', price_list_version, 'decided_at', recorded_at)::text AS outcome
+  FROM ledger_entries
+ WHERE kind = 'decision' AND (txid, seq) > ($1::xid8, $2)
+   AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY txid, seq LIMIT $3"""
 
 
 class OutcomeRelay:
@@ -27,63 +43,76 @@ class OutcomeRelay:
         self.pool, self.producer, self.topic = pool, producer, outcome_topic
         self.batch, self.idle_poll_s, self.name = batch, idle_poll_s, name
         self._wake = asyncio.Event()
+        self._partitioner = DefaultPartitioner()
         self.published = 0
 
-    def wake(self) -> None:
+    def wake(self, *_: object) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                sent = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Kafka or PostgreSQL away: keep trying, lose nothing
-                log.warning("outcome relay: %s: %s; retrying", type(exc).__name__, exc)
-                await asyncio.sleep(1)
-                continue
-            if sent < self.batch:
-                self._wake.clear()
+        listener = await self.pool.acquire()
+        await listener.add_listener(CHANNEL, self.wake)
+        try:
+            while True:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
-                except TimeoutError:
-                    pass
+                    sent = await self.run_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Kafka or PostgreSQL away: keep trying, lose nothing
+                    log.warning("outcome relay: %s: %s; retrying", type(exc).__name__, exc)
+                    await asyncio.sleep(1)
+                    continue
+                if sent < self.batch:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+                    except TimeoutError:
+                        pass
+        finally:
+            try:
+                await listener.remove_listener(CHANNEL, self.wake)
+            finally:
+                await self.pool.release(listener)
+
+    async def _send_keyed(self, rows: list[asyncpg.Record]) -> list[asyncio.Future]:
+        """Send the outcomes in per-partition batches, partitioned by user_id like a keyed send."""
+        partitions = sorted(await self.producer.partitions_for(self.topic))
+        by_partition: dict[int, list[asyncpg.Record]] = defaultdict(list)
+        for r in rows:
+            key = r["user_id"].encode()
+            by_partition[self._partitioner(key, partitions, partitions)].append(r)
+        futures = []
+        for partition, items in by_partition.items():
+            batch = self.producer.create_batch()
+            for r in items:
+                if batch.append(key=r["user_id"].encode(), value=r["outcome"].encode(), timestamp=None) is None:
+                    batch.close()
+                    futures.append(await self.producer.send_batch(batch, self.topic, partition=partition))
+                    batch = self.producer.create_batch()
+                    batch.append(key=r["user_id"].encode(), value=r["outcome"].encode(), timestamp=None)
+            batch.close()
+            futures.append(await self.producer.send_batch(batch, self.topic, partition=partition))
+        return futures
 
     async def run_once(self) -> int:
         """Publish one batch; return how many messages were sent."""
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _LOCK):
                 return 0
-            cursor = await conn.fetchrow(
-                "SELECT last_txid, last_seq FROM relay_cursors WHERE name = $1", self.name
-            )
+            cursor = await conn.fetchrow("SELECT last_txid, last_seq FROM relay_cursors WHERE name = $1", self.name)
             last_txid, last_seq = (cursor["last_txid"], cursor["last_seq"]) if cursor else (0, 0)
-            rows = await conn.fetch(
-                """SELECT entry_id, user_id, decision, reason, credits, balance_after, price_list_version,
-                          recorded_at, txid, seq
-                     FROM ledger_entries
-                    WHERE kind = 'decision' AND (txid, seq) > ($1::xid8, $2)
-                      AND txid < pg_snapshot_xmin(pg_current_snapshot())
-                    ORDER BY txid, seq LIMIT $3""",
-                last_txid, last_seq, self.batch,
-            )
+            rows = await conn.fetch(_OUTCOMES, last_txid, last_seq, self.batch)
             letters = await conn.fetch(
                 "SELECT id, topic, key, payload, headers FROM credit_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self.batch,
             )
             if not rows and not letters:
                 return 0
-            futures = []
-            for r in rows:
-                outcome = CreditOutcome(
-                    event_id=r["entry_id"], user_id=r["user_id"], decision=Decision(r["decision"]),
-                    reason=r["reason"], credits=r["credits"], balance_after=r["balance_after"],
-                    price_list_version=r["price_list_version"], decided_at=r["recorded_at"],
-                )
-                futures.append(await self.producer.send(self.topic, outcome.to_json(), key=r["user_id"].encode()))
+            futures = await self._send_keyed(rows) if rows else []
             for letter in letters:
                 headers = [(k, v.encode()) for k, v in json.loads(letter["headers"]).items()]
-                futures.append(await self.producer.send(letter["topic"], letter["payload"], key=letter["key"], headers=headers))
+                futures.append(await self.producer.send(letter["topic"], letter["payload"], key=letter["key"],
+                                                        headers=headers))
             await asyncio.gather(*futures)
             if rows:
                 last = rows[-1]

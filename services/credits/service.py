@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
@@ -31,8 +30,8 @@ class Prepared:
 
 
 class CreditService:
-    def __init__(self, ledger: Ledger, book: PriceBook, on_committed: Callable[[], None] = lambda: None):
-        self.ledger, self.book, self.on_committed = ledger, book, on_committed
+    def __init__(self, ledger: Ledger, book: PriceBook):
+        self.ledger, self.book = ledger, book
 
     def prepare(self, records: list[ConsumerRecord]) -> Prepared:
         """Validate every record and decide every event (no I/O)."""
@@ -48,7 +47,6 @@ class CreditService:
     async def commit(self, batch: Prepared) -> Recorded:
         """Write the batch's decisions and dead letters in one ledger transaction."""
         result = await self.ledger.record(batch.decided, batch.letters)
-        self.on_committed()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         metrics.EVENTS_CONSUMED.inc(batch.records)
         metrics.DUPLICATES.inc(result.duplicates)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from services.shared.settings import CommonSettings
@@ -21,6 +23,9 @@ class CreditSettings(CommonSettings):
     batch_max_records: int = 5000
     batch_timeout_ms: int = 20
     fetch_max_wait_ms: int = 20
+    # "process": the outcome relay runs in a child process, off the consumer's CPU; "task": in the
+    # consumer's own event loop; "off": not here (another instance relays).
+    relay_mode: Literal["process", "task", "off"] = "process"
     relay_batch: int = 5000
     relay_idle_poll_s: float = 0.2
     db_pool_size: int = 5

@@ -2,6 +2,7 @@
 SIGKILL at random points under load, a PostgreSQL restart, a Kafka broker restart."""
 
 import asyncio
+import os
 import random
 
 from collections import Counter
@@ -19,6 +20,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODELS = [("gpt-4o", KeySource.PLATFORM, 5), ("claude-3-5-haiku", KeySource.PLATFORM, 1),
           ("o1", KeySource.PLATFORM, 20), ("gpt-4o", KeySource.BYOK, 0)]
+
+
+def processes_with_env(name: str, value: str) -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"{name}={value}".encode() in f.read().split(b"\0"):
+                    with open(f"/proc/{pid}/stat") as st:
+                        if st.read().split()[2] != "Z":
+                            found.add(int(pid))
+        except OSError:
+            continue
+    return found
 
 
 def workload(n: int, users: int = 50):
@@ -99,6 +114,9 @@ async def test_sigkill_at_random_points_under_load_loses_and_doubles_nothing(sta
     finally:
         proc.stop()
         feeder.cancel()
+    await asyncio.sleep(0.5)
+    assert processes_with_env("TOPIC_PREFIX", stack.topic_prefix) == set(), \
+        "no relay child outlives its killed parent"
     assert kills >= 10
     lives_with_progress = sum(b > a for a, b in zip([0] + decided_at_kill, decided_at_kill))
     assert lives_with_progress >= 5, f"kills must land while work is going on: {decided_at_kill}"
