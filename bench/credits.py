@@ -195,7 +195,8 @@ async def run_raw_copy(env: BenchEnv, n: int) -> float:
 
 def _steady_publisher(bootstrap: str, topic: str, rate: float, seconds: float) -> None:
     async def go():
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+        # A 5 ms linger, as a real emitter batches (the chat outbox relay does).
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
         await producer.start()
         try:
             t0 = time.perf_counter()

@@ -111,7 +111,7 @@ def build_consumer(settings: CreditSettings, service: CreditService) -> CreditCo
 
     subscriber = broker.subscriber(
         settings.model_call_completed_topic,
-        group_id=settings.consumer_group,
+        group_id=settings.topic(settings.consumer_group),  # a prefixed deployment has its own group
         group_instance_id=settings.consumer_instance_id,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=max(settings.session_timeout_ms // 4, 500),

@@ -74,22 +74,13 @@ class Ledger:
             rejected_letters: list[DeadLetter] = []
             debited = credits = 0
             if users:
-                await conn.execute(
-                    "INSERT INTO accounts (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", users
-                )
-                # Locked in a fixed order, so concurrent writers never deadlock, and so the running
-                # balances computed below are the ones the triggers will produce.
-                balances = dict(
-                    await conn.fetch(
-                        "SELECT user_id, balance FROM accounts WHERE user_id = ANY($1::text[]) "
-                        "ORDER BY user_id FOR UPDATE",
-                        users,
-                    )
-                )
+                balances = await self._lock_accounts(conn, users)
+                # unnest joined to the key, not "= ANY(array)": with thousands of ids the planner
+                # would otherwise scan the whole (ever-growing) ledger.
                 seen = {
                     r[0]
                     for r in await conn.fetch(
-                        "SELECT entry_id FROM ledger_entries WHERE entry_id = ANY($1::uuid[])",
+                        "SELECT l.entry_id FROM unnest($1::uuid[]) AS u(id) JOIN ledger_entries l ON l.entry_id = u.id",
                         [d.event.event_id for d in decided],
                     )
                 }
@@ -124,6 +115,22 @@ class Ledger:
                     [_letter_row(letter) for letter in all_letters],
                 )
         return Recorded(len(fresh), len(decided) - len(fresh), debited, credits, len(rejected_letters))
+
+    @staticmethod
+    async def _lock_accounts(conn: asyncpg.Connection, users: list[str]) -> dict[str, int]:
+        """Lock the users' accounts (creating the missing ones) and return their balances.
+
+        Locked in a fixed order, so concurrent writers never deadlock, and so the running balances
+        computed from them are the ones the triggers will produce.
+        """
+        lock = ("SELECT a.user_id, a.balance FROM unnest($1::text[]) AS u(id) JOIN accounts a ON a.user_id = u.id "
+                "ORDER BY a.user_id FOR UPDATE OF a")
+        balances = dict(await conn.fetch(lock, users))
+        missing = [u for u in users if u not in balances]
+        if missing:
+            await conn.execute("INSERT INTO accounts (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", missing)
+            balances.update(await conn.fetch(lock, missing))
+        return balances
 
     async def balance(self, user_id: str) -> Balance:
         row = await self.pool.fetchrow(

@@ -223,7 +223,8 @@ async def _set_apart_undecided(settings: FinanceSettings, diffs: list[Difference
     if not settings.finance_credits_group or not candidates:
         return diffs, []
     committed = await committed_offsets(
-        settings.kafka_bootstrap_servers, settings.finance_credits_group, settings.model_call_completed_topic
+        settings.kafka_bootstrap_servers, settings.topic(settings.finance_credits_group),
+        settings.model_call_completed_topic,
     )
     if not committed:  # the group never consumed this topic: nothing tells lag from loss
         return diffs, []

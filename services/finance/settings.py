@@ -19,6 +19,6 @@ class FinanceSettings(CommonSettings):
     # The credit service's consumer group: an event it has not consumed yet (at or beyond its
     # committed offset) and with no ledger entry is "not yet decided", not a missing debit.
     # Empty: no such check (every undecided billable event is a missing debit).
-    finance_credits_group: str = "credits"
+    finance_credits_group: str = "credits"  # prefixed by TOPIC_PREFIX, as the credit service does
     # Give up when the log stops advancing for this long before reaching the range's end.
     finance_stall_timeout_s: float = 60.0

@@ -449,7 +449,8 @@ async def test_events_the_credit_service_has_not_reached_are_not_yet_decided_not
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     tp = TopicPartition(settings.model_call_completed_topic, first.partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=settings.topic(group),
+                                enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign([tp])
@@ -475,7 +476,7 @@ async def test_bad_input_in_the_log_is_reported_never_a_crash(stack):
         Raw(b'{"event_id": "' + b"x" * 70_000 + b'"}', at),  # larger than any consumer here accepts
         Raw(good.to_json().replace(b'"input_tokens":10', b'"input_tokens":-10'), at),
         Raw(good.to_json().replace(b'"openai"', b'"not-a-provider"'), at),
-        Raw(event(user_id="nul\x00user").to_json(), at),  # the schema lets it through; PostgreSQL would not
+        Raw(event(user_id="nuluser").to_json().replace(b"nuluser", b"nul\\u0000user"), at),  # NUL: refused
     ]
     await produce(stack, [good] + bad)
 
