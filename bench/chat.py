@@ -24,7 +24,7 @@ from bench import BenchEnv, Figure, percentile
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.topics import topic_specs
 from services.chat.harness import ServiceProcess
-from services.chat.identity import issue_token
+from services.chat.identity import mint_token
 from services.provider_simulator.app import base_urls
 from services.shared.db import migrate
 
@@ -116,8 +116,8 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
                   warmup: float) -> list[Figure]:
     # httpcore's pool work grows with its size: enough connections for the rate, no more.
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    admin = issue_token(SECRET, "bench-admin", role="admin", ttl_s=3600)
-    tokens = {f"bench-user-{i}": issue_token(SECRET, f"bench-user-{i}", ttl_s=3600) for i in range(USERS)}
+    admin = mint_token(SECRET, "bench-admin", role="admin", ttl_s=3600)
+    tokens = {f"bench-user-{i}": mint_token(SECRET, f"bench-user-{i}", ttl_s=3600) for i in range(USERS)}
     async with httpx.AsyncClient(limits=limits, timeout=30) as http:
         cookies: dict[str, str] = {}
         for user, token in tokens.items():

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.events import CreditOutcome
-from services.chat.identity import issue_token
+from services.chat.identity import mint_token
 from services.shared.settings import CommonSettings, HttpSettings
 
 console = Console()
@@ -61,7 +61,7 @@ class Demo:
         self.ok = True
 
     def token(self, user: str, role: str = "user") -> str:
-        return issue_token(self.s.auth_jwt_secret, user, role=role, ttl_s=900)
+        return mint_token(self.s.auth_jwt_secret, user, role=role, ttl_s=900)
 
     def client(self, user: str) -> httpx.Client:
         return httpx.Client(base_url=self.s.chat_url, timeout=60, headers={"Authorization": f"Bearer {self.token(user)}"})

@@ -26,7 +26,7 @@ from schemas.events import Feature, Provider, utc_now
 from schemas.pricing import default_price_book
 from services.chat.catalog import catalog
 from services.chat.balances import BalanceReader, CreditsUnavailable
-from services.chat.identity import SESSION_COOKIE, NotAuthenticated, Principal, issue_token, read_token, token_from
+from services.chat.identity import SESSION_COOKIE, AuthError, Identity, mint_token, read_token, token_from
 from services.chat.key_session import KEY_COOKIE, KeySealer, SessionKey
 from services.chat.service import (
     BalanceUnknown, ChatRefused, ChatService, InvalidRequest, OwnKeyMissing, PaymentRequired, PlatformKeyMissing,
@@ -101,16 +101,16 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def principal(
         authorization: Annotated[str | None, Header()] = None,
         byok_session: Annotated[str | None, Cookie()] = None,
-    ) -> Principal:
+    ) -> Identity:
         return read_token(settings.auth_jwt_secret, token_from(authorization, byok_session))
 
     async def session_key(
-        who: Annotated[Principal, Depends(principal)], w: Annotated[Wiring, Depends(wiring)],
+        who: Annotated[Identity, Depends(principal)], w: Annotated[Wiring, Depends(wiring)],
         byok_key: Annotated[str | None, Cookie()] = None,
     ) -> SessionKey | None:
         return w.sealer.open(who.user_id, who.session_id, byok_key)
 
-    Who = Annotated[Principal, Depends(principal)]
+    Who = Annotated[Identity, Depends(principal)]
     Key = Annotated[SessionKey | None, Depends(session_key)]
     Wired = Annotated[Wiring, Depends(wiring)]
 
@@ -121,8 +121,8 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     def drop_cookie(response: Response, name: str) -> None:
         response.delete_cookie(name, path="/", httponly=True, secure=settings.cookie_secure, samesite="strict")
 
-    @app.exception_handler(NotAuthenticated)
-    async def not_authenticated(_: Request, exc: NotAuthenticated) -> JSONResponse:
+    @app.exception_handler(AuthError)
+    async def not_authenticated(_: Request, exc: AuthError) -> JSONResponse:
         return JSONResponse({"error": "not_authenticated", "message": "Sign in first.", "detail": str(exc)},
                             status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
@@ -164,7 +164,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def dev_login(body: DevLoginIn, w: Wired, response: Response) -> dict:
         if not settings.dev_login:
             return JSONResponse({"error": "not_found", "message": "Dev sign-in is off."}, status_code=404)
-        token = issue_token(settings.auth_jwt_secret, body.user_id, ttl_s=settings.session_ttl_s)
+        token = mint_token(settings.auth_jwt_secret, body.user_id, ttl_s=settings.session_ttl_s)
         set_cookie(response, SESSION_COOKIE, token, settings.session_ttl_s)
         drop_cookie(response, KEY_COOKIE)  # a key sealed for an earlier session opens no more anyway
         granted = None

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from services.chat.identity import Principal
+from services.chat.identity import Identity
 
 
 class CreditsUnavailable(Exception):
@@ -16,7 +16,7 @@ class CreditsUnavailable(Exception):
 class BalanceReader:
     """Port: the balance of the calling user."""
 
-    async def balance(self, who: Principal) -> int:
+    async def balance(self, who: Identity) -> int:
         raise NotImplementedError
 
     def note_charge(self, user_id: str, credits: int) -> None:
@@ -36,7 +36,7 @@ class RecentBalances(BalanceReader):
         self.inner, self.max_age_s, self.clock = inner, max_age_s, clock
         self._seen: dict[str, tuple[float, int]] = {}  # user -> (read at, balance less charges since)
 
-    async def balance(self, who: Principal) -> int:
+    async def balance(self, who: Identity) -> int:
         now = self.clock()
         seen = self._seen.get(who.user_id)
         if seen is not None and now - seen[0] < self.max_age_s:
@@ -57,7 +57,7 @@ class HttpBalanceReader(BalanceReader):
     def __init__(self, client: httpx.AsyncClient, credits_url: str):
         self.client, self.credits_url = client, credits_url.rstrip("/")
 
-    async def balance(self, who: Principal) -> int:
+    async def balance(self, who: Identity) -> int:
         try:
             response = await self.client.get(
                 f"{self.credits_url}/api/credits/{who.user_id}",
@@ -81,5 +81,5 @@ class FixedBalances(BalanceReader):
     def __init__(self, balances: dict[str, int] | None = None):
         self.balances = balances or {}
 
-    async def balance(self, who: Principal) -> int:
+    async def balance(self, who: Identity) -> int:
         return self.balances.get(who.user_id, 0)

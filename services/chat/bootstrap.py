@@ -13,7 +13,7 @@ from schemas.events import KeyCheckResult, Provider
 from schemas.pricing import default_price_book
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader, RecentBalances
-from services.chat.identity import issue_token
+from services.chat.identity import mint_token
 from services.chat.key_session import KeySealer, derive_secret
 from services.chat.outbox import OutboxRelay, PgOutbox
 from services.chat.service import ChatService, KeyChecker
@@ -101,7 +101,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     )
 
     async def grant_plan(user_id: str) -> dict:
-        admin = issue_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
+        admin = mint_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
         r = await credits_http.post(
             f"{settings.credits_url.rstrip('/')}/api/admin/grants",
             json={"grant_key": f"dev-welcome:{user_id}", "user_id": user_id, "plan": settings.dev_login_grant_plan},

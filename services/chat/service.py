@@ -22,7 +22,7 @@ from schemas.events import (
 )
 from schemas.pricing import PriceBook
 from services.chat.balances import BalanceReader, CreditsUnavailable
-from services.chat.identity import Principal
+from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.outbox import Outbox
 from services.chat.store import ModelSettings, SettingsStore
@@ -208,7 +208,7 @@ class ChatService:
     def _usable(settings: ModelSettings, key: SessionKey | None) -> bool:
         return settings.use_own_key and key is not None and key.provider is settings.provider
 
-    async def view(self, who: Principal, key: SessionKey | None) -> SettingsView:
+    async def view(self, who: Identity, key: SessionKey | None) -> SettingsView:
         s = await self.settings_of(who.user_id)
         usable = self._usable(s, key)
         if usable:
@@ -225,7 +225,7 @@ class ChatService:
         return SettingsView(s, usable, key.hint if usable else None, status, message, price)
 
     async def update_settings(
-        self, who: Principal, key: SessionKey | None, provider: Provider, model: str, use_own_key: bool,
+        self, who: Identity, key: SessionKey | None, provider: Provider, model: str, use_own_key: bool,
         api_key: str | None,
     ) -> SettingsChange:
         """Apply new settings; a supplied key is checked first and a refused key changes nothing."""
@@ -258,7 +258,7 @@ class ChatService:
         name = INFO[provider].name
         raise OwnKeyMissing(f"Paste your {name} API key and press Check to use it. Keys are kept for this session only.")
 
-    async def _check(self, who: Principal, provider: Provider, api_key: str) -> KeyCheckResult:
+    async def _check(self, who: Identity, provider: Provider, api_key: str) -> KeyCheckResult:
         try:
             return await self.checker.check(who.user_id, provider, api_key, self.key_check_timeout_s)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as exc:
@@ -272,7 +272,7 @@ class ChatService:
 
     # --- calls ------------------------------------------------------------------------------------
 
-    async def call(self, who: Principal, key: SessionKey | None, feature: Feature, message: str) -> CallResult:
+    async def call(self, who: Identity, key: SessionKey | None, feature: Feature, message: str) -> CallResult:
         """Run one model call for `feature` on the right key; exactly one event records it."""
         if not message.strip():
             raise InvalidRequest("Type a message first.")
@@ -343,7 +343,7 @@ class ChatService:
             await self.store.mark_key(who.user_id, key.hint, KeyCheckStatus.VALID.value, f"Your {name} key works.")
         return CallResult(reply.text, event, billing)
 
-    async def _ensure_affordable(self, who: Principal, feature: Feature, key_source: KeySource, model: str) -> int | None:
+    async def _ensure_affordable(self, who: Identity, feature: Feature, key_source: KeySource, model: str) -> int | None:
         """The balance before a billable call, refusing (402) when it cannot pay or has no price."""
         if not is_billable(feature, key_source):
             return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from services.chat.identity import issue_token
+from services.chat.identity import mint_token
 from services.shared.settings import HttpSettings
 
 cli = typer.Typer(add_completion=False, help=__doc__)
@@ -22,7 +22,7 @@ def mint(
 ) -> None:
     if role not in ("user", "admin"):
         raise typer.BadParameter('role is "user" or "admin"')
-    typer.echo(issue_token(HttpSettings().auth_jwt_secret, user_id, role=role, ttl_s=ttl))
+    typer.echo(mint_token(HttpSettings().auth_jwt_secret, user_id, role=role, ttl_s=ttl))
 
 
 def main() -> None:

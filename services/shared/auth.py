@@ -1,9 +1,14 @@
-"""Identity from a signed token (JWT HS256): `sub` is the user, `role=admin` for admin routes."""
+"""Identity from a signed token (JWT HS256): `sub` is the user, `role=admin` for admin routes.
+
+Shared by every HTTP service, so a token minted by one (the chat's sign-in, `byok-token`) is read the
+same way by the others. Identity never comes from a request body.
+"""
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 
 import jwt
 
@@ -11,13 +16,16 @@ ALGORITHM = "HS256"
 
 
 class AuthError(Exception):
-    pass
+    """No token, or a token that is forged, expired or malformed."""
 
 
 @dataclass(frozen=True)
 class Identity:
     user_id: str
     role: str = "user"
+    # Identifies one sign-in; the chat binds a sealed key to it, so the key dies with the session.
+    session_id: str = ""
+    token: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -27,19 +35,28 @@ class Identity:
         return self.is_admin or self.user_id == user_id
 
 
-def mint_token(secret: str, user_id: str, role: str = "user", ttl: timedelta = timedelta(hours=12)) -> str:
-    now = datetime.now(timezone.utc)
-    return jwt.encode({"sub": user_id, "role": role, "iat": now, "exp": now + ttl}, secret, algorithm=ALGORITHM)
+def mint_token(secret: str, user_id: str, role: str = "user", ttl_s: int = 3600,
+               session_id: str | None = None) -> str:
+    """A signed token for `user_id` (used by the dev sign-in, `byok-token`, the demo and tests)."""
+    if not user_id or len(user_id) > 200:
+        raise ValueError("a user id has 1 to 200 characters")
+    now = int(time.time())
+    claims = {"sub": user_id, "role": role, "iat": now, "exp": now + ttl_s,
+              "sid": session_id or secrets.token_urlsafe(12)}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 def read_token(secret: str, token: str) -> Identity:
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]})
-    except jwt.ExpiredSignatureError as exc:
-        raise AuthError("the token has expired; sign in again") from exc
-    except jwt.InvalidTokenError as exc:
-        raise AuthError("the token is not valid") from exc
+    except jwt.ExpiredSignatureError:
+        raise AuthError("the token has expired; sign in again") from None
+    except jwt.PyJWTError as exc:
+        raise AuthError(f"invalid token: {exc}") from None
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise AuthError("the token names no user")
-    return Identity(sub, claims.get("role", "user"))
+    if not isinstance(sub, str) or not sub or len(sub) > 200:
+        raise AuthError("invalid token: bad subject")
+    role = claims.get("role") if isinstance(claims.get("role"), str) else "user"
+    # Tokens minted elsewhere may lack a session id; bind their keys to the token's issue time instead.
+    sid = claims.get("sid") if isinstance(claims.get("sid"), str) else f"iat:{claims.get('iat', '')}"
+    return Identity(sub, role, sid, token)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from services.chat.harness import ServiceProcess
-from services.chat.identity import issue_token
+from services.chat.identity import mint_token
 from services.provider_simulator import SimulatorServer
 from tests.conftest import Stack
 
@@ -29,7 +29,7 @@ class ChatSystem:
     log_dir: Path
 
     def token(self, user: str, role: str = "user") -> str:
-        return issue_token(SECRET, user, role=role, ttl_s=600)
+        return mint_token(SECRET, user, role=role, ttl_s=600)
 
     def grant(self, user: str, plan: str) -> None:
         r = httpx.post(f"{self.credits.url}/api/admin/grants",

@@ -12,7 +12,7 @@ from schemas.pricing import default_price_book
 from services.chat.app import Wiring, create_app
 from services.chat.balances import FixedBalances
 from services.chat.bootstrap import key_sealer
-from services.chat.identity import issue_token
+from services.chat.identity import mint_token
 from services.chat.outbox import MemoryOutbox
 from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
@@ -142,7 +142,7 @@ def test_one_users_key_cookie_is_useless_to_another_user(world):
     login(client, "alice")
     client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY})
     alice_key_cookie = client.cookies.get("byok_key")
-    bob = issue_token(SECRET, "bob")
+    bob = mint_token(SECRET, "bob")
     client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True},
                 headers={"Authorization": f"Bearer {bob}"})
     view = client.get("/api/model-settings", headers={"Authorization": f"Bearer {bob}"},

@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 from schemas.events import Provider
-from services.chat.identity import NotAuthenticated, issue_token, read_token, token_from
+from services.chat.identity import AuthError, mint_token, read_token, token_from
 from services.chat.key_session import KeySealer, derive_secret
 
 pytestmark = pytest.mark.unit
@@ -21,28 +21,28 @@ def sealer(ttl: int = 60) -> KeySealer:
 
 
 def test_token_round_trip_carries_user_role_and_session():
-    who = read_token(SECRET, issue_token(SECRET, "alice", role="admin", session_id="s1"))
+    who = read_token(SECRET, mint_token(SECRET, "alice", role="admin", session_id="s1"))
     assert (who.user_id, who.role, who.session_id, who.is_admin) == ("alice", "admin", "s1", True)
 
 
 @pytest.mark.parametrize("token", [
-    issue_token("another-secret-0123456789abcdef", "alice"),  # forged
-    issue_token(SECRET, "alice", ttl_s=-10),  # expired
+    mint_token("another-secret-0123456789abcdef", "alice"),  # forged
+    mint_token(SECRET, "alice", ttl_s=-10),  # expired
     jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"),  # other algorithm
     jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),  # no expiry
     "not-a-token",
 ])
 def test_bad_tokens_are_refused(token):
-    with pytest.raises(NotAuthenticated):
+    with pytest.raises(AuthError):
         read_token(SECRET, token)
 
 
 def test_bearer_header_wins_over_cookie_and_other_schemes_are_refused():
     assert token_from("Bearer abc", "cookie") == "abc"
     assert token_from(None, "cookie") == "cookie"
-    with pytest.raises(NotAuthenticated):
+    with pytest.raises(AuthError):
         token_from("Basic abc", None)
-    with pytest.raises(NotAuthenticated):
+    with pytest.raises(AuthError):
         token_from(None, None)
 
 

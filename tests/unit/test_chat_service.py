@@ -10,7 +10,7 @@ import pytest
 from schemas.events import CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, Provider
 from schemas.pricing import default_price_book
 from services.chat.balances import CreditsUnavailable, FixedBalances
-from services.chat.identity import Principal
+from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.outbox import MemoryOutbox
 from services.chat.service import (
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.unit
 
 USER_KEY = "sk-proj-userOWNkey000000000000000001"
 PLATFORM_KEY = "sk-platform-key-0000000000000000000001"
-ALICE = Principal("alice", "user", "sess-1", "token-a")
+ALICE = Identity("alice", "user", "sess-1", "token-a")
 
 
 class FakeChecker:
