@@ -21,6 +21,22 @@ from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, P
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def processes_with_env(name: str, value: str) -> set[int]:
+    """Live (not zombie) processes whose environment has `name=value`: what a test started, by
+    whatever path (children, grandchildren, processes run as another user)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"{name}={value}".encode() in f.read().split(b"\0"):
+                    with open(f"/proc/{pid}/stat") as st:
+                        if st.read().split()[2] != "Z":
+                            found.add(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,6 @@
 SIGKILL at random points under load, a PostgreSQL restart, a Kafka broker restart."""
 
 import asyncio
-import os
 import random
 
 from collections import Counter
@@ -14,26 +13,12 @@ from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import KeySource
 from schemas.topics import topic_specs
 from services.shared.db import migrate
-from tests.support import ServiceProcess, free_port, make_event, publish, wait_for
+from tests.support import ServiceProcess, free_port, make_event, processes_with_env, publish, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODELS = [("gpt-4o", KeySource.PLATFORM, 5), ("claude-3-5-haiku", KeySource.PLATFORM, 1),
           ("o1", KeySource.PLATFORM, 20), ("gpt-4o", KeySource.BYOK, 0)]
-
-
-def processes_with_env(name: str, value: str) -> set[int]:
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"{name}={value}".encode() in f.read().split(b"\0"):
-                    with open(f"/proc/{pid}/stat") as st:
-                        if st.read().split()[2] != "Z":
-                            found.add(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 def workload(n: int, users: int = 50):

@@ -9,24 +9,13 @@ import time
 import httpx
 import pytest
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, processes_with_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def processes_of(state_dir) -> set[int]:
-    """Every live process started with this state folder in its environment."""
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"BYOK_STATE_DIR={state_dir}".encode() in f.read().split(b"\0"):
-                    with open(f"/proc/{pid}/stat") as s:
-                        if s.read().split()[2] != "Z":
-                            found.add(int(pid))
-        except OSError:
-            continue
-    return found
+    return processes_with_env("BYOK_STATE_DIR", str(state_dir))
 
 
 def test_up_twice_restart_a_dead_part_and_down(private_state):
