@@ -3,7 +3,6 @@ SIGKILL at random points under load, a PostgreSQL restart, a Kafka broker restar
 
 import asyncio
 import random
-
 from collections import Counter
 
 import asyncpg
