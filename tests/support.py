@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
+from schemas.events import CallStatus, Feature, KeySource, KeyCheckStatus, ModelCallCompleted, Provider
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,3 +129,27 @@ async def wait_for(predicate, timeout_s: float = 30, every_s: float = 0.1, what:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached in {timeout_s} s (last: {value!r})")
         await asyncio.sleep(every_s)
+
+
+# Keys of each provider's real shape, with a behaviour marker the provider simulator reacts to
+# (see services/provider_simulator): sim_key(Provider.GROQ, "revoked").
+SIM_KEY_SHAPES = {
+    Provider.OPENAI: "sk-proj-{}-0000000000000000a1b2",
+    Provider.GROQ: "gsk_{}00000000000000000000a1b2",
+    Provider.ANTHROPIC: "sk-ant-api03-{}-000000000000a1b2",
+    Provider.GEMINI: "AIzaSy{}0000000000000000000000a1b2",
+}
+# The key-check status each simulator behaviour must produce.
+BEHAVIOUR_STATUS = {
+    "valid": KeyCheckStatus.VALID,
+    "invalid": KeyCheckStatus.INVALID,
+    "revoked": KeyCheckStatus.REVOKED_OR_EXPIRED,
+    "denied": KeyCheckStatus.PERMISSION_DENIED,
+    "noquota": KeyCheckStatus.QUOTA_EXHAUSTED,
+    "ratelimited": KeyCheckStatus.RATE_LIMITED,
+    "down": KeyCheckStatus.PROVIDER_UNAVAILABLE,
+}
+
+
+def sim_key(provider: Provider, marker: str) -> str:
+    return SIM_KEY_SHAPES[provider].format(marker)

@@ -8,15 +8,10 @@ import pytest
 from schemas.events import KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
 from services.shared import providers as p
+from tests.support import SIM_KEY_SHAPES as KEYS
 
 pytestmark = pytest.mark.unit
 
-KEYS = {
-    Provider.OPENAI: "sk-proj-{}-0000000000000000a1b2",
-    Provider.GROQ: "gsk_{}00000000000000000000a1b2",
-    Provider.ANTHROPIC: "sk-ant-api03-{}-000000000000a1b2",
-    Provider.GEMINI: "AIzaSy{}0000000000000000000000a1b2",
-}
 EXPECTED = {
     "valid": None,
     "invalid": KeyCheckStatus.INVALID,

@@ -21,28 +21,9 @@ from services.validation.handler import RequestHandler
 from services.validation.sealing import KeyOpener, KeySealer, SealingError, generate
 from services.validation.service import KeyCheckService
 from services.validation.settings import DEV_KEY_ID, SealingSettings, ValidationSettings
+from tests.support import SIM_KEY_SHAPES as KEYS, BEHAVIOUR_STATUS, sim_key as key
 
 pytestmark = pytest.mark.unit
-
-KEYS = {
-    Provider.OPENAI: "sk-proj-{}-0000000000000000a1b2",
-    Provider.GROQ: "gsk_{}00000000000000000000a1b2",
-    Provider.ANTHROPIC: "sk-ant-api03-{}-000000000000a1b2",
-    Provider.GEMINI: "AIzaSy{}0000000000000000000000a1b2",
-}
-BEHAVIOUR_STATUS = {
-    "valid": KeyCheckStatus.VALID,
-    "invalid": KeyCheckStatus.INVALID,
-    "revoked": KeyCheckStatus.REVOKED_OR_EXPIRED,
-    "denied": KeyCheckStatus.PERMISSION_DENIED,
-    "noquota": KeyCheckStatus.QUOTA_EXHAUSTED,
-    "ratelimited": KeyCheckStatus.RATE_LIMITED,
-    "down": KeyCheckStatus.PROVIDER_UNAVAILABLE,
-}
-
-
-def key(provider: Provider, marker: str) -> str:
-    return KEYS[provider].format(marker)
 
 
 class FakeClock:
