@@ -23,6 +23,7 @@ from infra.topics import ensure_topics, wait_for_broker
 from schemas.topics import topic_specs
 from services.shared.db import migrate
 from services.shared.settings import CommonSettings
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,14 +160,6 @@ def stack(kafka_bootstrap: str, database_url: str, kafka_topics: str, db_schema:
     return Stack(kafka_bootstrap, database_url, db_schema, kafka_topics)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrivateServer:
     """A Kafka broker or PostgreSQL cluster of one test's own, which the test may stop and start
     (restart and outage tests) without disturbing the shared one other tests use."""
@@ -208,7 +201,7 @@ def private_state() -> Iterator[Path]:
 @pytest.fixture
 def private_kafka(private_state) -> Iterator[PrivateServer]:
     """A broker of this test's own (`.bootstrap`), started; stopped at the end whatever happened."""
-    port, controller = _free_port(), _free_port()
+    port, controller = free_port(), free_port()
     server = PrivateServer(
         "kafka.sh", private_state,
         {"BYOK_KAFKA_PORT": str(port), "BYOK_KAFKA_CONTROLLER_PORT": str(controller), "BYOK_KAFKA_HEAP": "512M"},
@@ -224,7 +217,7 @@ def private_kafka(private_state) -> Iterator[PrivateServer]:
 @pytest.fixture
 def private_postgres(private_state) -> Iterator[PrivateServer]:
     """A PostgreSQL cluster of this test's own (`.url`), started; stopped at the end."""
-    port = _free_port()
+    port = free_port()
     server = PrivateServer("postgres.sh", private_state, {"BYOK_PG_PORT": str(port)})
     server.url = f"postgresql://byok:byok@127.0.0.1:{port}/byok"
     server.start()

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
 from services.validation.bootstrap import Validation, build
 from services.validation.settings import SealingSettings, ValidationSettings
 
 log = logging.getLogger("services.validation")
-
-
-class _HealthServer(uvicorn.Server):
-    # uvicorn re-raises SIGTERM/SIGINT once it has stopped, which would kill the process before the
-    # worker has finished its checks and committed; here the process, not uvicorn, owns the signals.
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 def health_app(validation: Validation) -> FastAPI:
@@ -60,11 +51,8 @@ async def serve(settings: ValidationSettings) -> None:
         log.warning("using the DEV-ONLY sealing key pair from the repository; set KEY_SEAL_* in production")
     validation = build(settings, sealing)
     await start_worker(validation)
-    server = _HealthServer(uvicorn.Config(health_app(validation), host=settings.http_host, port=settings.http_port,
+    server = GracefulServer(uvicorn.Config(health_app(validation), host=settings.http_host, port=settings.http_port,
                                           log_level="warning", access_log=False))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     log.info("validation worker up: consuming %s, health on %s:%d (keys: %s)", settings.key_check_requests_topic,
              settings.http_host, settings.http_port, ", ".join(sealing.private_keys))
     try:
@@ -76,10 +64,7 @@ async def serve(settings: ValidationSettings) -> None:
 
 def main() -> None:
     settings = ValidationSettings()
-    setup_logging(settings.log_level, "validation")
-    if settings.log_level.upper() != "DEBUG":
-        # One INFO line per provider call is noise here; the handler logs each answered check.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(settings.log_level, "validation")  # also keeps httpx's per-request lines out
     asyncio.run(serve(settings))
 
 
