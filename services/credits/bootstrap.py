@@ -23,6 +23,7 @@ from services.credits.relay import OutcomeRelay
 from services.credits.service import CreditService
 from services.credits.settings import CreditSettings
 from services.shared.db import create_pool, migrate
+from services.shared.gc_tuning import tune_for_batches
 from services.shared.kafka import make_producer
 from services.shared.logging import setup_logging
 
@@ -85,6 +86,7 @@ def _relay_process_main(settings_json: str, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     settings = CreditSettings.model_validate_json(settings_json)
     setup_logging(settings.log_level, "credits-relay")
+    tune_for_batches()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_relay(settings))
 
@@ -118,6 +120,7 @@ async def running(settings: CreditSettings, book: PriceBook | None = None,
     book = book or default_price_book()
     ledger = ledger_factory(pool)
     consumer = build_consumer(settings, CreditService(ledger, book))
+    tune_for_batches()
     await consumer.start()
     background = [asyncio.create_task(track_lag(consumer.subscriber))]
     if settings.relay_mode == "process":

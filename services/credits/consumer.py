@@ -60,10 +60,8 @@ class CommitPipeline:
     async def submit(self, records: list[ConsumerRecord], consumer) -> None:
         prepared = self.service.prepare(records)
         await self.drain()
-        offsets: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        # A partition's records arrive in offset order, so the last one of each wins.
+        offsets = {TopicPartition(r.topic, r.partition): r.offset + 1 for r in records}
         self._in_flight = asyncio.create_task(self._commit(prepared, offsets, consumer))
 
     async def drain(self) -> None:

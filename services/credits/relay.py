@@ -44,6 +44,8 @@ class OutcomeRelay:
         self.batch, self.idle_poll_s, self.name = batch, idle_poll_s, name
         self._wake = asyncio.Event()
         self._partitioner = DefaultPartitioner()
+        self._partition_of: dict[str, int] = {}
+        self._partition_count = 0
         self.published = 0
 
     def wake(self, *_: object) -> None:
@@ -77,10 +79,18 @@ class OutcomeRelay:
     async def _send_keyed(self, rows: list[asyncpg.Record]) -> list[asyncio.Future]:
         """Send the outcomes in per-partition batches, partitioned by user_id like a keyed send."""
         partitions = sorted(await self.producer.partitions_for(self.topic))
+        if len(partitions) != self._partition_count:  # the topic grew: keys map elsewhere now
+            self._partition_of.clear()
+            self._partition_count = len(partitions)
         by_partition: dict[int, list[asyncpg.Record]] = defaultdict(list)
         for r in rows:
-            key = r["user_id"].encode()
-            by_partition[self._partitioner(key, partitions, partitions)].append(r)
+            user = r["user_id"]
+            partition = self._partition_of.get(user)
+            if partition is None:  # aiokafka's murmur2 is pure Python: hash each user once
+                if len(self._partition_of) > 100_000:
+                    self._partition_of.clear()
+                partition = self._partition_of[user] = self._partitioner(user.encode(), partitions, partitions)
+            by_partition[partition].append(r)
         futures = []
         for partition, items in by_partition.items():
             batch = self.producer.create_batch()
