@@ -1,26 +1,30 @@
-"""Chat service overhead per model call, at a steady 200 requests/s.
+"""Chat service overhead per model call, at a steady 200 requests/s (issue #5).
 
 Measured: `POST /chat` on the chat service (`python -m services.chat`, its own process) on the
 platform path (JWT, settings read, balance asked of the credit service, outbox row written before and
 completed after the call, relay to Kafka) and on the BYOK path (JWT, settings read, sealed-key cookie
 opened, outbox), each calling the provider simulator (its own process, answering at once).
-Baseline, same run and same load generator: the same chat completion sent straight to the simulator.
-Overhead = chat latency - direct latency, at p50 and p99 (target: under 5 ms and under 20 ms).
+Baseline, same run and same load generator, measured right before each path: the same chat
+completion sent straight to the simulator. Overhead = chat latency - direct latency, at p50 and p99
+(target: under 5 ms and under 20 ms).
+
+The load is open loop at a fixed rate (`bench.loadgen.steady`): each latency runs from the request's
+scheduled send time, so queueing shows; failed or unanswered requests are counted and reported.
 """
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
-import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 
 from bench import BenchEnv, Figure, percentile
+from bench.loadgen import LeanClient, Run, steady
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.topics import topic_specs
 from services.chat.harness import ServiceProcess
@@ -29,49 +33,11 @@ from services.provider_simulator.app import base_urls
 from services.shared.db import migrate
 
 NAME = "chat"
-# A rate this 2-core machine (load generator included) can sustain, and the target rate, so the
-# table shows the per-call overhead both with and without queueing.
-RATES = (50.0, 200.0)
+RATE = 200.0  # the issue's rate
 SECRET = "bench-chat-secret-0123456789abcdef"
 PLATFORM_KEY = "sk-proj-valid-benchplatform000000000001"
 USER_KEY = "gsk_valid" + "bench" * 5
 USERS = 20
-
-
-async def steady(rate: float, seconds: float, send) -> tuple[list[float], int]:
-    """Latencies (ms) of `send(i)` started at a steady `rate` (open loop: a slow answer delays no start),
-    and how many failed (an error or a timeout: counted, shown in the table, not hidden).
-
-    Each request is started when its time comes (not all created up front), so the generator holds
-    only the requests in flight.
-    """
-    n = int(rate * seconds)
-    latencies: list[float] = []
-    failures = 0
-    tasks: set[asyncio.Task] = set()
-
-    async def one(i: int) -> None:
-        nonlocal failures
-        start = time.perf_counter()
-        try:
-            ok = await send(i)
-        except httpx.HTTPError:
-            ok = False
-        if ok:
-            latencies.append((time.perf_counter() - start) * 1000)
-        else:
-            failures += 1
-
-    t0 = time.perf_counter()
-    for i in range(n):
-        delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    return latencies, failures
 
 
 async def run(env: BenchEnv) -> list[Figure]:
@@ -114,11 +80,9 @@ async def run(env: BenchEnv) -> list[Figure]:
 
 async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServiceProcess, seconds: float,
                   warmup: float) -> list[Figure]:
-    # httpcore's pool work grows with its size: enough connections for the rate, no more.
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     admin = mint_token(SECRET, "bench-admin", role="admin", ttl_s=3600)
     tokens = {f"bench-user-{i}": mint_token(SECRET, f"bench-user-{i}", ttl_s=3600) for i in range(USERS)}
-    async with httpx.AsyncClient(limits=limits, timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30) as http:  # set-up only; the load goes through LeanClient
         cookies: dict[str, str] = {}
         for user, token in tokens.items():
             for n in range(12):  # enough credits for every platform call of the run (llama3-8b-8192: 1 each)
@@ -129,60 +93,75 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
                                 json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True, "api_key": USER_KEY})
             r.raise_for_status()
             cookies[user] = r.cookies["byok_key"]
-        users = list(tokens)
-
-        direct_url = base_urls(sim.url)["GROQ_BASE_URL"] + "/openai/v1/chat/completions"
-        direct_body = {"model": "llama3-8b-8192", "max_tokens": 1024,
-                       "messages": [{"role": "system", "content": "You are a helpful data-analysis assistant."},
-                                    {"role": "user", "content": "hello"}]}
-
-        async def direct(i: int) -> bool:
-            r = await phase.post(direct_url, json=direct_body, headers={"Authorization": f"Bearer {PLATFORM_KEY}"})
-            return r.status_code == 200
-
-        def chat_call(byok: bool):
-            async def send(i: int) -> bool:
-                user = users[i % len(users)]
-                headers = {"Authorization": f"Bearer {tokens[user]}"}
-                if byok:
-                    headers["Cookie"] = f"byok_key={cookies[user]}"
-                r = await phase.post(f"{chat.url}/chat", json={"feature": "chat", "message": "hello"}, headers=headers)
-                return r.status_code == 200 and r.json()["key_source"] == ("byok" if byok else "platform")
-            return send
 
         async def switch(byok: bool) -> None:
-            for user in users:
+            for user in tokens:
                 body = {"provider": "groq", "model": "llama3-8b-8192", "use_own_key": byok}
                 r = await http.post(f"{chat.url}/settings/model", json=body,
                                     headers={"Authorization": f"Bearer {tokens[user]}", "Cookie": f"byok_key={cookies[user]}"})
                 r.raise_for_status()
 
-        results: dict[tuple[float, str], tuple[list[float], int]] = {}
-        phase: httpx.AsyncClient
-        for rate in RATES:
-            for name, send, byok in [("direct", direct, None), ("byok", chat_call(True), True),
-                                     ("platform", chat_call(False), False)]:
-                if byok is not None:
-                    await switch(byok)
+        direct_path = urlsplit(base_urls(sim.url)["GROQ_BASE_URL"]).path + "/openai/v1/chat/completions"
+        direct_body = {"model": "llama3-8b-8192", "max_tokens": 1024,
+                       "messages": [{"role": "system", "content": "You are a helpful data-analysis assistant."},
+                                    {"role": "user", "content": "hello"}]}
+
+        def direct_calls(client: LeanClient):
+            raw = client.prepare("POST", direct_path, json_body=direct_body,
+                                 headers={"Authorization": f"Bearer {PLATFORM_KEY}"})
+
+            async def send(i: int) -> bool:
+                return (await client.send(raw)).status == 200
+            return send
+
+        def chat_calls(client: LeanClient, byok: bool):
+            raws = []
+            for user, token in tokens.items():
+                headers = {"Authorization": f"Bearer {token}"}
+                if byok:
+                    headers["Cookie"] = f"byok_key={cookies[user]}"
+                raws.append(client.prepare("POST", "/chat", json_body={"feature": "chat", "message": "hello"},
+                                           headers=headers))
+            want = "byok" if byok else "platform"
+
+            async def send(i: int) -> bool:
+                answer = await client.send(raws[i % len(raws)])
+                return answer.status == 200 and answer.json()["key_source"] == want
+            return send
+
+        results: dict[str, Run] = {}
+        # Each path is measured right after its own baseline, so a load that comes and goes on this
+        # shared machine hits both alike.
+        for path in ("platform", "byok"):
+            await switch(path == "byok")
+            for name, origin in ((f"direct/{path}", sim.url), (path, chat.url)):
                 # A fresh client per phase: no connection left idle past the server's keep-alive timeout.
-                async with httpx.AsyncClient(limits=limits, timeout=60) as phase:
-                    await steady(rate, warmup, send)  # warm connections and caches
-                    results[rate, name] = await steady(rate, seconds, send)
+                async with LeanClient(origin) as client:
+                    send = direct_calls(client) if name.startswith("direct") else chat_calls(client, path == "byok")
+                    await steady(RATE, warmup, send)  # warm connections and caches
+                    results[name] = await steady(RATE, seconds, send)
     return figures_of(results)
 
 
-def figures_of(results: dict[tuple[float, str], tuple[list[float], int]]) -> list[Figure]:
+def figures_of(results: dict[str, Run]) -> list[Figure]:
     figures = []
-    for rate, path in [(r, p) for r in RATES for p in ("platform", "byok")]:
-        (direct, direct_failed), (chat, failed) = results[rate, "direct"], results[rate, path]
-        d50, d99 = percentile(direct, 50), percentile(direct, 99)
-        p50, p99 = percentile(chat, 50), percentile(chat, 99)
-        label = f"{path} path at {rate:.0f} req/s"
+    for path in ("platform", "byok"):
+        direct, chat = results[f"direct/{path}"], results[path]
+        label = f"{path} path at {RATE:.0f} req/s"
+        if not chat.latencies or not direct.latencies:
+            figures.append(Figure(NAME, f"{label}: failed requests", chat.failures, "", "simulator direct failed",
+                                  direct.failures, "lower", "0"))
+            continue
+        d50, d99 = percentile(direct.latencies, 50), percentile(direct.latencies, 99)
+        p50, p99 = percentile(chat.latencies, 50), percentile(chat.latencies, 99)
         figures += [
             Figure(NAME, f"{label}: latency p50", p50, "ms", "simulator direct p50", d50, "lower"),
             Figure(NAME, f"{label}: latency p99", p99, "ms", "simulator direct p99", d99, "lower"),
             Figure(NAME, f"{label}: overhead p50 (chat - direct)", p50 - d50, "ms", "", None, "lower", "< 5 ms"),
             Figure(NAME, f"{label}: overhead p99 (chat - direct)", p99 - d99, "ms", "", None, "lower", "< 20 ms"),
-            Figure(NAME, f"{label}: failed requests", failed, "", "simulator direct failed", direct_failed, "lower", "0"),
+            Figure(NAME, f"{label}: failed requests (of {chat.planned})", chat.failures, "", "simulator direct failed",
+                   direct.failures, "lower", "0"),
+            Figure(NAME, f"{label}: generator late starts (> 1 ms)", chat.late_starts, "", "simulator direct",
+                   direct.late_starts, "lower"),
         ]
     return figures
