@@ -74,10 +74,13 @@ class StartingKeyChecker:
 @contextlib.asynccontextmanager
 async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> AsyncIterator[Wiring]:
     await migrate(settings.database_url, settings.database_schema)
-    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size)
+    # The chat service never changes a session's state, so connections go back to the pool unreset.
+    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size,
+                             reset_sessions=False)
     relay = OutboxRelay(
         pool, lambda: make_producer(settings.kafka_bootstrap_servers), settings.model_call_completed_topic,
-        batch=settings.relay_batch, idle_poll_s=settings.relay_idle_poll_s, stale_after_s=settings.outbox_stale_after_s,
+        batch=settings.relay_batch, idle_poll_s=settings.relay_idle_poll_s, linger_s=settings.relay_linger_s,
+        stale_after_s=settings.outbox_stale_after_s,
     )
     # httpcore scans its pool on every request: keep the idle part of it modest.
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)

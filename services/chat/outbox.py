@@ -99,11 +99,15 @@ class OutboxRelay:
         *,
         batch: int = 500,
         idle_poll_s: float = 0.5,
+        linger_s: float = 0.0,
         stale_after_s: float = 90.0,
         send_timeout_s: float = 15.0,
     ):
         self.pool, self.make_producer, self.topic = pool, make_producer, topic
         self.batch, self.idle_poll_s, self.stale_after_s, self.send_timeout_s = batch, idle_poll_s, stale_after_s, send_timeout_s
+        # After a wake-up, wait this long for more rows: under load one relay round (a transaction and
+        # a Kafka acknowledgement) then carries many events instead of one or two.
+        self.linger_s = linger_s
         self._wake = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task | None = None
@@ -168,20 +172,29 @@ class OutboxRelay:
                     await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
                 except asyncio.TimeoutError:
                     pass
+                else:
+                    if self.linger_s > 0:
+                        await asyncio.sleep(self.linger_s)
 
     async def relay_once(self) -> int:
-        """Publish one batch of due rows and delete them once acknowledged; returns how many."""
+        """Publish one batch of due rows and delete them once acknowledged; returns how many.
+
+        The rows are deleted (and locked) in one statement, in a transaction that commits only after
+        Kafka acknowledged them all: if the publish fails, the rollback keeps them.
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                """SELECT id, user_id, payload FROM chat_outbox
-                    WHERE ready OR created_at < now() - make_interval(secs => $1)
-                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+                """DELETE FROM chat_outbox WHERE id IN (
+                       SELECT id FROM chat_outbox
+                        WHERE ready OR created_at < now() - make_interval(secs => $1)
+                        ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                   RETURNING id, user_id, payload""",
                 self.stale_after_s, self.batch,
             )
             if not rows:
                 return 0
+            rows = sorted(rows, key=lambda r: r["id"])  # RETURNING has no order; a user's events keep theirs
             await asyncio.wait_for(self._publish(rows), self.send_timeout_s)
-            await conn.execute("DELETE FROM chat_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
         self.published += len(rows)
         return len(rows)
 

@@ -52,6 +52,8 @@ class ChatSettings(CommonSettings, HttpSettings):
     # Outbox relay.
     relay_batch: int = 500
     relay_idle_poll_s: float = 0.5
+    # How long the relay waits, once woken, for more events to send with the first (a batch per round).
+    relay_linger_s: float = 0.05
     db_pool_size: int = 10
 
     def platform_keys(self) -> dict[Provider, str | None]:

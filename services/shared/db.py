@@ -14,9 +14,21 @@ def server_settings(schema: str | None) -> dict[str, str]:
     return settings
 
 
-async def create_pool(url: str, schema: str | None = None, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """A pool `reset` that sends nothing (asyncpg still rolls back a transaction left open)."""
+
+
+async def create_pool(url: str, schema: str | None = None, *, min_size: int = 1, max_size: int = 10,
+                      reset_sessions: bool = True) -> asyncpg.Pool:
+    """A connection pool on `schema`.
+
+    `reset_sessions=False` skips the reset query asyncpg otherwise sends each time a connection goes
+    back to the pool (`RESET ALL`, `UNLISTEN *`, ...: a second round trip for every one-statement
+    query), for code that never changes session state: no SET, LISTEN, advisory lock or cursor.
+    """
     return await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, server_settings=server_settings(schema)
+        url, min_size=min_size, max_size=max_size, server_settings=server_settings(schema),
+        reset=None if reset_sessions else _keep_session,
     )
 
 
