@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -35,12 +36,24 @@ class RecentBalances(BalanceReader):
     def __init__(self, inner: BalanceReader, max_age_s: float = 1.0, clock=time.monotonic):
         self.inner, self.max_age_s, self.clock = inner, max_age_s, clock
         self._seen: dict[str, tuple[float, int]] = {}  # user -> (read at, balance less charges since)
+        # One read per user at a time: calls that find the reading stale while it is being renewed
+        # wait for that read instead of each asking the credit service again.
+        self._reading: dict[str, asyncio.Future[int]] = {}
 
     async def balance(self, who: Identity) -> int:
-        now = self.clock()
         seen = self._seen.get(who.user_id)
-        if seen is not None and now - seen[0] < self.max_age_s:
+        if seen is not None and self.clock() - seen[0] < self.max_age_s:
             return seen[1]
+        reading = self._reading.get(who.user_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(who))
+            self._reading[who.user_id] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(who.user_id, None))
+        # Shielded: a caller that gives up does not cancel the read the others wait for.
+        return await asyncio.shield(reading)
+
+    async def _read(self, who: Identity) -> int:
+        now = self.clock()
         value = await self.inner.balance(who)
         if len(self._seen) > 100_000:
             self._seen.clear()

@@ -377,11 +377,11 @@ class ChatService:
 
     def _finished(self, pending: ModelCallCompleted, started: float, status: CallStatus,
                   reply: ChatReply | None = None) -> ModelCallCompleted:
-        data = pending.model_dump()
-        data.update(occurred_at=self.clock(), status=status, latency_ms=int((time.monotonic() - started) * 1000))
+        # A copy, not a re-validation of the whole event: every changed field is built typed right here.
+        changes = {"occurred_at": self.clock(), "status": status, "latency_ms": int((time.monotonic() - started) * 1000)}
         if reply is not None:
-            data.update(input_tokens=max(0, reply.input_tokens), output_tokens=max(0, reply.output_tokens))
-        return ModelCallCompleted.model_validate(data)
+            changes.update(input_tokens=max(0, int(reply.input_tokens)), output_tokens=max(0, int(reply.output_tokens)))
+        return pending.model_copy(update=changes)
 
     def _billing(self, event: ModelCallCompleted, balance: int | None) -> Billing:
         charge = decide(event, self.book)

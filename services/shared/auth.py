@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 
@@ -26,6 +26,8 @@ class Identity:
     # Identifies one sign-in; the chat binds a sealed key to it, so the key dies with the session.
     session_id: str = ""
     token: str = ""
+    # When the token stops being valid (its `exp`, Unix seconds); 0 = not known.
+    expires_at: float = field(default=0.0, compare=False)
 
     @property
     def is_admin(self) -> bool:
@@ -59,4 +61,5 @@ def read_token(secret: str, token: str) -> Identity:
     role = claims.get("role") if isinstance(claims.get("role"), str) else "user"
     # Tokens minted elsewhere may lack a session id; bind their keys to the token's issue time instead.
     sid = claims.get("sid") if isinstance(claims.get("sid"), str) else f"iat:{claims.get('iat', '')}"
-    return Identity(sub, role, sid, token)
+    exp = claims.get("exp")
+    return Identity(sub, role, sid, token, float(exp) if isinstance(exp, (int, float)) else 0.0)

@@ -161,6 +161,17 @@ def test_identity_never_comes_from_the_body(world):
     assert client.get("/api/balance").json() == {"user_id": "alice", "balance": 100}
 
 
+def test_chat_bodies_are_checked_after_identity_and_refused_with_where_not_what(world):
+    client, *_ = world
+    assert client.post("/chat", content=b"{not json").status_code == 401  # who first, then the body
+    login(client, "alice")
+    for body in [b"{not json", b'{"message": ""}', b'{"message": "hi", "user_id": "bob"}', b'{"feature": "poems", "message": "x"}']:
+        r = client.post("/chat", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, body
+        assert r.json()["error"] == "invalid_request" and r.json()["message"].startswith("body")
+    assert "requestBody" in client.get("/openapi.json").json()["paths"]["/chat"]["post"]
+
+
 def test_page_and_health(world):
     client, *_ = world
     page = client.get("/")

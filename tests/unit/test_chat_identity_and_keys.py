@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 from schemas.events import Provider
-from services.chat.identity import AuthError, mint_token, read_token, token_from
+from services.chat.identity import AuthError, TokenReader, mint_token, read_token, token_from
 from services.chat.key_session import KeySealer, derive_secret
 
 pytestmark = pytest.mark.unit
@@ -35,6 +35,32 @@ def test_token_round_trip_carries_user_role_and_session():
 def test_bad_tokens_are_refused(token):
     with pytest.raises(AuthError):
         read_token(SECRET, token)
+
+
+@pytest.mark.parametrize("token", [
+    mint_token("another-secret-0123456789abcdef", "alice"),
+    mint_token(SECRET, "alice", ttl_s=-10),
+    "not-a-token",
+])
+def test_the_token_reader_refuses_what_read_token_refuses_every_time(token):
+    reader = TokenReader(SECRET)
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            reader.read(token)
+    assert reader._verified == {}
+
+
+def test_the_token_reader_remembers_a_verified_token_only_until_it_expires():
+    now = [time.time()]
+    reader = TokenReader(SECRET, clock=lambda: now[0])
+    token = mint_token(SECRET, "alice", ttl_s=60, session_id="s1")
+    first = reader.read(token)
+    assert (first.user_id, first.session_id) == ("alice", "s1")
+    assert reader.read(token) is first  # not verified again
+    now[0] += 61
+    with pytest.raises(AuthError):  # expired: refused, though remembered
+        reader.read(token)
+    assert token not in reader._verified
 
 
 def test_bearer_header_wins_over_cookie_and_other_schemes_are_refused():

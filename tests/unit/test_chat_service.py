@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -255,3 +256,29 @@ async def test_a_recent_balance_is_reused_less_the_charges_since_and_refreshed_w
     inner.balances["alice"] = 500  # a grant arrives
     now[0] = 1.5
     assert await recent.balance(ALICE) == 500 and Counting.reads == 2
+
+
+async def test_calls_finding_the_balance_stale_together_share_one_read():
+    from services.chat.balances import RecentBalances
+
+    class Slow(FixedBalances):
+        reads = 0
+
+        async def balance(self, who):
+            Slow.reads += 1
+            await asyncio.sleep(0.05)
+            return await super().balance(who)
+
+    recent = RecentBalances(Slow({"alice": 10}), max_age_s=1.0)
+    assert await asyncio.gather(*[recent.balance(ALICE) for _ in range(5)]) == [10] * 5
+    assert Slow.reads == 1
+
+    class Down(FixedBalances):
+        async def balance(self, who):
+            await asyncio.sleep(0.01)
+            raise CreditsUnavailable("down")
+
+    failing = RecentBalances(Down(), max_age_s=1.0)
+    results = await asyncio.gather(*[failing.balance(ALICE) for _ in range(3)], return_exceptions=True)
+    assert all(isinstance(r, CreditsUnavailable) for r in results)
+    assert failing._reading == {}  # the next call asks again
