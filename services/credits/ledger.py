@@ -108,10 +108,8 @@ class Ledger:
                         c.price_list_version, c.reason, e.provider, e.model, e.feature,
                         e.key_source, e.status, e.occurred_at, balances[e.user_id],
                     ))
-                if fresh:
+                if fresh:  # its trigger also wakes the outcome relay at commit (migrations/0006)
                     await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
-                    # Delivered at commit: wakes the outcome relay (services/credits/relay.py).
-                    await conn.execute("SELECT pg_notify('credit_outcomes', '')")
             all_letters = list(letters) + rejected_letters
             if all_letters:
                 await conn.executemany(
