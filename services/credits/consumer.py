@@ -46,28 +46,71 @@ async def raw_decoder(message, original) -> None:
 
 
 class CommitPipeline:
-    """Overlaps the CPU work of batch N+1 with the ledger transaction of batch N.
+    """Keeps fetching while the ledger writes, and writes what piled up in one transaction.
 
-    Batches are committed one at a time, in order; the offsets of a batch are committed to Kafka
-    only once its ledger transaction has committed. A batch the ledger cannot take (PostgreSQL away)
-    is retried, never skipped, and the next batch waits for it.
+    `submit` validates a batch (CPU only) and queues it; a single writer task commits everything
+    queued so far in one ledger transaction (group commit), then commits those records' offsets to
+    Kafka. The handler returns at once, so FastStream goes straight back to the broker: aiokafka does
+    not fetch a partition again until its buffered records are taken, and a handler that waited for
+    the ledger would leave new events on the broker for a whole extra transaction.
+
+    Batches are written in the order they arrived; offsets are committed only after the ledger
+    transaction that holds their decisions has committed, by a task of their own so that the next
+    ledger transaction need not wait for Kafka's answer. A transaction the ledger cannot take
+    (PostgreSQL away) is retried, never skipped; meanwhile the queue fills up to `max_queued`
+    events and then `submit` waits, which stops the fetching.
     """
 
-    def __init__(self, service: CreditService):
+    def __init__(self, service: CreditService, *, max_queued: int = 20_000, max_per_transaction: int = 20_000):
         self.service = service
-        self._in_flight: asyncio.Task | None = None
+        self.max_queued, self.max_per_transaction = max_queued, max_per_transaction
+        self._queue: list[tuple[Prepared, dict[TopicPartition, int]]] = []
+        self._queued = 0
+        self._writer: asyncio.Task | None = None
+        self._room = asyncio.Event()
+        self._room.set()
+        self._written: dict[TopicPartition, int] = {}  # offsets whose decisions are in the ledger
+        self._offset_committer: asyncio.Task | None = None
 
     async def submit(self, records: list[ConsumerRecord], consumer) -> None:
         prepared = self.service.prepare(records)
-        await self.drain()
         # A partition's records arrive in offset order, so the last one of each wins.
         offsets = {TopicPartition(r.topic, r.partition): r.offset + 1 for r in records}
-        self._in_flight = asyncio.create_task(self._commit(prepared, offsets, consumer))
+        while self._queued >= self.max_queued:
+            self._room.clear()
+            await self._room.wait()
+        self._queue.append((prepared, offsets))
+        self._queued += len(prepared.decided) + len(prepared.letters)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued(consumer))
 
     async def drain(self) -> None:
-        if self._in_flight is not None:
-            task, self._in_flight = self._in_flight, None
-            await task
+        """Wait until everything submitted is in the ledger (and its offsets committed, if possible)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        while self._offset_committer is not None and not self._offset_committer.done():
+            await asyncio.shield(self._offset_committer)
+
+    def _take(self) -> tuple[Prepared, dict[TopicPartition, int]]:
+        """The oldest queued batches, merged into one transaction's worth."""
+        taken, size = 0, 0
+        while taken < len(self._queue) and (taken == 0 or size < self.max_per_transaction):
+            size += len(self._queue[taken][0].decided)
+            taken += 1
+        batches, self._queue = self._queue[:taken], self._queue[taken:]
+        self._queued = sum(len(p.decided) + len(p.letters) for p, _ in self._queue)
+        self._room.set()
+        if len(batches) == 1:
+            return batches[0]
+        offsets: dict[TopicPartition, int] = {}
+        for _, batch_offsets in batches:
+            offsets.update(batch_offsets)  # later batches hold later offsets
+        return Prepared.merge([p for p, _ in batches]), offsets
+
+    async def _write_queued(self, consumer) -> None:
+        while self._queue:
+            prepared, offsets = self._take()
+            await self._commit(prepared, offsets, consumer)
 
     async def _commit(self, prepared: Prepared, offsets: dict[TopicPartition, int], consumer) -> None:
         delay = 0.1
@@ -83,11 +126,19 @@ class CommitPipeline:
                             type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, KafkaError, IllegalStateError) as exc:
-            # Decisions are committed; the records will be redelivered and found already decided.
-            log.warning("offset commit failed after the ledger commit (%s); redelivery is harmless", exc)
+        self._written.update(offsets)  # later transactions hold later offsets
+        if self._offset_committer is None or self._offset_committer.done():
+            self._offset_committer = asyncio.create_task(self._commit_offsets(consumer))
+
+    async def _commit_offsets(self, consumer) -> None:
+        """Commit the offsets of what the ledger holds; whatever was written meanwhile goes next time."""
+        while self._written:
+            offsets, self._written = self._written, {}
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, KafkaError, IllegalStateError) as exc:
+                # Decisions are committed; the records will be redelivered and found already decided.
+                log.warning("offset commit failed after the ledger commit (%s); redelivery is harmless", exc)
 
 
 @dataclass
@@ -126,7 +177,8 @@ def build_consumer(settings: CreditSettings, service: CreditService) -> CreditCo
         description="Applies the credit policy to every model call and keeps the ledger.",
     )
 
-    pipeline = CommitPipeline(service)
+    pipeline = CommitPipeline(service, max_queued=settings.max_queued_events,
+                              max_per_transaction=settings.max_queued_events)
 
     @subscriber
     async def on_model_calls(body: Any, msg: KafkaMessage) -> None:

@@ -28,6 +28,16 @@ class Prepared:
     letters: list[DeadLetter]
     started: float
 
+    @staticmethod
+    def merge(batches: list[Prepared]) -> Prepared:
+        """Several batches as one, in order (one ledger transaction for all of them)."""
+        return Prepared(
+            sum(b.records for b in batches),
+            [d for b in batches for d in b.decided],
+            [letter for b in batches for letter in b.letters],
+            min(b.started for b in batches),
+        )
+
 
 class CreditService:
     def __init__(self, ledger: Ledger, book: PriceBook):

@@ -18,10 +18,12 @@ class CreditSettings(CommonSettings):
     # back at once instead of waiting out the session timeout. Unique per running instance.
     consumer_instance_id: str | None = None
     session_timeout_ms: int = 10_000
-    # One ledger transaction per batch: larger batches amortise the round trips, smaller ones
-    # keep the publish-to-debit latency low when the topic is quiet.
+    # Fetched batches are validated as they come and written by group commit (consumer.CommitPipeline):
+    # whatever piled up while one ledger transaction ran goes into the next. A short fetch timeout
+    # keeps a quiet topic's events from waiting; FastStream also sleeps this long after an empty fetch.
     batch_max_records: int = 5000
-    batch_timeout_ms: int = 20
+    batch_timeout_ms: int = 5
+    max_queued_events: int = 20_000  # validated, not yet in the ledger; fetching pauses beyond it
     fetch_max_wait_ms: int = 20
     # "process": the outcome relay runs in a child process, off the consumer's CPU; "task": in the
     # consumer's own event loop; "off": not here (another instance relays).
