@@ -62,7 +62,9 @@ class CreditRuntime:
 
 async def run_relay(settings: CreditSettings) -> None:
     """The outcome relay with its own pool and producer, until cancelled."""
-    pool = await create_pool(settings.database_url, settings.database_schema, max_size=2)
+    # Held for the relay's life: the LISTEN connection, and transactions whose advisory lock ends with
+    # them; nothing changes session state, so connections go back to the pool without a reset query.
+    pool = await create_pool(settings.database_url, settings.database_schema, max_size=2, reset_sessions=False)
     producer = await start_producer(settings)
     try:
         await OutcomeRelay(pool, producer, settings.credit_ledger_topic, batch=settings.relay_batch,
@@ -115,7 +117,9 @@ async def running(settings: CreditSettings, book: PriceBook | None = None,
                   ledger_factory: type[Ledger] = Ledger) -> AsyncIterator[CreditRuntime]:
     """The consumer, the outcome relay and the lag gauge, running until the block exits."""
     await migrate(settings.database_url, settings.database_schema)
-    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size)
+    # Ledger transactions and reads only (no SET, LISTEN or session lock): no reset query per release.
+    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size,
+                             reset_sessions=False)
     producer = await start_producer(settings)
     book = book or default_price_book()
     ledger = ledger_factory(pool)
