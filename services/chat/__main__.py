@@ -9,6 +9,7 @@ import uvicorn
 from services.chat.app import create_app
 from services.chat.bootstrap import wire
 from services.chat.settings import ChatSettings
+from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
 
 
@@ -16,8 +17,15 @@ def main() -> None:
     settings = ChatSettings()
     setup_logging(settings.log_level, "chat")
     app = create_app(settings, wire)
-    logging.getLogger(__name__).info("chat service on http://%s:%d/", settings.http_host, settings.http_port)
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False, log_config=None)
+    log = logging.getLogger(__name__)
+    log.info("chat service on http://%s:%d/", settings.http_host, settings.http_port)
+    # Like credits and validation: SIGTERM/SIGINT finish the requests in flight (their outbox rows
+    # complete), stop the relay through the lifespan, and the process then exits 0 rather than by
+    # the re-raised signal. uvloop and httptools are uvicorn's own picks when installed.
+    server = GracefulServer(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                                           access_log=False, log_config=None))
+    server.run()
+    log.info("chat service stopped")
 
 
 if __name__ == "__main__":
