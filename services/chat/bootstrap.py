@@ -21,7 +21,7 @@ from services.chat.settings import ChatSettings
 from services.chat.store import PgSettingsStore
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
-from services.shared.providers import ProviderSettings, chat_completion
+from services.shared.providers import ProviderSettings, chat_completion, provider_http_client
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     )
     # httpcore scans its pool on every request: keep the idle part of it modest.
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-    provider_http = httpx.AsyncClient(timeout=settings.provider_timeout_s, limits=limits)
+    provider_http = provider_http_client(timeout=settings.provider_timeout_s, limits=limits)
     credits_http = httpx.AsyncClient(timeout=settings.credits_timeout_s, limits=limits)
     providers = ProviderSettings()
 

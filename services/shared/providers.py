@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -448,3 +449,14 @@ async def chat_completion(
         return parse_chat_reply(provider, model, response.json())
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise ProviderError(provider, unavailable(provider, "sent an answer we could not read"), response.status_code) from None
+
+
+def provider_http_client(*, timeout: httpx.Timeout | float, limits: httpx.Limits,
+                         follow_redirects: bool = False) -> httpx.AsyncClient:
+    """An httpx client for calls to providers, shared by every user's calls.
+
+    Its cookie jar keeps nothing: one client serves all users, so a cookie a provider set on one
+    user's call (a session or load-balancer cookie) must not ride along on another user's call.
+    """
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=follow_redirects,
+                             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from schemas.events import KeyCheckStatus, Provider
@@ -124,3 +125,22 @@ def test_chat_body_round_trips_through_each_format(provider):
     else:
         assert body["systemInstruction"]["parts"][0]["text"] == "s"
         assert body["contents"][0]["parts"][0]["text"] == "u"
+
+
+async def test_the_shared_provider_client_never_carries_one_users_cookie_to_another_call():
+    seen: list[str | None] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("cookie"))
+        return httpx.Response(200, json={"data": []},
+                              headers={"set-cookie": "lb_session=user-a-affinity; Path=/; Max-Age=3600"})
+
+    client = p.provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
+    client._transport = httpx.MockTransport(provider)  # the client's own settings, a canned answer
+    try:
+        await client.get("https://api.openai.com/v1/models", headers={"authorization": "Bearer sk-user-a"})
+        await client.get("https://api.openai.com/v1/models", headers={"authorization": "Bearer sk-user-b"})
+    finally:
+        await client.aclose()
+    assert seen == [None, None]
+    assert not client.cookies
