@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
+
 import asyncpg
 
 from services.finance.assessment import EVENT_COLUMNS, Shape
@@ -155,6 +157,15 @@ async def compare(conn: asyncpg.Connection, window: Window, shapes: list[Shape],
                 d.provider, d.model, d.feature = r["provider"], r["model"], r["feature"]
                 d.key_source, d.status = r["key_source"], r["status"]
     return diffs
+
+
+async def last_recorded_at(conn: asyncpg.Connection, window: Window) -> datetime | None:
+    """When the newest ledger entry of the window was written. Its event was in the log by then: the
+    credit service decides only what it has read, and finance corrects only what it has read."""
+    return await conn.fetchval(
+        "SELECT max(recorded_at) FROM ledger_entries WHERE occurred_at >= $1 AND occurred_at < $2",
+        window.start, window.end,
+    )
 
 
 async def ledger_entry_count(conn: asyncpg.Connection, window: Window) -> int:

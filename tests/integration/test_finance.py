@@ -276,6 +276,22 @@ async def test_the_window_is_half_open_on_occurred_at(stack):
     assert len([d for d in following.differences if d.kind is Kind.UNREADABLE_EVENT]) == 1
 
 
+async def test_a_debit_whose_event_was_published_days_late_is_not_a_debit_with_no_event(stack):
+    # Occurred in the window, published now: far beyond the one-hour lateness allowance. The credit
+    # service debited it when it arrived; neither reconcile nor repair may call that debit baseless.
+    e = event()
+    conn = await stack.connect()
+    await record_correctly(conn, [e])
+    await conn.close()
+    await produce(stack, [e], kafka_time={e.event_id: datetime.now(timezone.utc)})
+
+    report = await reconcile(settings_of(stack), WINDOW)
+
+    assert report.differences == [], by_kind(report)
+    assert report.tally.in_window == 1
+    assert (await repair(settings_of(stack), WINDOW, apply=True)).written == 0
+
+
 async def test_redelivered_events_are_owed_once(stack):
     e = event()
     conn = await stack.connect()
