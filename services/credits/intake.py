@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from aiokafka.structs import ConsumerRecord
-from pydantic import ValidationError
 
 from schemas.events import ModelCallCompleted
-from services.shared.kafka import MAX_EVENT_BYTES, DeadLetter
+from services.shared.kafka import DeadLetter, Unreadable, read_model_call
 
 
 class Received(NamedTuple):  # a tuple: thousands are made per batch, and a frozen dataclass is slow to build
@@ -20,28 +19,14 @@ def dead_letter(record: ConsumerRecord, error: str, error_type: str) -> DeadLett
     return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, error, error_type)
 
 
-def _validation_summary(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "value"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def read_batch(records: list[ConsumerRecord]) -> tuple[list[Received], list[DeadLetter]]:
     """Validate every record on its own; one bad record never spoils the others."""
     good: list[Received] = []
     bad: list[DeadLetter] = []
     for record in records:
-        value = record.value
-        if not value:
-            bad.append(dead_letter(record, "empty value", "empty"))
-        elif len(value) > MAX_EVENT_BYTES:
-            bad.append(dead_letter(record, f"value of {len(value)} bytes exceeds {MAX_EVENT_BYTES}", "too_large"))
+        read = read_model_call(record.value)
+        if type(read) is Unreadable:
+            bad.append(dead_letter(record, read.message, read.kind))
         else:
-            try:
-                good.append(Received(ModelCallCompleted.from_json(value), record))
-            except ValidationError as exc:
-                kind = "malformed_json" if any(e["type"] == "json_invalid" for e in exc.errors()) else "schema"
-                bad.append(dead_letter(record, _validation_summary(exc), kind))
+            good.append(Received(read, record))
     return good, bad

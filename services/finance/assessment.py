@@ -12,13 +12,12 @@ import json
 from dataclasses import dataclass
 from uuid import UUID
 
-from pydantic import ValidationError
-
 from schemas.events import Decision, ModelCallCompleted
 from schemas.pricing import PriceBook
 from services.credits.policy import Charge, decide
 from services.finance.window import Window
-from services.shared.kafka import MAX_EVENT_BYTES
+from services.shared.kafka import Unreadable as NotAnEvent
+from services.shared.kafka import read_model_call
 
 # Columns of one assessed event, in the order of `Assessor.assess` rows (the COPY layout). What
 # the event owes and its descriptive fields are a `Shape`, stored once and referred to by number:
@@ -74,14 +73,6 @@ def _event_id_of(value: bytes) -> UUID | None:
         return UUID(str(json.loads(value)["event_id"]))
     except Exception:  # anything unreadable just has no recoverable id
         return None
-
-
-def _summary(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:3]:
-        where = ".".join(str(p) for p in err["loc"]) or "value"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
 
 
 class Shapes:
@@ -146,21 +137,11 @@ class Assessor:
         window, shape_of, seen, shapes = self.window, self.shapes.of, self.seen, self.shapes.shapes
         for r in records:
             value = r.value
-            error = None
-            if not value:
-                error = "empty value"
-            elif len(value) > MAX_EVENT_BYTES:
-                error = f"value of {len(value)} bytes exceeds {MAX_EVENT_BYTES}"
-            else:
-                try:
-                    # The schema also refuses control characters (a NUL cannot be stored in PostgreSQL).
-                    event = ModelCallCompleted.model_validate_json(value)
-                except ValidationError as exc:
-                    error = _summary(exc)
-            if error is not None:
+            event = read_model_call(value)  # the credit service reads records with this same function
+            if type(event) is NotAnEvent:
                 if window is None or window.contains_ms(r.timestamp):
-                    eid = _event_id_of(value) if value and len(value) <= MAX_EVENT_BYTES else None
-                    unreadable.append(Unreadable(r.partition, r.offset, r.timestamp, error, eid))
+                    eid = _event_id_of(value) if event.kind in ("malformed_json", "schema") else None
+                    unreadable.append(Unreadable(r.partition, r.offset, r.timestamp, event.message, eid))
                     tally.unreadable += 1
                 else:
                     tally.outside_window += 1
