@@ -82,6 +82,14 @@ class DevLoginIn(BaseModel):
     user_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@\-]+$")
 
 
+def is_json(content_type: str | None) -> bool:
+    """FastAPI's rule for a JSON body: no Content-Type, application/json or application/*+json."""
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAsyncContextManager[Wiring]]) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -230,6 +238,10 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
         w: Wiring = request.app.state.wiring
         key = w.sealer.open(who.user_id, who.session_id, request.cookies.get(KEY_COOKIE))
+        if not is_json(request.headers.get("content-type")):
+            # As FastAPI does for the other routes: a cross-site form can post text/plain, never JSON.
+            raise RequestValidationError([{"type": "content_type", "loc": ("body",), "input": None,
+                                           "msg": "send the body as JSON (Content-Type: application/json)"}])
         try:
             body = ChatIn.model_validate_json(await request.body())
         except ValidationError as exc:

@@ -172,6 +172,21 @@ def test_chat_bodies_are_checked_after_identity_and_refused_with_where_not_what(
     assert "requestBody" in client.get("/openapi.json").json()["paths"]["/chat"]["post"]
 
 
+def test_chat_refuses_a_body_that_is_not_sent_as_json(world):
+    client, _, outbox, provider, _ = world
+    login(client, "alice")
+    calls = len(provider.calls)
+    # What a cross-site HTML form can send: text/plain or a form encoding, with a JSON-looking body.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]:
+        r = client.post("/chat", content=b'{"feature": "chat", "message": "hi"}', headers={"Content-Type": content_type})
+        assert r.status_code == 422, content_type
+        assert "JSON" in r.json()["message"]
+    assert len(provider.calls) == calls
+    for content_type in ["application/json", "application/json; charset=utf-8", "application/vnd.api+json"]:
+        r = client.post("/chat", content=b'{"feature": "chat", "message": "hi"}', headers={"Content-Type": content_type})
+        assert r.status_code == 200, (content_type, r.text)
+
+
 def test_page_and_health(world):
     client, *_ = world
     page = client.get("/")
