@@ -7,7 +7,7 @@ from typing import NamedTuple
 from aiokafka.structs import ConsumerRecord
 
 from schemas.events import ModelCallCompleted
-from services.shared.kafka import DeadLetter, Unreadable, read_model_call
+from services.shared.kafka import DeadLetter, NotAnEvent, read_model_call
 
 
 class Received(NamedTuple):  # a tuple: thousands are made per batch, and a frozen dataclass is slow to build
@@ -25,7 +25,7 @@ def read_batch(records: list[ConsumerRecord]) -> tuple[list[Received], list[Dead
     bad: list[DeadLetter] = []
     for record in records:
         read = read_model_call(record.value)
-        if type(read) is Unreadable:
+        if type(read) is NotAnEvent:
             bad.append(dead_letter(record, read.message, read.kind))
         else:
             good.append(Received(read, record))

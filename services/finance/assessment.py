@@ -16,8 +16,7 @@ from schemas.events import Decision, ModelCallCompleted
 from schemas.pricing import PriceBook
 from services.credits.policy import Charge, decide
 from services.finance.window import Window
-from services.shared.kafka import Unreadable as NotAnEvent
-from services.shared.kafka import read_model_call
+from services.shared.kafka import NotAnEvent, read_model_call
 
 # Columns of one assessed event, in the order of `Assessor.assess` rows (the COPY layout). What
 # the event owes and its descriptive fields are a `Shape`, stored once and referred to by number:

@@ -18,7 +18,7 @@ MAX_EVENT_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class Unreadable:
+class NotAnEvent:
     """Why a record's value is not a `ModelCallCompleted`: `kind` is the dead letter's error type."""
 
     kind: str  # "empty" | "too_large" | "malformed_json" | "schema"
@@ -33,19 +33,19 @@ def _validation_summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def read_model_call(value: bytes | None) -> ModelCallCompleted | Unreadable:
+def read_model_call(value: bytes | None) -> ModelCallCompleted | NotAnEvent:
     """One record's value as an event, or why it is not one. Never raises: the credit service
     dead-letters what it cannot read, finance reports it; both read with this one function."""
     if not value:
-        return Unreadable("empty", "empty value")
+        return NotAnEvent("empty", "empty value")
     if len(value) > MAX_EVENT_BYTES:
-        return Unreadable("too_large", f"value of {len(value)} bytes exceeds {MAX_EVENT_BYTES}")
+        return NotAnEvent("too_large", f"value of {len(value)} bytes exceeds {MAX_EVENT_BYTES}")
     try:
         # The schema also refuses control characters (a NUL cannot be stored in PostgreSQL).
         return ModelCallCompleted.from_json(value)
     except ValidationError as exc:
         kind = "malformed_json" if any(e["type"] == "json_invalid" for e in exc.errors()) else "schema"
-        return Unreadable(kind, _validation_summary(exc))
+        return NotAnEvent(kind, _validation_summary(exc))
 
 
 def make_producer(bootstrap: str, **overrides) -> AIOKafkaProducer:

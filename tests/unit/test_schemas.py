@@ -87,3 +87,20 @@ def test_a_key_check_result_status_must_be_known():
     with pytest.raises(ValidationError):
         KeyCheckResult.model_validate_json(json.dumps({
             "request_id": str(uuid.uuid4()), "provider": "openai", "status": "maybe", "message": "?"}))
+
+
+def test_one_reader_says_what_each_unreadable_value_is():
+    from services.shared.kafka import MAX_EVENT_BYTES, NotAnEvent, read_model_call
+
+    good = make_event(input_tokens=1)
+    assert read_model_call(good.to_json()) == good
+    cases = {
+        b"": "empty", None: "empty", b"x" * (MAX_EVENT_BYTES + 1): "too_large", b"{not json": "malformed_json",
+        good.to_json().replace(b'"input_tokens":1', b'"input_tokens":-1'): "schema",
+    }
+    for value, kind in cases.items():
+        read = read_model_call(value)
+        assert isinstance(read, NotAnEvent) and read.kind == kind, (value[:40] if value else value, read)
+        assert read.message
+    negative = read_model_call(good.to_json().replace(b'"input_tokens":1', b'"input_tokens":-1'))
+    assert negative.message.startswith("input_tokens:")
