@@ -30,7 +30,7 @@ from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, P
 from schemas.pricing import default_price_book
 from schemas.topics import MODEL_CALL_COMPLETED, topic_specs
 from services.credits.bootstrap import running
-from services.credits.ledger import LEDGER_COLUMNS, Ledger
+from services.credits.ledger import LEDGER_COLUMNS, Ledger, decision_row
 from services.credits.policy import decide
 from services.credits.settings import CreditSettings
 from services.shared.db import migrate
@@ -182,14 +182,7 @@ async def run_raw_consume(env: BenchEnv, topic: str, n: int) -> float:
 
 def ledger_rows(n: int) -> list[tuple]:
     book = default_price_book()
-    rows = []
-    for i in range(n):
-        e = event(i)
-        c = decide(e, book)
-        rows.append((e.event_id, e.event_id, "decision", e.user_id, c.decision.value, c.credits, c.price_list_version,
-                     c.reason, e.provider.value, e.model, e.feature.value, e.key_source.value, e.status.value,
-                     e.occurred_at, 0))
-    return rows
+    return [decision_row(e, decide(e, book), 0) for e in map(event, range(n))]
 
 
 async def run_ledger_copy(env: BenchEnv, n: int) -> float:

@@ -40,6 +40,15 @@ class Decided(NamedTuple):
     source_offset: int = -1
 
 
+def decision_row(e: ModelCallCompleted, c: Charge, balance_after: int) -> tuple:
+    """The ledger row of one decided event, in LEDGER_COLUMNS order (the COPY layout).
+
+    The enums are str subclasses: passed as they are, they are written as their values.
+    """
+    return (e.event_id, e.event_id, "decision", e.user_id, c.decision, c.credits, c.price_list_version, c.reason,
+            e.provider, e.model, e.feature, e.key_source, e.status, e.occurred_at, balance_after)
+
+
 @dataclass(frozen=True)
 class Recorded:
     new: int
@@ -102,12 +111,7 @@ class Ledger:
                             DeadLetter(d.source_topic, d.source_partition, d.source_offset,
                                        e.user_id.encode(), d.raw, c.reason or "rejected", "unpriced_model")
                         )
-                    # The enums are str subclasses: passed as they are, they are written as their values.
-                    fresh.append((
-                        e.event_id, e.event_id, "decision", e.user_id, c.decision, c.credits,
-                        c.price_list_version, c.reason, e.provider, e.model, e.feature,
-                        e.key_source, e.status, e.occurred_at, balances[e.user_id],
-                    ))
+                    fresh.append(decision_row(e, c, balances[e.user_id]))
                 if fresh:  # its trigger also wakes the outcome relay at commit (migrations/0006)
                     await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
             all_letters = list(letters) + rejected_letters
