@@ -21,7 +21,7 @@ from services.finance.assessment import Assessor, Tally, Unreadable
 from services.finance.differences import Correction, Difference, Kind, correction_for
 from services.finance.event_log import EventLog, committed_offsets
 from services.finance.settings import FinanceSettings
-from services.finance.window import Window, to_ms as to_ms_of
+from services.finance.window import Window
 from services.shared.db import migrate, server_settings
 
 
@@ -187,15 +187,14 @@ async def reconcile(
     """Compare what the window's events owe (by the credit policy) with what the ledger holds."""
     began = time.perf_counter()
     progress = progress or NoProgress()
-    skew = timedelta(seconds=settings.finance_clock_skew_s)
-    from_ms, to_ms = window.log_range_ms(skew, timedelta(seconds=settings.finance_lateness_s))
     conn = await _connect(settings)
     try:
         # An event published later than the lateness allowance would otherwise be missed, and the
-        # debit it rightly caused reported (and refunded by repair) as a debit with no event. The
-        # log is read up to the newest entry of the window, so every event the ledger acted on is seen.
-        if (last := await ledger.last_recorded_at(conn, window)) is not None:
-            to_ms = max(to_ms, to_ms_of(last + skew) + 1)
+        # debit it rightly caused reported (and refunded by repair) as a debit with no event.
+        from_ms, to_ms = window.log_range_ms(
+            timedelta(seconds=settings.finance_clock_skew_s), timedelta(seconds=settings.finance_lateness_s),
+            await ledger.last_recorded_at(conn, window),
+        )
         assessor = Assessor(book or default_price_book(), window)
         tally, unreadable, planned = await load_events(settings, conn, assessor, from_ms, to_ms, progress)
         loaded = time.perf_counter()

@@ -44,9 +44,17 @@ class Window:
     def contains_ms(self, timestamp_ms: int) -> bool:
         return to_ms(self.start) <= timestamp_ms < to_ms(self.end)
 
-    def log_range_ms(self, skew: timedelta, lateness: timedelta) -> tuple[int, int]:
-        """Kafka timestamps to read, [from, to): wide enough to hold every event of the window."""
-        return max(0, to_ms(self.start - skew)), to_ms(self.end + lateness)
+    def log_range_ms(self, skew: timedelta, lateness: timedelta,
+                     last_recorded: datetime | None = None) -> tuple[int, int]:
+        """Kafka timestamps to read, [from, to): wide enough to hold every event of the window.
+
+        `last_recorded`, when the ledger has entries for the window, is when the newest was written:
+        its event was in the log by then, however late it was published, so the read goes that far.
+        """
+        end = self.end + lateness
+        if last_recorded is not None:
+            end = max(end, last_recorded + skew + timedelta(milliseconds=1))
+        return max(0, to_ms(self.start - skew)), to_ms(end)
 
     def __str__(self) -> str:
         return f"[{self.start.isoformat()}, {self.end.isoformat()})"

@@ -71,6 +71,15 @@ def test_log_range_widens_the_window_by_skew_and_lateness():
     assert lo == to_ms(T1) - 300_000 and hi == to_ms(T2) + 3_600_000
 
 
+def test_log_range_reaches_the_newest_ledger_entry_of_the_window_however_late():
+    skew, lateness = timedelta(minutes=5), timedelta(hours=1)
+    recorded = T2 + timedelta(days=3)  # an event published days late, then debited
+    _, hi = Window(T1, T2).log_range_ms(skew, lateness, recorded)
+    assert hi == to_ms(recorded + skew) + 1
+    _, hi = Window(T1, T2).log_range_ms(skew, lateness, T1 + timedelta(minutes=1))  # never narrower
+    assert hi == to_ms(T2) + 3_600_000
+
+
 # --- classification -------------------------------------------------------------------------------
 
 
