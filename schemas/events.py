@@ -6,21 +6,54 @@ negative counts, no unknown fields. Change only by adding optional fields.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import os
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+# --- bounds of input (contract, DESIGN.md "Bounds of input") --------------------------------------
+# Every value a consumer accepts must also be one the ledger can store: an event that passes the
+# schema and then breaks a database write would otherwise be retried forever. Outside these bounds
+# an event goes to the DLQ with the reason.
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
-# No control characters: a NUL cannot be stored in PostgreSQL text, and none belongs in an id or a
-# model name; refusing them here sends such an event to the DLQ instead of stalling a consumer.
-Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+MAX_TOKENS = 1_000_000_000
+MAX_LATENCY_MS = 86_400_000  # one day
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+LatencyMs = Annotated[int, Field(ge=0, le=MAX_LATENCY_MS)]
+
+# Printable only: no control (Cc), format (Cf), private-use (Co) or unassigned (Cn) characters and no
+# line or paragraph separators. A NUL cannot be stored in PostgreSQL text, and none of these belongs in
+# an id. Lone surrogates are refused by the parser itself. (Checked by the compiled validator, in Rust.)
+PRINTABLE = r"^[^\p{Cc}\p{Cf}\p{Co}\p{Cn}\p{Zl}\p{Zp}]+$"
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE)]
+# A model id is also a URL path segment at some providers: nothing that could leave the segment.
+MODEL_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,100}$"
+ModelId = Annotated[str, Field(min_length=1, max_length=100, pattern=MODEL_ID_PATTERN)]
+
+EARLIEST_OCCURRED_AT = datetime(2020, 1, 1, tzinfo=timezone.utc)
+# How far in the future an event may say it happened (clock skew between emitters); BYOK_EVENT_MAX_FUTURE_S.
+MAX_FUTURE = timedelta(seconds=float(os.environ.get("BYOK_EVENT_MAX_FUTURE_S", 86_400)))
 
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _plausible_moment(value: datetime) -> datetime:
+    # Compared before anything converts it: 0001-01-01T00:30+01:00 is a valid ISO date whose UTC
+    # form does not exist, and converting it is what used to break the ledger's COPY.
+    if value < EARLIEST_OCCURRED_AT:
+        raise ValueError(f"must not be before {EARLIEST_OCCURRED_AT.isoformat()}")
+    if value > utc_now() + MAX_FUTURE:
+        raise ValueError(f"must not be more than {MAX_FUTURE.total_seconds():.0f} s in the future")
+    return value
+
+
+OccurredAt = Annotated[AwareDatetime, AfterValidator(_plausible_moment)]
 
 
 class Provider(StrEnum):
@@ -89,18 +122,18 @@ class ModelCallCompleted(Contract):
 
     event_id: UUID
     schema_version: Literal[1] = 1
-    occurred_at: AwareDatetime
+    occurred_at: OccurredAt
     user_id: Identifier
     session_id: Identifier
     request_id: Identifier
     provider: Provider
-    model: Identifier
+    model: ModelId
     feature: Feature
     key_source: KeySource
     status: CallStatus
-    input_tokens: NonNegativeInt
-    output_tokens: NonNegativeInt
-    latency_ms: NonNegativeInt
+    input_tokens: TokenCount
+    output_tokens: TokenCount
+    latency_ms: LatencyMs
 
 
 class CreditOutcome(Contract):
