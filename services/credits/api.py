@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
 from schemas.pricing import PriceBook
+from services.credits.consumer import StallWatch
 from services.credits.ledger import GrantConflict, Ledger
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
@@ -63,6 +64,7 @@ class ApiContext:
     book: PriceBook
     producer: AIOKafkaProducer | None
     consumer_running: Callable[[], bool] = lambda: True
+    stall: StallWatch | None = None  # None: no consumer in this process
 
 
 def build_api(ctx: ApiContext) -> FastAPI:
@@ -86,9 +88,16 @@ def build_api(ctx: ApiContext) -> FastAPI:
             db = True
         except Exception:
             db = False
-        ok = db and ctx.consumer_running()
-        return JSONResponse({"status": "ok" if ok else "degraded", "database": db,
-                             "consumer": ctx.consumer_running()}, status_code=200 if ok else 503)
+        stalled = ctx.stall is not None and ctx.stall.check()
+        ok = db and ctx.consumer_running() and not stalled
+        body = {"status": "ok" if ok else "degraded", "database": db, "consumer": ctx.consumer_running()}
+        if ctx.stall is not None:
+            body.update(stalled=stalled, stall_seconds=round(ctx.stall.stall_seconds(), 1),
+                        events_waiting=ctx.stall.pipeline.pending + (ctx.stall.lag or 0))
+        if stalled:
+            body["message"] = (f"billing is stalled: events wait and the ledger has not committed for "
+                               f"{ctx.stall.stall_seconds():.0f} s (see the service's log)")
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

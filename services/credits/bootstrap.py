@@ -57,7 +57,8 @@ class CreditRuntime:
 
     def api(self):
         return build_api(ApiContext(self.settings, self.ledger, self.book, self.producer,
-                                    consumer_running=lambda: self.consumer.broker.running))
+                                    consumer_running=lambda: self.consumer.broker.running,
+                                    stall=self.consumer.watch))
 
 
 async def run_relay(settings: CreditSettings) -> None:
@@ -126,7 +127,8 @@ async def running(settings: CreditSettings, book: PriceBook | None = None,
     consumer = build_consumer(settings, CreditService(ledger, book))
     tune_for_batches()
     await consumer.start()
-    background = [asyncio.create_task(track_lag(consumer.subscriber))]
+    background = [asyncio.create_task(track_lag(consumer.subscriber, watch=consumer.watch)),
+                  asyncio.create_task(consumer.watch.run())]
     if settings.relay_mode == "process":
         background.append(asyncio.create_task(supervise_relay_process(settings)))
     elif settings.relay_mode == "task":

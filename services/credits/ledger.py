@@ -71,8 +71,9 @@ class GrantConflict(CreditError):
 
 
 def _letter_row(letter: DeadLetter) -> tuple:
-    return (dlq(letter.topic), letter.key, letter.value or b"",
-            json.dumps({k: v.decode() for k, v in letter.headers()}))
+    # jsonb takes no NUL: an error text quoting a bad record must not make its own dead letter unwritable.
+    headers = {k: v.decode(errors="replace").replace("\x00", "\ufffd") for k, v in letter.headers()}
+    return (dlq(letter.topic), letter.key, letter.value or b"", json.dumps(headers))
 
 
 class Ledger:
