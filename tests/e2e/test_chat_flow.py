@@ -54,7 +54,8 @@ class ChatSystem:
 
 
 def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: str, log_dir: Path,
-                 with_validation: bool = True, **chat_env: str) -> Iterator[ChatSystem]:
+                 with_validation: bool = True, validation_env: dict[str, str] | None = None,
+                 **chat_env: str) -> Iterator[ChatSystem]:
     sim = SimulatorServer().start()
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": database_url, "DATABASE_SCHEMA": schema,
            "TOPIC_PREFIX": prefix, "AUTH_JWT_SECRET": SECRET, **sim.env()}
@@ -64,7 +65,8 @@ def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: s
         started.append(credits)
         validation = None
         if with_validation:
-            validation = ServiceProcess("validation", "services.validation", env, log_dir).start()
+            validation = ServiceProcess("validation", "services.validation", {**env, **(validation_env or {})},
+                                        log_dir).start()
             started.append(validation)
         chat = ServiceProcess("chat", "services.chat", {
             **env, "CREDITS_URL": credits.url, "CHAT_DEV_LOGIN": "true", "COOKIE_SECURE": "false", **chat_env,
