@@ -384,6 +384,12 @@ def test_keyboard_only_sign_in_add_a_key_chat_and_remove_it(system: ChatSystem, 
         page.keyboard.press("Space")
         expect(page.locator("#byok")).to_have_attribute("aria-checked", "true")
         expect(page.locator("#byok")).to_be_focused()
+        page.keyboard.press("Tab")  # the "?" button: its tooltip says what BYOK means for credits
+        expect(page.get_by_role("tooltip")).to_be_visible()
+        expect(page.get_by_role("tooltip")).to_contain_text("no platform credits are used")
+        page.keyboard.press("Escape")  # closes the tooltip, keeps the focus where it was
+        expect(page.get_by_role("tooltip")).to_be_hidden()
+        expect(page.get_by_role("button", name="What does using my own key mean?")).to_be_focused()
         tab_to(page, "#api-key")
         page.keyboard.type(OPENAI_VALID)
         page.keyboard.press("Enter")

@@ -380,6 +380,7 @@ async function onSend(event) {
   }
   // The debit is applied by the credit service a moment later: read the real balance and usage then.
   setTimeout(() => { refreshBalance(); loadUsage(); }, 800);
+  setTimeout(loadUsage, 3000);
 }
 
 // --- usage ---------------------------------------------------------------------------------------
