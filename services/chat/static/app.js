@@ -74,7 +74,7 @@ function featureLine(feature) {
   }
   const where = feature === "chat" ? `${f.model} on platform credits` : `the platform's ${f.model}, always on credits`;
   const per = feature === "chat" ? "message" : "call";
-  return [short ? "error" : "notice", `${name} runs on ${where}: ${credits(f.credits)} per ${per}.${have}${short}`];
+  return [short ? "error" : "platform", `${name} runs on ${where}: ${credits(f.credits)} per ${per}.${have}${short}`];
 }
 
 function renderFeatureStatus() {
@@ -209,7 +209,7 @@ function renderSettings() {
   const name = NAMES[s.provider];
   $("api-key-label").textContent = `Your ${name} API key`;
   const held = s.keys.find((k) => k.provider === s.provider);
-  $("api-key").placeholder = held ? `${held.key_hint} in use; paste to replace` : "";
+  $("api-key").placeholder = held ? held.key_hint : ""; // the key in use; pasting a new one replaces it
   $("key-lifetime").textContent = lifetimeText();
   $("fallback-row").hidden = !s.byok;
   $("fallback").checked = s.fallback_to_platform;
