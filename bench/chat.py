@@ -96,10 +96,15 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
 
         async def switch(byok: bool) -> None:
             for user in tokens:
+                # Switching BYOK off revokes the user's keys, so switching on again checks the key anew.
                 body = {"provider": "groq", "model": "llama3-8b-8192", "use_own_key": byok}
+                if byok:
+                    body["api_key"] = USER_KEY
                 r = await http.post(f"{chat.url}/settings/model", json=body,
                                     headers={"Authorization": f"Bearer {tokens[user]}", "Cookie": f"byok_key={cookies[user]}"})
                 r.raise_for_status()
+                if byok:
+                    cookies[user] = r.cookies["byok_key"]
 
         direct_path = urlsplit(base_urls(sim.url)["GROQ_BASE_URL"]).path + "/openai/v1/chat/completions"
         direct_body = {"model": "llama3-8b-8192", "max_tokens": 1024,
