@@ -100,8 +100,11 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         call_model=call_model, platform_keys=settings.platform_keys(), price_book=default_price_book(),
         default_provider=settings.default_provider, default_model=settings.default_model,
         feature_models=settings.feature_models(), key_ttl_s=settings.key_ttl_s,
-        key_check_timeout_s=settings.key_check_timeout_s,
+        key_check_timeout_s=settings.key_check_timeout_s, admission_holds=settings.admission_holds,
     )
+    if not settings.admission_holds:
+        log.warning("ADMISSION_HOLDS is off: platform calls start without reserving their price and can "
+                    "overspend a balance. This is for the benchmark's baseline only.")
 
     async def grant_plan(user_id: str) -> dict:
         admin = mint_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)

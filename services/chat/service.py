@@ -273,12 +273,14 @@ class ChatService:
         key_ttl_s: int = 8 * 3600,
         key_check_timeout_s: float = 15.0,
         clock: Callable[[], datetime] = utc_now,
+        admission_holds: bool = True,
     ):
         self.store, self.outbox, self.balances, self.checker = store, outbox, balances, checker
         self.call_model, self.platform_keys, self.book = call_model, dict(platform_keys), price_book
         self.default_provider, self.default_model = default_provider, default_model
         self.feature_models = {**DEFAULT_FEATURE_MODELS, **(feature_models or {})}
         self.key_ttl_s, self.key_check_timeout_s, self.clock = key_ttl_s, key_check_timeout_s, clock
+        self.admission_holds = admission_holds  # off only for the benchmark's baseline (see ChatSettings)
 
     # --- settings and keys ------------------------------------------------------------------------
 
@@ -497,6 +499,8 @@ class ChatService:
                 "API key” to call it with your own key (no credits), or choose a priced model.",
                 reason="unpriced_model", price_list_version=prices.version,
             ) from None
+        if not self.admission_holds:
+            return None
         try:
             return await self.balances.reserve(who, pending.event_id, feature, pending.provider, model)
         except CreditsUnavailable as exc:

@@ -28,6 +28,9 @@ class ChatSettings(CommonSettings, HttpSettings):
     # Where the credit service answers balance queries and places admission holds.
     credits_url: str = "http://127.0.0.1:8001"
     credits_timeout_s: float = 5.0
+    # Every billable call reserves its price first (DESIGN.md "Admission holds"). Off only to measure
+    # what holds cost (bench/chat.py's baseline): calls then start unreserved and can overspend.
+    admission_holds: bool = True
 
     # AES-GCM secret of the key cookie; unset = derived from AUTH_JWT_SECRET (HKDF, own label).
     key_cookie_secret: str | None = Field(default=None, min_length=16)
