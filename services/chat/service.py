@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -18,7 +19,8 @@ from datetime import datetime
 from typing import Protocol
 
 from schemas.events import (
-    CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted, Provider, utc_now,
+    MODEL_ID_PATTERN, CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted,
+    Provider, utc_now,
 )
 from schemas.pricing import PriceBook
 from services.chat.balances import BalanceReader, CreditsUnavailable
@@ -230,8 +232,11 @@ class ChatService:
     ) -> SettingsChange:
         """Apply new settings; a supplied key is checked first and a refused key changes nothing."""
         model = model.strip()
-        if not model or len(model) > 200:
+        if not model:
             raise InvalidRequest("Choose a model.")
+        if not re.fullmatch(MODEL_ID_PATTERN, model):
+            raise InvalidRequest("A model id is 1 to 100 letters, digits, '.', '_', ':' or '-'. Choose a model "
+                                 "from the list.", reason="invalid_model")
         current = await self.settings_of(who.user_id)
         if not use_own_key:
             new = ModelSettings(who.user_id, provider, model)
@@ -293,6 +298,7 @@ class ChatService:
             if not api_key:
                 raise PlatformKeyMissing(f"The platform has no {INFO[provider].name} key configured. "
                                          "Use your own key for chat, or choose another provider.")
+        self._refuse_unrunnable(model, key_source)
         pending = ModelCallCompleted(
             event_id=uuid.uuid4(), occurred_at=self.clock(), user_id=who.user_id,
             session_id=who.session_id or "api", request_id=uuid.uuid4().hex, provider=provider, model=model,
@@ -342,6 +348,22 @@ class ChatService:
             name = INFO[provider].name
             await self.store.mark_key(who.user_id, key.hint, KeyCheckStatus.VALID.value, f"Your {name} key works.")
         return CallResult(reply.text, event, billing)
+
+    def _refuse_unrunnable(self, model: str, key_source: KeySource) -> None:
+        """A model id that is not one (settings saved before ids were checked) reaches no provider, and
+        the platform's key runs only models the price list in force prices (DESIGN "Credit policy"),
+        whatever the feature costs."""
+        if not re.fullmatch(MODEL_ID_PATTERN, model):
+            raise InvalidRequest("Your saved model is not a valid model id (1 to 100 letters, digits, '.', '_', ':' "
+                                 "or '-'). Choose a model in the settings.", reason="invalid_model")
+        if key_source is KeySource.PLATFORM:
+            prices = self.book.in_force(self.clock())
+            if prices.model_price(model) is None:
+                raise PaymentRequired(
+                    f"{model} has no platform price, so it cannot run on the platform's key. Switch on “use my "
+                    "own API key” to call it with your own key (chat only), or choose a priced model.",
+                    reason="unpriced_model", price_list_version=prices.version,
+                )
 
     async def _ensure_affordable(self, who: Identity, feature: Feature, key_source: KeySource, model: str) -> int | None:
         """The balance before a billable call, refusing (402) when it cannot pay or has no price."""

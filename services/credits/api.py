@@ -9,16 +9,20 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from aiokafka import AIOKafkaProducer
-from fastapi import Depends, FastAPI, Header, HTTPException, Response, status
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
+from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
 from schemas.pricing import PriceBook
 from services.credits.ledger import GrantConflict, Ledger
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
+from services.shared.edge import (
+    HEALTH_RESPONSES, BodyLimit, DetailOut, PrintableId, describe, error_responses, install_outage_handlers,
+)
 
 # Namespace of the event ids the compatibility route derives from (user, idempotency key).
 DEDUCT_NAMESPACE = uuid.UUID("5b0c8a52-4f8e-4d7e-9d0c-3f5f2b7c1e01")
@@ -40,9 +44,9 @@ def infer_provider(model: str) -> Provider | None:
 
 class GrantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grant_key: str = Field(min_length=1, max_length=200, description="Idempotency key of this grant")
-    user_id: str = Field(min_length=1, max_length=200)
-    plan: str = Field(description="A plan of the price list: its amount is granted")
+    grant_key: PrintableId = Field(description="Idempotency key of this grant")
+    user_id: PrintableId
+    plan: PrintableId = Field(description="A plan of the price list: its amount is granted")
 
 
 class DeductIn(BaseModel):
@@ -50,9 +54,9 @@ class DeductIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     feature: Feature
-    model: str = Field(min_length=1, max_length=200)
+    model: ModelId
     key_source: KeySource
-    idempotency_key: str = Field(min_length=1, max_length=200)
+    idempotency_key: PrintableId
     provider: Provider | None = None
 
 
@@ -65,8 +69,19 @@ class ApiContext:
     consumer_running: Callable[[], bool] = lambda: True
 
 
+def detail_body(code: str, sentence: str) -> dict:
+    return {"detail": sentence, "error": code}
+
+
 def build_api(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="byok-credits: credit service", version="1")
+    # Outermost: an oversized body is refused before authentication and parsing.
+    app.add_middleware(BodyLimit, max_bytes=ctx.settings.http_max_body_bytes, body=detail_body)
+    install_outage_handlers(app, detail_body)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(detail_body("invalid_request", describe(exc.errors())), status_code=422)
 
     def identity(authorization: Annotated[str | None, Header()] = None) -> Identity:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -79,7 +94,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     Caller = Annotated[Identity, Depends(identity)]
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=HEALTH_RESPONSES)
     async def healthz() -> JSONResponse:
         try:
             await ctx.ledger.pool.fetchval("SELECT 1")
@@ -90,18 +105,20 @@ def build_api(ctx: ApiContext) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "degraded", "database": db,
                              "consumer": ctx.consumer_running()}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/credits/{user_id}")
-    async def balance(user_id: str, caller: Caller) -> dict:
+    @app.get("/api/credits/{user_id}", responses=error_responses(401, 403, 422, 503, model=DetailOut))
+    async def balance(user_id: Annotated[PrintableId, Path()], caller: Caller) -> dict:
         if not caller.may_act_for(user_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "you may only see your own balance")
         b = await ctx.ledger.balance(user_id)
         return {"user_id": b.user_id, "balance": b.balance, "granted": b.granted, "debited": b.debited}
 
-    @app.post("/api/admin/grants")
+    @app.post("/api/admin/grants", status_code=status.HTTP_201_CREATED,
+              responses={200: {"description": "Granted before under this key"},
+                         **error_responses(401, 403, 409, 413, 422, 503, model=DetailOut)})
     async def grant(body: GrantIn, caller: Caller, response: Response) -> dict:
         if not caller.is_admin:
             raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin may grant credits")
@@ -117,7 +134,9 @@ def build_api(ctx: ApiContext) -> FastAPI:
         return {"grant_key": body.grant_key, "user_id": body.user_id, "plan": body.plan,
                 "credits": plans[body.plan], "created": created, "balance": b.balance}
 
-    @app.post("/api/user/deduct-credits")
+    @app.post("/api/user/deduct-credits",
+              responses={202: {"description": "Recorded; the decision is still pending"},
+                         **error_responses(401, 413, 422, 503, model=DetailOut)})
     async def deduct(body: DeductIn, caller: Caller, response: Response) -> dict:
         """Publishes the call as a `model_call_completed` event (so the log stays the source of
         truth) and answers with the decision the credit consumer made for it."""
