@@ -34,7 +34,9 @@ from services.chat.service import (
     ProviderFailed,
 )
 from services.chat.settings import ChatSettings
-from services.shared.edge import HEALTH_RESPONSES, BodyLimit, describe, error_responses, install_outage_handlers
+from services.shared.edge import (
+    HEALTH_RESPONSES, BodyLimit, describe, error_responses, install_http_error_handler, install_outage_handlers,
+)
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -110,6 +112,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     # Outermost: an oversized body is refused before authentication and parsing.
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes, body=error_body)
     install_outage_handlers(app, error_body)
+    install_http_error_handler(app, error_body)
 
     # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a thread pool, a
     # thread hand-off per dependency per request for what are microseconds of work.
@@ -216,7 +219,11 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def model_settings(who: Who, key: Key, w: Wired) -> dict:
         return (await w.service.view(who, key)).as_dict()
 
-    @app.post("/settings/model", responses=error_responses(400, 401, 409, 413, 422, 502, 503))
+    # 400 is the settings answer itself, with `accepted: false`: the key's check refused it.
+    @app.post("/settings/model", responses={
+        400: {"description": "The key was refused by its check; nothing changed",
+              "content": {"application/json": {"schema": {"type": "object", "required": ["accepted", "message"]}}}},
+        **error_responses(401, 409, 413, 422, 503)})
     async def update_settings(body: SettingsIn, who: Who, key: Key, w: Wired, response: Response) -> dict:
         change = await w.service.update_settings(who, key, body.provider, body.model, body.use_own_key, body.api_key)
         if change.keep_key is not None:

@@ -21,7 +21,8 @@ from services.credits.ledger import GrantConflict, Ledger
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
 from services.shared.edge import (
-    HEALTH_RESPONSES, BodyLimit, DetailOut, PrintableId, describe, error_responses, install_outage_handlers,
+    HEALTH_RESPONSES, BodyLimit, DetailOut, PrintableId, describe, error_responses, install_http_error_handler,
+    install_outage_handlers,
 )
 
 # Namespace of the event ids the compatibility route derives from (user, idempotency key).
@@ -78,6 +79,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
     # Outermost: an oversized body is refused before authentication and parsing.
     app.add_middleware(BodyLimit, max_bytes=ctx.settings.http_max_body_bytes, body=detail_body)
     install_outage_handlers(app, detail_body)
+    install_http_error_handler(app, detail_body)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

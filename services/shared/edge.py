@@ -3,6 +3,8 @@
 - `BodyLimit`: bodies over the limit get 413 before anything else is done (authentication, parsing),
   counted as they arrive, so a chunked body without a Content-Length is stopped as well.
 - `install_outage_handlers`: PostgreSQL or Kafka unreachable is a 503 with a sentence, on every route.
+- `install_http_error_handler`: the framework's own refusals (an unreadable body, an unknown path) in
+  the service's error shape; a body that cannot be parsed is a malformed request, 422.
 - `describe`: a validation error as a sentence, saying where and what, never echoing the input.
 - `ERROR_RESPONSES` / `error_responses`: what the OpenAPI documents say about those answers.
 """
@@ -16,6 +18,7 @@ import asyncpg
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, WithJsonSchema
 
 from schemas.events import MODEL_ID_PATTERN, PRINTABLE, Identifier
@@ -132,6 +135,26 @@ def install_outage_handlers(app: FastAPI, body: Callable[[str, str], dict]) -> N
     for kind in DATABASE_DOWN:
         app.add_exception_handler(kind, database_down)
     app.add_exception_handler(KafkaError, kafka_down)
+
+
+_CODES = {401: "not_authenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "body_too_large", 422: "invalid_request", 503: "unavailable"}
+
+
+def install_http_error_handler(app: FastAPI, body: Callable[[str, str], dict]) -> None:
+    """HTTPExceptions (the framework's and the routes' own) answered in the service's error shape."""
+
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's only 400: a body it could not decode (not UTF-8 text). Like a body that is not
+            # JSON (which FastAPI itself answers 422), a malformed request.
+            return JSONResponse(body("invalid_request", "The body could not be read: send JSON text in UTF-8."),
+                                status_code=422)
+        sentence = exc.detail if isinstance(exc.detail, str) else "The request was refused."
+        return JSONResponse(body(_CODES.get(exc.status_code, "refused"), sentence), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 # --- validation errors as sentences ---------------------------------------------------------------
