@@ -1,5 +1,6 @@
 """A bounded schemathesis run over the chat and credit APIs, as real processes on the real broker and
-database (the provider simulator as the only fake): zero 5xx and zero schema violations.
+database (the provider simulator as the only fake): zero 5xx and zero schema violations. First, the
+live servers refuse an oversized body (declared or chunked) with 413 before reading it.
 
 Also `make fuzz`. Each run writes a HAR file of every request it sent; the test counts them and the
 5xx answers among them, and prints both (run with -s to see them).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -48,6 +50,18 @@ def apis(stack: Stack, tmp_path: Path) -> Iterator[Apis]:
                 yield Apis(chat, credits)
 
 
+def raw_post(port: int, path: str, headers: str, body: bytes) -> bytes:
+    """Send a request's head and `body` over a plain socket, then read what the server answers and
+    closes (the body may be incomplete: a server that waited for the rest would time out)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n".encode())
+        s.sendall(body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
 def fuzz(name: str, base_url: str, token: str, report_dir: Path) -> tuple[subprocess.CompletedProcess, Counter]:
     """One schemathesis run over `base_url`'s OpenAPI document; the statuses of every request sent."""
     har = report_dir / f"{name}.har"
@@ -62,7 +76,17 @@ def fuzz(name: str, base_url: str, token: str, report_dir: Path) -> tuple[subpro
     return done, Counter(e["response"]["status"] for e in entries)
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation_in_either_api(apis: Apis, tmp_path: Path):
+def test_live_apis_refuse_big_bodies_and_schemathesis_finds_no_5xx_or_schema_violation(apis: Apis, tmp_path: Path):
+    # 100 MB announced and none of it sent: answered 413 at once, unauthenticated, without waiting.
+    for service, path in [(apis.chat, "/chat"), (apis.credits, "/api/admin/grants")]:
+        answer = raw_post(service.port, path, "Content-Length: 104857600\r\n", b"")
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+        assert b"64 KiB" in answer
+        # Chunked, no length announced and no end sent: counted as it arrives, refused past 64 KiB.
+        chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
+        answer = raw_post(service.port, path, "Transfer-Encoding: chunked\r\n", chunk * 5)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+
     admin = mint_token(SECRET, "fuzz-admin", role="admin", ttl_s=3600)
     user = mint_token(SECRET, "fuzz-user", ttl_s=3600)
     r = httpx.post(f"{apis.credits.url}/api/admin/grants", headers={"Authorization": f"Bearer {admin}"},
