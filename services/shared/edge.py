@@ -172,8 +172,9 @@ def _sentence(error: Mapping[str, Any]) -> str:
         return _PATTERN_SENTENCES.get(pattern, f"must match the pattern {pattern}")
     if kind == "string_unicode":
         return "must be valid Unicode text (a lone surrogate is not)"
-    if kind == "json_invalid":
-        return "the body is not valid JSON"
+    if kind == "json_invalid":  # the parser's reason says where, never what (e.g. a lone surrogate escape)
+        reason = (error.get("ctx") or {}).get("error")
+        return f"the body is not valid JSON ({reason})" if reason else "the body is not valid JSON"
     return error.get("msg", "is not valid")
 
 

@@ -174,6 +174,17 @@ def test_settings_refuse_a_lone_surrogate_in_the_model():
     assert chat.store.rows == {}
 
 
+def test_chat_refuses_a_lone_surrogate_in_the_message_and_a_body_that_is_not_utf8():
+    chat = Chat()
+    with chat.client() as client:
+        r = client.post("/chat", content=b'{"message": "hi\\ud800"}', headers={"content-type": "application/json"})
+        refused_with_a_sentence(r, 422, "not valid JSON")
+        r = client.post("/settings/model", content=b'{"provider": "openai", "model": "gpt\xff"}',
+                        headers={"content-type": "application/json"})
+        refused_with_a_sentence(r, 422, "UTF-8")
+    assert chat.provider.calls == [] and chat.outbox.rows == {}
+
+
 def test_a_saved_model_that_is_not_an_id_reaches_no_provider_and_is_no_500():
     # Settings saved before ids were checked: every /chat of that user used to be a 500.
     store = MemorySettingsStore()
