@@ -70,7 +70,8 @@ def fuzz(name: str, base_url: str, token: str, report_dir: Path) -> tuple[subpro
          "--phases", "examples,coverage,fuzzing", "--max-examples", str(MAX_EXAMPLES), "--seed", "20261202",
          "--header", f"Authorization: Bearer {token}", "--request-timeout", "20", "--workers", "2",
          "--suppress-health-check", "all", "--report", "har", "--report-har-path", str(har)],
-        capture_output=True, text=True, timeout=400, env={**os.environ, "NO_COLOR": "1"},
+        # In the test's folder: schemathesis keeps a cache where it runs.
+        capture_output=True, text=True, timeout=400, env={**os.environ, "NO_COLOR": "1"}, cwd=report_dir,
     )
     entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
     return done, Counter(e["response"]["status"] for e in entries)
