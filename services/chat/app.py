@@ -210,7 +210,9 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     @app.get("/api/balance", responses=error_responses(401, 503))
     async def balance(who: Who, w: Wired) -> JSONResponse:
         try:
-            return JSONResponse({"user_id": who.user_id, "balance": await w.balances.balance(who)})
+            funds = await w.balances.funds(who)
+            return JSONResponse({"user_id": who.user_id, "balance": funds.balance, "held": funds.held,
+                                 "available": funds.available})
         except CreditsUnavailable as exc:
             return JSONResponse({"error": "credits_unavailable", "message": "Your balance cannot be read right now.",
                                  "detail": str(exc)}, status_code=503)

@@ -12,7 +12,7 @@ import httpx
 from schemas.events import KeyCheckResult, Provider
 from schemas.pricing import default_price_book
 from services.chat.app import Wiring
-from services.chat.balances import BalanceReader, HttpBalanceReader, RecentBalances
+from services.chat.balances import BalanceReader, HttpBalanceReader
 from services.chat.identity import mint_token
 from services.chat.key_session import KeySealer, derive_secret
 from services.chat.outbox import OutboxRelay, PgOutbox
@@ -94,8 +94,6 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     own_checker = checker is None
     checker = checker or StartingKeyChecker(settings)
     balances: BalanceReader = HttpBalanceReader(credits_http, settings.credits_url)
-    if settings.balance_max_age_s > 0:
-        balances = RecentBalances(balances, settings.balance_max_age_s)
     service = ChatService(
         store=PgSettingsStore(pool), outbox=PgOutbox(pool, relay.wake), balances=balances, checker=checker,
         call_model=call_model, platform_keys=settings.platform_keys(), price_book=default_price_book(),

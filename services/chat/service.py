@@ -23,7 +23,7 @@ from schemas.events import (
     Provider, utc_now,
 )
 from schemas.pricing import PriceBook
-from services.chat.balances import BalanceReader, CreditsUnavailable
+from services.chat.balances import BalanceReader, CreditsUnavailable, HoldRefused, Reservation
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.outbox import Outbox
@@ -305,18 +305,23 @@ class ChatService:
             feature=feature, key_source=key_source, status=CallStatus.FAILED,
             input_tokens=0, output_tokens=0, latency_ms=0,
         )
-        # The outbox row is written while the balance is asked (two round trips at once); a refused
+        # The outbox row is written while the price is reserved (two round trips at once); a refused
         # call's row is discarded again, as the call never happened.
         begin = asyncio.ensure_future(self.outbox.begin(pending))
         try:
-            balance = await self._ensure_affordable(who, feature, key_source, model)
+            reservation = await self._reserve(who, pending)
         except BaseException:
             try:
                 await self.outbox.discard(await begin)
             except Exception:
                 log.warning("could not discard the outbox row of refused call %s", pending.event_id)
             raise
-        handle = await begin
+        try:
+            handle = await begin
+        except BaseException:
+            if reservation is not None:  # the provider is never asked: give the credits back now
+                await asyncio.shield(self.balances.release(who, pending.event_id))
+            raise
         started = time.monotonic()
         messages = [{"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message}]
         try:
@@ -341,9 +346,7 @@ class ChatService:
             raise
         event = self._finished(pending, started, CallStatus.SUCCEEDED, reply)
         await self.outbox.complete(handle, event)
-        billing = self._billing(event, balance)
-        if billing.charged:
-            self.balances.note_charge(who.user_id, billing.credits)
+        billing = self._billing(event, None if reservation is None else reservation.available + reservation.credits)
         if key_source is KeySource.BYOK and s.key_status != KeyCheckStatus.VALID.value:
             name = INFO[provider].name
             await self.store.mark_key(who.user_id, key.hint, KeyCheckStatus.VALID.value, f"Your {name} key works.")
@@ -365,13 +368,15 @@ class ChatService:
                     reason="unpriced_model", price_list_version=prices.version,
                 )
 
-    async def _ensure_affordable(self, who: Identity, feature: Feature, key_source: KeySource, model: str) -> int | None:
-        """The balance before a billable call, refusing (402) when it cannot pay or has no price."""
-        if not is_billable(feature, key_source):
+    async def _reserve(self, who: Identity, pending: ModelCallCompleted) -> Reservation | None:
+        """Reserve a billable call's price at the credit service (an admission hold keyed by the call's
+        event id), refusing (402) when the available credits cannot pay or the model has no price."""
+        feature, model = pending.feature, pending.model
+        if not is_billable(feature, pending.key_source):
             return None
         prices = self.book.in_force(self.clock())
         try:
-            price = price_of(feature, model, prices)
+            price_of(feature, model, prices)
         except UnpricedModel:
             raise PaymentRequired(
                 f"{model} has no platform price, so it cannot run on platform credits. Switch on “use my own "
@@ -379,11 +384,11 @@ class ChatService:
                 reason="unpriced_model", price_list_version=prices.version,
             ) from None
         try:
-            balance = await self.balances.balance(who)
+            return await self.balances.reserve(who, pending.event_id, feature, pending.provider, model)
         except CreditsUnavailable as exc:
-            raise BalanceUnknown("We cannot check your credit balance right now, so platform calls are paused. "
+            raise BalanceUnknown("We cannot reserve credits for this call right now, so platform calls are paused. "
                                  "Try again in a minute, or use your own key for chat.", cause=str(exc)) from None
-        if balance < price:
+        except HoldRefused as exc:
             what = FEATURE_NAMES[feature]
             if feature is Feature.CHAT:
                 advice = ("Switch on “use my own API key” to chat on your own key without credits, "
@@ -391,11 +396,11 @@ class ChatService:
             else:
                 advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
             raise PaymentRequired(
-                f"{what} with {model} costs {price} credits and you have {balance} left. {advice}",
-                reason="insufficient_credits", needed=price, balance=balance, price_list_version=prices.version,
-                suggest_byok=feature is Feature.CHAT,
-            )
-        return balance
+                f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available "
+                f"(credits held by calls still running are not available). {advice}",
+                reason="insufficient_credits", needed=exc.needed, available=exc.available,
+                balance=exc.available, price_list_version=prices.version, suggest_byok=feature is Feature.CHAT,
+            ) from None
 
     def _finished(self, pending: ModelCallCompleted, started: float, status: CallStatus,
                   reply: ChatReply | None = None) -> ModelCallCompleted:

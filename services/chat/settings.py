@@ -29,11 +29,9 @@ class ChatSettings(CommonSettings, HttpSettings):
     dev_login_grant_plan: str = "free"
     session_ttl_s: int = 12 * 3600
 
-    # Where the credit service answers balance queries.
+    # Where the credit service answers balance queries and places admission holds.
     credits_url: str = "http://127.0.0.1:8001"
     credits_timeout_s: float = 5.0
-    # A balance read this recently (less this instance's charges since) is reused; 0 = ask every time.
-    balance_max_age_s: float = 1.0
 
     # AES-GCM secret of the key cookie; unset = derived from AUTH_JWT_SECRET (HKDF, own label).
     key_cookie_secret: str | None = Field(default=None, min_length=16)

@@ -64,7 +64,7 @@ def test_sign_in_check_a_key_and_see_billing_on_every_answer(system: ChatSystem,
     page.get_by_role("button", name="Sign in (dev)").click()
 
     badge = page.locator("#badge")
-    expect(badge).to_have_text("Platform: 50 credits left")  # the dev sign-in's free plan
+    expect(badge).to_have_text("Platform: 50 credits available")  # the dev sign-in's free plan
     expect(page.get_by_text("Signed in as")).to_contain_text("pat")
     # The session and the key live in HttpOnly cookies the page's script cannot read.
     assert "byok_session" not in page.evaluate("document.cookie")
@@ -75,7 +75,7 @@ def test_sign_in_check_a_key_and_see_billing_on_every_answer(system: ChatSystem,
     entry = send(page, "chat", "Summarise my sales data")
     expect(entry.locator(".billing")).to_have_text(re.compile(r"Platform: 3 credits charged"))
     expect(entry.locator(".answer")).not_to_have_text("…")
-    expect(badge).to_have_text("Platform: 47 credits left")
+    expect(badge).to_have_text("Platform: 47 credits available")
     shot(page, "02-platform-answer")
 
     # The tooltip says what BYOK means for credits.
@@ -94,7 +94,7 @@ def test_sign_in_check_a_key_and_see_billing_on_every_answer(system: ChatSystem,
     key_field.fill("sk-proj-revoked" + "r" * 20)
     page.get_by_role("button", name="Check").click()
     expect(status).to_contain_text("revoked")
-    expect(badge).to_have_text("Platform: 47 credits left")  # a refused key changes nothing
+    expect(badge).to_have_text("Platform: 47 credits available")  # a refused key changes nothing
     shot(page, "04-key-refused")
 
     key_field.fill(USER_KEY)
@@ -124,7 +124,7 @@ def test_sign_in_check_a_key_and_see_billing_on_every_answer(system: ChatSystem,
 
     switch.click()
     expect(switch).to_have_attribute("aria-checked", "false")
-    expect(badge).to_have_text(re.compile(r"Platform: 46 credits left"))
+    expect(badge).to_have_text(re.compile(r"Platform: 46 credits available"))
     shot(page, "08-byok-off")
 
     page.get_by_role("button", name="Sign out").click()

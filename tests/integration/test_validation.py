@@ -191,3 +191,31 @@ async def test_a_graceful_stop_answers_and_commits_what_the_worker_took(kafka_bo
     finally:
         await second.stop()
     assert sim.state.calls(slow_key) == 3
+
+
+async def test_a_request_the_worker_fails_on_is_dead_lettered_and_its_partition_moves_on(
+        worker, requester, kafka_bootstrap, kafka_topics):
+    """Even a bug in the handler (it is written never to raise) cannot hold a partition's commits."""
+    requests_topic = kafka_topics + "key_check_requests"
+    handler = worker.worker.handler
+    real_handle = handler.handle
+
+    async def handle(record):
+        if record.value == b"boom":
+            raise RuntimeError("a bug")
+        return await real_handle(record)
+
+    handler.handle = handle
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(requests_topic, b"boom", key=b"alice")
+    finally:
+        await producer.stop()
+    result = await requester.check("alice", "openai", key(Provider.OPENAI, "valid"))
+    assert result.status is KeyCheckStatus.VALID
+    dead = await read_topic(kafka_bootstrap, requests_topic + ".dlq", want=1)
+    assert [(r.value, dict(r.headers)["dlq.error_type"]) for r in dead] == [(b"boom", b"internal_error")]
+    # Nothing is left unanswered, so every partition's commit point reaches its end.
+    for progress in worker.worker._progress.values():
+        assert not progress.pending

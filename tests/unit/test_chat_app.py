@@ -158,7 +158,7 @@ def test_identity_never_comes_from_the_body(world):
     login(client, "alice")
     r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "user_id": "bob"})
     assert r.status_code == 422
-    assert client.get("/api/balance").json() == {"user_id": "alice", "balance": 100}
+    assert client.get("/api/balance").json() == {"user_id": "alice", "balance": 100, "held": 0, "available": 100}
 
 
 def test_chat_bodies_are_checked_after_identity_and_refused_with_where_not_what(world):

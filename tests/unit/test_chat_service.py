@@ -220,7 +220,7 @@ async def test_checker_timeout_answers_provider_unavailable_and_keeps_settings()
 
 async def test_unknown_balance_pauses_platform_calls_but_not_byok_chat():
     class DownCredits(FixedBalances):
-        async def balance(self, who):
+        async def reserve(self, *args):
             raise CreditsUnavailable("down")
 
     service, _, _, _ = make()
@@ -237,48 +237,51 @@ async def test_missing_platform_key_is_refused():
         await service.call(ALICE, None, Feature.CHAT, "hello")
 
 
-async def test_a_recent_balance_is_reused_less_the_charges_since_and_refreshed_when_old():
-    from services.chat.balances import RecentBalances
+async def test_a_billable_call_holds_its_price_while_it_runs_and_the_ledger_settles_it():
+    service, _, outbox, provider = make(balance=10)
+    seen = {}
+    real_call = service.call_model
 
-    class Counting(FixedBalances):
-        reads = 0
+    async def call_model(*args):
+        seen["funds"] = await service.balances.funds(ALICE)  # while the provider works
+        return await real_call(*args)
 
-        async def balance(self, who):
-            Counting.reads += 1
-            return await super().balance(who)
-
-    now = [0.0]
-    inner = Counting({"alice": 10})
-    recent = RecentBalances(inner, max_age_s=1.0, clock=lambda: now[0])
-    assert await recent.balance(ALICE) == 10
-    recent.note_charge("alice", 3)
-    assert await recent.balance(ALICE) == 7 and Counting.reads == 1
-    inner.balances["alice"] = 500  # a grant arrives
-    now[0] = 1.5
-    assert await recent.balance(ALICE) == 500 and Counting.reads == 2
+    service.call_model = call_model
+    result = await service.call(ALICE, None, Feature.CHAT, "hello")
+    assert seen["funds"].held == 3 and seen["funds"].available == 7  # gpt-4o-mini: 3 credits
+    assert result.billing.as_dict()["balance_before"] == 10 and result.billing.as_dict()["balance_after"] == 7
+    service.balances.settle(result.event.event_id, 3)
+    assert (await service.balances.funds(ALICE)).available == 7
 
 
-async def test_calls_finding_the_balance_stale_together_share_one_read():
-    from services.chat.balances import RecentBalances
+async def test_concurrent_calls_cannot_overspend_the_held_credits():
+    service, _, outbox, provider = make(balance=10)
+    gate = asyncio.Event()
+    real_call = service.call_model
 
-    class Slow(FixedBalances):
-        reads = 0
+    async def slow_call(*args):
+        await gate.wait()
+        return await real_call(*args)
 
-        async def balance(self, who):
-            Slow.reads += 1
-            await asyncio.sleep(0.05)
-            return await super().balance(who)
+    service.call_model = slow_call
+    calls = [asyncio.ensure_future(service.call(ALICE, None, Feature.CHAT, "hi")) for _ in range(6)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    served = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, PaymentRequired)]
+    assert len(served) == 3 and len(refused) == 3  # 3 x 3 credits fit in 10, a fourth does not
+    assert refused[0].details["available"] == 1 and "1 available" in refused[0].message
+    assert len(outbox.events) == 3  # the refused calls left no event behind
 
-    recent = RecentBalances(Slow({"alice": 10}), max_age_s=1.0)
-    assert await asyncio.gather(*[recent.balance(ALICE) for _ in range(5)]) == [10] * 5
-    assert Slow.reads == 1
 
-    class Down(FixedBalances):
-        async def balance(self, who):
-            await asyncio.sleep(0.01)
-            raise CreditsUnavailable("down")
+async def test_a_hold_is_released_when_the_provider_is_never_asked():
+    service, _, outbox, provider = make(balance=10)
 
-    failing = RecentBalances(Down(), max_age_s=1.0)
-    results = await asyncio.gather(*[failing.balance(ALICE) for _ in range(3)], return_exceptions=True)
-    assert all(isinstance(r, CreditsUnavailable) for r in results)
-    assert failing._reading == {}  # the next call asks again
+    async def broken_begin(pending):
+        raise ConnectionError("database away")
+
+    outbox.begin = broken_begin
+    with pytest.raises(ConnectionError):
+        await service.call(ALICE, None, Feature.CHAT, "hello")
+    assert service.balances.holds == {} and provider.calls == []

@@ -328,7 +328,7 @@ async def test_a_byok_chat_works_while_the_credit_service_is_down():
             assert r.status_code == 200 and r.json()["key_source"] == "byok", r.text
             # Platform calls are paused, with the reason.
             r = await client.post("/chat", json={"feature": "code_fix", "message": "fix"})
-            refused_with_a_sentence(r, 503, "credit balance")
+            refused_with_a_sentence(r, 503, "platform calls are paused")
     assert [c[1] for c in chat.provider.calls] == [USER_KEY]
 
 

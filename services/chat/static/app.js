@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const NAMES = { openai: "OpenAI", anthropic: "Anthropic", groq: "Groq", gemini: "Gemini" };
-const state = { config: null, settings: null, balance: null, keyProvider: null };
+const state = { config: null, settings: null, balance: null, held: 0, keyProvider: null };
 
 async function api(path, options = {}) {
   const init = { credentials: "same-origin", headers: {}, ...options };
@@ -38,8 +38,9 @@ function renderBadge() {
     badge.textContent = "Your key: paste it again";
   } else {
     badge.className = "badge platform";
+    const held = state.held ? ` · ${state.held} held by running calls` : "";
     badge.textContent = state.balance === null ? "Platform: credits unknown"
-      : `Platform: ${state.balance} credit${state.balance === 1 ? "" : "s"} left`;
+      : `Platform: ${state.balance} credit${state.balance === 1 ? "" : "s"} available${held}`;
   }
 }
 
@@ -93,7 +94,8 @@ function setSwitch(on) {
 
 async function refreshBalance() {
   const r = await api("/api/balance");
-  state.balance = r.ok ? r.body.balance : null;
+  state.balance = r.ok ? r.body.available : null;  // what a new call can use: balance less holds
+  state.held = r.ok ? r.body.held : 0;
   renderBadge();
 }
 
@@ -203,15 +205,18 @@ async function onSend(event) {
   const feature = $("feature").value;
   const entry = addEntry(message, feature);
   $("send").disabled = true;
+  // A billable call holds its price while it runs: show it if the call is still running by then.
+  const showHeld = setTimeout(refreshBalance, 400);
   try {
     const r = await api("/chat", { json: { feature, message } });
+    clearTimeout(showHeld);
     if (r.ok) {
       entry.answer.textContent = r.body.reply;
       const [kind, text] = billingText(r.body.billing);
       entry.billing.className = "billing " + kind;
       entry.billing.textContent = text;
       $("chat-input").value = "";
-      if (r.body.billing.balance_after !== null) { state.balance = r.body.billing.balance_after; renderBadge(); }
+      if (r.body.billing.balance_after !== null) { state.balance = r.body.billing.balance_after; state.held = 0; renderBadge(); }
     } else {
       entry.answer.textContent = r.body.message || `Error ${r.status}`;
       entry.billing.className = "billing error";
