@@ -196,7 +196,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     @app.post("/api/user/deduct-credits",
               responses={202: {"description": "Recorded; the decision is still pending"},
-                         **error_responses(401, 413, 422, 503, model=DetailOut)})
+                         **error_responses(401, 409, 413, 422, 503, model=DetailOut)})
     async def deduct(body: DeductIn, caller: Caller, response: Response) -> dict:
         """Publishes the call as a `model_call_completed` event (so the log stays the source of
         truth) and answers with the decision the credit consumer made for it."""
