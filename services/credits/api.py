@@ -176,6 +176,24 @@ def build_api(ctx: ApiContext) -> FastAPI:
         b = await ctx.ledger.balance(caller.user_id)
         return {"event_id": str(event_id), "released": released, "available": b.available}
 
+    @app.get("/api/usage/{user_id}", responses=error_responses(401, 403, 422, 503, model=DetailOut))
+    async def usage(user_id: Annotated[PrintableId, Path()], caller: Caller, limit: int = 50) -> dict:
+        """The user's last calls as the ledger decided them (newest first) and their latest grant."""
+        if not caller.may_act_for(user_id):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "you may only see your own usage")
+        if not 1 <= limit <= 200:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "limit is 1 to 200")
+        calls, grant = await ctx.ledger.usage(user_id, limit)
+        return {
+            "user_id": user_id,
+            "calls": [{"time": (c["occurred_at"] or c["recorded_at"]).isoformat(), "feature": c["feature"],
+                       "provider": c["provider"], "model": c["model"], "key_source": c["key_source"],
+                       "status": c["status"], "decision": c["decision"], "credits": c["credits"]}
+                      for c in calls],
+            "last_grant": None if grant is None else {"plan": grant["plan"], "credits": grant["credits"],
+                                                      "granted_at": grant["granted_at"].isoformat()},
+        }
+
     @app.post("/api/admin/grants", status_code=status.HTTP_201_CREATED,
               responses={200: {"description": "Granted before under this key"},
                          **error_responses(401, 403, 409, 413, 422, 503, model=DetailOut)})

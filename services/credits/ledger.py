@@ -249,3 +249,19 @@ class Ledger:
                  FROM ledger_entries WHERE entry_id = $1 AND kind = 'decision'""",
             event_id,
         )
+
+    async def usage(self, user_id: str, limit: int = 50) -> tuple[list[asyncpg.Record], asyncpg.Record | None]:
+        """The user's last `limit` decided calls, newest first, and their latest grant (or None)."""
+        async with self.pool.acquire() as conn:
+            calls = await conn.fetch(
+                """SELECT occurred_at, recorded_at, feature, provider, model, key_source, status, decision, credits,
+                          balance_after
+                     FROM ledger_entries WHERE user_id = $1 AND kind = 'decision'
+                    ORDER BY recorded_at DESC, occurred_at DESC LIMIT $2""",
+                user_id, limit,
+            )
+            grant = await conn.fetchrow(
+                "SELECT plan, credits, granted_at FROM grants WHERE user_id = $1 ORDER BY granted_at DESC LIMIT 1",
+                user_id,
+            )
+        return list(calls), grant

@@ -95,11 +95,15 @@ async def test_a_user_checking_many_keys_is_limited_with_a_clear_answer(kafka_bo
     validation = await start_worker(worker_settings(kafka_bootstrap, kafka_topics, sim, user_checks_per_minute=2))
     try:
         statuses = [(await requester.check("mallory", "groq", f"gsk_invalid{i:020d}")).status for i in range(3)]
+        limited = await requester.check("mallory", "groq", "gsk_invalid" + "8" * 20)
         other = await requester.check("alice", "groq", "gsk_invalid" + "7" * 20)
+        other_provider = await requester.check("mallory", "openai", "sk-proj-invalid" + "9" * 20)
     finally:
         await validation.stop()
     assert statuses == [KeyCheckStatus.INVALID, KeyCheckStatus.INVALID, KeyCheckStatus.RATE_LIMITED]
-    assert other.status is KeyCheckStatus.INVALID
+    assert "2 Groq keys" in limited.message and "other providers can be checked now" in limited.message
+    # The limit is per user and per provider: neither another user nor another provider waits.
+    assert other.status is KeyCheckStatus.INVALID and other_provider.status is KeyCheckStatus.INVALID
 
 
 async def test_poison_requests_go_to_the_dlq_and_the_worker_carries_on(worker, requester, kafka_bootstrap, kafka_topics):

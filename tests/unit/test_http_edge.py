@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
-from schemas.events import Provider
+from schemas.events import Feature, Provider
 from schemas.pricing import default_price_book
 from services.chat.app import Wiring, create_app
 from services.chat.balances import FixedBalances, HttpBalanceReader
@@ -41,14 +41,14 @@ BIG = 70 * 1024
 
 
 class Chat:
-    def __init__(self, store=None, balances=None, **settings):
+    def __init__(self, store=None, balances=None, feature_models=None, **settings):
         self.settings = ChatSettings(auth_jwt_secret=SECRET, cookie_secure=False, dev_login=True, **settings)
         self.store, self.outbox = store or MemorySettingsStore(), MemoryOutbox()
         self.provider, self.checker = FakeProvider(), FakeChecker()
         balances = balances or FixedBalances({"alice": 1000})
         self.service = ChatService(store=self.store, outbox=self.outbox, balances=balances, checker=self.checker,
                                    call_model=self.provider, platform_keys={p: PLATFORM_KEY for p in Provider},
-                                   price_book=default_price_book())
+                                   price_book=default_price_book(), feature_models=feature_models)
 
         @contextlib.asynccontextmanager
         async def wire(_):
@@ -192,17 +192,17 @@ def test_a_saved_model_that_is_not_an_id_reaches_no_provider_and_is_no_500():
     for model in ["gpt-4o\x07", TRAVERSAL]:
         store.rows["alice"] = ModelSettings("alice", Provider.GEMINI, model)
         with chat.client() as client:
-            for feature in ("chat", "code_fix"):
-                body = refused_with_a_sentence(client.post("/chat", json={"feature": feature, "message": "hi"}),
-                                               422, "model")
-                assert body["error"] == "invalid_request" and body["reason"] == "invalid_model"
+            body = refused_with_a_sentence(client.post("/chat", json={"message": "hi"}), 422, "model")
+            assert body["error"] == "invalid_request" and body["reason"] == "invalid_model"
             assert client.get("/api/model-settings").status_code == 200  # the page can still show and fix it
     assert chat.provider.calls == [] and chat.outbox.rows == {}
 
 
 @pytest.mark.parametrize("feature", ["code_fix", "code_canvas", "deep_analysis", "chat"])
 def test_the_platform_key_runs_no_unpriced_model_whatever_the_feature_costs(feature):
-    chat = Chat()
+    # Chat runs the user's model; the other features the platform's configured one (here one the
+    # price list does not know): at a flat feature price, either used to run.
+    chat = Chat(feature_models={Feature(feature): (Provider.GEMINI, "my-own-finetune")} if feature != "chat" else None)
     with chat.client() as client:
         assert client.post("/settings/model", json={"provider": "gemini", "model": "my-own-finetune"}).status_code == 200
         body = refused_with_a_sentence(client.post("/chat", json={"feature": feature, "message": "fix"}), 402,
@@ -283,6 +283,9 @@ class DownStore(MemorySettingsStore):
         raise self.error
 
     async def put(self, settings):
+        raise self.error
+
+    async def load(self, *args, **kwargs):
         raise self.error
 
 
