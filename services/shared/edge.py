@@ -5,8 +5,9 @@
 - `install_outage_handlers`: PostgreSQL or Kafka unreachable is a 503 with a sentence, on every route.
 - `install_http_error_handler`: the framework's own refusals (an unreadable body, an unknown path) in
   the service's error shape; a body that cannot be parsed is a malformed request, 422.
-- `describe`: a validation error as a sentence, saying where and what, never echoing the input.
-- `ERROR_RESPONSES` / `error_responses`: what the OpenAPI documents say about those answers.
+- `describe`: a validation error as a sentence, saying where and what is wrong, never echoing the input.
+- `PrintableId`: an id field (control characters and lone surrogates refused), documented portably.
+- `error_responses` / `HEALTH_RESPONSES`: what the OpenAPI documents say about those answers.
 """
 
 from __future__ import annotations
