@@ -359,7 +359,8 @@ def test_outside_development_default_secrets_are_refused_by_name(monkeypatch):
     ("services.validation", ["KEY_SEAL_PRIVATE_KEYS"]),
 ])
 def test_a_service_started_outside_development_with_default_secrets_refuses_to_start(module, names):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BYOK_ENV", "AUTH_JWT", "DATABASE_URL", "KEY_SEAL"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BYOK_ENV", "AUTH_JWT", "DATABASE_URL", "KEY_SEAL")) and not k.endswith("_API_KEY")}
     env["HTTP_PORT"] = str(free_port())
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True,
