@@ -23,6 +23,8 @@ export ANTHROPIC_BASE_URL="${ANTHROPIC_BASE_URL:-$SIM/anthropic}"
 export GEMINI_BASE_URL="${GEMINI_BASE_URL:-$SIM/gemini}"
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:${BYOK_KAFKA_PORT:-9092}}"
 export CHAT_DEV_LOGIN="${CHAT_DEV_LOGIN:-true}"
+# A local stack: the services accept the repository's development secrets (elsewhere they refuse to start).
+export BYOK_ENV="${BYOK_ENV:-development}"
 export PYTHONUNBUFFERED=1
 
 CHAT_PORT="${CHAT_PORT:-8000}" CREDITS_PORT="${CREDITS_PORT:-8001}" VALIDATION_PORT="${VALIDATION_PORT:-8002}"

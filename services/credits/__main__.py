@@ -11,6 +11,7 @@ from services.credits.bootstrap import running
 from services.credits.settings import CreditSettings
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
+from services.shared.settings import refuse_default_secrets
 
 log = logging.getLogger("services.credits")
 
@@ -27,6 +28,7 @@ async def serve(settings: CreditSettings) -> None:
 
 def main() -> None:
     settings = CreditSettings()
+    refuse_default_secrets("The credit service", settings)
     setup_logging(settings.log_level, "credits")
     asyncio.run(serve(settings))
 
