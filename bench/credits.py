@@ -25,13 +25,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from bench import BenchEnv, Figure, percentile
+from billing.policy import decide
+from billing.pricing import default_price_book
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from schemas.pricing import default_price_book
 from schemas.topics import MODEL_CALL_COMPLETED, topic_specs
 from services.credits.bootstrap import running
 from services.credits.ledger import LEDGER_COLUMNS, Ledger, decision_row
-from services.credits.policy import decide
 from services.credits.settings import CreditSettings
 from services.shared.db import migrate
 

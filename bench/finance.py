@@ -20,12 +20,12 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from bench import BenchEnv, Figure
+from billing.policy import decide
+from billing.pricing import default_price_book
 from infra.topics import ensure_topics, wait_for_broker
 from migrations import MigrationError
 from schemas.events import ModelCallCompleted
-from schemas.pricing import default_price_book
 from schemas.topics import FOREVER, MODEL_CALL_COMPLETED, TopicSpec
-from services.credits.policy import decide
 from services.finance.differences import Kind
 from services.finance.event_log import EventLog
 from services.finance.reconciliation import reconcile

@@ -23,9 +23,9 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from billing.pricing import default_price_book
 from schemas.events import Feature, ModelId, Provider, utc_now
 from services.shared.providers import INFO
-from schemas.pricing import default_price_book
 from services.chat.catalog import catalog
 from services.chat.balances import BalanceReader, CreditsUnavailable
 from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenReader, mint_token, token_from

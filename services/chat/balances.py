@@ -132,8 +132,8 @@ class FixedBalances(BalanceReader):
 
     async def reserve(self, who, event_id, feature, provider, model) -> Reservation:
         from schemas.events import utc_now
-        from schemas.pricing import default_price_book
-        from services.credits.policy import price_of
+        from billing.pricing import default_price_book
+        from billing.policy import price_of
 
         credits = price_of(feature, model, default_price_book().in_force(utc_now()))
         funds = await self.funds(who)

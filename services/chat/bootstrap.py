@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from billing.pricing import default_price_book
 from schemas.events import KeyCheckResult, Provider
-from schemas.pricing import default_price_book
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
 from services.chat.identity import mint_token

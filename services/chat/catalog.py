@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from billing.pricing import PriceList
 from schemas.events import Provider
-from schemas.pricing import PriceList
 
 MODELS: dict[Provider, list[str]] = {
     Provider.OPENAI: ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3-mini", "o3", "gpt-5.2-pro"],

@@ -3,7 +3,7 @@
 Entry points (HTTP routes) translate requests into calls of `ChatService`; adapters (PostgreSQL,
 Kafka, the credit service, providers, the key checker) are reached through the ports passed in, so
 unit tests run these rules with fakes. The credit policy itself is not restated here: `is_billable`,
-`price_of` and `decide` come from `services.credits.policy`, the very code the credit service runs.
+`price_of` and `decide` come from `billing.policy`, the very code the credit service runs.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
+from billing.policy import UnpricedModel, decide, is_billable, price_of
+from billing.pricing import PriceBook
 from schemas.events import (
     MODEL_ID_PATTERN, CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted,
     Provider, utc_now,
 )
-from schemas.pricing import PriceBook
 from services.chat.balances import BalanceReader, CreditsUnavailable, HoldRefused, Reservation
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing, SessionKey
@@ -30,7 +31,6 @@ from services.chat.outbox import Outbox
 from services.chat.store import (
     REVOKED_BYOK_OFF, REVOKED_REMOVED, REVOKED_SIGN_OUT, KeyRecord, ModelSettings, SettingsStore,
 )
-from services.credits.policy import UnpricedModel, decide, is_billable, price_of
 from services.shared.providers import INFO, ChatReply, ProviderError, key_hint, normalize_key
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from billing.policy import UnpricedModel, price_of
+from billing.pricing import PriceBook
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
-from schemas.pricing import PriceBook
 from services.credits.consumer import StallWatch
 from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger
-from services.credits.policy import UnpricedModel, price_of
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
 from services.shared.edge import (

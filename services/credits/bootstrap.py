@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from schemas.pricing import PriceBook, default_price_book
+from billing.pricing import PriceBook, default_price_book
 from services.credits.api import ApiContext, build_api
 from services.credits.consumer import CreditConsumer, build_consumer, consumer_lag, track_lag
 from services.credits.ledger import Ledger

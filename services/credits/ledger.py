@@ -14,8 +14,8 @@ from uuid import UUID
 
 import asyncpg
 
+from billing.policy import Charge, CreditError
 from schemas.events import Decision, ModelCallCompleted
-from services.credits.policy import Charge, CreditError
 from services.shared.kafka import DeadLetter
 from schemas.topics import dlq
 

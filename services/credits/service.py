@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
-from schemas.pricing import PriceBook
+from billing.policy import decide
+from billing.pricing import PriceBook
 from services.credits import metrics
 from services.credits.intake import dead_letter, read_batch
 from services.credits.ledger import Decided, Ledger, Recorded
-from services.credits.policy import decide
 from services.shared.kafka import DeadLetter
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """From one Kafka record to what the credit policy says its event owes.
 
-The policy itself is `services.credits.policy.decide`, the very function the credit service runs;
+The policy itself is `billing.policy.decide`, the very function the credit service runs;
 nothing here re-implements it. A record that cannot be read (empty, oversized, not JSON, not a
 `ModelCallCompleted`) becomes an `Unreadable` finding instead of an exception: one bad record never
 stops a reconciliation.
@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from uuid import UUID
 
+from billing.policy import Charge, decide
+from billing.pricing import PriceBook
 from schemas.events import Decision, ModelCallCompleted
-from schemas.pricing import PriceBook
-from services.credits.policy import Charge, decide
 from services.finance.window import Window
 from services.shared.kafka import NotAnEvent, read_model_call
 
@@ -79,7 +79,7 @@ class Shapes:
     feature, key source, model, provider).
 
     `decide` is a pure function of the price list in force, status, feature, key source and model
-    (services/credits/policy.py; a unit test holds it to that), and a window of millions of events
+    (billing/policy.py; a unit test holds it to that), and a window of millions of events
     has only a few hundred shapes, so the policy runs a few hundred times instead of millions: the
     same answers, far cheaper.
     """

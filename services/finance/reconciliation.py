@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from schemas.pricing import PriceBook, default_price_book
+from billing.pricing import PriceBook, default_price_book
 from services.finance import ledger
 from services.finance.assessment import Assessor, Tally, Unreadable
 from services.finance.differences import Correction, Difference, Kind, correction_for

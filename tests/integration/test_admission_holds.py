@@ -11,11 +11,11 @@ import asyncpg
 import httpx
 import pytest
 
+from billing.policy import decide
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature
-from schemas.pricing import default_price_book
 from services.credits.api import ApiContext, build_api
 from services.credits.ledger import Decided, Ledger
-from services.credits.policy import decide
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
 from tests.support import make_event

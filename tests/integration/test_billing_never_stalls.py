@@ -15,11 +15,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from hypothesis import given, settings
 
-from schemas.pricing import default_price_book
+from billing.policy import decide
+from billing.pricing import default_price_book
 from schemas.topics import dlq
 from services.credits.bootstrap import running
 from services.credits.ledger import Decided, Ledger
-from services.credits.policy import decide
 from services.credits.settings import CreditSettings
 from services.shared.kafka import NotAnEvent, read_model_call
 from tests.edge_records import edge_records, event_fields

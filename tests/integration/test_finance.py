@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from billing.policy import decide
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from schemas.pricing import default_price_book
-from services.credits.policy import decide
 from services.finance.differences import Kind
 from services.finance.event_log import EventLogError
 from services.finance.reconciliation import ReplayRefused, reconcile, repair, replay

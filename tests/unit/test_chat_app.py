@@ -7,8 +7,8 @@ import contextlib
 import pytest
 from fastapi.testclient import TestClient
 
+from billing.pricing import default_price_book
 from schemas.events import KeyCheckStatus, Provider
-from schemas.pricing import default_price_book
 from services.chat.app import Wiring, create_app
 from services.chat.balances import FixedBalances
 from services.chat.bootstrap import key_sealer

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, Provider
-from schemas.pricing import default_price_book
 from services.chat.balances import CreditsUnavailable, FixedBalances
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey

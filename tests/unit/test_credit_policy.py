@@ -2,9 +2,9 @@ from datetime import datetime, timezone
 
 import pytest
 
+from billing.policy import decide
+from billing.pricing import PriceBook, PriceList, default_price_book
 from schemas.events import CallStatus, Decision, Feature, KeySource
-from schemas.pricing import PriceBook, PriceList, default_price_book
-from services.credits.policy import decide
 from tests.support import make_event
 
 pytestmark = pytest.mark.unit

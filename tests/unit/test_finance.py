@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from schemas.pricing import default_price_book
 from services.finance.assessment import EVENT_COLUMNS, Assessor
 from services.finance.differences import Difference, Kind, classify, correction_for, correction_id
 from services.finance.report import write_report
@@ -247,7 +247,7 @@ def test_decide_depends_only_on_what_a_shape_is_made_of():
     holds it to that: events equal on those and different in everything else owe the same."""
     import itertools
 
-    from services.credits.policy import decide
+    from billing.policy import decide
 
     book = default_price_book()
     for status, feature, key_source, model in itertools.product(
@@ -263,7 +263,7 @@ def test_decide_depends_only_on_what_a_shape_is_made_of():
 
 
 def test_shapes_give_what_decide_gives():
-    from services.credits.policy import decide
+    from billing.policy import decide
 
     from services.finance.assessment import Shapes
 

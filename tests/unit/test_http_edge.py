@@ -16,8 +16,8 @@ from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
+from billing.pricing import default_price_book
 from schemas.events import Feature, Provider
-from schemas.pricing import default_price_book
 from services.chat.app import Wiring, create_app
 from services.chat.balances import FixedBalances, HttpBalanceReader
 from services.chat.bootstrap import key_sealer
