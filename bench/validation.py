@@ -24,9 +24,9 @@ from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import KeyCheckStatus, Provider
 from schemas.topics import topic_specs
 from services.provider_simulator.app import base_urls
+from services.shared.keycheck import KeyCheckRequester
 from services.shared.settings import CommonSettings
 from services.validation.checks import KeyChecker, make_http_client
-from services.validation.requester import KeyCheckRequester
 from services.validation.settings import ValidationSettings
 
 ROOT = Path(__file__).resolve().parents[1]

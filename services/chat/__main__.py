@@ -11,8 +11,8 @@ from services.chat.bootstrap import wire
 from services.chat.settings import ChatSettings
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
+from services.shared.sealing import SealingSettings
 from services.shared.settings import refuse_default_secrets
-from services.validation.settings import SealingSettings
 
 
 def main() -> None:

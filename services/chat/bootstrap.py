@@ -33,7 +33,7 @@ def key_sealer(settings: ChatSettings) -> KeySealer:
 
 
 class StartingKeyChecker:
-    """The validation service's requester, started on first use, so the chat service comes up (and
+    """The key-check requester (services/shared/keycheck.py), started on first use, so the chat service comes up (and
     platform calls work) while Kafka is still down; a check then answers 'provider_unavailable'."""
 
     def __init__(self, settings: ChatSettings):
@@ -44,7 +44,7 @@ class StartingKeyChecker:
     async def _ready(self):
         async with self._lock:
             if self._requester is None:
-                from services.validation.requester import KeyCheckRequester
+                from services.shared.keycheck import KeyCheckRequester
 
                 requester = KeyCheckRequester(self.settings)
                 await requester.start()

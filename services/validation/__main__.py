@@ -12,9 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
+from services.shared.sealing import SealingSettings
 from services.shared.settings import refuse_default_secrets
 from services.validation.bootstrap import Validation, build
-from services.validation.settings import SealingSettings, ValidationSettings
+from services.validation.settings import ValidationSettings
 
 log = logging.getLogger("services.validation")
 

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import httpx
 
+from services.shared.sealing import KeyOpener, SealingSettings
 from services.validation.checks import KeyChecker, make_http_client
 from services.validation.guards import UserRateLimit, VerdictCache
 from services.validation.handler import RequestHandler
-from services.validation.sealing import KeyOpener
 from services.validation.service import KeyCheckService
-from services.validation.settings import SealingSettings, ValidationSettings
+from services.validation.settings import ValidationSettings
 from services.validation.worker import ValidationWorker
 
 

@@ -20,14 +20,12 @@ from pydantic import ValidationError
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.shared import providers
 from services.shared.kafka import MAX_EVENT_BYTES, DeadLetter
+from services.shared.keycheck import CORRELATION_ID, REPLY_TO
+from services.shared.sealing import KeyOpener, SealingError
 from services.validation import metrics
-from services.validation.sealing import KeyOpener, SealingError
 from services.validation.service import KeyCheckService
 
 log = logging.getLogger(__name__)
-
-REPLY_TO = "reply_to"
-CORRELATION_ID = "correlation_id"
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import pytest
 
 from schemas.events import KeyCheckStatus
 from services.provider_simulator import SimulatorServer
+from services.shared.keycheck import KeyCheckRequester
 from services.shared.settings import CommonSettings
-from services.validation.requester import KeyCheckRequester
 from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e

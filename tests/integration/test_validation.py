@@ -11,12 +11,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.events import KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer
+from services.shared.keycheck import KeyCheckRequester
+from services.shared.sealing import KeySealer, SealingSettings, generate
 from services.shared.settings import CommonSettings
 from services.validation.bootstrap import build
-from services.validation.requester import KeyCheckRequester
-from services.validation.sealing import KeySealer, generate
-from services.validation.settings import SealingSettings, ValidationSettings
-from tests.support import SIM_KEY_SHAPES as KEYS, BEHAVIOUR_STATUS, sim_key as key
+from services.validation.settings import ValidationSettings
+from tests.support import BEHAVIOUR_STATUS, SIM_KEY_SHAPES as KEYS, sim_key as key
 
 pytestmark = pytest.mark.integration
 

@@ -15,13 +15,15 @@ import pytest
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
 from services.shared.providers import KeyVerdict
+from services.shared.sealing import DEV_KEY_ID, KeyOpener, KeySealer, SealingError, SealingSettings, generate
 from services.validation.checks import KeyChecker
 from services.validation.guards import UserRateLimit, VerdictCache, too_many_checks
 from services.validation.handler import RequestHandler
-from services.validation.sealing import KeyOpener, KeySealer, SealingError, generate
 from services.validation.service import KeyCheckService
-from services.validation.settings import DEV_KEY_ID, SealingSettings, ValidationSettings
-from tests.support import SIM_KEY_SHAPES as KEYS, BEHAVIOUR_STATUS, sim_key as key
+from services.validation.settings import ValidationSettings
+from tests.support import BEHAVIOUR_STATUS
+from tests.support import SIM_KEY_SHAPES as KEYS
+from tests.support import sim_key as key
 
 pytestmark = pytest.mark.unit
 

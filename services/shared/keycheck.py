@@ -1,4 +1,7 @@
-"""The requester side of key checks over Kafka request/reply (used by the chat service).
+"""Key checks over Kafka request/reply: the wire headers both sides use, and the requester (chat side).
+
+The worker (services/validation) answers; the chat service asks. Both import this module rather
+than each other.
 
     requester = KeyCheckRequester(settings)          # any CommonSettings: broker + topic prefix
     await requester.start()                          # at app start-up
@@ -6,7 +9,7 @@
     await requester.stop()                           # at shutdown
 
 `check` seals the key to the worker's current public key (`KEY_SEAL_*` settings, see
-services/validation/settings.py), publishes a `KeyCheckRequest` keyed by user id with the headers
+services/shared/sealing.py), publishes a `KeyCheckRequest` keyed by user id with the headers
 `reply_to` and `correlation_id`, and waits for the `KeyCheckResult` with that correlation id on the
 replies topic. It never raises for the check's outcome: a malformed key is answered locally (no
 round trip), and a timeout or a broker it cannot reach is a `provider_unavailable` result ("could
@@ -28,11 +31,14 @@ from pydantic import ValidationError
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.shared import providers
 from services.shared.kafka import make_producer
+from services.shared.sealing import KeySealer
 from services.shared.settings import CommonSettings
-from services.validation.handler import CORRELATION_ID, REPLY_TO
-from services.validation.sealing import KeySealer
 
 log = logging.getLogger(__name__)
+
+# The request's headers (FastStream's request/reply names, so a FastStream publisher can ask too).
+REPLY_TO = "reply_to"
+CORRELATION_ID = "correlation_id"
 
 
 class KeyCheckRequester:
