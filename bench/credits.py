@@ -16,9 +16,9 @@ import asyncio
 import json
 import multiprocessing
 import time
-from random import Random
 import uuid
 from datetime import datetime, timezone
+from random import Random
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition

@@ -7,6 +7,8 @@ Regenerate with `make asyncapi`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
@@ -22,7 +24,8 @@ broker = KafkaBroker("127.0.0.1:9092", description="Apache Kafka 4.x (KRaft). Me
                                "Retention: forever (finance replays it).")
 @broker.publisher(CREDIT_LEDGER, title="credits: credit_ledger", schema=CreditOutcome,
                   description="What the credit service decided for each event. Retention: forever.")
-async def credits(event: ModelCallCompleted) -> CreditOutcome: ...
+async def credits(event: ModelCallCompleted) -> CreditOutcome:
+    raise NotImplementedError("a declaration: services/credits consumes this topic")
 
 
 @broker.publisher(MODEL_CALL_COMPLETED, title="chat: model_call_completed", schema=ModelCallCompleted,
@@ -37,7 +40,8 @@ async def chat_emits() -> None: ...
                                "Retention: 1 hour.")
 @broker.publisher(KEY_CHECK_REPLIES, title="validation: key_check_replies", schema=KeyCheckResult,
                   description="Key-check answers, correlated by the `correlation_id` header. Retention: 1 hour.")
-async def validation(request: KeyCheckRequest) -> KeyCheckResult: ...
+async def validation(request: KeyCheckRequest) -> KeyCheckResult:
+    raise NotImplementedError("a declaration: services/validation answers on this topic")
 
 
 @broker.publisher(dlq(MODEL_CALL_COMPLETED), title="credits: model_call_completed.dlq", schema=bytes,
@@ -53,6 +57,7 @@ specification = AsyncAPI(broker, title="byok-credits", version="1",
 app = FastStream(broker, specification=specification)
 
 
-def document() -> dict:
+def document() -> dict[str, Any]:
     """The AsyncAPI document, as `faststream docs gen schemas.asyncapi:app` writes it."""
-    return specification.to_specification().to_jsonable()
+    doc: dict[str, Any] = specification.to_specification().to_jsonable()
+    return doc

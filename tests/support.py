@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import CallStatus, Feature, KeySource, KeyCheckStatus, ModelCallCompleted, Provider
+from schemas.events import CallStatus, Feature, KeyCheckStatus, KeySource, ModelCallCompleted, Provider
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ class ServiceProcess:
         self.env = {"BYOK_ENV": "development", **os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env,

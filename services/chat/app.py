@@ -25,20 +25,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from billing.pricing import default_price_book
 from schemas.events import Feature, ModelId, Provider, utc_now
-from services.shared.providers import INFO
-from services.chat.catalog import catalog
 from services.chat.balances import BalanceReader, CreditsUnavailable
+from services.chat.catalog import catalog
 from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenReader, mint_token, token_from
 from services.chat.key_session import KEY_COOKIE, KeyRing, KeySealer
 from services.chat.service import (
-    BalanceUnknown, ChatRefused, ChatService, InvalidRequest, OwnKeyMissing, PaymentRequired, PlatformKeyMissing,
+    BalanceUnknown,
+    ChatRefused,
+    ChatService,
+    InvalidRequest,
+    OwnKeyMissing,
+    PaymentRequired,
+    PlatformKeyMissing,
     ProviderFailed,
 )
 from services.chat.settings import ChatSettings
-from services.shared.edge import (
-    HEALTH_RESPONSES, BodyLimit, describe, error_responses, install_http_error_handler, install_outage_handlers,
-)
 from services.chat.usage import UsageReader, UsageUnavailable
+from services.shared.edge import (
+    HEALTH_RESPONSES,
+    BodyLimit,
+    describe,
+    error_responses,
+    install_http_error_handler,
+    install_outage_handlers,
+)
+from services.shared.providers import INFO
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"

@@ -131,9 +131,9 @@ class FixedBalances(BalanceReader):
         return Funds(self.balances.get(who.user_id, 0), held)
 
     async def reserve(self, who, event_id, feature, provider, model) -> Reservation:
-        from schemas.events import utc_now
-        from billing.pricing import default_price_book
         from billing.policy import price_of
+        from billing.pricing import default_price_book
+        from schemas.events import utc_now
 
         credits = price_of(feature, model, default_price_book().in_force(utc_now()))
         funds = await self.funds(who)

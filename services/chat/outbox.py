@@ -155,7 +155,7 @@ class OutboxRelay:
             try:
                 sent = await self.relay_once()
                 backoff = 0.2
-            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, KafkaError, OSError) as exc:
                 # Kafka is down or slow: keep the rows, start afresh with a new producer later.
                 log.warning("outbox relay cannot reach Kafka (%s); retrying in %.1f s", type(exc).__name__, backoff)
                 await self._drop_producer()
@@ -176,7 +176,7 @@ class OutboxRelay:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 else:
                     if self.linger_s > 0:
@@ -217,7 +217,7 @@ class OutboxRelay:
                     raise
                 await park(conn, "chat_outbox", self.topic, r["user_id"].encode(), bytes(r["payload"]), "{}", exc)
         results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-        for (r, _), result in zip(sent, results):
+        for (r, _), result in zip(sent, results, strict=True):
             if isinstance(result, BaseException):
                 if not refused_for_content(result):
                     raise result

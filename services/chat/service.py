@@ -21,15 +21,28 @@ from typing import Protocol
 from billing.policy import UnpricedModel, decide, is_billable, price_of
 from billing.pricing import PriceBook
 from schemas.events import (
-    MODEL_ID_PATTERN, CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted,
-    Provider, utc_now,
+    MODEL_ID_PATTERN,
+    CallStatus,
+    Decision,
+    Feature,
+    KeyCheckResult,
+    KeyCheckStatus,
+    KeySource,
+    ModelCallCompleted,
+    Provider,
+    utc_now,
 )
 from services.chat.balances import BalanceReader, CreditsUnavailable, HoldRefused, Reservation
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing, SessionKey
 from services.chat.outbox import Outbox
 from services.chat.store import (
-    REVOKED_BYOK_OFF, REVOKED_REMOVED, REVOKED_SIGN_OUT, KeyRecord, ModelSettings, SettingsStore,
+    REVOKED_BYOK_OFF,
+    REVOKED_REMOVED,
+    REVOKED_SIGN_OUT,
+    KeyRecord,
+    ModelSettings,
+    SettingsStore,
 )
 from services.shared.providers import INFO, ChatReply, ProviderError, key_hint, normalize_key
 
@@ -402,7 +415,7 @@ class ChatService:
     async def _check(self, who: Identity, provider: Provider, api_key: str) -> KeyCheckResult:
         try:
             return await self.checker.check(who.user_id, provider, api_key, self.key_check_timeout_s)
-        except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             log.warning("key check for %s could not complete: %s", who.user_id, type(exc).__name__)
             return KeyCheckResult(
                 request_id=uuid.uuid4(), provider=provider, status=KeyCheckStatus.PROVIDER_UNAVAILABLE,

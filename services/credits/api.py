@@ -23,7 +23,14 @@ from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAva
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
 from services.shared.edge import (
-    HEALTH_RESPONSES, BodyLimit, DetailOut, ErrorOut, PrintableId, describe, error_responses, install_http_error_handler,
+    HEALTH_RESPONSES,
+    BodyLimit,
+    DetailOut,
+    ErrorOut,
+    PrintableId,
+    describe,
+    error_responses,
+    install_http_error_handler,
     install_outage_handlers,
 )
 
@@ -105,7 +112,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
         try:
             return read_token(ctx.settings.auth_jwt_secret, authorization[7:].strip())
         except AuthError as exc:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
 
     Caller = Annotated[Identity, Depends(identity)]
 
@@ -149,7 +156,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
         try:
             credits = price_of(body.feature, body.model, prices)
         except UnpricedModel as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
         try:
             hold = await ctx.ledger.place_hold(
                 body.event_id, caller.user_id, credits, prices.version, feature=body.feature.value,
@@ -160,7 +167,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
                 "message": f"This call costs {exc.needed} credits and you have {exc.available} available.",
             })
         except HoldConflict as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc))
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         if not hold.created:
             response.status_code = status.HTTP_200_OK
         return {"event_id": str(hold.event_id), "credits": hold.credits, "available": hold.available,
@@ -207,7 +214,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
         try:
             created, b = await ctx.ledger.grant(body.grant_key, body.user_id, body.plan, plans[body.plan])
         except GrantConflict as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc))
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return {"grant_key": body.grant_key, "user_id": body.user_id, "plan": body.plan,
                 "credits": plans[body.plan], "created": created, "balance": b.balance}

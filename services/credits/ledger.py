@@ -16,8 +16,8 @@ import asyncpg
 
 from billing.policy import Charge, CreditError
 from schemas.events import Decision, ModelCallCompleted
-from services.shared.kafka import DeadLetter
 from schemas.topics import dlq
+from services.shared.kafka import DeadLetter
 
 LEDGER_COLUMNS = (
     "entry_id", "event_id", "kind", "user_id", "decision", "credits", "price_list_version", "reason",

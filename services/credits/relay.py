@@ -122,7 +122,7 @@ class OutcomeRelay:
 
         async def acknowledged() -> None:
             results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-            for (letter, _), result in zip(sent, results):
+            for (letter, _), result in zip(sent, results, strict=True):
                 if isinstance(result, BaseException):
                     if not refused_for_content(result):
                         raise result

@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from services.finance import report as render
-from services.finance.reconciliation import reconcile as run_reconcile
-from services.finance.reconciliation import repair as run_repair
-from services.finance.reconciliation import replay as run_replay
+from services.finance.reconciliation import reconcile as run_reconcile, repair as run_repair, replay as run_replay
 from services.finance.settings import FinanceSettings
 from services.finance.window import EPOCH, Window
 
@@ -63,7 +61,7 @@ def parse_moment(value: str | None, default: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00:00Z)")
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00:00Z)") from None
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
@@ -79,7 +77,7 @@ def _window(start: str | None, end: str | None) -> Window:
     try:
         return Window(parse_moment(start, EPOCH), parse_moment(end, datetime.now(timezone.utc)))
     except ValueError as exc:
-        raise typer.BadParameter(str(exc))
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def _run(coro):
@@ -89,18 +87,18 @@ def _run(coro):
         raise
     except Exception as exc:  # an operational failure: say what, exit 2, no traceback for users
         err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from exc
 
 
-FromOpt = Annotated[Optional[str], typer.Option("--from", help="Start of the window, inclusive (default: the beginning).")]
-ToOpt = Annotated[Optional[str], typer.Option("--to", help="End of the window, exclusive (default: now).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Write the full list here (.csv or .json).")]
-FormatOpt = Annotated[Optional[str], typer.Option("--format", help="csv or json (default: from --out's suffix).")]
-BootstrapOpt = Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS).")]
-DbOpt = Annotated[Optional[str], typer.Option(help="Ledger database (env DATABASE_URL).")]
-SchemaOpt = Annotated[Optional[str], typer.Option(help="Ledger schema (env DATABASE_SCHEMA).")]
-PrefixOpt = Annotated[Optional[str], typer.Option(help="Topic prefix (env TOPIC_PREFIX).")]
-GroupOpt = Annotated[Optional[str], typer.Option(
+FromOpt = Annotated[str | None, typer.Option("--from", help="Start of the window, inclusive (default: the beginning).")]
+ToOpt = Annotated[str | None, typer.Option("--to", help="End of the window, exclusive (default: now).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Write the full list here (.csv or .json).")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="csv or json (default: from --out's suffix).")]
+BootstrapOpt = Annotated[str | None, typer.Option(help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS).")]
+DbOpt = Annotated[str | None, typer.Option(help="Ledger database (env DATABASE_URL).")]
+SchemaOpt = Annotated[str | None, typer.Option(help="Ledger schema (env DATABASE_SCHEMA).")]
+PrefixOpt = Annotated[str | None, typer.Option(help="Topic prefix (env TOPIC_PREFIX).")]
+GroupOpt = Annotated[str | None, typer.Option(
     "--credits-group", help="The credit service's consumer group, read (never joined) to tell events it has not "
                             "reached yet from missing debits; '' turns that off (env FINANCE_CREDITS_GROUP, default credits).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]

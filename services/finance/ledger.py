@@ -183,7 +183,7 @@ async def write_corrections(conn: asyncpg.Connection, corrections: list[Correcti
         (c.entry_id, c.event_id, c.user_id, c.credits, c.price_list_version, c.reason, c.provider,
          c.model, c.feature, c.key_source, c.status, c.occurred_at)
         for c in corrections
-    ]))
+    ], strict=True))
     async with conn.transaction():
         await conn.execute(
             "INSERT INTO accounts (user_id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",

@@ -19,8 +19,8 @@ import asyncpg
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, WithJsonSchema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.events import MODEL_ID_PATTERN, PRINTABLE, Identifier
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from urllib.parse import quote
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict

@@ -91,7 +91,7 @@ def test_a_call_whose_process_dies_mid_call_is_published_as_failed_and_not_bille
         system.sim.state.register("sk-ant-local-simulator-valid-platform-0001", "slow", delay_ms=2500)
         import threading
         answered = []
-        caller = threading.Thread(target=lambda: answered.append(
+        caller = threading.Thread(target=lambda client=client, answered=answered: answered.append(
             _post_ignoring_errors(client, "/chat", {"message": "slow one"})))
         caller.start()
         deadline = time.monotonic() + 10

@@ -555,7 +555,7 @@ async def test_progress_is_reported_against_the_planned_total(stack):
 
 
 async def test_reconcile_reports_leaking_holds_and_repair_releases_them_never_debiting(stack):
-    from services.credits.ledger import Decided, Ledger
+    from services.credits.ledger import Ledger
 
     conn = await stack.connect()
     pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2,

@@ -16,7 +16,7 @@ from services.shared.sealing import KeySealer, SealingSettings, generate
 from services.shared.settings import CommonSettings
 from services.validation.bootstrap import build
 from services.validation.settings import ValidationSettings
-from tests.support import BEHAVIOUR_STATUS, SIM_KEY_SHAPES as KEYS, sim_key as key
+from tests.support import BEHAVIOUR_STATUS, sim_key as key
 
 pytestmark = pytest.mark.integration
 

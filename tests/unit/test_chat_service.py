@@ -16,7 +16,12 @@ from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.outbox import MemoryOutbox
 from services.chat.service import (
-    BalanceUnknown, ChatService, OwnKeyMissing, PaymentRequired, PlatformKeyMissing, ProviderFailed,
+    BalanceUnknown,
+    ChatService,
+    OwnKeyMissing,
+    PaymentRequired,
+    PlatformKeyMissing,
+    ProviderFailed,
 )
 from services.chat.store import MemorySettingsStore, ModelSettings
 from services.shared.providers import ChatReply, KeyVerdict, ProviderError, key_hint

@@ -13,11 +13,10 @@ import pytest
 
 from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from services.finance.assessment import EVENT_COLUMNS, Assessor
+from services.finance.assessment import EVENT_COLUMNS, Assessor, Tally
 from services.finance.differences import Difference, Kind, classify, correction_for, correction_id
-from services.finance.report import write_report
 from services.finance.reconciliation import ReconcileReport
-from services.finance.assessment import Tally
+from services.finance.report import write_report
 from services.finance.window import Window, to_ms
 
 pytestmark = pytest.mark.unit
@@ -156,7 +155,7 @@ def test_assessor_applies_the_credit_policy():
     ]
     assessor = Assessor(default_price_book(), Window(T1, T2))
     rows, bad, tally = assessor.assess([record(e.to_json(), offset=i) for i, e in enumerate(events)])
-    got = [dict(zip(EVENT_COLUMNS, r)) for r in rows]
+    got = [dict(zip(EVENT_COLUMNS, r, strict=True)) for r in rows]
     shapes = assessor.shapes.shapes
     assert [(shapes[g["shape"]].decision, g["credits"]) for g in got] == [
         ("debited", 5), ("not_billed_byok", 0), ("debited", 50), ("not_billed_failed", 0), ("rejected", 0),
@@ -264,7 +263,6 @@ def test_decide_depends_only_on_what_a_shape_is_made_of():
 
 def test_shapes_give_what_decide_gives():
     from billing.policy import decide
-
     from services.finance.assessment import Shapes
 
     book = default_price_book()

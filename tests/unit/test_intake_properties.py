@@ -6,8 +6,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from schemas.events import EARLIEST_OCCURRED_AT, MAX_LATENCY_MS, MAX_TOKENS, ModelCallCompleted
 from services.shared.kafka import NotAnEvent, read_model_call

@@ -6,7 +6,13 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import (
-    CreditOutcome, Decision, KeyCheckRequest, KeyCheckResult, KeyCheckStatus, ModelCallCompleted, Provider,
+    CreditOutcome,
+    Decision,
+    KeyCheckRequest,
+    KeyCheckResult,
+    KeyCheckStatus,
+    ModelCallCompleted,
+    Provider,
 )
 from tests.support import make_event
 

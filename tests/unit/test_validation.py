@@ -21,9 +21,7 @@ from services.validation.guards import UserRateLimit, VerdictCache, too_many_che
 from services.validation.handler import RequestHandler
 from services.validation.service import KeyCheckService
 from services.validation.settings import ValidationSettings
-from tests.support import BEHAVIOUR_STATUS
-from tests.support import SIM_KEY_SHAPES as KEYS
-from tests.support import sim_key as key
+from tests.support import BEHAVIOUR_STATUS, sim_key as key
 
 pytestmark = pytest.mark.unit
 
