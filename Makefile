@@ -32,6 +32,9 @@ run: install          ## start everything, print the page's address, stay until 
 migrate: install
 	@bash infra/postgres.sh up && DATABASE_URL=$$(bash infra/postgres.sh url) $(PY) -m migrations
 
+schema: install       ## regenerate migrations/schema.sql (the schema the migrations build) after adding a migration
+	@bash infra/postgres.sh up && DATABASE_URL=$$(bash infra/postgres.sh url) $(PY) -m migrations.schema
+
 test: install         ## the whole suite on the real broker and database
 	@bash infra/kafka.sh up && bash infra/postgres.sh up
 	@$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -17,6 +17,8 @@ import asyncpg
 MIGRATIONS_DIR = Path(__file__).parent
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_ID = 0x6279_6F6B  # "byok"
+# The migrations' current result (see migrations/schema.py): generated, never applied.
+CURRENT_SCHEMA = "schema.sql"
 
 
 class MigrationError(RuntimeError):
@@ -37,6 +39,8 @@ class Migration:
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     found = []
     for path in sorted(directory.glob("*.sql")):
+        if path.name == CURRENT_SCHEMA:
+            continue
         m = _NAME.match(path.name)
         if not m:
             raise MigrationError(f"{path.name}: migration files are named NNNN_description.sql")
