@@ -549,9 +549,9 @@ class ChatService:
             else:
                 advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
             raise PaymentRequired(
-                f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available "
-                f"(credits held by calls still running are not available). {advice}",
-                reason="insufficient_credits", needed=exc.needed, available=exc.available,
+                f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available"
+                f"{f' ({exc.held} more are held by calls still running)' if exc.held else ''}. {advice}",
+                reason="insufficient_credits", needed=exc.needed, available=exc.available, held=exc.held,
                 balance=exc.available, price_list_version=prices.version, suggest_byok=feature is Feature.CHAT,
             ) from None
 

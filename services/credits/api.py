@@ -162,9 +162,11 @@ def build_api(ctx: ApiContext) -> FastAPI:
                 body.event_id, caller.user_id, credits, prices.version, feature=body.feature.value,
                 provider=body.provider.value, model=body.model, ttl_s=ctx.settings.hold_ttl_s)
         except InsufficientAvailable as exc:
+            held = (await ctx.ledger.balance(caller.user_id)).held
+            running = f" ({held} more are held by calls still running)" if held else ""
             return JSONResponse(status_code=status.HTTP_402_PAYMENT_REQUIRED, content={
-                "error": "insufficient_credits", "needed": exc.needed, "available": exc.available,
-                "message": f"This call costs {exc.needed} credits and you have {exc.available} available.",
+                "error": "insufficient_credits", "needed": exc.needed, "available": exc.available, "held": held,
+                "message": f"This call costs {exc.needed} credits and you have {exc.available} available{running}.",
             })
         except HoldConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
