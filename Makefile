@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-lint: install         ## ruff, the import rule between packages, and mypy --strict on schemas/ and billing/
+lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict on schemas/ and billing/
 	@.venv/bin/ruff check .
+	@.venv/bin/ruff format --check .
 	@.venv/bin/lint-imports --no-cache
 	@.venv/bin/mypy --strict schemas billing
 

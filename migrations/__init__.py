@@ -65,15 +65,15 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path = MIGRATION
         for mig in discover(directory):
             if mig.version in done:
                 if done[mig.version]["checksum"] != mig.checksum:
-                    raise MigrationError(
-                        f"{mig.name} was changed after it was applied; add a new migration instead"
-                    )
+                    raise MigrationError(f"{mig.name} was changed after it was applied; add a new migration instead")
                 continue
             async with conn.transaction():
                 await conn.execute(mig.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    mig.version, mig.name, mig.checksum,
+                    mig.version,
+                    mig.name,
+                    mig.checksum,
                 )
             applied_now.append(mig.name)
     finally:

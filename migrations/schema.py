@@ -71,7 +71,10 @@ async def current_schema(url: str, directory: Path = MIGRATIONS_DIR) -> str:
         dump = await asyncio.to_thread(
             subprocess.run,
             [pg_dump_binary(), "--schema-only", "--no-owner", "--no-privileges", f"--schema={schema}", url],
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         return normalize(dump.stdout, schema)
     finally:

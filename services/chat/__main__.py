@@ -26,8 +26,16 @@ def main() -> None:
     # Like credits and validation: SIGTERM/SIGINT finish the requests in flight (their outbox rows
     # complete), stop the relay through the lifespan, and the process then exits 0 rather than by
     # the re-raised signal. uvloop and httptools are uvicorn's own picks when installed.
-    server = GracefulServer(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                                           access_log=False, log_config=None))
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+            log_config=None,
+        )
+    )
     server.run()
     log.info("chat service stopped")
 

@@ -102,10 +102,19 @@ class Shapes:
         shape = self._ids.get(key)
         if shape is None:
             c = decide(event, self.book)
-            self.shapes.append(Shape(
-                c.decision.value, c.credits, c.price_list_version, c.reason, event.provider.value,
-                event.model, event.feature.value, event.key_source.value, event.status.value,
-            ))
+            self.shapes.append(
+                Shape(
+                    c.decision.value,
+                    c.credits,
+                    c.price_list_version,
+                    c.reason,
+                    event.provider.value,
+                    event.model,
+                    event.feature.value,
+                    event.key_source.value,
+                    event.status.value,
+                )
+            )
             shape = self._ids[key] = len(self.shapes) - 1
         return shape
 
@@ -129,6 +138,7 @@ class Assessor:
 
     def has_event(self, event_id: UUID) -> bool:
         return event_id.int in self.seen
+
     def assess(self, records) -> tuple[list[tuple], list[Unreadable], Tally]:
         rows: list[tuple] = []
         unreadable: list[Unreadable] = []
@@ -155,6 +165,7 @@ class Assessor:
                 continue
             seen.add(key)
             shape = shape_of(event)
-            rows.append((event.event_id, event.user_id, event.occurred_at, shape, shapes[shape].credits,
-                         r.partition, r.offset))
+            rows.append(
+                (event.event_id, event.user_id, event.occurred_at, shape, shapes[shape].credits, r.partition, r.offset)
+            )
         return rows, unreadable, tally

@@ -50,8 +50,15 @@ class RichProgress:
 
 def _bar(quiet: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True, disable=quiet,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("records"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet,
     )
 
 
@@ -67,8 +74,11 @@ def parse_moment(value: str | None, default: datetime) -> datetime:
 
 def _settings(bootstrap, database_url, schema, topic_prefix, credits_group=None) -> FinanceSettings:
     overrides = {
-        "kafka_bootstrap_servers": bootstrap, "database_url": database_url,
-        "database_schema": schema, "topic_prefix": topic_prefix, "finance_credits_group": credits_group,
+        "kafka_bootstrap_servers": bootstrap,
+        "database_url": database_url,
+        "database_schema": schema,
+        "topic_prefix": topic_prefix,
+        "finance_credits_group": credits_group,
     }
     return FinanceSettings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -98,18 +108,30 @@ BootstrapOpt = Annotated[str | None, typer.Option(help="Kafka bootstrap servers 
 DbOpt = Annotated[str | None, typer.Option(help="Ledger database (env DATABASE_URL).")]
 SchemaOpt = Annotated[str | None, typer.Option(help="Ledger schema (env DATABASE_SCHEMA).")]
 PrefixOpt = Annotated[str | None, typer.Option(help="Topic prefix (env TOPIC_PREFIX).")]
-GroupOpt = Annotated[str | None, typer.Option(
-    "--credits-group", help="The credit service's consumer group, read (never joined) to tell events it has not "
-                            "reached yet from missing debits; '' turns that off (env FINANCE_CREDITS_GROUP, default credits).")]
+GroupOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--credits-group",
+        help="The credit service's consumer group, read (never joined) to tell events it has not "
+        "reached yet from missing debits; '' turns that off (env FINANCE_CREDITS_GROUP, default credits).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 @app.command(help="Report every difference between what the window's events owe and the ledger. " + WINDOW_RULE)
 def reconcile(
-    start: FromOpt = None, end: ToOpt = None, out: OutOpt = None, fmt: FormatOpt = None,
+    start: FromOpt = None,
+    end: ToOpt = None,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
     show: Annotated[int, typer.Option(help="Differences listed on the terminal.")] = 20,
-    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
-    topic_prefix: PrefixOpt = None, credits_group: GroupOpt = None, quiet: QuietOpt = False,
+    bootstrap: BootstrapOpt = None,
+    database_url: DbOpt = None,
+    schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None,
+    credits_group: GroupOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     settings = _settings(bootstrap, database_url, schema, topic_prefix, credits_group)
     window = _window(start, end)
@@ -124,23 +146,33 @@ def reconcile(
     if report.differences and show:
         out_console.print(render.differences_table(report.differences, show))
     if report.pending:
-        out_console.print(f"[yellow]{len(report.pending):,} events not yet decided by the credit service "
-                          f"(beyond group {settings.finance_credits_group!r}'s committed offsets): "
-                          f"not differences yet, never repaired; reconcile again later[/]")
+        out_console.print(
+            f"[yellow]{len(report.pending):,} events not yet decided by the credit service "
+            f"(beyond group {settings.finance_credits_group!r}'s committed offsets): "
+            f"not differences yet, never repaired; reconcile again later[/]"
+        )
     if out:
         render.write_report(out, report, fmt)
         out_console.print(f"full list: {out}")
     raise typer.Exit(0 if report.clean else 1)
 
 
-@app.command(help="Show the correction entries that would fix the window (dry run); --apply writes them. "
-                  "Idempotent: running it twice writes nothing new. " + WINDOW_RULE)
+@app.command(
+    help="Show the correction entries that would fix the window (dry run); --apply writes them. "
+    "Idempotent: running it twice writes nothing new. " + WINDOW_RULE
+)
 def repair(
-    start: FromOpt = None, end: ToOpt = None,
+    start: FromOpt = None,
+    end: ToOpt = None,
     apply: Annotated[bool, typer.Option("--apply", help="Write the corrections (default: dry run).")] = False,
-    out: OutOpt = None, fmt: FormatOpt = None,
-    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
-    topic_prefix: PrefixOpt = None, credits_group: GroupOpt = None, quiet: QuietOpt = False,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
+    bootstrap: BootstrapOpt = None,
+    database_url: DbOpt = None,
+    schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None,
+    credits_group: GroupOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     settings = _settings(bootstrap, database_url, schema, topic_prefix, credits_group)
     window = _window(start, end)
@@ -153,12 +185,16 @@ def repair(
     out_console.print(render.summary_table(result.report))
     out_console.print(render.corrections_table(result))
     if result.applied:
-        out_console.print(f"{result.written:,} new correction entries written "
-                          f"({len(result.corrections) - result.written:,} were already there); "
-                          f"{result.holds_released:,} leaking holds released")
+        out_console.print(
+            f"{result.written:,} new correction entries written "
+            f"({len(result.corrections) - result.written:,} were already there); "
+            f"{result.holds_released:,} leaking holds released"
+        )
     if result.not_repaired:
-        out_console.print(f"[yellow]{len(result.not_repaired):,} differences need a person "
-                          f"(unreadable events are never repaired automatically)[/]")
+        out_console.print(
+            f"[yellow]{len(result.not_repaired):,} differences need a person "
+            f"(unreadable events are never repaired automatically)[/]"
+        )
     if out:
         render.write_corrections(out, result.corrections, fmt)
         out_console.print(f"corrections: {out}")
@@ -167,14 +203,22 @@ def repair(
     raise typer.Exit(0 if result.report.clean or fixed else 1)
 
 
-@app.command(help="Rebuild every balance from the whole log (plus the live grants, which are not events) "
-                  "into a scratch schema and compare it with the live balances.")
+@app.command(
+    help="Rebuild every balance from the whole log (plus the live grants, which are not events) "
+    "into a scratch schema and compare it with the live balances."
+)
 def replay(
     into: Annotated[str, typer.Option("--into", help="Scratch schema to build (never the live one).")],
-    replace: Annotated[bool, typer.Option("--replace", help="Drop and rebuild the scratch schema if it holds data.")] = False,
-    out: OutOpt = None, fmt: FormatOpt = None,
-    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
-    topic_prefix: PrefixOpt = None, quiet: QuietOpt = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Drop and rebuild the scratch schema if it holds data.")
+    ] = False,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
+    bootstrap: BootstrapOpt = None,
+    database_url: DbOpt = None,
+    schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     settings = _settings(bootstrap, database_url, schema, topic_prefix)
 

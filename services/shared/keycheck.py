@@ -124,19 +124,31 @@ class KeyCheckRequester:
         hint = providers.key_hint(api_key)
         request_id = uuid.uuid4()
         if problem := providers.key_shape_problem(provider, api_key):
-            return KeyCheckResult(request_id=request_id, provider=provider, status=KeyCheckStatus.MALFORMED,
-                                  message=problem, key_hint=hint)
+            return KeyCheckResult(
+                request_id=request_id,
+                provider=provider,
+                status=KeyCheckStatus.MALFORMED,
+                message=problem,
+                key_hint=hint,
+            )
         sealed = self.sealer.seal(api_key)
         del api_key
-        request = KeyCheckRequest(request_id=request_id, user_id=user_id, provider=provider,
-                                  sealed_key=sealed.sealed_key, key_id=sealed.key_id)
+        request = KeyCheckRequest(
+            request_id=request_id,
+            user_id=user_id,
+            provider=provider,
+            sealed_key=sealed.sealed_key,
+            key_id=sealed.key_id,
+        )
         correlation_id = str(request_id)
         future: asyncio.Future[KeyCheckResult] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         try:
             async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
                 await self._producer.send_and_wait(
-                    self.requests_topic, request.to_json(), key=user_id.encode(),
+                    self.requests_topic,
+                    request.to_json(),
+                    key=user_id.encode(),
                     headers=[(REPLY_TO, self.replies_topic.encode()), (CORRELATION_ID, correlation_id.encode())],
                 )
                 return await future
@@ -152,7 +164,10 @@ class KeyCheckRequester:
     @staticmethod
     def _unavailable(request_id: uuid.UUID, provider: Provider, hint: str | None, why: str) -> KeyCheckResult:
         return KeyCheckResult(
-            request_id=request_id, provider=provider, status=KeyCheckStatus.PROVIDER_UNAVAILABLE, key_hint=hint,
+            request_id=request_id,
+            provider=provider,
+            status=KeyCheckStatus.PROVIDER_UNAVAILABLE,
+            key_hint=hint,
             message=f"We could not verify your key: we {why}. The key may well be fine: try again in a minute.",
         )
 

@@ -53,10 +53,22 @@ async def serve(settings: ValidationSettings) -> None:
         log.warning("using the DEV-ONLY sealing key pair from the repository; set KEY_SEAL_* in production")
     validation = build(settings, sealing)
     await start_worker(validation)
-    server = GracefulServer(uvicorn.Config(health_app(validation), host=settings.http_host, port=settings.http_port,
-                                          log_level="warning", access_log=False))
-    log.info("validation worker up: consuming %s, health on %s:%d (keys: %s)", settings.key_check_requests_topic,
-             settings.http_host, settings.http_port, ", ".join(sealing.private_keys))
+    server = GracefulServer(
+        uvicorn.Config(
+            health_app(validation),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+        )
+    )
+    log.info(
+        "validation worker up: consuming %s, health on %s:%d (keys: %s)",
+        settings.key_check_requests_topic,
+        settings.http_host,
+        settings.http_port,
+        ", ".join(sealing.private_keys),
+    )
     try:
         await server.serve()  # returns on SIGINT/SIGTERM
     finally:

@@ -44,6 +44,7 @@ def build_service(settings: ValidationSettings, http: httpx.AsyncClient) -> KeyC
 def build(settings: ValidationSettings, sealing: SealingSettings | None = None) -> Validation:
     http = make_http_client(settings.check_timeout_s, settings.check_connect_timeout_s)
     service = build_service(settings, http)
-    handler = RequestHandler(service, KeyOpener.from_settings(sealing), settings.key_check_replies_topic,
-                             settings.max_request_age_s)
+    handler = RequestHandler(
+        service, KeyOpener.from_settings(sealing), settings.key_check_replies_topic, settings.max_request_age_s
+    )
     return Validation(settings, http, service, ValidationWorker(settings, handler))

@@ -35,8 +35,14 @@ async def test_an_edited_applied_migration_is_reported(database_url, db_schema, 
 
 async def test_schema_sql_is_what_the_migrations_build(database_url):
     built = await current_schema(database_url)
-    drift = "".join(difflib.unified_diff(SCHEMA_FILE.read_text().splitlines(True), built.splitlines(True),
-                                         "migrations/schema.sql", "built by the migrations"))
+    drift = "".join(
+        difflib.unified_diff(
+            SCHEMA_FILE.read_text().splitlines(True),
+            built.splitlines(True),
+            "migrations/schema.sql",
+            "built by the migrations",
+        )
+    )
     assert not drift, f"migrations/schema.sql drifted from the migrations; run `make schema`:\n{drift}"
 
 
