@@ -18,10 +18,17 @@ log = logging.getLogger("services.credits")
 
 async def serve(settings: CreditSettings) -> None:
     async with running(settings) as runtime:
-        server = GracefulServer(uvicorn.Config(runtime.api(), host=settings.http_host, port=settings.http_port,
-                                               log_level="warning", access_log=False))
-        log.info("credit service up: consuming %s, API on %s:%d",
-                 settings.model_call_completed_topic, settings.http_host, settings.http_port)
+        server = GracefulServer(
+            uvicorn.Config(
+                runtime.api(), host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
+            )
+        )
+        log.info(
+            "credit service up: consuming %s, API on %s:%d",
+            settings.model_call_completed_topic,
+            settings.http_host,
+            settings.http_port,
+        )
         await server.serve()  # returns on SIGINT/SIGTERM
     log.info("credit service stopped")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from schemas.pricing import PriceBook, default_price_book
+from billing.pricing import PriceBook, default_price_book
 from services.credits.api import ApiContext, build_api
 from services.credits.consumer import CreditConsumer, build_consumer, consumer_lag, track_lag
 from services.credits.ledger import Ledger
@@ -56,9 +56,16 @@ class CreditRuntime:
         return await consumer_lag(self.consumer.subscriber)
 
     def api(self):
-        return build_api(ApiContext(self.settings, self.ledger, self.book, self.producer,
-                                    consumer_running=lambda: self.consumer.broker.running,
-                                    stall=self.consumer.watch))
+        return build_api(
+            ApiContext(
+                self.settings,
+                self.ledger,
+                self.book,
+                self.producer,
+                consumer_running=lambda: self.consumer.broker.running,
+                stall=self.consumer.watch,
+            )
+        )
 
 
 async def run_relay(settings: CreditSettings) -> None:
@@ -68,8 +75,13 @@ async def run_relay(settings: CreditSettings) -> None:
     pool = await create_pool(settings.database_url, settings.database_schema, max_size=2, reset_sessions=False)
     producer = await start_producer(settings)
     try:
-        await OutcomeRelay(pool, producer, settings.credit_ledger_topic, batch=settings.relay_batch,
-                           idle_poll_s=settings.relay_idle_poll_s).run()
+        await OutcomeRelay(
+            pool,
+            producer,
+            settings.credit_ledger_topic,
+            batch=settings.relay_batch,
+            idle_poll_s=settings.relay_idle_poll_s,
+        ).run()
     finally:
         await producer.stop()
         await pool.close()
@@ -103,8 +115,12 @@ async def supervise_relay_process(settings: CreditSettings) -> None:
             if proc is None or not proc.is_alive():
                 if proc is not None:
                     log.warning("outcome relay process exited with %s; restarting it", proc.exitcode)
-                proc = ctx.Process(target=_relay_process_main, args=(settings.model_dump_json(), os.getpid()),
-                                   name="credits-relay", daemon=True)
+                proc = ctx.Process(
+                    target=_relay_process_main,
+                    args=(settings.model_dump_json(), os.getpid()),
+                    name="credits-relay",
+                    daemon=True,
+                )
                 proc.start()
             await asyncio.sleep(1)
     finally:
@@ -128,21 +144,25 @@ async def expire_holds(ledger: Ledger, every_s: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: CreditSettings, book: PriceBook | None = None,
-                  ledger_factory: type[Ledger] = Ledger) -> AsyncIterator[CreditRuntime]:
+async def running(
+    settings: CreditSettings, book: PriceBook | None = None, ledger_factory: type[Ledger] = Ledger
+) -> AsyncIterator[CreditRuntime]:
     """The consumer, the outcome relay and the lag gauge, running until the block exits."""
     await migrate(settings.database_url, settings.database_schema)
     # Ledger transactions and reads only (no SET, LISTEN or session lock): no reset query per release.
-    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size,
-                             reset_sessions=False)
+    pool = await create_pool(
+        settings.database_url, settings.database_schema, max_size=settings.db_pool_size, reset_sessions=False
+    )
     producer = await start_producer(settings)
     book = book or default_price_book()
     ledger = ledger_factory(pool)
     consumer = build_consumer(settings, CreditService(ledger, book))
     tune_for_batches()
     await consumer.start()
-    background = [asyncio.create_task(track_lag(consumer.subscriber, watch=consumer.watch)),
-                  asyncio.create_task(consumer.watch.run())]
+    background = [
+        asyncio.create_task(track_lag(consumer.subscriber, watch=consumer.watch)),
+        asyncio.create_task(consumer.watch.run()),
+    ]
     if settings.relay_mode == "process":
         background.append(asyncio.create_task(supervise_relay_process(settings)))
     elif settings.relay_mode == "task":

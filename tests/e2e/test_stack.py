@@ -19,16 +19,26 @@ def processes_of(state_dir) -> set[int]:
 
 
 def test_up_twice_restart_a_dead_part_and_down(private_state):
-    ports = {name: str(free_port()) for name in
-             ("BYOK_KAFKA_PORT", "BYOK_KAFKA_CONTROLLER_PORT", "BYOK_PG_PORT", "SIM_PORT", "CHAT_PORT",
-              "CREDITS_PORT", "VALIDATION_PORT")}
+    ports = {
+        name: str(free_port())
+        for name in (
+            "BYOK_KAFKA_PORT",
+            "BYOK_KAFKA_CONTROLLER_PORT",
+            "BYOK_PG_PORT",
+            "SIM_PORT",
+            "CHAT_PORT",
+            "CREDITS_PORT",
+            "VALIDATION_PORT",
+        )
+    }
     env = {**os.environ, **ports, "BYOK_STATE_DIR": str(private_state), "BYOK_KAFKA_HEAP": "512M"}
     for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BYOK_EXTERNAL_KAFKA", "HTTP_PORT", "CREDITS_URL"):
         env.pop(var, None)
 
     def stack(cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "infra/stack.sh", cmd], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            ["bash", "infra/stack.sh", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
 
     try:
         first = stack("up")
