@@ -396,9 +396,11 @@ def test_keyboard_only_sign_in_add_a_key_chat_and_remove_it(system: ChatSystem, 
     page = open_page(browser, "desktop")
     try:
         page.goto(system.chat.url + "/")
-        page.keyboard.type(new_user("kb"))  # the user id field has the focus
+        expect(page.get_by_label("User id")).to_be_focused()  # the page gives it the focus once it is ready
+        page.keyboard.type(new_user("kb"))
         page.keyboard.press("Enter")
-        expect(page.locator("#chat-input")).to_be_focused()
+        # Signing in grants the welcome credits first: allow a loaded machine its time.
+        expect(page.locator("#chat-input")).to_be_focused(timeout=20_000)
         tab_to(page, "#byok", back=True)
         page.keyboard.press("Space")
         expect(page.locator("#byok")).to_have_attribute("aria-checked", "true")
