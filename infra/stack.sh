@@ -13,14 +13,17 @@ LOG_DIR="$STATE_DIR/logs"
 mkdir -p "$SVC_DIR" "$LOG_DIR"
 
 export SIM_PORT="${SIM_PORT:-8090}"
-SIM="http://127.0.0.1:$SIM_PORT"
-# The LLM providers are unreachable here: locally, every provider URL points at the simulator (see
-# services/provider_simulator/app.py base_urls). Set these variables and the platform keys
-# (OPENAI_API_KEY, ...) to use the real providers.
-export OPENAI_BASE_URL="${OPENAI_BASE_URL:-$SIM/openai/v1}"
-export GROQ_BASE_URL="${GROQ_BASE_URL:-$SIM/groq}"
-export ANTHROPIC_BASE_URL="${ANTHROPIC_BASE_URL:-$SIM/anthropic}"
-export GEMINI_BASE_URL="${GEMINI_BASE_URL:-$SIM/gemini}"
+# The LLM providers are unreachable here: locally, every provider URL points at the simulator, at the
+# paths the simulator itself names (services/provider_simulator/urls.py, the one source). Set these
+# variables (OPENAI_BASE_URL, ...) and the platform keys (OPENAI_API_KEY, ...) to use the real providers.
+provider_urls() {
+  local lines name url
+  lines=$("$PYTHON" -m services.provider_simulator --host 127.0.0.1 --port "$SIM_PORT" --print-urls) \
+    || die "could not ask the simulator for its base URLs"
+  while IFS='=' read -r name url; do
+    [ -n "${!name:-}" ] || export "$name=$url"
+  done <<<"$lines"
+}
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:${BYOK_KAFKA_PORT:-9092}}"
 export CHAT_DEV_LOGIN="${CHAT_DEV_LOGIN:-true}"
 export PYTHONUNBUFFERED=1
@@ -68,6 +71,7 @@ wait_healthy() {
 }
 
 up() {
+  provider_urls
   bash "$ROOT/infra/kafka.sh" up
   bash "$ROOT/infra/postgres.sh" up
   DATABASE_URL="$(bash "$ROOT/infra/postgres.sh" url)"
