@@ -21,6 +21,7 @@ from faststream.kafka.annotations import KafkaMessage
 from services.credits import metrics
 from services.credits.service import CreditService, Prepared
 from services.credits.settings import CreditSettings
+from services.shared.kafka import leave_group_on_stop
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class CreditConsumer:
         await self.broker.start()
 
     async def stop(self) -> None:
+        leave_group_on_stop(getattr(self.subscriber, "consumer", None))  # partitions move on at once
         await self.broker.stop()
         await self.pipeline.drain()  # the ledger write in flight completes; its records are redelivered
 
@@ -161,7 +163,7 @@ def build_consumer(settings: CreditSettings, service: CreditService) -> CreditCo
     subscriber = broker.subscriber(
         settings.model_call_completed_topic,
         group_id=settings.topic(settings.consumer_group),  # a prefixed deployment has its own group
-        group_instance_id=settings.consumer_instance_id,
+        group_instance_id=settings.group_instance_id,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=max(settings.session_timeout_ms // 4, 500),
         batch=True,

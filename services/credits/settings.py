@@ -15,7 +15,10 @@ class CreditSettings(CommonSettings):
     auth_jwt_secret: str = Field(default="dev-only-secret-change-me-32-bytes!!", min_length=16)
     consumer_group: str = "credits"
     # Static group membership (KIP-345): an instance restarted with the same id takes its partitions
-    # back at once instead of waiting out the session timeout. Unique per running instance.
+    # back at once instead of waiting out the session timeout. Unique per running instance: the
+    # instance's name (CREDITS_INSTANCE, e.g. credits-1 from the stack, a container's hostname under
+    # Docker), or CONSUMER_INSTANCE_ID to set the id itself. Neither: a dynamic member.
+    credits_instance: str | None = None
     consumer_instance_id: str | None = None
     session_timeout_ms: int = 10_000
     # Fetched batches are validated as they come and written by group commit (consumer.CommitPipeline):
@@ -33,3 +36,9 @@ class CreditSettings(CommonSettings):
     db_pool_size: int = 5
     # The compatibility route waits this long for its event's decision before answering 202.
     deduct_wait_s: float = 10.0
+
+    @property
+    def group_instance_id(self) -> str | None:
+        if self.consumer_instance_id:
+            return self.consumer_instance_id
+        return self.credits_instance or None
