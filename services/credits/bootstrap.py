@@ -16,7 +16,6 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from schemas.pricing import PriceBook, default_price_book
-from services.credits.api import ApiContext, build_api
 from services.credits.consumer import CreditConsumer, build_consumer, consumer_lag, track_lag
 from services.credits.ledger import Ledger
 from services.credits.relay import OutcomeRelay
@@ -56,6 +55,10 @@ class CreditRuntime:
         return await consumer_lag(self.consumer.subscriber)
 
     def api(self):
+        # Imported here, not at the top: FastAPI takes about as long to import as everything the
+        # consumer needs, and a restarted instance should be debiting before it serves HTTP.
+        from services.credits.api import ApiContext, build_api
+
         return build_api(ApiContext(self.settings, self.ledger, self.book, self.producer,
                                     consumer_running=lambda: self.consumer.broker.running))
 
