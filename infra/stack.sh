@@ -25,7 +25,8 @@ provider_urls() {
     [ -n "${!name:-}" ] || export "$name=$url"
   done <<<"$lines"
 }
-export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:${BYOK_KAFKA_PORT:-9092}}"
+# Every node of the cluster when BYOK_KAFKA_BROKERS=3 (infra/kafka.sh says which).
+export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-$(bash "$ROOT/infra/kafka.sh" bootstrap)}"
 export CHAT_DEV_LOGIN="${CHAT_DEV_LOGIN:-true}"
 export PYTHONUNBUFFERED=1
 

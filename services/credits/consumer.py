@@ -158,7 +158,9 @@ class CreditConsumer:
 
 
 def build_consumer(settings: CreditSettings, service: CreditService) -> CreditConsumer:
-    broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="credits", logger=log)
+    # A list: FastStream hands a string to aiokafka as one host, "a:9092,b:9092" included.
+    bootstrap = [h.strip() for h in settings.kafka_bootstrap_servers.split(",") if h.strip()]
+    broker = KafkaBroker(bootstrap, client_id="credits", logger=log)
 
     subscriber = broker.subscriber(
         settings.model_call_completed_topic,

@@ -3,41 +3,20 @@ harmless, two instances of credits and chat run side by side, the supervisor res
 and says so, down leaves no process of ours."""
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
 
 import httpx
 import pytest
 
-from tests.support import ROOT, free_port, processes_with_env
+from tests.support import ROOT, free_port, free_ports, processes_with_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def processes_of(state_dir) -> set[int]:
     return processes_with_env("BYOK_STATE_DIR", str(state_dir))
-
-
-def free_port_pair() -> int:
-    """A port p with p + 1 free too (instance 2 of a service listens on its port + 1), below the
-    ephemeral range, so that no outgoing connection takes p + 1 before the instance binds it."""
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20_000, 32_000)
-        socks = [socket.socket(), socket.socket()]
-        try:
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no two consecutive free ports")
 
 
 def describe(pids: set[int]) -> dict[int, str]:
@@ -76,7 +55,7 @@ def healthy(port: int) -> bool:
 def test_up_twice_two_instances_a_dead_part_restarted_and_down(private_state):
     ports = {name: str(free_port()) for name in
              ("BYOK_KAFKA_PORT", "BYOK_KAFKA_CONTROLLER_PORT", "BYOK_PG_PORT", "SIM_PORT", "VALIDATION_PORT")}
-    ports |= {"CHAT_PORT": str(free_port_pair()), "CREDITS_PORT": str(free_port_pair())}
+    ports |= {"CHAT_PORT": str(free_ports(2)), "CREDITS_PORT": str(free_ports(2))}  # instance 2: port + 1
     env = {**os.environ, **ports, "BYOK_STATE_DIR": str(private_state), "BYOK_KAFKA_HEAP": "512M",
            "CREDITS_INSTANCES": "2", "CHAT_INSTANCES": "2"}
     for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BYOK_EXTERNAL_KAFKA", "HTTP_PORT", "CREDITS_URL"):
