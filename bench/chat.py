@@ -8,6 +8,10 @@ Baseline, same run and same load generator, measured right before each path: the
 completion sent straight to the simulator. Overhead = chat latency - direct latency, at p50 and p99
 (target: under 5 ms and under 20 ms).
 
+Admission holds: the platform path with holds against the same chat process started with
+ADMISSION_HOLDS=false (same run, back to back, at 100 req/s; target: at most 1 ms added at p50), and
+the hold round trip itself (POST /api/holds + DELETE) against the credit service.
+
 The load is open loop at a fixed rate (`bench.loadgen.steady`): each latency runs from the request's
 scheduled send time, so queueing shows; failed or unanswered requests are counted and reported.
 """
@@ -34,6 +38,7 @@ from services.shared.db import migrate
 
 NAME = "chat"
 RATE = 200.0  # the issue's rate
+HOLD_RATE = 100.0  # the admission-holds issue's rate
 SECRET = "bench-chat-secret-0123456789abcdef"
 PLATFORM_KEY = "sk-proj-valid-benchplatform000000000001"
 USER_KEY = "gsk_valid" + "bench" * 5
@@ -64,7 +69,10 @@ async def run(env: BenchEnv) -> list[Figure]:
         chat = ServiceProcess("chat", "services.chat", {**common, "CREDITS_URL": credits.url, "COOKIE_SECURE": "false",
                                                         "GROQ_API_KEY": PLATFORM_KEY}, logs)
         procs.append(chat.start())
-        return await measure(chat, credits, sim, seconds, warmup)
+        # The same chat without admission holds: the baseline of what holds cost.
+        unheld = ServiceProcess("chat-no-holds", "services.chat", {**chat.env, "ADMISSION_HOLDS": "false"}, logs)
+        procs.append(unheld.start())
+        return await measure(chat, credits, sim, seconds, warmup, unheld)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -79,7 +87,7 @@ async def run(env: BenchEnv) -> list[Figure]:
 
 
 async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServiceProcess, seconds: float,
-                  warmup: float) -> list[Figure]:
+                  warmup: float, unheld: ServiceProcess | None = None) -> list[Figure]:
     admin = mint_token(SECRET, "bench-admin", role="admin", ttl_s=3600)
     tokens = {f"bench-user-{i}": mint_token(SECRET, f"bench-user-{i}", ttl_s=3600) for i in range(USERS)}
     async with httpx.AsyncClient(timeout=30) as http:  # set-up only; the load goes through LeanClient
@@ -96,10 +104,15 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
 
         async def switch(byok: bool) -> None:
             for user in tokens:
+                # Switching BYOK off revokes the user's keys, so switching on again checks the key anew.
                 body = {"provider": "groq", "model": "llama3-8b-8192", "use_own_key": byok}
+                if byok:
+                    body["api_key"] = USER_KEY
                 r = await http.post(f"{chat.url}/settings/model", json=body,
                                     headers={"Authorization": f"Bearer {tokens[user]}", "Cookie": f"byok_key={cookies[user]}"})
                 r.raise_for_status()
+                if byok:
+                    cookies[user] = r.cookies["byok_key"]
 
         direct_path = urlsplit(base_urls(sim.url)["GROQ_BASE_URL"]).path + "/openai/v1/chat/completions"
         direct_body = {"model": "llama3-8b-8192", "max_tokens": 1024,
@@ -129,7 +142,30 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
                 return answer.status == 200 and answer.json()["key_source"] == want
             return send
 
+        def hold_calls(client: LeanClient):
+            """One admission hold placed and released per call, straight at the credit service."""
+            headers = {"Authorization": f"Bearer {tokens['bench-user-0']}"}
+
+            async def send(i: int) -> bool:
+                event_id = str(uuid.uuid4())
+                placed = await client.send(client.prepare("POST", "/api/holds", headers=headers, json_body={
+                    "event_id": event_id, "feature": "chat", "provider": "groq", "model": "llama3-8b-8192"}))
+                released = await client.send(client.prepare("DELETE", f"/api/holds/{event_id}", headers=headers))
+                return placed.status == 201 and released.status == 200
+            return send
+
         results: dict[str, Run] = {}
+        if unheld is not None:
+            # Holds: the platform path with and without them, back to back at the hold target's rate,
+            # and the reserve round trip itself (place + release) against the credit service.
+            await switch(False)
+            for name, origin in (("platform/no-holds", unheld.url), ("platform/holds", chat.url)):
+                async with LeanClient(origin) as client:
+                    await steady(HOLD_RATE, warmup, chat_calls(client, False))
+                    results[name] = await steady(HOLD_RATE, seconds, chat_calls(client, False))
+            async with LeanClient(credits.url) as client:
+                await steady(HOLD_RATE, warmup, hold_calls(client))
+                results["hold round trip"] = await steady(HOLD_RATE, seconds, hold_calls(client))
         # Each path is measured right after its own baseline, so a load that comes and goes on this
         # shared machine hits both alike.
         for path in ("platform", "byok"):
@@ -145,6 +181,25 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
 
 def figures_of(results: dict[str, Run]) -> list[Figure]:
     figures = []
+    held, unheld, trip = results.get("platform/holds"), results.get("platform/no-holds"), results.get("hold round trip")
+    if held and unheld and held.latencies and unheld.latencies:
+        label = f"platform path at {HOLD_RATE:.0f} req/s"
+        h50, u50 = percentile(held.latencies, 50), percentile(unheld.latencies, 50)
+        h99, u99 = percentile(held.latencies, 99), percentile(unheld.latencies, 99)
+        figures += [
+            Figure(NAME, f"{label} with holds: latency p50", h50, "ms", "without holds p50", u50, "lower"),
+            Figure(NAME, f"{label} with holds: latency p99", h99, "ms", "without holds p99", u99, "lower"),
+            Figure(NAME, f"{label}: added by holds, p50", h50 - u50, "ms", "", None, "lower", "<= 1 ms"),
+            Figure(NAME, f"{label} with holds: failed requests (of {held.planned})", held.failures, "",
+                   "without holds failed", unheld.failures, "lower", "0"),
+        ]
+    if trip and trip.latencies:
+        figures += [
+            Figure(NAME, f"hold place + release round trip at {HOLD_RATE:.0f}/s: p50", percentile(trip.latencies, 50),
+                   "ms", "", None, "lower"),
+            Figure(NAME, f"hold place + release round trip at {HOLD_RATE:.0f}/s: p99", percentile(trip.latencies, 99),
+                   "ms", "", None, "lower"),
+        ]
     for path in ("platform", "byok"):
         direct, chat = results[f"direct/{path}"], results[path]
         label = f"{path} path at {RATE:.0f} req/s"

@@ -28,7 +28,9 @@ LatencyMs = Annotated[int, Field(ge=0, le=MAX_LATENCY_MS)]
 # Printable only: no control (Cc), format (Cf), private-use (Co) or unassigned (Cn) characters and no
 # line or paragraph separators. A NUL cannot be stored in PostgreSQL text, and none of these belongs in
 # an id. Lone surrogates are refused by the parser itself. (Checked by the compiled validator, in Rust.)
-PRINTABLE = r"^[^\p{Cc}\p{Cf}\p{Co}\p{Cn}\p{Zl}\p{Zp}]+$"
+# (An intersection, not one negated class: the Rust regex engine lets private-use characters through
+# `[^\p{Co}\p{Cn}]`.)
+PRINTABLE = r"^[[^\p{Cc}\p{Cf}\p{Co}\p{Zl}\p{Zp}]&&\P{Cn}]+$"
 Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE)]
 # A model id is also a URL path segment at some providers: nothing that could leave the segment.
 MODEL_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,100}$"

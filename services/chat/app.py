@@ -1,9 +1,9 @@
 """HTTP entry points of the chat service (port 8000). Routes only translate: read the caller's
 identity and session key, call `ChatService`, turn its refusals into HTTP statuses.
 
-Routes: `GET /` (the page), `POST /settings/model`, `GET /api/model-settings`, `POST /chat`,
-`GET /api/balance`, `GET /api/me`, `POST /auth/dev-login` (only with DEV_LOGIN on), `POST /auth/logout`,
-`GET /healthz`, `GET /metrics`.
+Routes: `GET /` (the page), `POST /settings/model`, `GET /api/model-settings`, `DELETE /api/keys/{provider}`,
+`POST /chat`, `GET /api/balance`, `GET /api/usage`, `GET /api/me`, `POST /auth/dev-login` (only with DEV_LOGIN
+on), `POST /auth/logout`, `GET /healthz`, `GET /metrics`.
 """
 
 
@@ -23,16 +23,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.events import Feature, Provider, utc_now
+from services.shared.providers import INFO
 from schemas.pricing import default_price_book
 from services.chat.catalog import catalog
 from services.chat.balances import BalanceReader, CreditsUnavailable
 from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenReader, mint_token, token_from
-from services.chat.key_session import KEY_COOKIE, KeySealer, SessionKey
+from services.chat.key_session import KEY_COOKIE, KeyRing, KeySealer
 from services.chat.service import (
     BalanceUnknown, ChatRefused, ChatService, InvalidRequest, OwnKeyMissing, PaymentRequired, PlatformKeyMissing,
     ProviderFailed,
 )
 from services.chat.settings import ChatSettings
+from services.chat.usage import UsageReader, UsageUnavailable
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -60,6 +62,7 @@ class Wiring:
     # Dev sign-in's welcome grant; None = no grant.
     grant_plan: Callable[[str], object] | None = None
     healthy: Callable[[], object] | None = None
+    usage: UsageReader | None = None
 
 
 class SettingsIn(BaseModel):
@@ -69,6 +72,9 @@ class SettingsIn(BaseModel):
     use_own_key: bool = False
     # Never echoed back, logged or stored; kept only sealed in the session cookie once checked.
     api_key: str | None = Field(default=None, max_length=1024, repr=False)
+    # BYOK on and no usable key: run chat on platform credits (True) or refuse it (False, the
+    # default); absent = keep the current choice.
+    fallback_to_platform: bool | None = None
 
 
 class ChatIn(BaseModel):
@@ -114,14 +120,14 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     ) -> Identity:
         return tokens.read(token_from(authorization, byok_session))
 
-    async def session_key(
+    async def session_keys(
         who: Annotated[Identity, Depends(principal)], w: Annotated[Wiring, Depends(wiring)],
         byok_key: Annotated[str | None, Cookie()] = None,
-    ) -> SessionKey | None:
+    ) -> KeyRing:
         return w.sealer.open(who.user_id, who.session_id, byok_key)
 
     Who = Annotated[Identity, Depends(principal)]
-    Key = Annotated[SessionKey | None, Depends(session_key)]
+    Key = Annotated[KeyRing, Depends(session_keys)]
     Wired = Annotated[Wiring, Depends(wiring)]
 
     def set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
@@ -130,6 +136,13 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
 
     def drop_cookie(response: Response, name: str) -> None:
         response.delete_cookie(name, path="/", httponly=True, secure=settings.cookie_secure, samesite="strict")
+
+    def keep_keys(response: Response, w: Wiring, who: Identity, ring: KeyRing) -> None:
+        """Set the key cookie to exactly `ring` (the keys the server still honours), or drop it."""
+        if ring:
+            set_cookie(response, KEY_COOKIE, w.sealer.seal(who.user_id, who.session_id, ring), w.sealer.max_age_s(ring))
+        else:
+            drop_cookie(response, KEY_COOKIE)
 
     @app.exception_handler(AuthError)
     async def not_authenticated(_: Request, exc: AuthError) -> JSONResponse:
@@ -168,6 +181,9 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         prices = default_price_book().in_force(utc_now())
         return {"dev_login": settings.dev_login, "models": catalog(prices),
                 "feature_credits": {f.value: c for f, c in prices.feature_prices.items()},
+                "feature_models": {f.value: {"provider": p.value, "model": m}
+                                   for f, (p, m) in settings.feature_models().items()},
+                "key_lifetime_s": settings.key_ttl_s,
                 "price_list_version": prices.version}
 
     @app.post("/auth/dev-login")
@@ -186,10 +202,19 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         return {"user_id": body.user_id, "role": "user", "welcome_grant": granted}
 
     @app.post("/auth/logout")
-    async def logout(response: Response) -> dict:
+    async def logout(request: Request, response: Response, w: Wired) -> dict:
+        # Signing out works without a valid session too; with one, its keys are revoked on the server,
+        # so a saved copy of the key cookie opens nothing afterwards.
+        revoked = 0
+        try:
+            who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
+        except AuthError:
+            who = None
+        if who is not None and w.service is not None:
+            revoked = await w.service.sign_out(who)
         drop_cookie(response, SESSION_COOKIE)
         drop_cookie(response, KEY_COOKIE)
-        return {"signed_out": True}
+        return {"signed_out": True, "keys_revoked": revoked}
 
     @app.get("/api/me")
     async def me(who: Who) -> dict:
@@ -198,28 +223,57 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     @app.get("/api/balance")
     async def balance(who: Who, w: Wired) -> JSONResponse:
         try:
-            return JSONResponse({"user_id": who.user_id, "balance": await w.balances.balance(who)})
+            funds = await w.balances.funds(who)
+            return JSONResponse({"user_id": who.user_id, "balance": funds.balance, "held": funds.held,
+                                 "available": funds.available})
         except CreditsUnavailable as exc:
             return JSONResponse({"error": "credits_unavailable", "message": "Your balance cannot be read right now.",
                                  "detail": str(exc)}, status_code=503)
 
+    @app.get("/api/usage")
+    async def usage(who: Who, w: Wired) -> JSONResponse:
+        """The user's last 50 calls (time, feature, provider, model, key source, decision, credits), from
+        the ledger through the credit service, and their latest grant."""
+        if w.usage is None:
+            return JSONResponse({"error": "usage_unavailable", "message": "Usage history is not available here."},
+                                status_code=503)
+        try:
+            return JSONResponse({"user_id": who.user_id, **await w.usage.usage(who, 50)})
+        except UsageUnavailable as exc:
+            return JSONResponse({"error": "usage_unavailable", "detail": str(exc),
+                                 "message": "Your usage history cannot be read right now; try again in a minute."},
+                                status_code=503)
+
     @app.get("/api/model-settings")
-    async def model_settings(who: Who, key: Key, w: Wired) -> dict:
-        return (await w.service.view(who, key)).as_dict()
+    async def model_settings(who: Who, ring: Key, w: Wired) -> dict:
+        return (await w.service.view(who, ring)).as_dict()
+
+    @app.delete("/api/keys/{provider}")
+    async def remove_key(provider: Provider, who: Who, ring: Key, w: Wired, response: Response) -> dict:
+        """Remove this session's key of `provider`: revoked on the server, gone from the cookie."""
+        removed = await w.service.remove_key(who, provider)
+        view = await w.service.view(who, {p: k for p, k in ring.items() if p is not provider})
+        keep_keys(response, w, who, {p: held.key for p, held in view.keys.items()})
+        name = INFO[provider].name
+        message = (f"Your {name} key was removed from this session; a saved copy of it no longer works here."
+                   if removed else f"There was no {name} key in this session.")
+        return {"removed": bool(removed), "message": message, "settings": view.as_dict()}
 
     @app.post("/settings/model")
-    async def update_settings(body: SettingsIn, who: Who, key: Key, w: Wired, response: Response) -> dict:
-        change = await w.service.update_settings(who, key, body.provider, body.model, body.use_own_key, body.api_key)
-        if change.keep_key is not None:
-            sealed = w.sealer.seal(who.user_id, who.session_id, body.provider, change.keep_key, change.settings.key_hint or "")
-            set_cookie(response, KEY_COOKIE, sealed, w.sealer.ttl_s)
-        elif change.discard_key:
-            drop_cookie(response, KEY_COOKIE)
+    async def update_settings(body: SettingsIn, who: Who, ring: Key, w: Wired, response: Response) -> dict:
+        change = await w.service.update_settings(who, ring, body.provider, body.model, body.use_own_key, body.api_key,
+                                                 body.fallback_to_platform)
+        if change.discard_key:
+            new_ring: KeyRing = {}
+        elif change.keep_key is not None:
+            new_ring = {**ring, change.keep_key.provider: change.keep_key}
+        else:
+            new_ring = ring
         if not change.accepted:
             response.status_code = 400
-        new_key = (SessionKey(body.provider, "", change.settings.key_hint or "", 0) if change.keep_key
-                   else None if change.discard_key else key)
-        view = await w.service.view(who, new_key)
+        view = await w.service.view(who, new_ring)
+        if change.discard_key or change.keep_key is not None or len(view.keys) != len(ring):
+            keep_keys(response, w, who, {p: held.key for p, held in view.keys.items()})
         answer = {"accepted": change.accepted, "message": change.message, "settings": view.as_dict(),
                   "key_check": None}
         if change.check is not None:
@@ -237,7 +291,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def chat(request: Request) -> JSONResponse:
         who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
         w: Wiring = request.app.state.wiring
-        key = w.sealer.open(who.user_id, who.session_id, request.cookies.get(KEY_COOKIE))
+        ring = w.sealer.open(who.user_id, who.session_id, request.cookies.get(KEY_COOKIE))
         if not is_json(request.headers.get("content-type")):
             # As FastAPI does for the other routes: a cross-site form can post text/plain, never JSON.
             raise RequestValidationError([{"type": "content_type", "loc": ("body",), "input": None,
@@ -247,7 +301,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         try:
-            result = await w.service.call(who, key, body.feature, body.message)
+            result = await w.service.call(who, ring, body.feature, body.message)
         except ProviderFailed as exc:
             CALLS.labels(body.feature.value, exc.details.get("key_source", ""), "failed").inc()
             raise
@@ -263,6 +317,9 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             "usage": {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
             "latency_ms": event.latency_ms,
             "billing": result.billing.as_dict(),
+            # BYOK chat that ran on platform credits because the user chose to fall back: said so.
+            "fallback": result.fallback,
+            "notice": result.notice,
         })
 
     return app

@@ -1,98 +1,152 @@
-"""The user's balance, asked of the credit service over HTTP with the user's own token."""
+"""The user's credits as the credit service keeps them: read the balance, reserve a call's price.
+
+Every billable call is admitted by an admission hold placed in the credit service's database
+(DESIGN.md "Admission holds"), asked over HTTP with the user's own token. The hold is checked and
+placed atomically there, so no number of concurrent calls or chat instances can overspend; the
+ledger settles it when the call's event is decided.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
+import logging
+from dataclasses import dataclass
+from uuid import UUID
 
 import httpx
 
+from schemas.events import Feature, Provider
 from services.chat.identity import Identity
+
+log = logging.getLogger(__name__)
 
 
 class CreditsUnavailable(Exception):
-    """The credit service could not say the balance (down, slow, or refused our token)."""
+    """The credit service could not answer (down, slow, or refused our token)."""
+
+
+class HoldRefused(Exception):
+    """Not enough available credits for the call; nothing is held."""
+
+    def __init__(self, needed: int, available: int):
+        super().__init__(f"needs {needed}, {available} available")
+        self.needed, self.available = needed, available
+
+
+@dataclass(frozen=True)
+class Funds:
+    balance: int
+    held: int = 0
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True)
+class Reservation:
+    event_id: UUID
+    credits: int
+    available: int  # after this hold
 
 
 class BalanceReader:
-    """Port: the balance of the calling user."""
+    """Port: the calling user's credits at the credit service."""
 
-    async def balance(self, who: Identity) -> int:
+    async def funds(self, who: Identity) -> Funds:
         raise NotImplementedError
 
-    def note_charge(self, user_id: str, credits: int) -> None:
-        """A call just cost `credits` (the credit service will debit it shortly)."""
-
-
-class RecentBalances(BalanceReader):
-    """Reuses a balance read less than `max_age_s` ago, minus what calls cost since.
-
-    The pre-call check is a guard, not the ledger: the balance it reads is already behind by the
-    debits still on their way through Kafka, so a second-old reading less this instance's own charges
-    is no less accurate, and it saves a credit-service round trip on most calls. Grants show up once
-    the reading is older than `max_age_s`.
-    """
-
-    def __init__(self, inner: BalanceReader, max_age_s: float = 1.0, clock=time.monotonic):
-        self.inner, self.max_age_s, self.clock = inner, max_age_s, clock
-        self._seen: dict[str, tuple[float, int]] = {}  # user -> (read at, balance less charges since)
-        # One read per user at a time: calls that find the reading stale while it is being renewed
-        # wait for that read instead of each asking the credit service again.
-        self._reading: dict[str, asyncio.Future[int]] = {}
-
     async def balance(self, who: Identity) -> int:
-        seen = self._seen.get(who.user_id)
-        if seen is not None and self.clock() - seen[0] < self.max_age_s:
-            return seen[1]
-        reading = self._reading.get(who.user_id)
-        if reading is None:
-            reading = asyncio.ensure_future(self._read(who))
-            self._reading[who.user_id] = reading
-            reading.add_done_callback(lambda _: self._reading.pop(who.user_id, None))
-        # Shielded: a caller that gives up does not cancel the read the others wait for.
-        return await asyncio.shield(reading)
+        return (await self.funds(who)).available
 
-    async def _read(self, who: Identity) -> int:
-        now = self.clock()
-        value = await self.inner.balance(who)
-        if len(self._seen) > 100_000:
-            self._seen.clear()
-        self._seen[who.user_id] = (now, value)
-        return value
+    async def reserve(self, who: Identity, event_id: UUID, feature: Feature, provider: Provider,
+                      model: str) -> Reservation:
+        """Place the admission hold of one billable call; raises HoldRefused or CreditsUnavailable."""
+        raise NotImplementedError
 
-    def note_charge(self, user_id: str, credits: int) -> None:
-        seen = self._seen.get(user_id)
-        if seen is not None:
-            self._seen[user_id] = (seen[0], seen[1] - credits)
+    async def release(self, who: Identity, event_id: UUID) -> None:
+        """Release the hold of a call that never reached the provider (best effort: holds also expire)."""
+        raise NotImplementedError
 
 
 class HttpBalanceReader(BalanceReader):
     def __init__(self, client: httpx.AsyncClient, credits_url: str):
         self.client, self.credits_url = client, credits_url.rstrip("/")
 
-    async def balance(self, who: Identity) -> int:
+    @staticmethod
+    def _auth(who: Identity) -> dict[str, str]:
+        return {"Authorization": f"Bearer {who.token}"}
+
+    async def funds(self, who: Identity) -> Funds:
         try:
-            response = await self.client.get(
-                f"{self.credits_url}/api/credits/{who.user_id}",
-                headers={"Authorization": f"Bearer {who.token}"},
-            )
+            response = await self.client.get(f"{self.credits_url}/api/credits/{who.user_id}", headers=self._auth(who))
         except httpx.HTTPError as exc:
             raise CreditsUnavailable(f"the credit service did not answer ({type(exc).__name__})") from None
         if response.status_code == 404:
-            return 0  # no account yet: nothing granted
+            return Funds(0)  # no account yet: nothing granted
         if response.status_code != 200:
             raise CreditsUnavailable(f"the credit service answered HTTP {response.status_code}")
         try:
-            return int(response.json()["balance"])
+            body = response.json()
+            return Funds(int(body["balance"]), int(body.get("held", 0)))
         except (ValueError, KeyError, TypeError):
             raise CreditsUnavailable("the credit service sent an unreadable balance") from None
 
+    async def reserve(self, who: Identity, event_id: UUID, feature: Feature, provider: Provider,
+                      model: str) -> Reservation:
+        body = {"event_id": str(event_id), "feature": feature.value, "provider": provider.value, "model": model}
+        try:
+            response = await self.client.post(f"{self.credits_url}/api/holds", json=body, headers=self._auth(who))
+        except httpx.HTTPError as exc:
+            raise CreditsUnavailable(f"the credit service did not answer ({type(exc).__name__})") from None
+        try:
+            answer = response.json()
+            if response.status_code in (200, 201):
+                return Reservation(event_id, int(answer["credits"]), int(answer["available"]))
+            if response.status_code == 402:
+                raise HoldRefused(int(answer["needed"]), int(answer["available"]))
+        except (ValueError, KeyError, TypeError):
+            raise CreditsUnavailable("the credit service sent an unreadable answer") from None
+        raise CreditsUnavailable(f"the credit service refused the hold (HTTP {response.status_code}: "
+                                 f"{str(answer.get('detail', ''))[:200]})")
+
+    async def release(self, who: Identity, event_id: UUID) -> None:
+        try:
+            response = await self.client.delete(f"{self.credits_url}/api/holds/{event_id}", headers=self._auth(who))
+        except httpx.HTTPError as exc:
+            log.warning("hold %s not released (%s); it expires on its own", event_id, type(exc).__name__)
+            return
+        if response.status_code not in (200, 404):
+            log.warning("hold %s not released (HTTP %d); it expires on its own", event_id, response.status_code)
+
 
 class FixedBalances(BalanceReader):
-    """For unit tests: balances from a dict."""
+    """For unit tests: balances from a dict, holds kept in memory like the credit service keeps them."""
 
     def __init__(self, balances: dict[str, int] | None = None):
         self.balances = balances or {}
+        self.holds: dict[UUID, tuple[str, int]] = {}
 
-    async def balance(self, who: Identity) -> int:
-        return self.balances.get(who.user_id, 0)
+    async def funds(self, who: Identity) -> Funds:
+        held = sum(c for user, c in self.holds.values() if user == who.user_id)
+        return Funds(self.balances.get(who.user_id, 0), held)
+
+    async def reserve(self, who, event_id, feature, provider, model) -> Reservation:
+        from schemas.events import utc_now
+        from schemas.pricing import default_price_book
+        from services.credits.policy import price_of
+
+        credits = price_of(feature, model, default_price_book().in_force(utc_now()))
+        funds = await self.funds(who)
+        if event_id not in self.holds:
+            if funds.available < credits:
+                raise HoldRefused(credits, funds.available)
+            self.holds[event_id] = (who.user_id, credits)
+        return Reservation(event_id, credits, (await self.funds(who)).available)
+
+    async def release(self, who, event_id) -> None:
+        self.holds.pop(event_id, None)
+
+    def settle(self, event_id: UUID, debited: int) -> None:
+        """What the ledger does when the call's event is decided."""
+        user, _ = self.holds.pop(event_id)
+        self.balances[user] = self.balances.get(user, 0) - debited

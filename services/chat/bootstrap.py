@@ -12,13 +12,14 @@ import httpx
 from schemas.events import KeyCheckResult, Provider
 from schemas.pricing import default_price_book
 from services.chat.app import Wiring
-from services.chat.balances import BalanceReader, HttpBalanceReader, RecentBalances
+from services.chat.balances import BalanceReader, HttpBalanceReader
 from services.chat.identity import mint_token
 from services.chat.key_session import KeySealer, derive_secret
 from services.chat.outbox import OutboxRelay, PgOutbox
 from services.chat.service import ChatService, KeyChecker
 from services.chat.settings import ChatSettings
 from services.chat.store import PgSettingsStore
+from services.chat.usage import HttpUsageReader
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
 from services.shared.providers import ProviderSettings, chat_completion, provider_http_client
@@ -94,14 +95,16 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     own_checker = checker is None
     checker = checker or StartingKeyChecker(settings)
     balances: BalanceReader = HttpBalanceReader(credits_http, settings.credits_url)
-    if settings.balance_max_age_s > 0:
-        balances = RecentBalances(balances, settings.balance_max_age_s)
     service = ChatService(
         store=PgSettingsStore(pool), outbox=PgOutbox(pool, relay.wake), balances=balances, checker=checker,
         call_model=call_model, platform_keys=settings.platform_keys(), price_book=default_price_book(),
         default_provider=settings.default_provider, default_model=settings.default_model,
-        key_check_timeout_s=settings.key_check_timeout_s,
+        feature_models=settings.feature_models(), key_ttl_s=settings.key_ttl_s,
+        key_check_timeout_s=settings.key_check_timeout_s, admission_holds=settings.admission_holds,
     )
+    if not settings.admission_holds:
+        log.warning("ADMISSION_HOLDS is off: platform calls start without reserving their price and can "
+                    "overspend a balance. This is for the benchmark's baseline only.")
 
     async def grant_plan(user_id: str) -> dict:
         admin = mint_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
@@ -124,7 +127,8 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
     try:
         yield Wiring(service, key_sealer(settings), balances,
-                     grant_plan if settings.dev_login and settings.dev_login_grant_plan else None, healthy)
+                     grant_plan if settings.dev_login and settings.dev_login_grant_plan else None, healthy,
+                     usage=HttpUsageReader(credits_http, settings.credits_url))
     finally:
         await relay.stop()
         if warming is not None:

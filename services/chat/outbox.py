@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas.events import ModelCallCompleted
+from services.shared.kafka import park, refused_for_content
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,11 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except Exception:  # a bug must not end the relay: the rows wait (rolled back) and are retried
+                log.exception("outbox relay round failed; retrying in %.1f s", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             if sent < self.batch:
                 self._wake.clear()
                 try:
@@ -194,11 +200,25 @@ class OutboxRelay:
             if not rows:
                 return 0
             rows = sorted(rows, key=lambda r: r["id"])  # RETURNING has no order; a user's events keep theirs
-            await asyncio.wait_for(self._publish(rows), self.send_timeout_s)
+            await asyncio.wait_for(self._publish(conn, rows), self.send_timeout_s)
         self.published += len(rows)
         return len(rows)
 
-    async def _publish(self, rows: list[asyncpg.Record]) -> None:
+    async def _publish(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
+        """Send the rows and wait for every ack; a row Kafka refuses as it is (too large, ...) is parked
+        in `parked_messages` (same transaction), so it can neither block the rows behind it nor be lost."""
         producer = await self._producer_ready()
-        futures = [await producer.send(self.topic, value=bytes(r["payload"]), key=r["user_id"].encode()) for r in rows]
-        await asyncio.gather(*futures)
+        sent = []
+        for r in rows:
+            try:
+                sent.append((r, await producer.send(self.topic, value=bytes(r["payload"]), key=r["user_id"].encode())))
+            except Exception as exc:
+                if not refused_for_content(exc):
+                    raise
+                await park(conn, "chat_outbox", self.topic, r["user_id"].encode(), bytes(r["payload"]), "{}", exc)
+        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        for (r, _), result in zip(sent, results):
+            if isinstance(result, BaseException):
+                if not refused_for_content(result):
+                    raise result
+                await park(conn, "chat_outbox", self.topic, r["user_id"].encode(), bytes(r["payload"]), "{}", result)

@@ -14,18 +14,20 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Protocol
 
 from schemas.events import (
     CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted, Provider, utc_now,
 )
 from schemas.pricing import PriceBook
-from services.chat.balances import BalanceReader, CreditsUnavailable
+from services.chat.balances import BalanceReader, CreditsUnavailable, HoldRefused, Reservation
 from services.chat.identity import Identity
-from services.chat.key_session import SessionKey
+from services.chat.key_session import KeyRing, SessionKey
 from services.chat.outbox import Outbox
-from services.chat.store import ModelSettings, SettingsStore
+from services.chat.store import (
+    REVOKED_BYOK_OFF, REVOKED_REMOVED, REVOKED_SIGN_OUT, KeyRecord, ModelSettings, SettingsStore,
+)
 from services.credits.policy import UnpricedModel, decide, is_billable, price_of
 from services.shared.providers import INFO, ChatReply, ProviderError, key_hint, normalize_key
 
@@ -45,6 +47,17 @@ FEATURE_PROMPTS = {
     Feature.CODE_CANVAS: "You write Python data-analysis code for a notebook canvas.",
 }
 MAX_MESSAGE_CHARS = 20_000
+# The models the platform runs the always-platform features on (ChatSettings overrides them).
+DEFAULT_FEATURE_MODELS: dict[Feature, tuple[Provider, str]] = {
+    Feature.DEEP_ANALYSIS: (Provider.OPENAI, "gpt-4.1"),
+    Feature.CODE_FIX: (Provider.OPENAI, "gpt-4.1-mini"),
+    Feature.CODE_CANVAS: (Provider.OPENAI, "gpt-4.1-mini"),
+}
+
+
+def session_of(who: Identity) -> str:
+    """The sign-in session a key is bound to (tokens without one share the "api" session)."""
+    return who.session_id or "api"
 
 
 class KeyChecker(Protocol):
@@ -139,6 +152,8 @@ class CallResult:
     reply: str
     event: ModelCallCompleted
     billing: Billing
+    fallback: bool = False  # BYOK chat ran on platform credits because the user chose to fall back
+    notice: str | None = None  # the sentence that says so, with the charge
 
 
 @dataclass(frozen=True)
@@ -146,35 +161,98 @@ class SettingsChange:
     accepted: bool
     settings: ModelSettings
     check: KeyCheckResult | None = None
-    # The key to hold for the session (sealed into the cookie by the edge); never logged or shown.
-    keep_key: str | None = field(default=None, repr=False)
+    # A checked key to add to the session's ring (sealed into the cookie by the edge); never shown.
+    keep_key: SessionKey | None = field(default=None, repr=False)
+    # Every key of the session is gone (revoked on the server): the edge drops the cookie.
     discard_key: bool = False
     message: str = ""
+
+
+# Statuses after which a key is of no use until it is replaced: a check or a call said so.
+DEAD_KEY_STATUSES = frozenset({
+    KeyCheckStatus.INVALID.value, KeyCheckStatus.REVOKED_OR_EXPIRED.value, KeyCheckStatus.PERMISSION_DENIED.value,
+    KeyCheckStatus.QUOTA_EXHAUSTED.value, KeyCheckStatus.MALFORMED.value,
+})
+
+
+@dataclass(frozen=True)
+class HeldKey:
+    """A key the session's cookie holds and the server still honours (live, not revoked)."""
+
+    key: SessionKey
+    record: KeyRecord
+
+    @property
+    def usable(self) -> bool:
+        return self.record.status not in DEAD_KEY_STATUSES
+
+    def as_dict(self) -> dict:
+        r = self.record
+        return {"provider": r.provider.value, "name": INFO[r.provider].name, "key_hint": r.hint,
+                "key_status": r.status, "key_message": r.message, "usable": self.usable,
+                "expires_at": r.expires_at.isoformat()}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one call of a feature runs and what it costs, decided before anything is spent.
+
+    The page's status line and `call` both come from `ChatService.route`, so what the page says a
+    feature will do is what the call does.
+    """
+
+    feature: Feature
+    key_source: KeySource
+    provider: Provider
+    model: str
+    credits: int | None  # the price on platform credits; 0 on the user's key; None = no platform price
+    held: HeldKey | None = None  # the user's key it runs on (BYOK chat only)
+    fallback: bool = False  # BYOK chat on platform credits because the user chose to fall back
+    refusal: ChatRefused | None = None  # why it will not run at all
+    note: str = ""
+    reason: str = ""  # why a BYOK chat cannot use the user's key (fallback or refusal)
+
+    def as_dict(self) -> dict:
+        runs_on = "paused" if self.refusal else "your_key" if self.key_source is KeySource.BYOK else "platform"
+        return {"runs_on": runs_on, "provider": self.provider.value, "model": self.model,
+                "key_source": self.key_source.value, "credits": self.credits, "fallback": self.fallback,
+                "message": self.refusal.message if self.refusal else self.note}
 
 
 @dataclass(frozen=True)
 class SettingsView:
     settings: ModelSettings
-    key_in_session: bool
-    key_hint: str | None
-    key_status: str | None
-    key_message: str | None
+    keys: dict[Provider, HeldKey]
+    routes: dict[Feature, Route]
     platform_price: int | None
+    key_lifetime_s: int
 
     def as_dict(self) -> dict:
         s = self.settings
+        held = self.keys.get(s.provider)
+        if not s.use_own_key:
+            status = message = None
+        elif held is None:
+            status, message = "missing", self.routes[Feature.CHAT].as_dict()["message"]
+        else:
+            status, message = held.record.status, held.record.message
         return {
             "user_id": s.user_id,
             "provider": s.provider.value,
             "model": s.model,
             "byok": s.use_own_key,
             "use_own_key": s.use_own_key,
-            "key_hint": self.key_hint,
-            "key_status": self.key_status,
-            "key_message": self.key_message,
-            "key_in_session": self.key_in_session,
+            "fallback_to_platform": s.fallback_to_platform,
+            # The selected provider's key (the contract's fields); `keys` lists every provider's.
+            "key_hint": held.record.hint if s.use_own_key and held else None,
+            "key_status": status,
+            "key_message": message,
+            "key_in_session": bool(s.use_own_key and held and held.usable),
+            "keys": [k.as_dict() for k in self.keys.values()],
+            "key_lifetime_s": self.key_lifetime_s,
             "mode": "byok" if s.use_own_key else "platform",
             "platform_price": self.platform_price,
+            "features": {f.value: r.as_dict() for f, r in self.routes.items()},
         }
 
 
@@ -191,72 +269,130 @@ class ChatService:
         price_book: PriceBook,
         default_provider: Provider = Provider.OPENAI,
         default_model: str = "gpt-4o-mini",
+        feature_models: Mapping[Feature, tuple[Provider, str]] | None = None,
+        key_ttl_s: int = 8 * 3600,
         key_check_timeout_s: float = 15.0,
         clock: Callable[[], datetime] = utc_now,
+        admission_holds: bool = True,
     ):
         self.store, self.outbox, self.balances, self.checker = store, outbox, balances, checker
         self.call_model, self.platform_keys, self.book = call_model, dict(platform_keys), price_book
         self.default_provider, self.default_model = default_provider, default_model
-        self.key_check_timeout_s, self.clock = key_check_timeout_s, clock
+        self.feature_models = {**DEFAULT_FEATURE_MODELS, **(feature_models or {})}
+        self.key_ttl_s, self.key_check_timeout_s, self.clock = key_ttl_s, key_check_timeout_s, clock
+        self.admission_holds = admission_holds  # off only for the benchmark's baseline (see ChatSettings)
 
-    # --- settings ---------------------------------------------------------------------------------
+    # --- settings and keys ------------------------------------------------------------------------
+
+    def _default(self, user_id: str) -> ModelSettings:
+        return ModelSettings(user_id, self.default_provider, self.default_model)
 
     async def settings_of(self, user_id: str) -> ModelSettings:
-        return await self.store.get(user_id) or ModelSettings(user_id, self.default_provider, self.default_model)
+        return await self.store.get(user_id) or self._default(user_id)
 
-    @staticmethod
-    def _usable(settings: ModelSettings, key: SessionKey | None) -> bool:
-        return settings.use_own_key and key is not None and key.provider is settings.provider
+    async def state(self, who: Identity, ring: KeyRing | None) -> tuple[ModelSettings, dict[Provider, HeldKey]]:
+        """The user's settings and the keys of `ring` the server still honours, in one read."""
+        ring = ring or {}
+        settings, records = await self.store.load(who.user_id, session_of(who), [k.key_id for k in ring.values()])
+        held = {}
+        for provider, key in ring.items():
+            record = records.get(provider)
+            # Bound to its provider: a record of another provider (or none) makes the entry useless.
+            if record is not None and record.key_id == key.key_id and record.provider is key.provider:
+                held[provider] = HeldKey(key, record)
+        return settings or self._default(who.user_id), held
 
-    async def view(self, who: Identity, key: SessionKey | None) -> SettingsView:
-        s = await self.settings_of(who.user_id)
-        usable = self._usable(s, key)
-        if usable:
-            same_key = s.key_hint == key.hint
-            status = s.key_status if same_key else KeyCheckStatus.VALID.value
-            message = s.key_message if same_key else None
-        elif s.use_own_key:
-            status = "missing"
-            message = (f"Your {INFO[s.provider].name} key is kept for one session only. Paste it again to chat "
-                       "on your own key, or switch “use my own API key” off to use platform credits.")
+    def route(self, s: ModelSettings, held: Mapping[Provider, HeldKey], feature: Feature) -> Route:
+        """Where a call of `feature` runs for these settings and keys (see `Route`)."""
+        prices = self.book.in_force(self.clock())
+        if feature is not Feature.CHAT:
+            # Always the platform's model for the feature, never the one the user chose.
+            provider, model = self.feature_models[feature]
+            return Route(feature, KeySource.PLATFORM, provider, model, prices.feature_prices[feature],
+                         note=f"{FEATURE_NAMES[feature]} always runs on the platform's {model} and uses credits.")
+        provider, model, name = s.provider, s.model, INFO[s.provider].name
+        price = prices.model_price(model)
+        if not s.use_own_key:
+            return Route(feature, KeySource.PLATFORM, provider, model, price,
+                         note="Chat runs on platform credits." if price is not None else
+                         f"{model} has no platform price: switch on “use my own API key” to call it.")
+        key = held.get(provider)
+        if key is not None and key.usable:
+            return Route(feature, KeySource.BYOK, provider, model, 0, held=key,
+                         note=f"Chat runs on your {name} key {key.record.hint}: no credits.")
+        if key is None:
+            why = f"This session has no {name} key"
+            act = f"Paste your {name} key and press Check"
         else:
-            status = message = None
+            why = f"Your {name} key {key.record.hint} failed its last check ({key.record.status.replace('_', ' ')})"
+            act = f"Paste a working {name} key and press Check"
+        if s.fallback_to_platform and price is not None:
+            return Route(feature, KeySource.PLATFORM, provider, model, price, fallback=True, reason=why,
+                         note=f"{why}, so chat falls back to platform credits, as you chose: "
+                              f"{price} credit{'s' if price != 1 else ''} per message.")
+        refusal = OwnKeyMissing(
+            f"{why}, so chat is paused and nothing is charged. {act}, or switch “use my own API key” off "
+            "to use platform credits" + (", or allow falling back to platform credits." if price is not None else "."),
+            provider=provider.value, key_status=key.record.status if key else "missing",
+        )
+        return Route(feature, KeySource.BYOK, provider, model, 0, held=key, refusal=refusal, reason=why)
+
+    async def view(self, who: Identity, ring: KeyRing | None) -> SettingsView:
+        s, held = await self.state(who, ring)
+        return self._view(s, held)
+
+    def _view(self, s: ModelSettings, held: Mapping[Provider, HeldKey]) -> SettingsView:
+        routes = {f: self.route(s, held, f) for f in Feature}
         price = self.book.in_force(self.clock()).model_price(s.model)
-        return SettingsView(s, usable, key.hint if usable else None, status, message, price)
+        return SettingsView(s, dict(held), routes, price, self.key_ttl_s)
 
     async def update_settings(
-        self, who: Identity, key: SessionKey | None, provider: Provider, model: str, use_own_key: bool,
-        api_key: str | None,
+        self, who: Identity, ring: KeyRing | None, provider: Provider, model: str, use_own_key: bool,
+        api_key: str | None, fallback_to_platform: bool | None = None,
     ) -> SettingsChange:
         """Apply new settings; a supplied key is checked first and a refused key changes nothing."""
         model = model.strip()
         if not model or len(model) > 200:
             raise InvalidRequest("Choose a model.")
-        current = await self.settings_of(who.user_id)
+        current, held = await self.state(who, ring)
+        fallback = current.fallback_to_platform if fallback_to_platform is None else fallback_to_platform
+        new = ModelSettings(who.user_id, provider, model, use_own_key, fallback)
+        name = INFO[provider].name
         if not use_own_key:
-            new = ModelSettings(who.user_id, provider, model)
             await self.store.put(new)
-            return SettingsChange(True, new, discard_key=key is not None,
-                                  message="Calls now run on the platform's key and use credits.")
+            # Every key of the user goes, on the server too: a saved copy of the cookie opens nothing.
+            revoked = await self.store.revoke_keys(who.user_id, REVOKED_BYOK_OFF)
+            gone = ", ".join(f"{INFO[p].name} {k.record.hint}" for p, k in held.items())
+            return SettingsChange(True, new, discard_key=True, message=(
+                f"Your keys ({gone}) were removed from this session. " if gone else
+                "Your earlier keys were removed. " if revoked else "") + "Calls now run on platform credits.")
         if api_key is not None and normalize_key(api_key):
             api_key = normalize_key(api_key)
             result = await self._check(who, provider, api_key)
             if result.status is not KeyCheckStatus.VALID:
-                return SettingsChange(False, current, result, message=result.message)
-            hint = result.key_hint or key_hint(api_key)
-            new = ModelSettings(who.user_id, provider, model, True, hint, result.status.value, result.message)
+                earlier = held.get(provider)
+                keep = (f" Your earlier {name} key {earlier.record.hint} is still the one in use."
+                        if earlier and earlier.usable else "")
+                return SettingsChange(False, current, result, message=result.message + keep)
+            hint = result.key_hint or key_hint(api_key) or ""
+            key = SessionKey(uuid.uuid4(), provider, api_key, hint, int(time.time()) + self.key_ttl_s)
+            expires = datetime.fromtimestamp(key.expires_at, tz=timezone.utc)
+            await self.store.add_key(who.user_id, session_of(who),
+                                     KeyRecord(key.key_id, provider, hint, result.status.value, result.message, expires))
             await self.store.put(new)
-            return SettingsChange(True, new, result, keep_key=api_key,
-                                  message="Chat now runs on your own key: no credits are used for chat.")
-        if key is not None and key.provider is provider:
-            same = current.key_hint == key.hint
-            new = ModelSettings(who.user_id, provider, model, True, key.hint,
-                                current.key_status if same else KeyCheckStatus.VALID.value,
-                                current.key_message if same else None)
-            await self.store.put(new)
-            return SettingsChange(True, new, message="Chat runs on your own key: no credits are used for chat.")
-        name = INFO[provider].name
-        raise OwnKeyMissing(f"Paste your {name} API key and press Check to use it. Keys are kept for this session only.")
+            return SettingsChange(True, new, result, keep_key=key,
+                                  message=f"Chat now runs on your {name} key: no credits are used for chat.")
+        await self.store.put(new)
+        message = self._view(new, held).routes[Feature.CHAT].as_dict()["message"]
+        return SettingsChange(True, new, message=message)
+
+    async def remove_key(self, who: Identity, provider: Provider) -> int:
+        """Remove the session's key of `provider` (revoked on the server); how many were removed."""
+        return await self.store.revoke_keys(who.user_id, REVOKED_REMOVED, session_id=session_of(who), provider=provider)
+
+    async def sign_out(self, who: Identity) -> int:
+        """Revoke every key of this sign-in session."""
+        return await self.store.revoke_keys(who.user_id, REVOKED_SIGN_OUT, session_id=session_of(who))
 
     async def _check(self, who: Identity, provider: Provider, api_key: str) -> KeyCheckResult:
         try:
@@ -272,21 +408,19 @@ class ChatService:
 
     # --- calls ------------------------------------------------------------------------------------
 
-    async def call(self, who: Identity, key: SessionKey | None, feature: Feature, message: str) -> CallResult:
+    async def call(self, who: Identity, ring: KeyRing | None, feature: Feature, message: str) -> CallResult:
         """Run one model call for `feature` on the right key; exactly one event records it."""
         if not message.strip():
             raise InvalidRequest("Type a message first.")
         if len(message) > MAX_MESSAGE_CHARS:
             raise InvalidRequest(f"Messages are limited to {MAX_MESSAGE_CHARS} characters.")
-        s = await self.settings_of(who.user_id)
-        provider, model = s.provider, s.model
-        # Only chat may run on the user's key: the other features always run on the platform's models.
-        key_source = KeySource.BYOK if feature is Feature.CHAT and s.use_own_key else KeySource.PLATFORM
-        if key_source is KeySource.BYOK:
-            if not self._usable(s, key):
-                raise OwnKeyMissing(
-                    f"Your {INFO[provider].name} key is no longer in this session (keys are kept for one session "
-                    "only). Paste it again, or switch “use my own API key” off to use platform credits.")
+        s, held = await self.state(who, ring)
+        route = self.route(s, held, feature)
+        if route.refusal is not None:
+            raise route.refusal
+        provider, model, key_source = route.provider, route.model, route.key_source
+        key = route.held.key if key_source is KeySource.BYOK else None
+        if key is not None:
             api_key = key.api_key
         else:
             api_key = self.platform_keys.get(provider)
@@ -299,18 +433,23 @@ class ChatService:
             feature=feature, key_source=key_source, status=CallStatus.FAILED,
             input_tokens=0, output_tokens=0, latency_ms=0,
         )
-        # The outbox row is written while the balance is asked (two round trips at once); a refused
+        # The outbox row is written while the price is reserved (two round trips at once); a refused
         # call's row is discarded again, as the call never happened.
         begin = asyncio.ensure_future(self.outbox.begin(pending))
         try:
-            balance = await self._ensure_affordable(who, feature, key_source, model)
+            reservation = await self._reserve(who, pending)
         except BaseException:
             try:
                 await self.outbox.discard(await begin)
             except Exception:
                 log.warning("could not discard the outbox row of refused call %s", pending.event_id)
             raise
-        handle = await begin
+        try:
+            handle = await begin
+        except BaseException:
+            if reservation is not None:  # the provider is never asked: give the credits back now
+                await asyncio.shield(self.balances.release(who, pending.event_id))
+            raise
         started = time.monotonic()
         messages = [{"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message}]
         try:
@@ -319,7 +458,7 @@ class ChatService:
             event = self._finished(pending, started, CallStatus.FAILED)
             await self.outbox.complete(handle, event)
             if key_source is KeySource.BYOK:
-                await self.store.mark_key(who.user_id, key.hint, exc.verdict.status.value, exc.verdict.message)
+                await self.store.mark_key(key.key_id, exc.verdict.status.value, exc.verdict.message)
             billing = self._billing(event, None)
             whose = "Your" if key_source is KeySource.BYOK else "The platform's"
             raise ProviderFailed(
@@ -335,33 +474,39 @@ class ChatService:
             raise
         event = self._finished(pending, started, CallStatus.SUCCEEDED, reply)
         await self.outbox.complete(handle, event)
-        billing = self._billing(event, balance)
-        if billing.charged:
-            self.balances.note_charge(who.user_id, billing.credits)
-        if key_source is KeySource.BYOK and s.key_status != KeyCheckStatus.VALID.value:
+        billing = self._billing(event, None if reservation is None else reservation.available + reservation.credits)
+        if key is not None and route.held.record.status != KeyCheckStatus.VALID.value:
             name = INFO[provider].name
-            await self.store.mark_key(who.user_id, key.hint, KeyCheckStatus.VALID.value, f"Your {name} key works.")
-        return CallResult(reply.text, event, billing)
+            await self.store.mark_key(key.key_id, KeyCheckStatus.VALID.value, f"Your {name} key works.")
+        notice = None
+        if route.fallback:
+            notice = (f"{route.reason}, so this answer ran on platform credits, as you chose: "
+                      f"{billing.credits} credit{'s' if billing.credits != 1 else ''} charged.")
+        return CallResult(reply.text, event, billing, route.fallback, notice)
 
-    async def _ensure_affordable(self, who: Identity, feature: Feature, key_source: KeySource, model: str) -> int | None:
-        """The balance before a billable call, refusing (402) when it cannot pay or has no price."""
-        if not is_billable(feature, key_source):
+    async def _reserve(self, who: Identity, pending: ModelCallCompleted) -> Reservation | None:
+        """Reserve a billable call's price at the credit service (an admission hold keyed by the call's
+        event id), refusing (402) when the available credits cannot pay or the model has no price."""
+        feature, model = pending.feature, pending.model
+        if not is_billable(feature, pending.key_source):
             return None
         prices = self.book.in_force(self.clock())
         try:
-            price = price_of(feature, model, prices)
+            price_of(feature, model, prices)
         except UnpricedModel:
             raise PaymentRequired(
                 f"{model} has no platform price, so it cannot run on platform credits. Switch on “use my own "
                 "API key” to call it with your own key (no credits), or choose a priced model.",
                 reason="unpriced_model", price_list_version=prices.version,
             ) from None
+        if not self.admission_holds:
+            return None
         try:
-            balance = await self.balances.balance(who)
+            return await self.balances.reserve(who, pending.event_id, feature, pending.provider, model)
         except CreditsUnavailable as exc:
-            raise BalanceUnknown("We cannot check your credit balance right now, so platform calls are paused. "
+            raise BalanceUnknown("We cannot reserve credits for this call right now, so platform calls are paused. "
                                  "Try again in a minute, or use your own key for chat.", cause=str(exc)) from None
-        if balance < price:
+        except HoldRefused as exc:
             what = FEATURE_NAMES[feature]
             if feature is Feature.CHAT:
                 advice = ("Switch on “use my own API key” to chat on your own key without credits, "
@@ -369,11 +514,11 @@ class ChatService:
             else:
                 advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
             raise PaymentRequired(
-                f"{what} with {model} costs {price} credits and you have {balance} left. {advice}",
-                reason="insufficient_credits", needed=price, balance=balance, price_list_version=prices.version,
-                suggest_byok=feature is Feature.CHAT,
-            )
-        return balance
+                f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available "
+                f"(credits held by calls still running are not available). {advice}",
+                reason="insufficient_credits", needed=exc.needed, available=exc.available,
+                balance=exc.available, price_list_version=prices.version, suggest_byok=feature is Feature.CHAT,
+            ) from None
 
     def _finished(self, pending: ModelCallCompleted, started: float, status: CallStatus,
                   reply: ChatReply | None = None) -> ModelCallCompleted:

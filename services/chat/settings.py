@@ -5,8 +5,10 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
-from schemas.events import Provider
+from schemas.events import MODEL_ID_PATTERN, Feature, Provider
 from services.shared.settings import CommonSettings, HttpSettings
+
+FEATURE_MODEL_PATTERN = "^(" + "|".join(p.value for p in Provider) + "):" + MODEL_ID_PATTERN.strip("^$") + "$"
 
 
 class ChatSettings(CommonSettings, HttpSettings):
@@ -23,11 +25,12 @@ class ChatSettings(CommonSettings, HttpSettings):
     dev_login_grant_plan: str = "free"
     session_ttl_s: int = 12 * 3600
 
-    # Where the credit service answers balance queries.
+    # Where the credit service answers balance queries and places admission holds.
     credits_url: str = "http://127.0.0.1:8001"
     credits_timeout_s: float = 5.0
-    # A balance read this recently (less this instance's charges since) is reused; 0 = ask every time.
-    balance_max_age_s: float = 1.0
+    # Every billable call reserves its price first (DESIGN.md "Admission holds"). Off only to measure
+    # what holds cost (bench/chat.py's baseline): calls then start unreserved and can overspend.
+    admission_holds: bool = True
 
     # AES-GCM secret of the key cookie; unset = derived from AUTH_JWT_SECRET (HKDF, own label).
     key_cookie_secret: str | None = Field(default=None, min_length=16)
@@ -48,6 +51,11 @@ class ChatSettings(CommonSettings, HttpSettings):
     provider_timeout_s: float = 60.0
     default_provider: Provider = Provider.OPENAI
     default_model: str = "gpt-4o-mini"
+    # The platform's model for each always-platform feature, as "provider:model" (env DEEP_ANALYSIS_MODEL,
+    # ...). These features never run on the model the user chose.
+    deep_analysis_model: str = Field(default="openai:gpt-4.1", pattern=FEATURE_MODEL_PATTERN)
+    code_fix_model: str = Field(default="openai:gpt-4.1-mini", pattern=FEATURE_MODEL_PATTERN)
+    code_canvas_model: str = Field(default="openai:gpt-4.1-mini", pattern=FEATURE_MODEL_PATTERN)
 
     # Outbox relay.
     relay_batch: int = 500
@@ -55,6 +63,12 @@ class ChatSettings(CommonSettings, HttpSettings):
     # How long the relay waits, once woken, for more events to send with the first (a batch per round).
     relay_linger_s: float = 0.05
     db_pool_size: int = 10
+
+    def feature_models(self) -> dict[Feature, tuple[Provider, str]]:
+        """Where the always-platform features run: (provider, model) for each."""
+        chosen = {Feature.DEEP_ANALYSIS: self.deep_analysis_model, Feature.CODE_FIX: self.code_fix_model,
+                  Feature.CODE_CANVAS: self.code_canvas_model}
+        return {f: (Provider(v.split(":", 1)[0]), v.split(":", 1)[1]) for f, v in chosen.items()}
 
     def platform_keys(self) -> dict[Provider, str | None]:
         return {p: getattr(self, f"{p.value}_api_key") for p in Provider}

@@ -1,13 +1,25 @@
-"""Each user's model settings in PostgreSQL: provider, model, whether to use their own key, and that
-key's hint and last known status. Never the key itself (the table's CHECK keeps the hint hint-sized)."""
+"""Each user's model settings and the server's record of their session keys, in PostgreSQL.
+
+Settings: provider, model, whether to use their own key, whether to fall back to platform credits
+when there is no usable key. Key records: id, provider, hint and last known status of each key a
+session holds, so the server can revoke a key cookie. Never the key itself (CHECKs keep hints
+hint-sized, so a bug cannot park a whole key there).
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from uuid import UUID
 
 import asyncpg
 
 from schemas.events import Provider
+
+# Why a key record stops being live (the table's CHECK lists the same words).
+REVOKED_SIGN_OUT, REVOKED_BYOK_OFF, REVOKED_REMOVED, REVOKED_REPLACED = "sign_out", "byok_off", "removed", "replaced"
 
 
 @dataclass(frozen=True)
@@ -16,23 +28,58 @@ class ModelSettings:
     provider: Provider
     model: str
     use_own_key: bool = False
-    key_hint: str | None = None
-    key_status: str | None = None
-    key_message: str | None = None
+    # Off by default: with BYOK on and no usable key, chat is refused rather than billed.
+    fallback_to_platform: bool = False
 
-    def without_key(self) -> ModelSettings:
-        return replace(self, use_own_key=False, key_hint=None, key_status=None, key_message=None)
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What the server knows of one session key (the key itself stays in the cookie)."""
+
+    key_id: UUID
+    provider: Provider
+    hint: str
+    status: str
+    message: str | None
+    expires_at: datetime
 
 
 class SettingsStore:
-    """Port: where model settings live (PostgreSQL here, a dict in unit tests)."""
+    """Port: where model settings and key records live (PostgreSQL here, dicts in unit tests)."""
 
     async def get(self, user_id: str) -> ModelSettings | None: ...
 
     async def put(self, settings: ModelSettings) -> None: ...
 
-    async def mark_key(self, user_id: str, hint: str | None, status: str, message: str) -> None:
-        """Record what a call just learnt about the user's key (e.g. revoked), if it is still that key."""
+    async def load(self, user_id: str, session_id: str, key_ids: Sequence[UUID]
+                   ) -> tuple[ModelSettings | None, dict[Provider, KeyRecord]]:
+        """The user's settings and the live records (not revoked, not expired) among `key_ids` of
+        this user's session, in one round trip."""
+        raise NotImplementedError
+
+    async def add_key(self, user_id: str, session_id: str, record: KeyRecord) -> None:
+        """Record a checked key, revoking (as replaced) the session's live key of the same provider."""
+        raise NotImplementedError
+
+    async def mark_key(self, key_id: UUID, status: str, message: str | None) -> None:
+        """Record what a call just learnt about a key (e.g. revoked at the provider)."""
+        raise NotImplementedError
+
+    async def revoke_keys(self, user_id: str, reason: str, *, session_id: str | None = None,
+                          provider: Provider | None = None) -> int:
+        """Revoke the user's live keys (of one session and/or one provider when given); how many."""
+        raise NotImplementedError
+
+
+_LOAD = """
+SELECT s.provider, s.model, s.use_own_key, s.fallback_to_platform,
+       (SELECT coalesce(json_agg(json_build_array(k.key_id, k.provider, k.key_hint, k.key_status, k.key_message,
+                                                  k.expires_at)), '[]')
+          FROM chat_session_keys k
+         WHERE k.key_id = ANY($3::uuid[]) AND k.user_id = $1 AND k.session_id = $2
+           AND k.revoked_at IS NULL AND k.expires_at > now()) AS keys
+  FROM (SELECT $1::text AS user_id) u LEFT JOIN chat_model_settings s ON s.user_id = u.user_id
+"""
 
 
 class PgSettingsStore(SettingsStore):
@@ -40,38 +87,76 @@ class PgSettingsStore(SettingsStore):
         self.pool = pool
 
     async def get(self, user_id: str) -> ModelSettings | None:
-        row = await self.pool.fetchrow(
-            "SELECT provider, model, use_own_key, key_hint, key_status, key_message"
-            " FROM chat_model_settings WHERE user_id = $1",
-            user_id,
-        )
-        if row is None:
-            return None
-        return ModelSettings(user_id, Provider(row["provider"]), row["model"], row["use_own_key"],
-                             row["key_hint"], row["key_status"], row["key_message"])
+        settings, _ = await self.load(user_id, "-", [])
+        return settings
+
+    async def load(self, user_id: str, session_id: str, key_ids: Sequence[UUID]
+                   ) -> tuple[ModelSettings | None, dict[Provider, KeyRecord]]:
+        row = await self.pool.fetchrow(_LOAD, user_id, session_id, list(key_ids))
+        settings = None if row["provider"] is None else ModelSettings(
+            user_id, Provider(row["provider"]), row["model"], row["use_own_key"], row["fallback_to_platform"])
+        keys = {}
+        for key_id, provider, hint, status, message, expires in json.loads(row["keys"]):
+            record = KeyRecord(UUID(key_id), Provider(provider), hint, status, message, datetime.fromisoformat(expires))
+            keys[record.provider] = record
+        return settings, keys
 
     async def put(self, s: ModelSettings) -> None:
         await self.pool.execute(
-            """INSERT INTO chat_model_settings (user_id, provider, model, use_own_key, key_hint, key_status, key_message)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)
+            """INSERT INTO chat_model_settings (user_id, provider, model, use_own_key, fallback_to_platform)
+               VALUES ($1, $2, $3, $4, $5)
                ON CONFLICT (user_id) DO UPDATE SET provider = $2, model = $3, use_own_key = $4,
-                   key_hint = $5, key_status = $6, key_message = $7, updated_at = now()""",
-            s.user_id, s.provider.value, s.model, s.use_own_key, s.key_hint, s.key_status, s.key_message,
+                   fallback_to_platform = $5, updated_at = now()""",
+            s.user_id, s.provider.value, s.model, s.use_own_key, s.fallback_to_platform,
         )
 
-    async def mark_key(self, user_id: str, hint: str | None, status: str, message: str) -> None:
+    async def add_key(self, user_id: str, session_id: str, r: KeyRecord) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE chat_session_keys SET revoked_at = now(), revoked_reason = 'replaced'
+                   WHERE user_id = $1 AND session_id = $2 AND provider = $3 AND revoked_at IS NULL""",
+                user_id, session_id, r.provider.value,
+            )
+            await conn.execute(
+                """INSERT INTO chat_session_keys (key_id, user_id, session_id, provider, key_hint, key_status,
+                                                  key_message, expires_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                r.key_id, user_id, session_id, r.provider.value, r.hint, r.status, r.message, r.expires_at,
+            )
+
+    async def mark_key(self, key_id: UUID, status: str, message: str | None) -> None:
         await self.pool.execute(
-            """UPDATE chat_model_settings SET key_status = $3, key_message = $4, updated_at = now()
-               WHERE user_id = $1 AND use_own_key AND key_hint IS NOT DISTINCT FROM $2""",
-            user_id, hint, status, message,
+            """UPDATE chat_session_keys SET key_status = $2, key_message = $3, checked_at = now()
+               WHERE key_id = $1 AND revoked_at IS NULL""",
+            key_id, status, message,
         )
+
+    async def revoke_keys(self, user_id: str, reason: str, *, session_id: str | None = None,
+                          provider: Provider | None = None) -> int:
+        done = await self.pool.execute(
+            """UPDATE chat_session_keys SET revoked_at = now(), revoked_reason = $2
+               WHERE user_id = $1 AND revoked_at IS NULL
+                 AND ($3::text IS NULL OR session_id = $3) AND ($4::text IS NULL OR provider = $4)""",
+            user_id, reason, session_id, provider.value if provider else None,
+        )
+        return int(done.split()[-1])
+
+
+@dataclass
+class _Row:
+    user_id: str
+    session_id: str
+    record: KeyRecord
+    revoked: str | None = None
 
 
 class MemorySettingsStore(SettingsStore):
     """For unit tests and the benchmark's in-process wiring."""
 
-    def __init__(self):
+    def __init__(self, clock=lambda: datetime.now(timezone.utc)):
         self.rows: dict[str, ModelSettings] = {}
+        self.keys: dict[UUID, _Row] = {}
+        self.clock = clock
 
     async def get(self, user_id: str) -> ModelSettings | None:
         return self.rows.get(user_id)
@@ -79,7 +164,31 @@ class MemorySettingsStore(SettingsStore):
     async def put(self, settings: ModelSettings) -> None:
         self.rows[settings.user_id] = settings
 
-    async def mark_key(self, user_id: str, hint: str | None, status: str, message: str) -> None:
-        s = self.rows.get(user_id)
-        if s and s.use_own_key and s.key_hint == hint:
-            self.rows[user_id] = replace(s, key_status=status, key_message=message)
+    def _live(self, row: _Row) -> bool:
+        return row.revoked is None and row.record.expires_at > self.clock()
+
+    async def load(self, user_id, session_id, key_ids):
+        keys = {}
+        for key_id in key_ids:
+            row = self.keys.get(key_id)
+            if row and row.user_id == user_id and row.session_id == session_id and self._live(row):
+                keys[row.record.provider] = row.record
+        return self.rows.get(user_id), keys
+
+    async def add_key(self, user_id, session_id, record):
+        await self.revoke_keys(user_id, REVOKED_REPLACED, session_id=session_id, provider=record.provider)
+        self.keys[record.key_id] = _Row(user_id, session_id, record)
+
+    async def mark_key(self, key_id, status, message):
+        row = self.keys.get(key_id)
+        if row and row.revoked is None:
+            row.record = replace(row.record, status=status, message=message)
+
+    async def revoke_keys(self, user_id, reason, *, session_id=None, provider=None):
+        count = 0
+        for row in self.keys.values():
+            if (row.user_id == user_id and row.revoked is None and session_id in (None, row.session_id)
+                    and provider in (None, row.record.provider)):
+                row.revoked = reason
+                count += 1
+        return count

@@ -14,9 +14,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
+from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
 from schemas.pricing import PriceBook
-from services.credits.ledger import GrantConflict, Ledger
+from services.credits.consumer import StallWatch
+from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger
+from services.credits.policy import UnpricedModel, price_of
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
 
@@ -56,6 +58,16 @@ class DeductIn(BaseModel):
     provider: Provider | None = None
 
 
+class HoldIn(BaseModel):
+    """A reservation for one billable call. There is deliberately no amount: the price list decides it."""
+
+    model_config = ConfigDict(extra="forbid")
+    event_id: uuid.UUID = Field(description="The call's event id: the hold is settled when this event is decided")
+    feature: Feature
+    provider: Provider
+    model: ModelId
+
+
 @dataclass
 class ApiContext:
     settings: CreditSettings
@@ -63,6 +75,7 @@ class ApiContext:
     book: PriceBook
     producer: AIOKafkaProducer | None
     consumer_running: Callable[[], bool] = lambda: True
+    stall: StallWatch | None = None  # None: no consumer in this process
 
 
 def build_api(ctx: ApiContext) -> FastAPI:
@@ -86,9 +99,16 @@ def build_api(ctx: ApiContext) -> FastAPI:
             db = True
         except Exception:
             db = False
-        ok = db and ctx.consumer_running()
-        return JSONResponse({"status": "ok" if ok else "degraded", "database": db,
-                             "consumer": ctx.consumer_running()}, status_code=200 if ok else 503)
+        stalled = ctx.stall is not None and ctx.stall.check()
+        ok = db and ctx.consumer_running() and not stalled
+        body = {"status": "ok" if ok else "degraded", "database": db, "consumer": ctx.consumer_running()}
+        if ctx.stall is not None:
+            body.update(stalled=stalled, stall_seconds=round(ctx.stall.stall_seconds(), 1),
+                        events_waiting=ctx.stall.pipeline.pending + (ctx.stall.lag or 0))
+        if stalled:
+            body["message"] = (f"billing is stalled: events wait and the ledger has not committed for "
+                               f"{ctx.stall.stall_seconds():.0f} s (see the service's log)")
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -99,7 +119,62 @@ def build_api(ctx: ApiContext) -> FastAPI:
         if not caller.may_act_for(user_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "you may only see your own balance")
         b = await ctx.ledger.balance(user_id)
-        return {"user_id": b.user_id, "balance": b.balance, "granted": b.granted, "debited": b.debited}
+        return {"user_id": b.user_id, "balance": b.balance, "granted": b.granted, "debited": b.debited,
+                "held": b.held, "available": b.available}
+
+    @app.post("/api/holds", status_code=status.HTTP_201_CREATED,
+              responses={200: {"description": "The same hold was placed before"},
+                         402: {"description": "Not enough available credits; nothing is held"}})
+    async def place_hold(body: HoldIn, caller: Caller, response: Response) -> dict:
+        """Reserve the price of one billable call before it starts (admission hold)."""
+        prices = ctx.book.in_force(datetime.now(timezone.utc))
+        try:
+            credits = price_of(body.feature, body.model, prices)
+        except UnpricedModel as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
+        try:
+            hold = await ctx.ledger.place_hold(
+                body.event_id, caller.user_id, credits, prices.version, feature=body.feature.value,
+                provider=body.provider.value, model=body.model, ttl_s=ctx.settings.hold_ttl_s)
+        except InsufficientAvailable as exc:
+            return JSONResponse(status_code=status.HTTP_402_PAYMENT_REQUIRED, content={
+                "error": "insufficient_credits", "needed": exc.needed, "available": exc.available,
+                "message": f"This call costs {exc.needed} credits and you have {exc.available} available.",
+            })
+        except HoldConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc))
+        if not hold.created:
+            response.status_code = status.HTTP_200_OK
+        return {"event_id": str(hold.event_id), "credits": hold.credits, "available": hold.available,
+                "price_list_version": hold.price_list_version, "expires_in_s": ctx.settings.hold_ttl_s,
+                "created": hold.created}
+
+    @app.delete("/api/holds/{event_id}")
+    async def release_hold(event_id: uuid.UUID, caller: Caller) -> dict:
+        """Release the hold of a call that never reached the provider."""
+        released = await ctx.ledger.release_hold(event_id, None if caller.is_admin else caller.user_id)
+        if released is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such hold (it may already be settled or expired)")
+        b = await ctx.ledger.balance(caller.user_id)
+        return {"event_id": str(event_id), "released": released, "available": b.available}
+
+    @app.get("/api/usage/{user_id}")
+    async def usage(user_id: str, caller: Caller, limit: int = 50) -> dict:
+        """The user's last calls as the ledger decided them (newest first) and their latest grant."""
+        if not caller.may_act_for(user_id):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "you may only see your own usage")
+        if not 1 <= limit <= 200:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "limit is 1 to 200")
+        calls, grant = await ctx.ledger.usage(user_id, limit)
+        return {
+            "user_id": user_id,
+            "calls": [{"time": (c["occurred_at"] or c["recorded_at"]).isoformat(), "feature": c["feature"],
+                       "provider": c["provider"], "model": c["model"], "key_source": c["key_source"],
+                       "status": c["status"], "decision": c["decision"], "credits": c["credits"]}
+                      for c in calls],
+            "last_grant": None if grant is None else {"plan": grant["plan"], "credits": grant["credits"],
+                                                      "granted_at": grant["granted_at"].isoformat()},
+        }
 
     @app.post("/api/admin/grants")
     async def grant(body: GrantIn, caller: Caller, response: Response) -> dict:
@@ -146,9 +221,15 @@ def build_api(ctx: ApiContext) -> FastAPI:
         if decided is None:
             response.status_code = status.HTTP_202_ACCEPTED
             return {"event_id": str(event_id), "decision": "pending"}
+        asked = (body.feature.value, body.model, body.key_source.value, provider.value)
+        recorded = (decided["feature"], decided["model"], decided["key_source"], decided["provider"])
+        if asked != recorded:  # never answer an old decision under new labels
+            raise HTTPException(status.HTTP_409_CONFLICT,
+                                f"idempotency key {body.idempotency_key!r} was already used for a different call "
+                                f"({recorded[0]}, {recorded[1]}, {recorded[2]}); use a new key for a new call")
         b = await ctx.ledger.balance(caller.user_id)
         return {"event_id": str(event_id), "decision": decided["decision"], "credits": decided["credits"],
                 "reason": decided["reason"], "price_list_version": decided["price_list_version"],
-                "key_source": body.key_source.value, "balance": b.balance}
+                "key_source": decided["key_source"], "balance": b.balance}
 
     return app

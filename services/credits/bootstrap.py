@@ -60,7 +60,8 @@ class CreditRuntime:
         from services.credits.api import ApiContext, build_api
 
         return build_api(ApiContext(self.settings, self.ledger, self.book, self.producer,
-                                    consumer_running=lambda: self.consumer.broker.running))
+                                    consumer_running=lambda: self.consumer.broker.running,
+                                    stall=self.consumer.watch))
 
 
 async def run_relay(settings: CreditSettings) -> None:
@@ -115,6 +116,20 @@ async def supervise_relay_process(settings: CreditSettings) -> None:
             await asyncio.to_thread(proc.join, 10)
 
 
+async def expire_holds(ledger: Ledger, every_s: float) -> None:
+    """Release holds past their expiry (their calls never reported back), until cancelled."""
+    while True:
+        try:
+            released = await ledger.expire_holds()
+            if released:
+                log.warning("released %d admission holds past their expiry (their events never came)", released)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database away: try again next round
+            log.debug("hold expiry skipped: %s", exc)
+        await asyncio.sleep(every_s)
+
+
 @contextlib.asynccontextmanager
 async def running(settings: CreditSettings, book: PriceBook | None = None,
                   ledger_factory: type[Ledger] = Ledger) -> AsyncIterator[CreditRuntime]:
@@ -129,11 +144,13 @@ async def running(settings: CreditSettings, book: PriceBook | None = None,
     consumer = build_consumer(settings, CreditService(ledger, book))
     tune_for_batches()
     await consumer.start()
-    background = [asyncio.create_task(track_lag(consumer.subscriber))]
+    background = [asyncio.create_task(track_lag(consumer.subscriber, watch=consumer.watch)),
+                  asyncio.create_task(consumer.watch.run())]
     if settings.relay_mode == "process":
         background.append(asyncio.create_task(supervise_relay_process(settings)))
     elif settings.relay_mode == "task":
         background.append(asyncio.create_task(run_relay(settings)))
+    background.append(asyncio.create_task(expire_holds(ledger, settings.hold_sweep_s)))
     try:
         yield CreditRuntime(settings, pool, producer, ledger, consumer, book)
     finally:

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 import logging
+import time
 from typing import Any
 
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -21,6 +22,7 @@ from faststream.kafka.annotations import KafkaMessage
 from services.credits import metrics
 from services.credits.service import CreditService, Prepared
 from services.credits.settings import CreditSettings
+from services.shared.db import database_unreachable
 from services.shared.kafka import leave_group_on_stop
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class CommitPipeline:
         self._room.set()
         self._written: dict[TopicPartition, int] = {}  # offsets whose decisions are in the ledger
         self._offset_committer: asyncio.Task | None = None
+        self._in_flight = 0
+        self.last_commit = time.monotonic()  # of the last ledger transaction (start-up counts as one)
 
     async def submit(self, records: list[ConsumerRecord], consumer) -> None:
         prepared = self.service.prepare(records)
@@ -111,25 +115,65 @@ class CommitPipeline:
     async def _write_queued(self, consumer) -> None:
         while self._queue:
             prepared, offsets = self._take()
+            self._in_flight = prepared.size
             await self._commit(prepared, offsets, consumer)
+            self._in_flight = 0
 
     async def _commit(self, prepared: Prepared, offsets: dict[TopicPartition, int], consumer) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await self.service.commit(prepared)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the batch stays ours until the ledger has it
-                metrics.LEDGER_RETRIES.inc()
-                log.warning("ledger write failed (%s: %s); retrying the batch in %.1f s",
-                            type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await self._settle(prepared)
         self._written.update(offsets)  # later transactions hold later offsets
         if self._offset_committer is None or self._offset_committer.done():
             self._offset_committer = asyncio.create_task(self._commit_offsets(consumer))
+
+    async def _settle(self, batch: Prepared) -> None:
+        """Put every record of `batch` in the ledger or the DLQ, in order; nothing is skipped.
+
+        A transaction that fails because of what it holds (not because the database is away) is split
+        in halves until the record(s) it cannot take are found; each of those goes to the DLQ with the
+        database's error, the others commit. One odd event thus costs a few extra transactions, never
+        a stalled consumer.
+        """
+        try:
+            await self._until_reachable(self.service.commit, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.ISOLATIONS.inc()
+            if batch.size <= 1:
+                log.error("ledger refused one record (%s: %s); dead-lettering it", type(exc).__name__, exc)
+                await self._until_reachable(self.service.dead_letter, batch, exc)
+                return
+            first, second = batch.halves()
+            await self._settle(first)
+            await self._settle(second)
+
+    async def _until_reachable(self, write, *args) -> None:
+        """Run `write`, retrying with back-off while the database is unreachable; any other error is raised."""
+        delay, failures = 0.1, 0
+        while True:
+            try:
+                await write(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not database_unreachable(exc):
+                    raise
+                failures += 1
+                metrics.LEDGER_RETRIES.inc()
+                if failures == 1:  # one line per outage, not one per retry
+                    log.warning("ledger unreachable (%s: %s); retrying with back-off", type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.last_commit = time.monotonic()
+            if failures:
+                log.warning("ledger reachable again after %d retries", failures)
+            return
+
+    @property
+    def pending(self) -> int:
+        """Events taken from Kafka and not yet in the ledger (queued or being written)."""
+        return self._queued + (self._in_flight if self._writer is not None and not self._writer.done() else 0)
 
     async def _commit_offsets(self, consumer) -> None:
         """Commit the offsets of what the ledger holds; whatever was written meanwhile goes next time."""
@@ -142,11 +186,60 @@ class CommitPipeline:
                 log.warning("offset commit failed after the ledger commit (%s); redelivery is harmless", exc)
 
 
+class StallWatch:
+    """Says when billing has stalled: events wait and no ledger transaction has committed for `after_s`.
+
+    Waiting means events taken from Kafka and not yet in the ledger, or records on the broker not yet
+    committed (the consumer lag). The clock starts at the later of the last commit and the moment
+    work began waiting, so a service idle for an hour is not "stalled" the instant an event arrives.
+    """
+
+    def __init__(self, pipeline: CommitPipeline, after_s: float = 30.0, clock=time.monotonic):
+        self.pipeline, self.after_s, self.clock = pipeline, after_s, clock
+        self.lag: int | None = None  # the latest consumer-lag reading, if any
+        self._waiting_since: float | None = None
+        self.stalled = False
+
+    def waiting(self) -> bool:
+        return self.pipeline.pending > 0 or bool(self.lag)
+
+    def stall_seconds(self) -> float:
+        """How long events have waited without a commit (0 when nothing waits)."""
+        if not self.waiting():
+            self._waiting_since = None
+            return 0.0
+        now = self.clock()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return max(0.0, now - max(self.pipeline.last_commit, self._waiting_since))
+
+    def check(self) -> bool:
+        """Update the stall state (logging each change once) and the metrics; True when stalled."""
+        seconds = self.stall_seconds()
+        stalled = seconds >= self.after_s
+        if stalled and not self.stalled:
+            log.error("billing stalled: %d events waiting and no ledger commit for %.0f s",
+                      self.pipeline.pending + (self.lag or 0), seconds)
+        elif self.stalled and not stalled:
+            log.warning("billing resumed: the ledger is committing again")
+        self.stalled = stalled
+        metrics.STALLED.set(1 if stalled else 0)
+        metrics.STALL_SECONDS.set(seconds)
+        metrics.LAST_COMMIT_AGE.set(self.clock() - self.pipeline.last_commit)
+        return stalled
+
+    async def run(self, every_s: float = 1.0) -> None:
+        while True:
+            self.check()
+            await asyncio.sleep(every_s)
+
+
 @dataclass
 class CreditConsumer:
     broker: KafkaBroker
     subscriber: Any  # its `.consumer` is the AIOKafkaConsumer (for the lag gauge)
     pipeline: CommitPipeline
+    watch: StallWatch
 
     async def start(self) -> None:
         await self.broker.start()
@@ -188,7 +281,7 @@ def build_consumer(settings: CreditSettings, service: CreditService) -> CreditCo
     async def on_model_calls(body: Any, msg: KafkaMessage) -> None:
         await pipeline.submit(list(msg.raw_message), msg.consumer)
 
-    return CreditConsumer(broker, subscriber, pipeline)
+    return CreditConsumer(broker, subscriber, pipeline, StallWatch(pipeline, settings.stall_after_s))
 
 
 async def consumer_lag(subscriber) -> int | None:
@@ -205,8 +298,8 @@ async def consumer_lag(subscriber) -> int | None:
     return lag
 
 
-async def track_lag(subscriber, every_s: float = 5.0) -> None:
-    """Keep the consumer-lag gauge current."""
+async def track_lag(subscriber, every_s: float = 5.0, watch: StallWatch | None = None) -> None:
+    """Keep the consumer-lag gauge (and the stall watch's reading of it) current."""
     while True:
         await asyncio.sleep(every_s)
         try:
@@ -216,3 +309,5 @@ async def track_lag(subscriber, every_s: float = 5.0) -> None:
             continue
         if lag is not None:
             metrics.CONSUMER_LAG.set(lag)
+        if watch is not None:
+            watch.lag = lag

@@ -64,6 +64,31 @@ class Balance:
     granted: int
     debited: int
     balance: int
+    held: int = 0
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True)
+class Hold:
+    event_id: UUID
+    user_id: str
+    credits: int
+    price_list_version: str
+    created: bool  # False: the same hold was placed before
+    available: int  # after this hold
+
+
+class InsufficientAvailable(CreditError):
+    def __init__(self, needed: int, available: int):
+        super().__init__(f"this call needs {needed} credits and {available} are available")
+        self.needed, self.available = needed, available
+
+
+class HoldConflict(CreditError):
+    """The event is already decided, or its id is held for another user or another price."""
 
 
 class GrantConflict(CreditError):
@@ -71,8 +96,9 @@ class GrantConflict(CreditError):
 
 
 def _letter_row(letter: DeadLetter) -> tuple:
-    return (dlq(letter.topic), letter.key, letter.value or b"",
-            json.dumps({k: v.decode() for k, v in letter.headers()}))
+    # jsonb takes no NUL: an error text quoting a bad record must not make its own dead letter unwritable.
+    headers = {k: v.decode(errors="replace").replace("\x00", "\ufffd") for k, v in letter.headers()}
+    return (dlq(letter.topic), letter.key, letter.value or b"", json.dumps(headers))
 
 
 class Ledger:
@@ -114,6 +140,9 @@ class Ledger:
                     fresh.append(decision_row(e, c, balances[e.user_id]))
                 if fresh:  # its trigger also wakes the outcome relay at commit (migrations/0006)
                     await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
+                    # Deciding an event settles its admission hold, whatever the decision (migrations/0009).
+                    await conn.execute("DELETE FROM holds h USING unnest($1::uuid[]) AS u(id) WHERE h.event_id = u.id",
+                                       [row[0] for row in fresh])
             all_letters = list(letters) + rejected_letters
             if all_letters:
                 await conn.executemany(
@@ -140,11 +169,60 @@ class Ledger:
 
     async def balance(self, user_id: str) -> Balance:
         row = await self.pool.fetchrow(
-            "SELECT granted, debited, balance FROM accounts WHERE user_id = $1", user_id
+            "SELECT granted, debited, balance, held FROM accounts WHERE user_id = $1", user_id
         )
         if row is None:
             return Balance(user_id, 0, 0, 0)
-        return Balance(user_id, row["granted"], row["debited"], row["balance"])
+        return Balance(user_id, row["granted"], row["debited"], row["balance"], row["held"])
+
+    # --- admission holds (migrations/0009) -------------------------------------------------------
+
+    async def place_hold(self, event_id: UUID, user_id: str, credits: int, price_list_version: str, *,
+                         feature: str, provider: str, model: str, ttl_s: float) -> Hold:
+        """Reserve `credits` for the call `event_id`; placing the same hold again returns it.
+
+        The database checks availability under the account's lock (trigger holds_admit), so this
+        holds across any number of callers; it raises InsufficientAvailable or HoldConflict.
+        """
+        try:
+            row = await self.pool.fetchrow("SELECT * FROM place_hold($1, $2, $3, $4, $5, $6, $7, $8)", event_id,
+                                           user_id, credits, feature, provider, model, price_list_version, ttl_s)
+        except asyncpg.CheckViolationError as exc:
+            raise self._refusal(exc, credits) from None
+        except asyncpg.ForeignKeyViolationError:
+            raise InsufficientAvailable(credits, 0) from None
+        if row["holder"] is None:  # placed and released again in between
+            raise HoldConflict(f"the hold of event {event_id} was released while it was being placed")
+        if row["holder"] != user_id or row["held_credits"] != credits:
+            raise HoldConflict(f"event {event_id} is already held for a different call")
+        return Hold(event_id, user_id, credits, price_list_version, row["created"], row["available"])
+
+    @staticmethod
+    def _refusal(exc: asyncpg.CheckViolationError, credits: int) -> CreditError:
+        hint = getattr(exc, "hint", None)
+        if hint == "insufficient_credits":
+            detail = getattr(exc, "detail", "") or ""
+            available = int(detail.split("=", 1)[1]) if detail.startswith("available=") else 0
+            return InsufficientAvailable(credits, available)
+        if hint == "already_decided":
+            return HoldConflict(str(exc))
+        return HoldConflict(str(exc))
+
+    async def release_hold(self, event_id: UUID, user_id: str | None = None) -> int | None:
+        """Release a hold (of `user_id`, unless None); the credits it held, or None if there was none."""
+        if user_id is None:
+            return await self.pool.fetchval("DELETE FROM holds WHERE event_id = $1 RETURNING credits", event_id)
+        return await self.pool.fetchval("DELETE FROM holds WHERE event_id = $1 AND user_id = $2 RETURNING credits",
+                                        event_id, user_id)
+
+    async def expire_holds(self) -> int:
+        """Release every hold past its expiry (never debited); returns how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Accounts locked in the ledger writer's order first, so the two never deadlock.
+            await conn.execute(
+                """SELECT 1 FROM accounts WHERE user_id IN (SELECT user_id FROM holds WHERE expires_at < now())
+                   ORDER BY user_id FOR UPDATE""")
+            return len(await conn.fetch("DELETE FROM holds WHERE expires_at < now() RETURNING 1"))
 
     async def grant(self, grant_key: str, user_id: str, plan: str, credits: int) -> tuple[bool, Balance]:
         """Add a grant once per `grant_key`; a repeat with the same terms is a no-op."""
@@ -166,7 +244,24 @@ class Ledger:
 
     async def decision_of(self, event_id: UUID) -> asyncpg.Record | None:
         return await self.pool.fetchrow(
-            """SELECT event_id, user_id, decision, credits, balance_after, price_list_version, reason
+            """SELECT event_id, user_id, decision, credits, balance_after, price_list_version, reason,
+                      feature, model, key_source, provider
                  FROM ledger_entries WHERE entry_id = $1 AND kind = 'decision'""",
             event_id,
         )
+
+    async def usage(self, user_id: str, limit: int = 50) -> tuple[list[asyncpg.Record], asyncpg.Record | None]:
+        """The user's last `limit` decided calls, newest first, and their latest grant (or None)."""
+        async with self.pool.acquire() as conn:
+            calls = await conn.fetch(
+                """SELECT occurred_at, recorded_at, feature, provider, model, key_source, status, decision, credits,
+                          balance_after
+                     FROM ledger_entries WHERE user_id = $1 AND kind = 'decision'
+                    ORDER BY recorded_at DESC, occurred_at DESC LIMIT $2""",
+                user_id, limit,
+            )
+            grant = await conn.fetchrow(
+                "SELECT plan, credits, granted_at FROM grants WHERE user_id = $1 ORDER BY granted_at DESC LIMIT 1",
+                user_id,
+            )
+        return list(calls), grant

@@ -19,6 +19,8 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from services.shared.kafka import park, refused_for_content
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "credit_outcomes"
@@ -104,6 +106,31 @@ class OutcomeRelay:
             futures.append(await self.producer.send_batch(batch, self.topic, partition=partition))
         return futures
 
+    async def _send_letters(self, conn: asyncpg.Connection, letters: list[asyncpg.Record]):
+        """Send the dead letters; one Kafka refuses as it is (too large, ...) is parked, not retried forever."""
+        sent: list[tuple[asyncpg.Record, asyncio.Future]] = []
+        for letter in letters:
+            headers = [(k, v.encode()) for k, v in json.loads(letter["headers"]).items()]
+            try:
+                sent.append((letter, await self.producer.send(letter["topic"], letter["payload"], key=letter["key"],
+                                                              headers=headers)))
+            except Exception as exc:
+                if not refused_for_content(exc):
+                    raise
+                await park(conn, "credit_outbox", letter["topic"], letter["key"], letter["payload"],
+                           letter["headers"], exc)
+
+        async def acknowledged() -> None:
+            results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+            for (letter, _), result in zip(sent, results):
+                if isinstance(result, BaseException):
+                    if not refused_for_content(result):
+                        raise result
+                    await park(conn, "credit_outbox", letter["topic"], letter["key"], letter["payload"],
+                               letter["headers"], result)
+
+        return acknowledged  # awaited after the outcomes' acks: one statement at a time on `conn`
+
     async def run_once(self) -> int:
         """Publish one batch; return how many messages were sent."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -119,11 +146,9 @@ class OutcomeRelay:
             if not rows and not letters:
                 return 0
             futures = await self._send_keyed(rows) if rows else []
-            for letter in letters:
-                headers = [(k, v.encode()) for k, v in json.loads(letter["headers"]).items()]
-                futures.append(await self.producer.send(letter["topic"], letter["payload"], key=letter["key"],
-                                                        headers=headers))
+            letters_acknowledged = await self._send_letters(conn, letters)
             await asyncio.gather(*futures)
+            await letters_acknowledged()
             if rows:
                 last = rows[-1]
                 await conn.execute(

@@ -7,6 +7,7 @@ batch at a time, in order.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.pricing import PriceBook
 from services.credits import metrics
-from services.credits.intake import read_batch
+from services.credits.intake import dead_letter, read_batch
 from services.credits.ledger import Decided, Ledger, Recorded
 from services.credits.policy import decide
 from services.shared.kafka import DeadLetter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,21 @@ class Prepared:
             min(b.started for b in batches),
         )
 
+    @property
+    def size(self) -> int:
+        return len(self.decided) + len(self.letters)
+
+    def halves(self) -> tuple[Prepared, Prepared]:
+        """The batch split in two, in order (dead letters, which precede nothing, go first)."""
+        items: list = [*self.letters, *self.decided]
+        cut = len(items) // 2
+
+        def part(chunk: list) -> Prepared:
+            letters = [x for x in chunk if isinstance(x, DeadLetter)]
+            return Prepared(len(chunk), [x for x in chunk if not isinstance(x, DeadLetter)], letters, self.started)
+
+        return part(items[:cut]), part(items[cut:])
+
 
 class CreditService:
     def __init__(self, ledger: Ledger, book: PriceBook):
@@ -46,13 +64,30 @@ class CreditService:
     def prepare(self, records: list[ConsumerRecord]) -> Prepared:
         """Validate every record and decide every event (no I/O)."""
         started = time.perf_counter()
+        try:
+            decided, bad = self._decide(records)
+        except Exception:  # a bug on one record must not hold back (or, worse, skip) the batch
+            decided, bad = [], []
+            for record in records:
+                try:
+                    one, letters = self._decide([record])
+                except Exception as exc:
+                    log.exception("deciding %s[%d]@%d failed; dead-lettering it", record.topic, record.partition,
+                                  record.offset)
+                    one, letters = [], [dead_letter(record, f"the credit service failed on it: {exc!r}"[:2000],
+                                                    "internal_error")]
+                decided += one
+                bad += letters
+        return Prepared(len(records), decided, bad, started)
+
+    def _decide(self, records: list[ConsumerRecord]) -> tuple[list[Decided], list[DeadLetter]]:
         good, bad = read_batch(records)
         decided = [
             Decided(r.event, decide(r.event, self.book), r.record.value, r.record.topic,
                     r.record.partition, r.record.offset)
             for r in good
         ]
-        return Prepared(len(records), decided, bad, started)
+        return decided, bad
 
     async def commit(self, batch: Prepared) -> Recorded:
         """Write the batch's decisions and dead letters in one ledger transaction."""
@@ -69,6 +104,24 @@ class CreditService:
         if result.rejected:
             metrics.DLQ.labels("unpriced_model").inc(result.rejected)
         return result
+
+    async def dead_letter(self, batch: Prepared, error: BaseException) -> None:
+        """Send a batch of one record that the ledger refused to the DLQ, with the database's error."""
+        reason = f"{type(error).__name__}: {error}"
+        letters = [
+            DeadLetter(d.source_topic, d.source_partition, d.source_offset, d.event.user_id.encode(), d.raw,
+                       f"the ledger refused this event: {reason}", "ledger_write")
+            for d in batch.decided
+        ] + [
+            # A dead letter the outbox refused: keep the original bytes, with both reasons.
+            DeadLetter(x.topic, x.partition, x.offset, x.key, x.value,
+                       f"{x.error}; and the DLQ outbox refused it: {reason}", x.error_type)
+            for x in batch.letters
+        ]
+        await self.ledger.record([], letters)
+        metrics.EVENTS_CONSUMED.inc(batch.records)
+        for letter in letters:
+            metrics.DLQ.labels(letter.error_type).inc()
 
     async def process(self, records: list[ConsumerRecord]) -> Recorded:
         return await self.commit(self.prepare(records))

@@ -34,6 +34,11 @@ class CreditSettings(CommonSettings):
     relay_batch: int = 5000
     relay_idle_poll_s: float = 0.2
     db_pool_size: int = 5
+    # Admission holds (DESIGN.md): a hold whose event never comes is released after this long, never debited.
+    hold_ttl_s: float = 900.0
+    hold_sweep_s: float = 5.0  # how often expired holds are looked for
+    # /healthz answers 503 when events wait and no ledger transaction has committed for this long.
+    stall_after_s: float = 30.0
     # The compatibility route waits this long for its event's decision before answering 202.
     deduct_wait_s: float = 10.0
 

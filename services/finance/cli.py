@@ -156,7 +156,8 @@ def repair(
     out_console.print(render.corrections_table(result))
     if result.applied:
         out_console.print(f"{result.written:,} new correction entries written "
-                          f"({len(result.corrections) - result.written:,} were already there)")
+                          f"({len(result.corrections) - result.written:,} were already there); "
+                          f"{result.holds_released:,} leaking holds released")
     if result.not_repaired:
         out_console.print(f"[yellow]{len(result.not_repaired):,} differences need a person "
                           f"(unreadable events are never repaired automatically)[/]")

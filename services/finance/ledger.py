@@ -273,3 +273,32 @@ async def compare_balances(conn: asyncpg.Connection, live: str, scratch: str) ->
         if (r["lg"], r["ld"]) != (r["rg"], r["rd"])
     ]
     return len(rows), sorted(diffs, key=lambda d: d.user_id)
+
+
+# --- admission holds (migrations/0009) -------------------------------------------------------------
+# A hold must be settled by the transaction that decides its event, or released at its expiry by the
+# credit service. One still open past its expiry, or one whose event is already decided, is a leak:
+# it keeps credits from the user. Both must be zero after a clean run; repair releases them.
+
+async def stale_holds(conn: asyncpg.Connection) -> dict[str, list[asyncpg.Record]]:
+    """Holds open past their expiry, and holds of events the ledger has already decided."""
+    rows = await conn.fetch(
+        """SELECT h.event_id, h.user_id, h.credits, h.placed_at, h.expires_at,
+                  EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id) AS decided
+             FROM holds h
+            WHERE h.expires_at < now()
+               OR EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id)
+            ORDER BY h.placed_at""")
+    return {"decided": [r for r in rows if r["decided"]], "expired": [r for r in rows if not r["decided"]]}
+
+
+async def release_holds(conn: asyncpg.Connection, event_ids: list) -> int:
+    """Release the given holds (never a debit); returns how many were still there."""
+    if not event_ids:
+        return 0
+    async with conn.transaction():
+        # Accounts locked in the ledger writer's order, as the credit service's own expiry does.
+        await conn.execute("""SELECT 1 FROM accounts WHERE user_id IN (
+                                  SELECT user_id FROM holds WHERE event_id = ANY($1::uuid[]))
+                              ORDER BY user_id FOR UPDATE""", event_ids)
+        return len(await conn.fetch("DELETE FROM holds WHERE event_id = ANY($1::uuid[]) RETURNING 1", event_ids))

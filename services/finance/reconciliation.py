@@ -55,10 +55,13 @@ class ReconcileReport:
     elapsed_s: float = 0.0
     # Where the time went: reading + assessing + copying the log, then the comparison query.
     phases: dict[str, float] = field(default_factory=dict)
+    # Admission holds that leak credits: open past their expiry, or of events already decided.
+    expired_holds: list = field(default_factory=list)
+    decided_holds: list = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.differences
+        return not self.differences and not self.expired_holds and not self.decided_holds
 
     def counts(self) -> dict[Kind, tuple[int, int]]:
         """Per kind: (differences, credits the corrections would move)."""
@@ -76,6 +79,7 @@ class RepairResult:
     applied: bool
     written: int = 0
     not_repaired: list[Difference] = field(default_factory=list)
+    holds_released: int = 0
 
 
 @dataclass
@@ -212,11 +216,13 @@ async def reconcile(
         kept += _unreadable_differences(unreadable, ledger_only)
         kept, pending = await _set_apart_undecided(settings, kept)
         entries = await ledger.ledger_entry_count(conn, window)
+        holds = await ledger.stale_holds(conn)
     finally:
         await conn.close()
     return ReconcileReport(
         window, settings.model_call_completed_topic, tally, kept, pending, entries, tally.duplicates, planned,
         time.perf_counter() - began, {"read_s": loaded - began, "compare_s": compared - loaded},
+        holds["expired"], holds["decided"],
     )
 
 
@@ -260,14 +266,17 @@ async def repair(
             not_repaired.append(d)
         else:
             corrections.append(c)
-    written = 0
-    if apply and corrections:
+    written = released = 0
+    leaking = [h["event_id"] for h in report.expired_holds + report.decided_holds]
+    if apply and (corrections or leaking):
         conn = await _connect(settings)
         try:
-            written = await ledger.write_corrections(conn, corrections)
+            if corrections:
+                written = await ledger.write_corrections(conn, corrections)
+            released = await ledger.release_holds(conn, leaking)  # released, never debited
         finally:
             await conn.close()
-    return RepairResult(report, corrections, apply, written, not_repaired)
+    return RepairResult(report, corrections, apply, written, not_repaired, released)
 
 
 class ReplayRefused(RuntimeError):

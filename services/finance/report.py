@@ -28,6 +28,11 @@ def summary_table(report: ReconcileReport) -> Table:
     if report.pending:
         t.add_row("not_yet_decided (not a difference: the credit service has not reached them)",
                   f"{len(report.pending):,}", "", style="yellow")
+    t.add_section()
+    for label, holds in (("holds open past their expiry", report.expired_holds),
+                         ("holds of events already decided", report.decided_holds)):
+        t.add_row(label, f"{len(holds):,}", f"{sum(h['credits'] for h in holds):,} held",
+                  style="bold red" if holds else "dim")
     return t
 
 

@@ -41,3 +41,25 @@ async def migrate(url: str, schema: str | None = None) -> list[str]:
         return await apply_migrations(conn)
     finally:
         await conn.close()
+
+
+# Errors that say the database cannot be reached or cannot take the transaction *now*, whatever it
+# holds: retry them with back-off. Any other failure of a write is about its content, and retrying
+# it would stall forever (a consumer then isolates the record; see services.credits.consumer).
+_UNREACHABLE = (
+    asyncpg.PostgresConnectionError,       # class 08: connection lost or refused
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: admin or crash shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization failure, deadlock
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover left us on a standby
+    ConnectionError, OSError, TimeoutError,
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """True when `exc` says the database is away or busy, not that a statement's content is wrong."""
+    if isinstance(exc, ValueError):  # asyncpg's client-side encoding error is an InterfaceError too
+        return False
+    if isinstance(exc, asyncpg.InterfaceError):  # "connection is closed", "pool is closing", ...
+        return True
+    return isinstance(exc, _UNREACHABLE)

@@ -6,6 +6,11 @@ import logging
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import (
+    CorruptRecordException, InvalidMessageError, InvalidTopicError, MessageSizeTooLargeError, RecordListTooLargeError,
+    RecordTooLargeError,
+)
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from schemas.events import ModelCallCompleted
@@ -15,6 +20,29 @@ log = logging.getLogger(__name__)
 
 # The largest value a consumer here accepts; anything bigger is dead-lettered unread.
 MAX_EVENT_BYTES = 64 * 1024
+
+# Kafka refused the message itself (too large, invalid): sending it again cannot succeed.
+_REFUSED_FOR_CONTENT = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, InvalidMessageError,
+                        CorruptRecordException, InvalidTopicError)
+
+PARKED = Counter("relay_parked_total", "Messages a relay parked in PostgreSQL because Kafka refused them as they are",
+                 ["source"])
+
+
+def refused_for_content(exc: BaseException) -> bool:
+    """True when Kafka (or the client) refused a message for what it is, not because the broker is away."""
+    return isinstance(exc, _REFUSED_FOR_CONTENT)
+
+
+async def park(conn, source: str, topic: str, key: bytes | None, payload: bytes, headers: str, error: BaseException) -> None:
+    """Keep a message Kafka will never take in `parked_messages`, so the relay moves on and nothing is lost."""
+    await conn.execute(
+        "INSERT INTO parked_messages (source, topic, key, payload, headers, error) VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+        source, topic, key, payload, headers, f"{type(error).__name__}: {error}"[:2000],
+    )
+    PARKED.labels(source).inc()
+    log.error("%s: a message for %s was refused by Kafka as it is (%s); parked in parked_messages",
+              source, topic, type(error).__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +104,7 @@ class DeadLetter:
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [
-            ("dlq.error", self.error[:2000].encode()),
+            ("dlq.error", self.error[:2000].encode(errors="replace")),
             ("dlq.error_type", self.error_type.encode()),
             ("dlq.source_topic", self.topic.encode()),
             ("dlq.source_partition", str(self.partition).encode()),

@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from schemas.events import KeyCheckStatus, Provider
-from services.shared.providers import KeyVerdict
+from services.shared.providers import INFO, KeyVerdict
 
 # Answers about the key itself; "rate limited" and "unavailable" say nothing lasting about it.
 CACHEABLE = frozenset({
@@ -58,21 +58,24 @@ class VerdictCache:
 
 
 class UserRateLimit:
-    """At most `per_minute` provider calls per user in any sliding minute.
+    """At most `per_minute` provider calls per user and provider in any sliding minute.
 
-    Kept in memory: requests are keyed by user id, so one user's requests all land on one partition
-    and so on one worker.
+    Counted per provider: checking many OpenAI keys says nothing about the next Groq key, and the
+    limit protects each provider's quota separately, so a user is never told to wait for a provider
+    they have not used. Kept in memory: requests are keyed by user id, so one user's requests all
+    land on one partition and so on one worker.
     """
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic, max_users: int = 100_000):
         self.per_minute, self._clock, self.max_users = per_minute, clock, max_users
-        self._calls: OrderedDict[str, deque[float]] = OrderedDict()
+        self._calls: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
 
-    def acquire(self, user_id: str) -> float | None:
-        """Take one call for `user_id`: None if allowed, else the seconds until one is free."""
+    def acquire(self, user_id: str, provider: Provider | str = "") -> float | None:
+        """Take one call for `user_id` at `provider`: None if allowed, else the seconds until one is free."""
         now = self._clock()
-        calls = self._calls.setdefault(user_id, deque())
-        self._calls.move_to_end(user_id)
+        slot = (user_id, str(provider))
+        calls = self._calls.setdefault(slot, deque())
+        self._calls.move_to_end(slot)
         while calls and calls[0] <= now - 60:
             calls.popleft()
         if len(calls) >= self.per_minute:
@@ -83,10 +86,17 @@ class UserRateLimit:
         return None
 
 
-def too_many_checks(wait_s: float) -> KeyVerdict:
+def too_many_checks(wait_s: float, provider: Provider | None = None, per_minute: int | None = None) -> KeyVerdict:
+    """The answer once a user reached the check limit for one provider: which provider, how long."""
+    seconds = max(1, math.ceil(wait_s))
+    if provider is None:
+        return KeyVerdict(KeyCheckStatus.RATE_LIMITED, f"You have checked several keys in the last minute. "
+                                                       f"Wait about {seconds} seconds and try again.", wait_s)
+    name = INFO[provider].name
+    many = f"{per_minute} {name} keys" if per_minute else f"several {name} keys"
     return KeyVerdict(
         KeyCheckStatus.RATE_LIMITED,
-        f"You have checked several keys in the last minute. Wait about {max(1, math.ceil(wait_s))} seconds "
-        "and try again.",
+        f"You have checked {many} in the last minute, the most we ask {name} about per minute. Wait about "
+        f"{seconds} seconds before checking another {name} key; keys of other providers can be checked now.",
         wait_s,
     )

@@ -31,8 +31,8 @@ class KeyCheckService:
         fingerprint = self.cache.fingerprint(provider, api_key)
         if (cached := self.cache.get(fingerprint)) is not None:
             return self._count(provider, cached, "cache")
-        if (wait_s := self.limit.acquire(user_id)) is not None:
-            return self._count(provider, too_many_checks(wait_s), "user_limit")
+        if (wait_s := self.limit.acquire(user_id, provider)) is not None:
+            return self._count(provider, too_many_checks(wait_s, provider, self.limit.per_minute), "user_limit")
         verdict = await self.checker.check(provider, api_key)
         self.cache.put(fingerprint, verdict)
         return self._count(provider, verdict, "provider")

@@ -10,12 +10,13 @@ plus dead letters sent before that commit. The wire protocol stays FastStream's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared.kafka import DeadLetter, leave_group_on_stop, make_producer, send_dead_letters
+from services.shared.kafka import DeadLetter, leave_group_on_stop, make_producer, refused_for_content, send_dead_letters
 from services.validation import metrics
 from services.validation.handler import Outcome, RequestHandler
 from services.validation.settings import ValidationSettings
@@ -134,7 +135,14 @@ class ValidationWorker:
 
     async def _answer(self, tp: TopicPartition, record) -> None:
         with metrics.HANDLE_SECONDS.time():
-            outcome = await self.handler.handle(record)
+            try:
+                outcome = await self.handler.handle(record)
+            except Exception as exc:  # handle() should never raise; if it does, this record must not hold its partition
+                log.exception("handling %s[%d]@%d failed; dead-lettering it", tp.topic, tp.partition, record.offset)
+                metrics.DEAD_LETTERS.labels("internal_error").inc()
+                outcome = Outcome(dead_letter=DeadLetter(record.topic, record.partition, record.offset, record.key,
+                                                         record.value, f"the worker failed on it: {type(exc).__name__}",
+                                                         "internal_error"))
             delay, attempts = 0.2, 0
             while True:
                 try:
@@ -156,6 +164,14 @@ class ValidationWorker:
                             record.topic, record.partition, record.offset, record.key, record.value,
                             f"the reply to {outcome.reply.topic[:200]!r} could not be sent: {type(exc).__name__}",
                             "reply_failed"))
+                        continue
+                    if outcome.reply is None and outcome.dead_letter is not None and refused_for_content(exc):
+                        # Kafka will never take this letter as it is: keep the reason and the size, not the bytes.
+                        letter = outcome.dead_letter
+                        size = len(letter.value or b"")
+                        outcome = Outcome(dead_letter=dataclasses.replace(
+                            letter, value=b"", error=f"{letter.error}; value of {size} bytes dropped: "
+                                                     f"the DLQ refused it ({type(exc).__name__})"))
                         continue
                     log.warning("sending the answer to %s[%d]@%d failed (%s); retrying", tp.topic, tp.partition,
                                 record.offset, type(exc).__name__)

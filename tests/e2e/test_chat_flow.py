@@ -54,7 +54,8 @@ class ChatSystem:
 
 
 def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: str, log_dir: Path,
-                 with_validation: bool = True, **chat_env: str) -> Iterator[ChatSystem]:
+                 with_validation: bool = True, validation_env: dict[str, str] | None = None,
+                 **chat_env: str) -> Iterator[ChatSystem]:
     sim = SimulatorServer().start()
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": database_url, "DATABASE_SCHEMA": schema,
            "TOPIC_PREFIX": prefix, "AUTH_JWT_SECRET": SECRET, **sim.env()}
@@ -64,7 +65,8 @@ def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: s
         started.append(credits)
         validation = None
         if with_validation:
-            validation = ServiceProcess("validation", "services.validation", env, log_dir).start()
+            validation = ServiceProcess("validation", "services.validation", {**env, **(validation_env or {})},
+                                        log_dir).start()
             started.append(validation)
         chat = ServiceProcess("chat", "services.chat", {
             **env, "CREDITS_URL": credits.url, "CHAT_DEV_LOGIN": "true", "COOKIE_SECURE": "false", **chat_env,
@@ -186,3 +188,60 @@ def test_dev_sign_in_sets_the_session_cookie_and_logout_discards_the_key(system:
         view = browser.get("/api/model-settings").json()
         assert view["byok"] is True and view["key_status"] == "missing" and not view["key_in_session"]
         assert browser.post("/chat", json={"message": "hi"}).status_code == 409
+
+
+def test_byok_tells_the_truth_keys_per_provider_revocation_fallback_and_usage(system: ChatSystem):
+    """DESIGN.md "BYOK tells the truth" on the real stack (PostgreSQL key records, real validation)."""
+    system.grant("truth", "free")  # 50
+    web = system.client("truth")
+    openai_key, groq_key = "sk-proj-valid-truth" + "1" * 20, "gsk_validtruth" + "2" * 20
+
+    def keep_cookie(r: httpx.Response) -> httpx.Response:
+        # Kept like a browser would (httpx itself sends Secure cookies only over https).
+        if "byok_key" in r.cookies:
+            web.cookies.clear()
+            web.cookies.set("byok_key", r.cookies["byok_key"])
+        return r
+
+    # BYOK on without a key: kept, and chat is refused (409) rather than billed.
+    assert use_settings(web, "openai", "gpt-4o-mini", own=True).status_code == 200
+    r = web.post("/chat", json={"message": "hi"})
+    assert r.status_code == 409 and r.json()["error"] == "own_key_missing" and "OpenAI" in r.json()["message"]
+
+    # Two providers' keys side by side; each call uses only the key of the provider the settings name.
+    assert keep_cookie(use_settings(web, "openai", "gpt-4o-mini", own=True, key=openai_key)).status_code == 200
+    r = keep_cookie(use_settings(web, "groq", "llama3-8b-8192", own=True, key=groq_key))
+    assert sorted(k["provider"] for k in r.json()["settings"]["keys"]) == ["groq", "openai"]
+    assert web.post("/chat", json={"message": "hi"}).json()["provider"] == "groq"
+    assert system.sim.state.calls(groq_key) == 2 and system.sim.state.calls(openai_key) == 1
+    # Always-platform features: the platform's configured model, never the user's.
+    body = web.post("/chat", json={"feature": "code_fix", "message": "fix"}).json()
+    assert (body["provider"], body["model"], body["key_source"], body["billing"]["credits"]) == (
+        "openai", "gpt-4.1-mini", "platform", 1)
+
+    # Removing the Groq key revokes it on the server: the old cookie copy no longer works for Groq.
+    saved = web.cookies.get("byok_key")
+    r = keep_cookie(web.delete("/api/keys/groq"))
+    assert r.status_code == 200 and r.json()["removed"]
+    web.cookies.clear()
+    web.cookies.set("byok_key", saved)
+    r = web.post("/chat", json={"message": "hi"})
+    assert r.status_code == 409 and system.sim.state.calls(groq_key) == 2
+
+    # The explicit fallback: the answer says it ran on platform credits and shows the charge.
+    use_settings(web, "groq", "llama3-8b-8192", own=True).raise_for_status()
+    web.post("/settings/model", json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True,
+                                      "fallback_to_platform": True}).raise_for_status()
+    body = web.post("/chat", json={"message": "hi"}).json()
+    assert body["fallback"] is True and body["key_source"] == "platform" and body["billing"]["credits"] == 1
+    assert "1 credit charged" in body["notice"]
+    assert system.wait_balance("truth", 48) == 48
+
+    # The usage history, from the ledger through the credit service: newest first.
+    deadline = time.monotonic() + 30
+    while len(calls := web.get("/api/usage").json()["calls"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [(c["feature"], c["key_source"], c["decision"], c["credits"]) for c in calls] == [
+        ("chat", "platform", "debited", 1), ("code_fix", "platform", "debited", 1),
+        ("chat", "byok", "not_billed_byok", 0)]
+    assert web.get("/api/usage").json()["last_grant"]["credits"] == 50

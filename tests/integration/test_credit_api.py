@@ -84,3 +84,22 @@ async def test_health_and_metrics(api):
     text = (await api.get("/metrics")).text
     for name in ("credits_events_consumed_total", "credits_debits_total", "credits_dlq_total", "credits_consumer_lag"):
         assert name in text
+
+
+async def test_usage_lists_a_users_own_decided_calls_newest_first_with_their_last_grant(api):
+    assert (await api.get("/api/usage/fay", headers=auth("fay"))).json() == {"user_id": "fay", "calls": [],
+                                                                          "last_grant": None}
+    await grant(api, "fay")
+    body = {"feature": "chat", "model": "gpt-4o", "key_source": "platform", "idempotency_key": "u-1"}
+    assert (await api.post("/api/user/deduct-credits", headers=auth("fay"), json=body)).status_code == 200
+    body |= {"key_source": "byok", "model": "claude-3-5-haiku", "idempotency_key": "u-2"}
+    assert (await api.post("/api/user/deduct-credits", headers=auth("fay"), json=body)).status_code == 200
+    usage = (await api.get("/api/usage/fay", headers=auth("fay"))).json()
+    assert [(c["feature"], c["provider"], c["model"], c["key_source"], c["decision"], c["credits"])
+            for c in usage["calls"]] == [("chat", "anthropic", "claude-3-5-haiku", "byok", "not_billed_byok", 0),
+                                         ("chat", "openai", "gpt-4o", "platform", "debited", 5)]
+    assert usage["calls"][0]["time"] and usage["last_grant"]["credits"] == 50 and usage["last_grant"]["plan"] == "free"
+    assert len((await api.get("/api/usage/fay?limit=1", headers=auth("fay"))).json()["calls"]) == 1
+    assert (await api.get("/api/usage/fay", headers=auth("gus"))).status_code == 403
+    assert (await api.get("/api/usage/fay")).status_code == 401
+    assert (await api.get("/api/usage/fay?limit=0", headers=auth("fay"))).status_code == 422

@@ -552,3 +552,43 @@ async def test_progress_is_reported_against_the_planned_total(stack):
     report = await reconcile(settings_of(stack), WINDOW, progress)
     assert progress.total == progress.done == report.tally.records == 30
     assert stack.topic_prefix in progress.description
+
+
+async def test_reconcile_reports_leaking_holds_and_repair_releases_them_never_debiting(stack):
+    from services.credits.ledger import Decided, Ledger
+
+    conn = await stack.connect()
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2,
+                                     server_settings={"search_path": stack.database_schema})
+    try:
+        ledger = Ledger(pool)
+        await ledger.grant("g:hal", "hal", "free", 50)
+        clean = await reconcile(settings_of(stack), WINDOW)
+        assert clean.clean and clean.expired_holds == [] and clean.decided_holds == []
+        # A hold its event never settled (the chat died and its outbox too): past its expiry.
+        await ledger.place_hold(uuid.uuid4(), "hal", 5, "2026-01", feature="chat", provider="openai",
+                                model="gpt-4o", ttl_s=0.01)
+        # A hold whose event was decided by a writer that did not settle it (bypassing the ledger code).
+        forgotten = event(user_id="hal", occurred_at=T1 + timedelta(minutes=1))
+        await ledger.place_hold(forgotten.event_id, "hal", 5, "2026-01", feature="chat", provider="openai",
+                                model="gpt-4o", ttl_s=900)
+        await conn.execute("""INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
+                                                         price_list_version, occurred_at)
+                              VALUES ($1, $1, 'decision', 'hal', 'not_billed_failed', 0, '2026-01', $2)""",
+                           forgotten.event_id, forgotten.occurred_at)
+        await asyncio.sleep(0.05)
+        report = await reconcile(settings_of(stack), WINDOW)
+        assert not report.clean
+        assert (len(report.expired_holds), len(report.decided_holds)) == (1, 1)
+        assert (await ledger.balance("hal")).held == 10
+        dry = await repair(settings_of(stack), WINDOW)
+        assert dry.holds_released == 0 and (await ledger.balance("hal")).held == 10  # a dry run changes nothing
+        fixed = await repair(settings_of(stack), WINDOW, apply=True)
+        assert fixed.holds_released == 2
+        after = await ledger.balance("hal")
+        assert (after.held, after.balance) == (0, 50)  # released, never debited
+        again = await reconcile(settings_of(stack), WINDOW)
+        assert again.expired_holds == [] and again.decided_holds == []
+    finally:
+        await pool.close()
+        await conn.close()

@@ -95,11 +95,15 @@ async def test_a_user_checking_many_keys_is_limited_with_a_clear_answer(kafka_bo
     validation = await start_worker(worker_settings(kafka_bootstrap, kafka_topics, sim, user_checks_per_minute=2))
     try:
         statuses = [(await requester.check("mallory", "groq", f"gsk_invalid{i:020d}")).status for i in range(3)]
+        limited = await requester.check("mallory", "groq", "gsk_invalid" + "8" * 20)
         other = await requester.check("alice", "groq", "gsk_invalid" + "7" * 20)
+        other_provider = await requester.check("mallory", "openai", "sk-proj-invalid" + "9" * 20)
     finally:
         await validation.stop()
     assert statuses == [KeyCheckStatus.INVALID, KeyCheckStatus.INVALID, KeyCheckStatus.RATE_LIMITED]
-    assert other.status is KeyCheckStatus.INVALID
+    assert "2 Groq keys" in limited.message and "other providers can be checked now" in limited.message
+    # The limit is per user and per provider: neither another user nor another provider waits.
+    assert other.status is KeyCheckStatus.INVALID and other_provider.status is KeyCheckStatus.INVALID
 
 
 async def test_poison_requests_go_to_the_dlq_and_the_worker_carries_on(worker, requester, kafka_bootstrap, kafka_topics):
@@ -191,3 +195,31 @@ async def test_a_graceful_stop_answers_and_commits_what_the_worker_took(kafka_bo
     finally:
         await second.stop()
     assert sim.state.calls(slow_key) == 3
+
+
+async def test_a_request_the_worker_fails_on_is_dead_lettered_and_its_partition_moves_on(
+        worker, requester, kafka_bootstrap, kafka_topics):
+    """Even a bug in the handler (it is written never to raise) cannot hold a partition's commits."""
+    requests_topic = kafka_topics + "key_check_requests"
+    handler = worker.worker.handler
+    real_handle = handler.handle
+
+    async def handle(record):
+        if record.value == b"boom":
+            raise RuntimeError("a bug")
+        return await real_handle(record)
+
+    handler.handle = handle
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(requests_topic, b"boom", key=b"alice")
+    finally:
+        await producer.stop()
+    result = await requester.check("alice", "openai", key(Provider.OPENAI, "valid"))
+    assert result.status is KeyCheckStatus.VALID
+    dead = await read_topic(kafka_bootstrap, requests_topic + ".dlq", want=1)
+    assert [(r.value, dict(r.headers)["dlq.error_type"]) for r in dead] == [(b"boom", b"internal_error")]
+    # Nothing is left unanswered, so every partition's commit point reaches its end.
+    for progress in worker.worker._progress.values():
+        assert not progress.pending

@@ -17,11 +17,15 @@ from services.chat.outbox import MemoryOutbox
 from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
 from services.chat.store import MemorySettingsStore
+from services.chat.usage import FixedUsage
 from tests.unit.test_chat_service import PLATFORM_KEY, FakeChecker, FakeProvider
 
 pytestmark = pytest.mark.unit
 SECRET = "unit-test-secret-0123456789abcdef"
 USER_KEY = "sk-proj-appTESTkey00000000000000000042"
+USAGE = {"calls": [{"time": "2026-12-01T10:00:00+00:00", "feature": "chat", "provider": "openai", "model": "gpt-4o",
+                    "key_source": "byok", "status": "succeeded", "decision": "not_billed_byok", "credits": 0}],
+         "last_grant": {"plan": "free", "credits": 50, "granted_at": "2026-12-01T09:00:00+00:00"}}
 
 
 @pytest.fixture
@@ -34,7 +38,7 @@ def world():
 
     @contextlib.asynccontextmanager
     async def wire(_):
-        yield Wiring(service, key_sealer(settings), balances)
+        yield Wiring(service, key_sealer(settings), balances, usage=FixedUsage({"alice": USAGE}))
 
     app = create_app(settings, wire)
     with TestClient(app) as client:
@@ -122,6 +126,88 @@ def test_a_refused_key_answers_400_with_the_check_and_sets_no_cookie(world):
     assert client.get("/api/model-settings").json()["byok"] is False
 
 
+def test_a_saved_copy_of_the_key_cookie_is_useless_after_byok_off_removal_or_sign_out(world):
+    """Finding 7: the server revokes the key, so a copied cookie does not bring it back."""
+    client, _, _, provider, _ = world
+    login(client, "alice")
+
+    def check_key(provider_name="openai", model="gpt-4o", key=USER_KEY):
+        client.cookies.delete("byok_key")
+        r = client.post("/settings/model", json={"provider": provider_name, "model": model, "use_own_key": True,
+                                                 "api_key": key})
+        assert r.status_code == 200, r.text
+        return client.cookies.get("byok_key")
+
+    def chat_with(cookie):
+        client.cookies.delete("byok_key")
+        client.cookies.set("byok_key", cookie)
+        return client.post("/chat", json={"message": "hi"})
+
+    for end in ("byok_off", "remove", "sign_out"):
+        if end == "sign_out":
+            login(client, "alice")
+        saved = check_key()
+        assert chat_with(saved).json()["key_source"] == "byok"
+        if end == "byok_off":
+            r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": False})
+            assert "removed" in r.json()["message"]
+            client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True})
+        elif end == "remove":
+            r = client.delete("/api/keys/openai")
+            assert r.status_code == 200 and r.json()["removed"] and r.json()["settings"]["keys"] == []
+            assert 'byok_key=""' in r.headers["set-cookie"]
+        else:
+            session = client.cookies.get("byok_session")
+            assert client.post("/auth/logout").json()["keys_revoked"] == 1
+            client.cookies.set("byok_session", session)  # a saved copy of the session cookie too
+        calls = len(provider.calls)
+        r = chat_with(saved)
+        assert r.status_code == 409, (end, r.text)
+        assert r.json()["error"] == "own_key_missing" and "nothing is charged" in r.json()["message"]
+        assert len(provider.calls) == calls
+
+
+def test_keys_of_several_providers_live_side_by_side_in_one_cookie(world):
+    client, _, _, provider, _ = world
+    login(client, "alice")
+    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY})
+    groq_key = "gsk_" + "q" * 40
+    r = client.post("/settings/model", json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True,
+                                             "api_key": groq_key})
+    keys = {k["provider"]: k for k in r.json()["settings"]["keys"]}
+    assert keys.keys() == {"openai", "groq"} and keys["openai"]["key_hint"] == "sk-proj-…0042"
+    assert client.post("/chat", json={"message": "hi"}).json()["provider"] == "groq"
+    assert provider.calls[-1][1] == groq_key
+    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True})
+    assert client.post("/chat", json={"message": "hi"}).json()["key_source"] == "byok"
+    assert provider.calls[-1][1] == USER_KEY
+    r = client.delete("/api/keys/groq")
+    assert [k["provider"] for k in r.json()["settings"]["keys"]] == ["openai"]
+    assert client.delete("/api/keys/nope").status_code == 422
+
+
+def test_fallback_is_a_choice_and_the_answer_says_it_was_used(world):
+    client, *_ = world
+    login(client, "alice")
+    r = client.post("/settings/model", json={"provider": "anthropic", "model": "claude-3-5-haiku", "use_own_key": True})
+    assert r.json()["settings"]["fallback_to_platform"] is False
+    assert client.post("/chat", json={"message": "hi"}).status_code == 409
+    r = client.post("/settings/model", json={"provider": "anthropic", "model": "claude-3-5-haiku", "use_own_key": True,
+                                             "fallback_to_platform": True})
+    assert r.json()["settings"]["features"]["chat"]["fallback"] is True
+    body = client.post("/chat", json={"message": "hi"}).json()
+    assert body["fallback"] is True and body["key_source"] == "platform" and body["billing"]["credits"] == 1
+    assert "ran on platform credits" in body["notice"] and "1 credit charged" in body["notice"]
+
+
+def test_usage_lists_the_users_calls(world):
+    client, *_ = world
+    assert client.get("/api/usage").status_code == 401
+    login(client, "alice")
+    body = client.get("/api/usage").json()
+    assert body["user_id"] == "alice" and body["calls"] == USAGE["calls"] and body["last_grant"]["credits"] == 50
+
+
 def test_short_balance_answers_402_suggesting_byok(world):
     client, *_ = world
     login(client, "bob")  # 7 credits
@@ -149,7 +235,7 @@ def test_one_users_key_cookie_is_useless_to_another_user(world):
                       cookies={"byok_key": alice_key_cookie})
     assert view.json()["user_id"] == "bob" and view.json()["key_in_session"] is False
     r = client.post("/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {bob}"})
-    assert r.status_code in (402, 409) or r.json()["key_source"] == "platform"
+    assert r.status_code == 409
     assert all(call[1] != USER_KEY for call in provider.calls)
 
 
@@ -158,7 +244,7 @@ def test_identity_never_comes_from_the_body(world):
     login(client, "alice")
     r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "user_id": "bob"})
     assert r.status_code == 422
-    assert client.get("/api/balance").json() == {"user_id": "alice", "balance": 100}
+    assert client.get("/api/balance").json() == {"user_id": "alice", "balance": 100, "held": 0, "available": 100}
 
 
 def test_chat_bodies_are_checked_after_identity_and_refused_with_where_not_what(world):
@@ -193,7 +279,10 @@ def test_page_and_health(world):
     assert page.status_code == 200 and "Use my own API key" in page.text and 'role="switch"' in page.text
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/healthz").json()["status"] == "ok"
-    assert client.get("/api/config").json()["models"]["gemini"][1] == {"id": "gemini-2.5-flash", "credits": None}
+    config = client.get("/api/config").json()
+    assert config["models"]["gemini"][1] == {"id": "gemini-2.5-flash", "credits": None}
+    assert config["feature_models"]["deep_analysis"] == {"provider": "openai", "model": "gpt-4.1"}
+    assert config["feature_credits"]["deep_analysis"] == 50 and config["key_lifetime_s"] == 8 * 3600
 
 
 def test_logout_discards_session_and_key(world):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import jwt
 import pytest
 
 from schemas.events import Provider
 from services.chat.identity import AuthError, TokenReader, mint_token, read_token, token_from
-from services.chat.key_session import KeySealer, derive_secret
+from services.chat.key_session import KeySealer, SessionKey, derive_secret
 
 pytestmark = pytest.mark.unit
 SECRET = "unit-test-secret-0123456789abcdef"
@@ -72,28 +73,36 @@ def test_bearer_header_wins_over_cookie_and_other_schemes_are_refused():
         token_from(None, None)
 
 
-def test_sealed_key_opens_only_for_its_user_and_session():
+def ring(*providers: Provider, ttl: int = 60) -> dict:
+    return {p: SessionKey(uuid.uuid4(), p, KEY + p.value, "h", int(time.time()) + ttl) for p in providers}
+
+
+def test_sealed_keys_open_only_for_their_user_and_session():
     box = sealer()
-    value = box.seal("alice", "s1", Provider.OPENAI, KEY, "sk-proj-…XYZ")
+    keys = ring(Provider.OPENAI, Provider.GROQ)
+    value = box.seal("alice", "s1", keys)
     assert KEY not in value and "unitTESTkey" not in value
     opened = box.open("alice", "s1", value)
-    assert opened is not None and opened.api_key == KEY and opened.provider is Provider.OPENAI
-    assert box.open("bob", "s1", value) is None
-    assert box.open("alice", "s2", value) is None
+    assert opened == keys and opened[Provider.GROQ].api_key == KEY + "groq"
+    assert box.open("bob", "s1", value) == {}
+    assert box.open("alice", "s2", value) == {}
     assert KEY not in repr(opened)
+    assert 0 < box.max_age_s(keys) <= 60
 
 
-def test_sealed_key_expires_and_resists_tampering():
-    assert sealer(ttl=-1).open("alice", "s1", sealer(ttl=-1).seal("alice", "s1", Provider.GROQ, KEY, "h")) is None
+def test_sealed_keys_expire_one_by_one_and_resist_tampering():
     box = sealer()
-    value = box.seal("alice", "s1", Provider.GROQ, KEY, "h")
+    mixed = {**ring(Provider.OPENAI, ttl=-1), **ring(Provider.GROQ)}
+    assert box.open("alice", "s1", box.seal("alice", "s1", mixed)).keys() == {Provider.GROQ}
+    value = box.seal("alice", "s1", ring(Provider.GROQ))
     flipped = value[:-3] + ("A" if value[-3] != "A" else "B") + value[-2:]
-    assert box.open("alice", "s1", flipped) is None
-    assert box.open("alice", "s1", "garbage!") is None
+    assert box.open("alice", "s1", flipped) == {}
+    assert box.open("alice", "s1", "garbage!") == {}
     # Another server secret cannot open it.
-    assert KeySealer(derive_secret("other-secret-0123456789", b"test"), 60).open("alice", "s1", value) is None
+    assert KeySealer(derive_secret("other-secret-0123456789", b"test"), 60).open("alice", "s1", value) == {}
 
 
 def test_each_seal_is_fresh_ciphertext():
     box = sealer()
-    assert box.seal("a", "s", Provider.OPENAI, KEY, "h") != box.seal("a", "s", Provider.OPENAI, KEY, "h")
+    keys = ring(Provider.OPENAI)
+    assert box.seal("a", "s", keys) != box.seal("a", "s", keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -62,13 +63,15 @@ def make(balance: int = 100, checker=None, platform_keys=None):
 
 
 def session_key(provider=Provider.OPENAI, key=USER_KEY) -> SessionKey:
-    return SessionKey(provider, key, key_hint(key), int(time.time()) + 60)
+    """A key the cookie could hold but the server never recorded."""
+    return SessionKey(uuid.uuid4(), provider, key, key_hint(key), int(time.time()) + 60)
 
 
-async def byok_on(service, provider=Provider.OPENAI, model="gpt-4o"):
-    change = await service.update_settings(ALICE, None, provider, model, True, USER_KEY)
-    assert change.accepted and change.keep_key == USER_KEY
-    return session_key(provider)
+async def byok_on(service, provider=Provider.OPENAI, model="gpt-4o", ring=None, key=USER_KEY, who=ALICE):
+    """Check `key` for `provider` with BYOK on; the session's ring of keys afterwards."""
+    change = await service.update_settings(who, ring, provider, model, True, key)
+    assert change.accepted and change.keep_key.api_key == key and change.keep_key.provider is provider
+    return {**(ring or {}), provider: change.keep_key}
 
 
 async def test_platform_chat_uses_platform_key_and_is_billed_by_the_shared_policy():
@@ -140,9 +143,9 @@ async def test_provider_error_on_the_users_key_is_worded_like_the_check_and_mark
         await service.call(ALICE, key, Feature.CHAT, "hello")
     assert exc.value.message == message and exc.value.details["key_status"] == "revoked_or_expired"
     assert exc.value.details["billing"]["charged"] is False
-    assert (await store.get("alice")).key_status == "revoked_or_expired"
-    view = await service.view(ALICE, key)
-    assert view.key_status == "revoked_or_expired" and view.key_message == message
+    view = (await service.view(ALICE, key)).as_dict()
+    assert view["key_status"] == "revoked_or_expired" and view["key_message"] == message
+    assert view["key_in_session"] is False and view["features"]["chat"]["runs_on"] == "paused"
     [event] = outbox.events
     assert event.status is CallStatus.FAILED and event.key_source is KeySource.BYOK
 
@@ -154,8 +157,9 @@ async def test_a_later_success_marks_the_key_valid_again():
     with pytest.raises(ProviderFailed):
         await service.call(ALICE, key, Feature.CHAT, "hello")
     provider.error = None
+    assert (await service.view(ALICE, key)).as_dict()["key_status"] == "rate_limited"  # still usable
     await service.call(ALICE, key, Feature.CHAT, "hello")
-    assert (await store.get("alice")).key_status == "valid"
+    assert (await service.view(ALICE, key)).as_dict()["key_status"] == "valid"
 
 
 async def test_every_call_has_one_event_with_a_fresh_id():
@@ -176,24 +180,102 @@ async def test_a_refused_key_changes_nothing():
     assert await store.get("alice") == before
 
 
-async def test_switching_byok_off_discards_the_key():
-    service, store, _, _ = make()
-    key = await byok_on(service)
-    change = await service.update_settings(ALICE, key, Provider.OPENAI, "gpt-4o", False, None)
+async def test_switching_byok_off_revokes_every_key_on_the_server_and_says_so():
+    service, store, _, provider = make()
+    ring = await byok_on(service)
+    ring = await byok_on(service, Provider.GROQ, "llama3-8b-8192", ring=ring, key="gsk_" + "g" * 30)
+    change = await service.update_settings(ALICE, ring, Provider.OPENAI, "gpt-4o", False, None)
     assert change.accepted and change.discard_key
+    assert "OpenAI sk-proj-…0001" in change.message and "Groq" in change.message and "removed" in change.message
     assert await store.get("alice") == ModelSettings("alice", Provider.OPENAI, "gpt-4o")
+    # A saved copy of the cookie opens nothing any more, even with BYOK switched on again.
+    await service.update_settings(ALICE, ring, Provider.OPENAI, "gpt-4o", True, None)
+    assert (await service.view(ALICE, ring)).keys == {}
+    with pytest.raises(OwnKeyMissing):
+        await service.call(ALICE, ring, Feature.CHAT, "hello")
+    assert all(call[1] != USER_KEY for call in provider.calls)
 
 
 async def test_byok_without_a_key_in_the_session_is_refused_not_silently_billed():
     service, _, outbox, provider = make()
-    await byok_on(service)
-    with pytest.raises(OwnKeyMissing):
+    ring = await byok_on(service)
+    with pytest.raises(OwnKeyMissing) as exc:
         await service.call(ALICE, None, Feature.CHAT, "hello")  # the cookie expired or was dropped
+    assert "no OpenAI key" in exc.value.message and "nothing is charged" in exc.value.message
+    # A key the server never recorded (forged id, or another server's) is no key either.
     with pytest.raises(OwnKeyMissing):
-        await service.call(ALICE, session_key(Provider.GROQ), Feature.CHAT, "hello")  # a key of another provider
+        await service.call(ALICE, {Provider.OPENAI: session_key()}, Feature.CHAT, "hello")
+    assert provider.calls[1:] == [] and outbox.events == []
+    view = (await service.view(ALICE, None)).as_dict()
+    assert view["byok"] and view["key_status"] == "missing" and not view["key_in_session"]
+    assert view["features"]["chat"]["runs_on"] == "paused"
+    assert (await service.view(ALICE, ring)).as_dict()["features"]["chat"]["runs_on"] == "your_key"
+
+
+async def test_a_key_is_bound_to_its_provider():
+    """Finding 2: an OpenAI key never runs a call the settings say goes to Anthropic."""
+    checker = FakeChecker()
+    service, _, outbox, provider = make(checker=checker)
+    ring = await byok_on(service)
+    change = await service.update_settings(ALICE, ring, Provider.ANTHROPIC, "claude-sonnet-4", True, None)
+    assert change.accepted and change.keep_key is None and len(checker.calls) == 1
+    view = (await service.view(ALICE, ring)).as_dict()
+    assert view["provider"] == "anthropic" and view["key_hint"] is None and view["key_status"] == "missing"
+    assert [k["provider"] for k in view["keys"]] == ["openai"]  # the OpenAI key is listed as OpenAI's
+    with pytest.raises(OwnKeyMissing) as exc:
+        await service.call(ALICE, ring, Feature.CHAT, "hello")
+    assert "no Anthropic key" in exc.value.message
+    # Nor does a cookie entry that claims another provider than the server recorded for its id.
+    forged = {Provider.ANTHROPIC: replace(ring[Provider.OPENAI], provider=Provider.ANTHROPIC)}
+    with pytest.raises(OwnKeyMissing):
+        await service.call(ALICE, forged, Feature.CHAT, "hello")
+    assert len(provider.calls) == 0 and outbox.events == []
+
+
+async def test_switching_byok_on_without_a_key_is_kept_and_pauses_chat():
+    """Finding 1: the switch says BYOK, so chat never runs on credits behind it."""
+    service, store, outbox, provider = make(checker=FakeChecker(KeyCheckStatus.REVOKED_OR_EXPIRED))
+    change = await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, None)
+    assert change.accepted and (await store.get("alice")).use_own_key
+    assert "Paste your OpenAI key" in change.message
+    refused = await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, "sk-proj-revoked" + "r" * 20)
+    assert not refused.accepted and refused.keep_key is None
+    with pytest.raises(OwnKeyMissing):
+        await service.call(ALICE, None, Feature.CHAT, "hello")
     assert provider.calls == [] and outbox.events == []
-    view = await service.view(ALICE, None)
-    assert view.settings.use_own_key and view.key_status == "missing" and not view.key_in_session
+
+
+async def test_a_key_whose_last_check_failed_is_not_used():
+    service, store, outbox, provider = make()
+    ring = await byok_on(service)
+    await store.mark_key(ring[Provider.OPENAI].key_id, "revoked_or_expired", "This key was revoked.")
+    with pytest.raises(OwnKeyMissing) as exc:
+        await service.call(ALICE, ring, Feature.CHAT, "hello")
+    assert "failed its last check (revoked or expired)" in exc.value.message
+    assert exc.value.details["key_status"] == "revoked_or_expired"
+    assert provider.calls == [] and outbox.events == []
+
+
+async def test_fallback_to_platform_is_off_by_default_and_when_chosen_says_so_and_shows_the_charge():
+    service, store, outbox, provider = make(balance=100)
+    await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, None)
+    assert (await store.get("alice")).fallback_to_platform is False
+    await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, None, fallback_to_platform=True)
+    view = (await service.view(ALICE, None)).as_dict()
+    assert view["fallback_to_platform"] and view["features"]["chat"] == {
+        "runs_on": "platform", "provider": "openai", "model": "gpt-4o-mini", "key_source": "platform", "credits": 3,
+        "fallback": True, "message": view["features"]["chat"]["message"]}
+    assert "falls back to platform credits" in view["features"]["chat"]["message"]
+    result = await service.call(ALICE, None, Feature.CHAT, "hello")
+    assert result.fallback and result.event.key_source is KeySource.PLATFORM and provider.calls[-1][1] == PLATFORM_KEY
+    assert result.billing.credits == 3 and "3 credits charged" in result.notice and "no OpenAI key" in result.notice
+    # A later settings change without the field keeps the choice.
+    await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o", True, None)
+    assert (await store.get("alice")).fallback_to_platform is True
+    # With a usable key, the key is used and nothing falls back.
+    ring = await byok_on(service)
+    result = await service.call(ALICE, ring, Feature.CHAT, "hello")
+    assert not result.fallback and result.notice is None and result.billing.credits == 0
 
 
 async def test_keeping_byok_while_changing_model_needs_no_new_check():
@@ -203,8 +285,63 @@ async def test_keeping_byok_while_changing_model_needs_no_new_check():
     change = await service.update_settings(ALICE, key, Provider.OPENAI, "gpt-4.1", True, None)
     assert change.accepted and change.keep_key is None and len(checker.calls) == 1
     assert (await store.get("alice")).model == "gpt-4.1"
-    with pytest.raises(OwnKeyMissing):
-        await service.update_settings(ALICE, key, Provider.ANTHROPIC, "claude-sonnet-4", True, None)
+    assert "your OpenAI key" in change.message
+
+
+async def test_one_key_per_provider_and_a_new_key_replaces_the_old_one():
+    service, store, _, provider = make()
+    ring = await byok_on(service)
+    ring = await byok_on(service, Provider.GROQ, "llama3-8b-8192", ring=ring, key="gsk_" + "g" * 30)
+    assert sorted(k["provider"] for k in (await service.view(ALICE, ring)).as_dict()["keys"]) == ["groq", "openai"]
+    await service.call(ALICE, ring, Feature.CHAT, "hello")
+    assert provider.calls[-1] == (Provider.GROQ, "gsk_" + "g" * 30, "llama3-8b-8192")
+    old = ring
+    ring = await byok_on(service, Provider.OPENAI, "gpt-4o", ring=ring, key="sk-proj-second" + "2" * 20)
+    assert (await service.view(ALICE, old)).keys.keys() == {Provider.GROQ}  # the old OpenAI key is revoked
+    await service.call(ALICE, ring, Feature.CHAT, "hello")
+    assert provider.calls[-1][1] == "sk-proj-second" + "2" * 20
+
+
+async def test_a_refused_new_key_keeps_the_earlier_one_and_says_so():
+    checker = FakeChecker()
+    service, _, _, provider = make(checker=checker)
+    ring = await byok_on(service)
+    checker.status = KeyCheckStatus.INVALID
+    change = await service.update_settings(ALICE, ring, Provider.OPENAI, "gpt-4o", True, "sk-proj-typo" + "t" * 20)
+    assert not change.accepted and "earlier OpenAI key sk-proj-…0001 is still the one in use" in change.message
+    await service.call(ALICE, ring, Feature.CHAT, "hello")
+    assert provider.calls[-1][1] == USER_KEY
+
+
+async def test_removing_a_key_and_signing_out_revoke_it_on_the_server():
+    service, _, _, _ = make()
+    ring = await byok_on(service)
+    ring = await byok_on(service, Provider.GROQ, "llama3-8b-8192", ring=ring, key="gsk_" + "g" * 30)
+    assert await service.remove_key(ALICE, Provider.GROQ) == 1
+    assert (await service.view(ALICE, ring)).keys.keys() == {Provider.OPENAI}
+    assert await service.remove_key(ALICE, Provider.GROQ) == 0
+    # Another session of the same user keeps its keys when this one signs out.
+    other = Identity("alice", "user", "sess-2", "token-b")
+    other_ring = await byok_on(service, who=other)
+    assert await service.sign_out(ALICE) == 1
+    assert (await service.view(ALICE, ring)).keys == {}
+    assert (await service.view(other, other_ring)).keys.keys() == {Provider.OPENAI}
+    # A ring from one session is no key in another.
+    assert (await service.view(other, ring)).keys == {}
+
+
+async def test_always_platform_features_run_on_the_configured_model_never_the_users():
+    service, _, _, provider = make(balance=1000)
+    service.feature_models[Feature.CODE_FIX] = (Provider.ANTHROPIC, "claude-3-5-haiku")
+    ring = await byok_on(service, Provider.GROQ, "llama3-8b-8192", key="gsk_" + "g" * 30)
+    result = await service.call(ALICE, ring, Feature.CODE_FIX, "fix")
+    assert provider.calls[-1] == (Provider.ANTHROPIC, PLATFORM_KEY, "claude-3-5-haiku")
+    assert result.event.model == "claude-3-5-haiku" and result.billing.credits == 1
+    result = await service.call(ALICE, ring, Feature.DEEP_ANALYSIS, "deep")
+    assert provider.calls[-1] == (Provider.OPENAI, PLATFORM_KEY, "gpt-4.1") and result.billing.credits == 50
+    features = (await service.view(ALICE, ring)).as_dict()["features"]
+    assert features["deep_analysis"]["credits"] == 50 and features["deep_analysis"]["model"] == "gpt-4.1"
+    assert features["code_fix"]["runs_on"] == "platform" and features["chat"]["runs_on"] == "your_key"
 
 
 async def test_checker_timeout_answers_provider_unavailable_and_keeps_settings():
@@ -220,7 +357,7 @@ async def test_checker_timeout_answers_provider_unavailable_and_keeps_settings()
 
 async def test_unknown_balance_pauses_platform_calls_but_not_byok_chat():
     class DownCredits(FixedBalances):
-        async def balance(self, who):
+        async def reserve(self, *args):
             raise CreditsUnavailable("down")
 
     service, _, _, _ = make()
@@ -237,48 +374,51 @@ async def test_missing_platform_key_is_refused():
         await service.call(ALICE, None, Feature.CHAT, "hello")
 
 
-async def test_a_recent_balance_is_reused_less_the_charges_since_and_refreshed_when_old():
-    from services.chat.balances import RecentBalances
+async def test_a_billable_call_holds_its_price_while_it_runs_and_the_ledger_settles_it():
+    service, _, outbox, provider = make(balance=10)
+    seen = {}
+    real_call = service.call_model
 
-    class Counting(FixedBalances):
-        reads = 0
+    async def call_model(*args):
+        seen["funds"] = await service.balances.funds(ALICE)  # while the provider works
+        return await real_call(*args)
 
-        async def balance(self, who):
-            Counting.reads += 1
-            return await super().balance(who)
-
-    now = [0.0]
-    inner = Counting({"alice": 10})
-    recent = RecentBalances(inner, max_age_s=1.0, clock=lambda: now[0])
-    assert await recent.balance(ALICE) == 10
-    recent.note_charge("alice", 3)
-    assert await recent.balance(ALICE) == 7 and Counting.reads == 1
-    inner.balances["alice"] = 500  # a grant arrives
-    now[0] = 1.5
-    assert await recent.balance(ALICE) == 500 and Counting.reads == 2
+    service.call_model = call_model
+    result = await service.call(ALICE, None, Feature.CHAT, "hello")
+    assert seen["funds"].held == 3 and seen["funds"].available == 7  # gpt-4o-mini: 3 credits
+    assert result.billing.as_dict()["balance_before"] == 10 and result.billing.as_dict()["balance_after"] == 7
+    service.balances.settle(result.event.event_id, 3)
+    assert (await service.balances.funds(ALICE)).available == 7
 
 
-async def test_calls_finding_the_balance_stale_together_share_one_read():
-    from services.chat.balances import RecentBalances
+async def test_concurrent_calls_cannot_overspend_the_held_credits():
+    service, _, outbox, provider = make(balance=10)
+    gate = asyncio.Event()
+    real_call = service.call_model
 
-    class Slow(FixedBalances):
-        reads = 0
+    async def slow_call(*args):
+        await gate.wait()
+        return await real_call(*args)
 
-        async def balance(self, who):
-            Slow.reads += 1
-            await asyncio.sleep(0.05)
-            return await super().balance(who)
+    service.call_model = slow_call
+    calls = [asyncio.ensure_future(service.call(ALICE, None, Feature.CHAT, "hi")) for _ in range(6)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    served = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, PaymentRequired)]
+    assert len(served) == 3 and len(refused) == 3  # 3 x 3 credits fit in 10, a fourth does not
+    assert refused[0].details["available"] == 1 and "1 available" in refused[0].message
+    assert len(outbox.events) == 3  # the refused calls left no event behind
 
-    recent = RecentBalances(Slow({"alice": 10}), max_age_s=1.0)
-    assert await asyncio.gather(*[recent.balance(ALICE) for _ in range(5)]) == [10] * 5
-    assert Slow.reads == 1
 
-    class Down(FixedBalances):
-        async def balance(self, who):
-            await asyncio.sleep(0.01)
-            raise CreditsUnavailable("down")
+async def test_a_hold_is_released_when_the_provider_is_never_asked():
+    service, _, outbox, provider = make(balance=10)
 
-    failing = RecentBalances(Down(), max_age_s=1.0)
-    results = await asyncio.gather(*[failing.balance(ALICE) for _ in range(3)], return_exceptions=True)
-    assert all(isinstance(r, CreditsUnavailable) for r in results)
-    assert failing._reading == {}  # the next call asks again
+    async def broken_begin(pending):
+        raise ConnectionError("database away")
+
+    outbox.begin = broken_begin
+    with pytest.raises(ConnectionError):
+        await service.call(ALICE, None, Feature.CHAT, "hello")
+    assert service.balances.holds == {} and provider.calls == []

@@ -49,14 +49,15 @@ def test_an_unpriced_billable_model_is_rejected_with_the_reason_never_billed_che
 def test_the_price_list_in_force_when_the_call_happened_is_used():
     first = BOOK.lists[0]
     raised = PriceList.model_validate(
-        first.model_dump() | {"version": "2027-01", "effective_from": datetime(2027, 1, 1, tzinfo=timezone.utc),
+        first.model_dump() | {"version": "2026-06", "effective_from": datetime(2026, 6, 1, tzinfo=timezone.utc),
                                "tiers": {"3": {"credits": 7, "models": ["gpt-4o"]}}}
     )
     book = PriceBook([first, raised])
-    before = decide(make_event(occurred_at=datetime(2026, 12, 31, 23, 59, tzinfo=timezone.utc)), book)
-    after = decide(make_event(occurred_at=datetime(2027, 1, 1, tzinfo=timezone.utc)), book)
+    # (Events may not lie in the future: the switch is in the past.)
+    before = decide(make_event(occurred_at=datetime(2026, 5, 31, 23, 59, tzinfo=timezone.utc)), book)
+    after = decide(make_event(occurred_at=datetime(2026, 6, 1, tzinfo=timezone.utc)), book)
     assert (before.credits, before.price_list_version) == (5, "2026-01")
-    assert (after.credits, after.price_list_version) == (7, "2027-01")
+    assert (after.credits, after.price_list_version) == (7, "2026-06")
 
 
 def test_every_model_of_the_design_is_priced():

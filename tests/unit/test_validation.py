@@ -16,7 +16,7 @@ from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Prov
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
 from services.shared.providers import KeyVerdict
 from services.validation.checks import KeyChecker
-from services.validation.guards import UserRateLimit, VerdictCache
+from services.validation.guards import UserRateLimit, VerdictCache, too_many_checks
 from services.validation.handler import RequestHandler
 from services.validation.sealing import KeyOpener, KeySealer, SealingError, generate
 from services.validation.service import KeyCheckService
@@ -186,6 +186,19 @@ def test_user_limit_is_a_sliding_minute_per_user():
     assert limit.acquire("alice") == pytest.approx(30)
     clock.now += 30.5
     assert limit.acquire("alice") is None
+
+
+def test_user_limit_counts_each_provider_apart_and_its_answer_names_the_provider():
+    """Finding 8: ten OpenAI checks in a minute do not make the Groq check wait."""
+    clock = FakeClock()
+    limit = UserRateLimit(per_minute=2, clock=clock)
+    assert [limit.acquire("alice", Provider.OPENAI) for _ in range(2)] == [None, None]
+    assert limit.acquire("alice", Provider.OPENAI) == pytest.approx(60)
+    assert limit.acquire("alice", Provider.GROQ) is None
+    verdict = too_many_checks(42.2, Provider.OPENAI, 2)
+    assert verdict.status is KeyCheckStatus.RATE_LIMITED
+    assert "2 OpenAI keys" in verdict.message and "about 43 seconds" in verdict.message
+    assert "other providers can be checked now" in verdict.message
 
 
 class CountingChecker:

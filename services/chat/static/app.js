@@ -1,10 +1,15 @@
-// The settings/chat page: plain JS, no build step. Identity and the user's key live in HttpOnly
-// cookies this script cannot read; it only ever sees the key's hint.
+// The settings/chat page: plain JS, no build step. Identity and the user's keys live in HttpOnly
+// cookies this script cannot read; it only ever sees each key's hint. What the page says a feature
+// will do comes from the server's own routing rule (settings.features), never from a guess here.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const NAMES = { openai: "OpenAI", anthropic: "Anthropic", groq: "Groq", gemini: "Gemini" };
-const state = { config: null, settings: null, balance: null, keyProvider: null };
+const FEATURES = { chat: "Chat", deep_analysis: "Deep analysis", code_fix: "Code fix", code_canvas: "Code canvas" };
+const LOW_SHARE = 0.1; // warn below 10% of the last grant
+// keyNotes: the last check answer per provider, so one provider's wait is never shown for another.
+// balance: what a new call can use (the balance less the credits held by calls still running).
+const state = { config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false };
 
 async function api(path, options = {}) {
   const init = { credentials: "same-origin", headers: {}, ...options };
@@ -19,10 +24,65 @@ async function api(path, options = {}) {
   return { ok: response.ok, status: response.status, body };
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+const credits = (n) => plural(n, "credit");
+
+// Text with its http(s) URLs as links; everything goes in as text nodes, never as HTML.
+const URL_RE = /https?:\/\/[^\s<>"')]+[^\s<>"').,;:!?]/g;
+function setText(el, text) {
+  el.replaceChildren();
+  text = text || "";
+  let last = 0;
+  for (const m of text.matchAll(URL_RE)) {
+    el.append(text.slice(last, m.index));
+    const a = document.createElement("a");
+    a.href = m[0];
+    a.textContent = m[0];
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    el.append(a);
+    last = m.index + m[0].length;
+  }
+  el.append(text.slice(last));
+}
+
 function setStatus(kind, text) {
   const el = $("key-status");
   el.className = "status" + (kind ? " " + kind : "");
-  el.textContent = text || "";
+  setText(el, text);
+}
+
+function timeOf(iso) {
+  const d = new Date(iso);
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+// --- what each feature will do -------------------------------------------------------------------
+
+function featureLine(feature) {
+  const s = state.settings;
+  if (!s) return ["", ""];
+  const f = s.features[feature];
+  const have = state.balance === null ? "" : ` You have ${credits(state.balance)}.`;
+  const name = FEATURES[feature];
+  if (f.runs_on === "paused") return ["error", f.message];
+  if (f.runs_on === "your_key") return ["valid", `${name} runs on your ${NAMES[f.provider]} key: no credits.`];
+  if (f.credits === null) return ["error", `${name}: ${f.message}`];
+  const short = state.balance !== null && state.balance < f.credits ? " Not enough for this call." : "";
+  if (f.fallback) {
+    return ["notice", `${name} falls back to platform credits (no usable ${NAMES[f.provider]} key): ` +
+                      `${credits(f.credits)} per message.${have}${short}`];
+  }
+  const where = feature === "chat" ? `${f.model} on platform credits` : `the platform's ${f.model}, always on credits`;
+  const per = feature === "chat" ? "message" : "call";
+  return [short ? "error" : "platform", `${name} runs on ${where}: ${credits(f.credits)} per ${per}.${have}${short}`];
+}
+
+function renderFeatureStatus() {
+  const [kind, text] = featureLine($("feature").value);
+  const el = $("feature-status");
+  el.className = "status line " + kind;
+  setText(el, text);
 }
 
 function renderBadge() {
@@ -30,29 +90,47 @@ function renderBadge() {
   const s = state.settings;
   if (!s) { badge.hidden = true; return; }
   badge.hidden = false;
-  if (s.byok && s.key_in_session) {
+  const held = state.held ? ` (${state.held} held by running calls)` : "";
+  const left = state.balance === null ? "credits unknown" : `${credits(state.balance)} left${held}`;
+  const chat = s.features.chat;
+  if (chat.runs_on === "your_key") {
     badge.className = "badge byok";
-    badge.textContent = "Your key: no credits";
-  } else if (s.byok) {
+    badge.textContent = `Chat: your key · ${left}`;
+  } else if (chat.runs_on === "paused") {
     badge.className = "badge attention";
-    badge.textContent = "Your key: paste it again";
+    badge.textContent = `Chat paused: no usable key · ${left}`;
   } else {
-    badge.className = "badge platform";
-    badge.textContent = state.balance === null ? "Platform: credits unknown"
-      : `Platform: ${state.balance} credit${state.balance === 1 ? "" : "s"} left`;
+    badge.className = chat.fallback ? "badge attention" : "badge platform";
+    badge.textContent = `${chat.fallback ? "Chat: platform credits (fallback)" : "Platform credits"} · ${left}`;
   }
 }
+
+function renderLowBalance() {
+  const el = $("low-balance");
+  const grant = state.lastGrant;
+  if (state.balance === null || !grant || state.balance >= grant.credits * LOW_SHARE) { el.hidden = true; return; }
+  el.hidden = false;
+  setText(el, `Low balance: ${credits(state.balance)} left of the ${grant.credits} in your last grant ` +
+              `(${grant.plan} plan). Deep analysis, code fix, code canvas and platform chat stop when it runs out.`);
+}
+
+function renderAll() {
+  renderBadge();
+  renderFeatureStatus();
+  renderLowBalance();
+}
+
+// --- settings and keys ---------------------------------------------------------------------------
 
 function fillModels(provider, selected) {
   const select = $("model");
   select.replaceChildren();
-  const models = state.config.models[provider] || [];
-  const ids = models.map((m) => m.id);
-  if (selected && !ids.includes(selected)) models.push({ id: selected, credits: null });
+  const models = [...(state.config.models[provider] || [])];
+  if (selected && !models.some((m) => m.id === selected)) models.push({ id: selected, credits: null });
   for (const m of models) {
     const option = document.createElement("option");
     option.value = m.id;
-    option.textContent = m.credits === null ? `${m.id} (your key only)` : `${m.id} (${m.credits} credits)`;
+    option.textContent = m.credits === null ? `${m.id} (your key only)` : `${m.id} (${credits(m.credits)})`;
     select.append(option);
   }
   if (selected) select.value = selected;
@@ -63,27 +141,83 @@ function describeModel() {
   const m = (state.config.models[$("provider").value] || []).find((x) => x.id === $("model").value);
   $("model-price").textContent = !m || m.credits === null
     ? "No platform price: this model runs only on your own key."
-    : `On platform credits, a chat call costs ${m.credits} credit${m.credits === 1 ? "" : "s"}.`;
+    : `On platform credits, a chat message costs ${credits(m.credits)}.`;
+}
+
+function lifetimeText() {
+  const hours = Math.round(state.config.key_lifetime_s / 3600);
+  return `A checked key is kept encrypted in this browser for up to ${plural(hours, "hour")}, even if you ` +
+         "close the browser. Remove, Sign out or switching this off ends it at once, on our server too.";
+}
+
+function keyState(k) {
+  const until = `until ${timeOf(k.expires_at)}`;
+  if (k.usable && k.key_status === "valid") return ["", `works · kept ${until}`];
+  if (k.usable) return ["wait", `${k.key_message || k.key_status} · kept ${until}`];
+  return ["bad", k.key_message || `last check: ${k.key_status.replace(/_/g, " ")}`];
+}
+
+function renderKeys() {
+  const s = state.settings;
+  const list = $("keys");
+  list.replaceChildren();
+  $("keys-box").hidden = !s.byok || s.keys.length === 0;
+  for (const k of s.keys) {
+    const li = document.createElement("li");
+    const text = document.createElement("div");
+    const title = document.createElement("strong");
+    title.textContent = `${k.name} ${k.key_hint}`;
+    const [kind, words] = keyState(k);
+    const note = document.createElement("span");
+    note.className = "state " + kind;
+    setText(note, words);
+    text.append(title, note);
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove your ${k.name} key ${k.key_hint}`);
+    remove.dataset.provider = k.provider;
+    remove.addEventListener("click", onRemove);
+    li.append(text, remove);
+    list.append(li);
+  }
+}
+
+function renderKeyStatus() {
+  const s = state.settings;
+  const provider = $("provider").value;
+  const note = state.keyNotes[provider];
+  const held = s.keys.find((k) => k.provider === provider);
+  if (note) { setStatus(note.kind, note.text); return; }
+  if (!s.byok) { setStatus("", ""); return; }
+  if (held && held.usable) {
+    setStatus("valid", held.key_status === "valid" ? `Key ${held.key_hint} works. Chat uses no credits.`
+      : (held.key_message || `Key ${held.key_hint}: ${held.key_status}`));
+  } else if (held) {
+    setStatus("error", held.key_message || `Key ${held.key_hint} failed its last check.`);
+  } else {
+    setStatus("notice", s.key_message || `Paste your ${NAMES[provider]} API key and press Check.`);
+  }
 }
 
 function renderSettings() {
   const s = state.settings;
   $("provider").value = s.provider;
-  fillModels(s.provider, s.model);
-  setSwitch(s.byok);
-  $("api-key-label").textContent = `Your ${NAMES[$("provider").value]} API key`;
-  if (s.byok && s.key_in_session) {
-    const shown = s.key_status === "valid" ? `Key ${s.key_hint} works. Chat uses no credits.`
-      : (s.key_message || `Key ${s.key_hint}: ${s.key_status}`);
-    setStatus(s.key_status === "valid" ? "valid" : "error", shown);
-    $("api-key").placeholder = `${s.key_hint} (kept for this session)`;
-  } else if (s.byok) {
-    setStatus("notice", s.key_message || "Paste your key and press Check.");
-    $("api-key").placeholder = "";
-  } else {
-    $("api-key").placeholder = "";
+  if ($("model").dataset.provider !== s.provider || $("model").value !== s.model) {
+    fillModels(s.provider, s.model);
+    $("model").dataset.provider = s.provider;
   }
-  renderBadge();
+  setSwitch(s.byok);
+  const name = NAMES[s.provider];
+  $("api-key-label").textContent = `Your ${name} API key`;
+  const held = s.keys.find((k) => k.provider === s.provider);
+  $("api-key").placeholder = held ? held.key_hint : ""; // the key in use; pasting a new one replaces it
+  $("key-lifetime").textContent = lifetimeText();
+  $("fallback-row").hidden = !s.byok;
+  $("fallback").checked = s.fallback_to_platform;
+  renderKeys();
+  renderKeyStatus();
+  renderAll();
 }
 
 function setSwitch(on) {
@@ -93,8 +227,9 @@ function setSwitch(on) {
 
 async function refreshBalance() {
   const r = await api("/api/balance");
-  state.balance = r.ok ? r.body.balance : null;
-  renderBadge();
+  state.balance = r.ok ? r.body.available : null;  // what a new call can use: balance less holds
+  state.held = r.ok ? r.body.held : 0;
+  renderAll();
 }
 
 async function loadSettings() {
@@ -108,74 +243,84 @@ async function saveSettings(extra = {}) {
   const body = { provider: $("provider").value, model: $("model").value,
                  use_own_key: $("byok").getAttribute("aria-checked") === "true", ...extra };
   const r = await api("/settings/model", { json: body });
-  if (r.body.settings) { state.settings = r.body.settings; }
+  if (r.body.settings) state.settings = r.body.settings;
   return r;
 }
 
 async function onCheck() {
+  const provider = $("provider").value;
   const key = $("api-key").value.trim();
-  if (!key && !(state.settings.key_in_session && state.settings.provider === $("provider").value)) {
-    setStatus("error", `Paste your ${NAMES[$("provider").value]} API key first.`);
+  if (!key) {
+    setStatus("error", `Paste your ${NAMES[provider]} API key first.`);
     $("api-key").focus();
     return;
   }
-  $("check").disabled = true;
+  $("check").setAttribute("aria-disabled", "true");
   setStatus("checking", "Checking your key…");
   try {
-    const r = await saveSettings(key ? { use_own_key: true, api_key: key } : { use_own_key: true });
+    const r = await saveSettings({ use_own_key: true, api_key: key });
     if (r.ok) {
       $("api-key").value = "";
-      renderSettings();
-      setStatus("valid", r.body.status === "valid" ? `Valid: ${r.body.message} Chat now uses no credits.` : r.body.message);
+      state.keyNotes[provider] = { kind: "valid", text: `Valid: ${r.body.message}` };
     } else {
-      setStatus("error", r.body.message || "The key could not be checked.");
-      renderBadge();
+      const wait = r.body.status === "rate_limited";
+      state.keyNotes[provider] = { kind: wait ? "notice" : "error", text: r.body.message || "The key could not be checked." };
     }
+    renderSettings();
   } catch (e) {
     setStatus("error", "The server did not answer. Try again.");
   } finally {
-    $("check").disabled = false;
+    $("check").removeAttribute("aria-disabled");
   }
 }
 
 async function onSwitch() {
   const on = $("byok").getAttribute("aria-checked") !== "true";
   setSwitch(on);
-  if (on) {
-    if (state.settings.key_in_session && state.settings.provider === $("provider").value) {
-      await saveSettings();
-      renderSettings();
-    } else {
-      setStatus("notice", `Paste your ${NAMES[$("provider").value]} API key and press Check to use it.`);
-      $("api-key").focus();
-    }
-  } else {
-    const r = await saveSettings({ use_own_key: false });
-    setStatus(r.ok ? "" : "error", r.ok ? "" : r.body.message);
-    $("api-key").value = "";
-    renderSettings();
-    await refreshBalance();
-  }
+  state.keyNotes = {};
+  const r = await saveSettings({ use_own_key: on });
+  if (!r.ok) { setStatus("error", r.body.message || "The change was not saved."); return; }
+  renderSettings();
+  // Say what happened, including the keys that switching off removed.
+  if (!on) setStatus("notice", r.body.message);
+  await refreshBalance();
+}
+
+async function onRemove(event) {
+  const provider = event.currentTarget.dataset.provider;
+  const r = await api(`/api/keys/${provider}`, { method: "DELETE" });
+  if (r.body.settings) state.settings = r.body.settings;
+  state.keyNotes[provider] = { kind: "notice", text: r.body.message || "The key could not be removed." };
+  renderSettings();
+  // The Remove button is gone: keep the keyboard user in the same part of the form.
+  const next = $("keys").querySelector("button") || $("api-key");
+  next.focus();
+}
+
+async function onFallback() {
+  const r = await saveSettings({ fallback_to_platform: $("fallback").checked });
+  if (r.ok) renderSettings(); else setStatus("error", r.body.message || "The change was not saved.");
 }
 
 async function onProviderOrModel(event) {
-  if (event.target.id === "provider") fillModels($("provider").value, null);
-  describeModel();
-  $("api-key-label").textContent = `Your ${NAMES[$("provider").value]} API key`;
-  const byok = $("byok").getAttribute("aria-checked") === "true";
-  if (byok && state.settings.provider !== $("provider").value) {
-    setStatus("notice", `Paste your ${NAMES[$("provider").value]} API key and press Check to use ${NAMES[$("provider").value]}.`);
-    return;
+  if (event.target.id === "provider") {
+    fillModels($("provider").value, null);
+    $("model").dataset.provider = $("provider").value;
   }
+  describeModel();
   const r = await saveSettings();
   if (r.ok) renderSettings(); else setStatus("error", r.body.message);
 }
 
-function billingText(b) {
+// --- the conversation ----------------------------------------------------------------------------
+
+function billingText(body) {
+  const b = body.billing;
   if (b.decision === "not_billed_byok") return ["byok", "Your key: no credits"];
   if (b.decision === "debited") {
     const left = b.balance_after === null ? "" : ` · ${b.balance_after} left`;
-    return ["platform", `Platform: ${b.credits} credit${b.credits === 1 ? "" : "s"} charged${left}`];
+    const how = body.fallback ? "Platform credits (fallback)" : "Platform";
+    return [body.fallback ? "fallback" : "platform", `${how}: ${credits(b.credits)} charged${left}`];
   }
   return ["error", b.summary || "No credits"];
 }
@@ -184,55 +329,108 @@ function addEntry(message, feature) {
   const li = document.createElement("li");
   const you = document.createElement("p");
   you.className = "you";
-  you.textContent = `You (${$("feature").selectedOptions[0].textContent.split(" (")[0]}): ${message}`;
+  you.textContent = `You (${FEATURES[feature]}): ${message}`;
   const answer = document.createElement("p");
   answer.className = "answer";
   answer.textContent = "…";
+  const notice = document.createElement("p");
+  notice.className = "notice";
+  notice.hidden = true;
   const billing = document.createElement("span");
   billing.className = "billing";
-  li.append(you, answer, billing);
+  li.append(you, answer, notice, billing);
   $("transcript").append(li);
-  li.scrollIntoView({ block: "end" });
-  return { answer, billing };
+  li.scrollIntoView({ block: "nearest" });
+  return { answer, notice, billing };
 }
 
 async function onSend(event) {
   event.preventDefault();
+  if (state.sending) return;
   const message = $("chat-input").value.trim();
-  if (!message) return;
+  if (!message) { $("chat-input").focus(); return; }
   const feature = $("feature").value;
   const entry = addEntry(message, feature);
-  $("send").disabled = true;
+  // Not `disabled`: a disabled button drops the keyboard focus to the page body.
+  state.sending = true;
+  $("send").setAttribute("aria-disabled", "true");
+  // A billable call holds its price while it runs: show it if the call is still running by then.
+  const showHeld = setTimeout(refreshBalance, 400);
   try {
     const r = await api("/chat", { json: { feature, message } });
+    clearTimeout(showHeld);
     if (r.ok) {
-      entry.answer.textContent = r.body.reply;
-      const [kind, text] = billingText(r.body.billing);
+      setText(entry.answer, r.body.reply);
+      const [kind, text] = billingText(r.body);
       entry.billing.className = "billing " + kind;
       entry.billing.textContent = text;
+      if (r.body.notice) { entry.notice.hidden = false; setText(entry.notice, r.body.notice); }
       $("chat-input").value = "";
-      if (r.body.billing.balance_after !== null) { state.balance = r.body.billing.balance_after; renderBadge(); }
+      if (r.body.billing.balance_after !== null) { state.balance = r.body.billing.balance_after; state.held = 0; renderAll(); }
     } else {
-      entry.answer.textContent = r.body.message || `Error ${r.status}`;
+      setText(entry.answer, r.body.message || `Error ${r.status}`);
       entry.billing.className = "billing error";
       entry.billing.textContent = r.body.billing ? "Failed call: no credits" : "Not sent: no credits";
-      if (r.body.key_status) { await loadSettings(); }
+      if (r.body.key_status || r.status === 409) {
+        delete state.keyNotes[$("provider").value]; // the server's word on the key is newer
+        await loadSettings();
+      }
     }
   } catch (e) {
     entry.answer.textContent = "The server did not answer. Try again.";
   } finally {
-    $("send").disabled = false;
+    state.sending = false;
+    $("send").removeAttribute("aria-disabled");
     entry.billing.scrollIntoView({ block: "nearest" });
+    if (document.activeElement === document.body || document.activeElement === $("send")) $("chat-input").focus();
   }
-  // The debit is applied by the credit service a moment later: read the real balance then.
-  setTimeout(refreshBalance, 800);
+  // The debit is applied by the credit service a moment later: read the real balance and usage then.
+  setTimeout(() => { refreshBalance(); loadUsage(); }, 800);
+  setTimeout(loadUsage, 3000);
 }
+
+// --- usage ---------------------------------------------------------------------------------------
+
+const OUTCOMES = { debited: "charged", not_billed_byok: "your key", not_billed_failed: "failed", rejected: "rejected" };
+
+async function loadUsage() {
+  const r = await api("/api/usage");
+  const body = $("usage").tBodies[0];
+  if (!r.ok) {
+    $("usage-note").textContent = r.body.message || "Your usage cannot be read right now.";
+    return;
+  }
+  state.lastGrant = r.body.last_grant;
+  $("usage-note").textContent = r.body.calls.length ? "Your last 50 calls, as the credit ledger recorded them."
+    : "No calls yet.";
+  body.replaceChildren();
+  for (const c of r.body.calls) {
+    const tr = document.createElement("tr");
+    if (c.decision === "debited") tr.className = "charged";
+    const cells = [new Date(c.time).toLocaleString([], { dateStyle: "short", timeStyle: "short" }),
+                   FEATURES[c.feature] || c.feature, `${NAMES[c.provider] || c.provider} ${c.model}`,
+                   c.key_source === "byok" ? "your key" : "platform", OUTCOMES[c.decision] || c.decision,
+                   String(c.credits)];
+    cells.forEach((text, i) => {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (i === cells.length - 1) td.className = "num";
+      tr.append(td);
+    });
+    body.append(tr);
+  }
+  renderLowBalance();
+}
+
+// --- sign-in -------------------------------------------------------------------------------------
 
 function showSignIn() {
   state.settings = null;
+  state.keyNotes = {};
   $("app").hidden = true;
   $("who").hidden = true;
   $("badge").hidden = true;
+  $("skip").hidden = true;
   $("signin").hidden = false;
   if (!state.config.dev_login) {
     $("signin-form").querySelector("button").disabled = true;
@@ -247,9 +445,10 @@ async function showApp() {
   $("who-name").textContent = me.body.user_id;
   $("signin").hidden = true;
   $("who").hidden = false;
+  $("skip").hidden = false;
   $("app").hidden = false;
   await loadSettings();
-  await refreshBalance();
+  await Promise.all([refreshBalance(), loadUsage()]);
 }
 
 async function onSignIn(event) {
@@ -259,11 +458,13 @@ async function onSignIn(event) {
   if (!r.ok) { $("signin-error").textContent = r.body.message || "Sign-in failed."; return; }
   $("transcript").replaceChildren();
   await showApp();
+  $("chat-input").focus(); // where the user works next, not the page body
 }
 
 async function onLogout() {
   await api("/auth/logout", { method: "POST" });
   $("transcript").replaceChildren();
+  $("usage").tBodies[0].replaceChildren();
   setStatus("", "");
   showSignIn();
 }
@@ -280,12 +481,22 @@ async function start() {
   $("signin-form").addEventListener("submit", onSignIn);
   $("logout").addEventListener("click", onLogout);
   $("byok").addEventListener("click", onSwitch);
-  $("check").addEventListener("click", onCheck);
+  $("check").addEventListener("click", () => { if (!$("check").hasAttribute("aria-disabled")) onCheck(); });
   $("api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); onCheck(); } });
   $("provider").addEventListener("change", onProviderOrModel);
   $("model").addEventListener("change", onProviderOrModel);
+  $("fallback").addEventListener("change", onFallback);
+  $("feature").addEventListener("change", renderFeatureStatus);
   $("chat-form").addEventListener("submit", onSend);
-  document.addEventListener("keydown", (e) => { if (e.key === "Escape") document.activeElement.blur(); });
+  $("usage-refresh").addEventListener("click", loadUsage);
+  $("chat-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); $("chat-form").requestSubmit(); }
+  });
+  // Escape closes the tooltip where it is, without moving the focus away.
+  const tip = document.querySelector(".tip");
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape") tip.classList.add("dismissed"); });
+  tip.addEventListener("focusout", () => tip.classList.remove("dismissed"));
+  tip.addEventListener("mouseleave", () => tip.classList.remove("dismissed"));
   await showApp();
 }
 

@@ -1,0 +1,162 @@
+"""Admission holds in the credit service's database (DESIGN.md "Admission holds").
+
+The database refuses what Python might get wrong (tests that bypass Python), the routes answer as the
+contract says, concurrent placements never overspend, and deciding or expiring settles a hold.
+"""
+
+import asyncio
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+from schemas.events import CallStatus, Feature
+from schemas.pricing import default_price_book
+from services.credits.api import ApiContext, build_api
+from services.credits.ledger import Decided, Ledger
+from services.credits.policy import decide
+from services.credits.settings import CreditSettings
+from services.shared.auth import mint_token
+from tests.support import make_event
+
+pytestmark = pytest.mark.integration
+SECRET = "holds-test-secret-0123456789abcdef"
+
+
+@pytest.fixture
+async def pool(stack):
+    pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=10,
+                                     server_settings={"search_path": stack.database_schema})
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def api(stack, pool):
+    settings = stack.settings(CreditSettings, auth_jwt_secret=SECRET)
+    app = build_api(ApiContext(settings, Ledger(pool), default_price_book(), None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://credits") as client:
+        yield client
+
+
+def auth(user: str, role: str = "user") -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(SECRET, user, role=role, ttl_s=600)}"}
+
+
+async def grant(ledger: Ledger, user: str, plan: str = "free") -> None:
+    await ledger.grant(f"test:{user}:{plan}", user, plan, {"free": 50, "standard": 500}[plan])
+
+
+def hold_sql(event_id, user: str, credits: int) -> tuple:
+    return ("""INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version, expires_at)
+               VALUES ($1, $2, $3, 'chat', 'openai', 'gpt-4o', '2026-01', now() + interval '15 minutes')""",
+            event_id, user, credits)
+
+
+async def test_the_database_refuses_a_hold_beyond_what_is_available_bypassing_python(pool):
+    await grant(Ledger(pool), "ann")  # 50
+    async with pool.acquire() as conn:
+        await conn.execute(*hold_sql(uuid.uuid4(), "ann", 30))
+        with pytest.raises(asyncpg.CheckViolationError, match="exceeds the 20 available"):
+            await conn.execute(*hold_sql(uuid.uuid4(), "ann", 21))
+        await conn.execute(*hold_sql(uuid.uuid4(), "ann", 20))  # exactly what is left
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(*hold_sql(uuid.uuid4(), "ann", 1))
+        with pytest.raises(asyncpg.CheckViolationError, match="no account"):
+            await conn.execute(*hold_sql(uuid.uuid4(), "nobody", 1))
+        # held follows the holds and cannot be set by hand; holds are never changed, only released
+        assert await conn.fetchval("SELECT held FROM accounts WHERE user_id = 'ann'") == 50
+        with pytest.raises(asyncpg.CheckViolationError, match="cannot be set directly"):
+            await conn.execute("UPDATE accounts SET held = 0 WHERE user_id = 'ann'")
+        with pytest.raises(asyncpg.RestrictViolationError, match="never changed"):
+            await conn.execute("UPDATE holds SET credits = 1")
+        await conn.execute("DELETE FROM holds WHERE user_id = 'ann' AND credits = 20")
+        assert await conn.fetchval("SELECT held FROM accounts WHERE user_id = 'ann'") == 30
+
+
+async def test_a_hold_for_an_event_already_decided_is_refused_and_deciding_releases_a_hold(pool):
+    ledger, book = Ledger(pool), default_price_book()
+    await grant(ledger, "ben")
+    decided = make_event(user_id="ben", model="gpt-4o")  # 5 credits
+    await ledger.record([Decided(decided, decide(decided, book))])
+    with pytest.raises(asyncpg.CheckViolationError, match="already decided"):
+        await pool.execute(*hold_sql(decided.event_id, "ben", 5))
+    # A hold is settled by the transaction that decides its event, whatever the decision.
+    for status, debit in ((CallStatus.SUCCEEDED, 5), (CallStatus.FAILED, 0)):
+        event = make_event(user_id="ben", model="gpt-4o", status=status)
+        await pool.execute(*hold_sql(event.event_id, "ben", 5))
+        before = await ledger.balance("ben")
+        assert before.held == 5
+        await ledger.record([Decided(event, decide(event, book))])
+        after = await ledger.balance("ben")
+        assert (after.held, after.balance) == (0, before.balance - debit)
+        assert after.available == before.available + 5 - debit
+
+
+async def test_expired_holds_are_released_never_debited_and_a_late_event_is_still_decided(pool):
+    ledger, book = Ledger(pool), default_price_book()
+    await grant(ledger, "cat")
+    late = make_event(user_id="cat", model="gpt-4o")
+    await ledger.place_hold(late.event_id, "cat", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o",
+                            ttl_s=0.01)
+    await asyncio.sleep(0.05)
+    assert await ledger.expire_holds() == 1
+    b = await ledger.balance("cat")
+    assert (b.balance, b.held) == (50, 0)
+    await ledger.record([Decided(late, decide(late, book))])  # the call happened: decided as usual
+    assert (await ledger.balance("cat")).balance == 45
+
+
+async def test_hold_routes_answer_as_the_contract_says(api, pool):
+    await grant(Ledger(pool), "dan")
+    event_id = str(uuid.uuid4())
+    body = {"event_id": event_id, "feature": "deep_analysis", "provider": "openai", "model": "gpt-4o"}
+    placed = await api.post("/api/holds", json=body, headers=auth("dan"))
+    assert placed.status_code == 201, placed.text
+    assert (placed.json()["credits"], placed.json()["available"]) == (50, 0)  # deep analysis: 50 flat
+    again = await api.post("/api/holds", json=body, headers=auth("dan"))
+    assert again.status_code == 200 and again.json()["credits"] == 50  # the same hold, not a second one
+    stolen = await api.post("/api/holds", json=body, headers=auth("eve"))
+    assert stolen.status_code in (402, 409)  # another user's event id is not theirs to hold
+    refused = await api.post("/api/holds", json={**body, "event_id": str(uuid.uuid4()), "feature": "chat"},
+                             headers=auth("dan"))
+    assert refused.status_code == 402
+    assert (refused.json()["needed"], refused.json()["available"]) == (5, 0) and "5 credits" in refused.json()["message"]
+    credits = (await api.get("/api/credits/dan", headers=auth("dan"))).json()
+    assert (credits["balance"], credits["held"], credits["available"]) == (50, 50, 0)
+    unpriced = await api.post("/api/holds", json={**body, "feature": "chat", "model": "gpt-9-ultra"}, headers=auth("dan"))
+    assert unpriced.status_code == 422 and "no price" in unpriced.json()["detail"]
+    assert (await api.delete(f"/api/holds/{event_id}", headers=auth("eve"))).status_code == 404  # not eve's
+    released = await api.delete(f"/api/holds/{event_id}", headers=auth("dan"))
+    assert released.status_code == 200 and released.json() == {"event_id": event_id, "released": 50, "available": 50}
+    assert (await api.delete(f"/api/holds/{event_id}", headers=auth("dan"))).status_code == 404
+    assert (await api.post("/api/holds", json=body)).status_code == 401
+
+
+async def test_twenty_concurrent_deep_analysis_holds_on_fifty_credits_admit_exactly_one(api, pool):
+    await grant(Ledger(pool), "fay")
+    bodies = [{"event_id": str(uuid.uuid4()), "feature": Feature.DEEP_ANALYSIS.value, "provider": "openai",
+               "model": "gpt-4o"} for _ in range(20)]
+    answers = await asyncio.gather(*[api.post("/api/holds", json=b, headers=auth("fay")) for b in bodies])
+    assert sorted(a.status_code for a in answers) == [201] + [402] * 19
+    credits = (await api.get("/api/credits/fay", headers=auth("fay"))).json()
+    assert (credits["held"], credits["available"]) == (50, 0)
+
+
+async def test_the_compatibility_route_refuses_a_reused_key_with_a_different_body(stack, pool):
+    from services.credits.bootstrap import running
+
+    settings = stack.settings(CreditSettings, auth_jwt_secret=SECRET)
+    async with running(settings) as runtime:
+        await grant(runtime.ledger, "gus")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(runtime.api()), base_url="http://c") as client:
+            body = {"feature": "chat", "model": "gpt-4o", "key_source": "platform", "idempotency_key": "call-1"}
+            first = await client.post("/api/user/deduct-credits", json=body, headers=auth("gus"))
+            assert first.status_code == 200 and first.json()["decision"] == "debited"
+            same = await client.post("/api/user/deduct-credits", json=body, headers=auth("gus"))
+            assert same.status_code == 200 and same.json()["event_id"] == first.json()["event_id"]
+            other = await client.post("/api/user/deduct-credits", json={**body, "key_source": "byok"},
+                                      headers=auth("gus"))
+            assert other.status_code == 409 and "already used for a different call" in other.json()["detail"]
+            assert (await runtime.ledger.balance("gus")).balance == 45
