@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -91,8 +92,9 @@ async def resume_times(env: BenchEnv, kills: int, instance: str | None, log: Pat
     times = []
     try:
         await wait_for_debit_beyond(conn, 0)
+        rng = random.Random(14)
         for _ in range(kills):
-            await asyncio.sleep(2.0)  # steady state: debits flowing
+            await asyncio.sleep(rng.uniform(1.0, 4.0))  # a crash comes at no particular moment
             await wait_for_debit_beyond(conn, await debits(conn))
             proc.send_signal(signal.SIGKILL)
             t_kill = time.monotonic()

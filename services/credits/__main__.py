@@ -10,7 +10,6 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
-from services.credits.bootstrap import running  # noqa: E402
 from services.credits.settings import CreditSettings  # noqa: E402
 from services.shared.logging import setup_logging  # noqa: E402
 
@@ -30,6 +29,11 @@ def _http_server(settings: CreditSettings, runtime) -> GracefulServer:
 
 
 async def serve(settings: CreditSettings) -> None:
+    # Imported here: the relay's child process imports this module again (multiprocessing's spawn),
+    # and needs none of it.
+    from services.credits.bootstrap import running
+
+    log.info("credit service starting (imports took %.2f s)", time.perf_counter() - _STARTED)
     async with running(settings) as runtime:
         # The consumer is debiting already. The HTTP side (FastAPI, uvicorn) takes about as long to
         # import and build as the whole consumer did: in a thread, so the event loop keeps consuming.
@@ -43,7 +47,6 @@ async def serve(settings: CreditSettings) -> None:
 def main() -> None:
     settings = CreditSettings()
     setup_logging(settings.log_level, "credits")
-    log.info("credit service starting (imports took %.2f s)", time.perf_counter() - _STARTED)
     asyncio.run(serve(settings))
 
 

@@ -31,6 +31,7 @@ class CreditSettings(CommonSettings):
     # "process": the outcome relay runs in a child process, off the consumer's CPU; "task": in the
     # consumer's own event loop; "off": not here (another instance relays).
     relay_mode: Literal["process", "task", "off"] = "process"
+    relay_start_delay_s: float = 2.0  # "process" mode: the consumer starts first
     relay_batch: int = 5000
     relay_idle_poll_s: float = 0.2
     db_pool_size: int = 5
