@@ -54,12 +54,12 @@ async def test_a_sigkilled_static_member_resumes_on_restart_before_its_session_c
 
 
 async def test_two_instances_under_load_survive_a_sigkill_of_each(stack, tmp_path):
-    events, expected = workload(4000)  # fed over 40 s, so that both kills land under load
+    events, expected = workload(4000)  # fed over about 25 s, so that both kills land under load
     topic = stack.settings().model_call_completed_topic
     env = stack.env() | {"SESSION_TIMEOUT_MS": "6000"}  # the broker's minimum: dead members go fast
     a = credit_process(env | {"CREDITS_INSTANCE": "credits-1"}, tmp_path / "credits-1.log").start()
     b = credit_process(env | {"CREDITS_INSTANCE": "credits-2"}, tmp_path / "credits-2.log").start()
-    feeder = asyncio.create_task(feed(stack.kafka_bootstrap, topic, events, chunk=100, every_s=1.0))
+    feeder = asyncio.create_task(feed(stack.kafka_bootstrap, topic, events, chunk=100, every_s=0.6))
     try:
         await asyncio.gather(a.wait_healthy(), b.wait_healthy())
         await progress_beyond(stack, 0, 60, "first decisions")
