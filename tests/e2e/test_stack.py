@@ -19,6 +19,19 @@ def processes_of(state_dir) -> set[int]:
     return processes_with_env("BYOK_STATE_DIR", str(state_dir))
 
 
+def settled(state_dir, quiet_s: float = 3, timeout_s: float = 60) -> set[int]:
+    """Our processes, once the set has not changed for `quiet_s`."""
+    deadline = time.monotonic() + timeout_s
+    last = processes_of(state_dir)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = processes_of(state_dir)
+        if now == last:
+            return now
+        last = now
+    raise TimeoutError(f"our processes kept changing for {timeout_s} s")
+
+
 def describe(pids: set[int]) -> dict[int, str]:
     def cmdline(pid: int) -> str:
         try:
@@ -69,7 +82,7 @@ def test_up_twice_two_instances_a_dead_part_restarted_and_down(private_state):
     try:
         first = stack("up")
         assert first.returncode == 0, first.stderr[-3000:]
-        started = processes_of(private_state)
+        started = settled(private_state)  # each credit instance starts its relay child a little later
         assert len(started) >= 9, "kafka, postgres, six services and the supervisor"
         for port in (chat, chat + 1, credits, credits + 1, int(ports["VALIDATION_PORT"]), int(ports["SIM_PORT"])):
             assert healthy(port), port
