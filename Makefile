@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install up down status run test unit integration e2e bench demo asyncapi migrate clean
+.PHONY: install up down status run test unit integration e2e fuzz bench demo asyncapi migrate clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -41,6 +41,10 @@ integration: install
 e2e: install
 	@bash infra/kafka.sh up && bash infra/postgres.sh up
 	@$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+fuzz: install         ## schemathesis over the chat and credit APIs (live processes): no 5xx, no schema violation
+	@bash infra/kafka.sh up && bash infra/postgres.sh up
+	@$(PY) -m pytest tests/e2e/test_api_fuzz.py -s $(PYTEST_ARGS)
 
 bench: install        ## benchmarks, each figure beside its baseline from the same run
 	@bash infra/kafka.sh up && bash infra/postgres.sh up

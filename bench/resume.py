@@ -78,7 +78,8 @@ async def resume_times(env: BenchEnv, kills: int, instance: str | None, log: Pat
     finally:
         await admin.close()
     schema = await fresh_schema(env.database_url)
-    service_env = {**os.environ, "PYTHONUNBUFFERED": "1", "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+    service_env = {"BYOK_ENV": "development", **os.environ, "PYTHONUNBUFFERED": "1",
+                   "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
                    "DATABASE_URL": env.database_url, "DATABASE_SCHEMA": schema, "TOPIC_PREFIX": prefix,
                    "HTTP_PORT": str(free_port()), "LOG_LEVEL": "INFO"}  # INFO: the log shows the import time
     service_env.pop("CREDITS_INSTANCE", None)

@@ -23,7 +23,8 @@ from bench.resume import ROOT, free_port, start_service
 async def drain(env: BenchEnv, prefix: str, n: int, processes: int) -> float:
     schema = await fresh_schema(env.database_url)
     group = "bench-scale-" + uuid.uuid4().hex[:8]
-    base = {**os.environ, "PYTHONUNBUFFERED": "1", "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+    base = {"BYOK_ENV": "development", **os.environ, "PYTHONUNBUFFERED": "1",
+            "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
             "DATABASE_URL": env.database_url, "DATABASE_SCHEMA": schema, "TOPIC_PREFIX": prefix,
             "CONSUMER_GROUP": group, "LOG_LEVEL": "WARNING"}
     conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})

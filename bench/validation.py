@@ -97,7 +97,7 @@ async def run(env: BenchEnv) -> list[Figure]:
         procs.append(subprocess.Popen([sys.executable, "-m", "services.provider_simulator", "--port", str(sim_port)],
                                       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         await _wait_http(f"{sim_root}/healthz", procs[-1])
-        worker_env = {**os.environ, **base_urls(sim_root), "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+        worker_env = {"BYOK_ENV": "development", **os.environ, **base_urls(sim_root), "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
                       "TOPIC_PREFIX": prefix, "HTTP_PORT": str(worker_port), "CACHE_TTL_S": "0",
                       "USER_CHECKS_PER_MINUTE": "1000000", "LOG_LEVEL": "WARNING"}
         procs.append(subprocess.Popen([sys.executable, "-m", "services.validation"], cwd=ROOT, env=worker_env,

@@ -28,6 +28,8 @@ provider_urls() {
 # Every node of the cluster when BYOK_KAFKA_BROKERS=3 (infra/kafka.sh says which).
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-$(bash "$ROOT/infra/kafka.sh" bootstrap)}"
 export CHAT_DEV_LOGIN="${CHAT_DEV_LOGIN:-true}"
+# A local stack: the services accept the repository's development secrets (elsewhere they refuse to start).
+export BYOK_ENV="${BYOK_ENV:-development}"
 export PYTHONUNBUFFERED=1
 
 CHAT_PORT="${CHAT_PORT:-8000}" CREDITS_PORT="${CREDITS_PORT:-8001}" VALIDATION_PORT="${VALIDATION_PORT:-8002}"

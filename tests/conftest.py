@@ -26,6 +26,8 @@ from services.shared.settings import CommonSettings
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests run every service locally: on the development defaults the services refuse elsewhere.
+os.environ.setdefault("BYOK_ENV", "development")
 
 
 def docker_answers() -> bool:

@@ -96,7 +96,8 @@ class ServiceProcess:
 
     def __init__(self, module: str, env: dict[str, str], log_path: Path, health_url: str | None = None):
         self.module, self.log_path, self.health_url = module, log_path, health_url
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        # Tests run services locally, on development defaults (see refuse_default_secrets).
+        self.env = {"BYOK_ENV": "development", **os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServiceProcess":

@@ -11,10 +11,14 @@ from services.chat.bootstrap import wire
 from services.chat.settings import ChatSettings
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
+from services.shared.settings import refuse_default_secrets
+from services.validation.settings import SealingSettings
 
 
 def main() -> None:
     settings = ChatSettings()
+    # The chat seals users' keys to the worker's public key: the repository's pair is no secret.
+    refuse_default_secrets("The chat service", settings, (SealingSettings(), ("public_keys",)))
     setup_logging(settings.log_level, "chat")
     app = create_app(settings, wire)
     log = logging.getLogger(__name__)

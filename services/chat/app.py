@@ -17,12 +17,13 @@ from typing import Annotated
 
 from fastapi import Cookie, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.events import Feature, Provider, utc_now
+from schemas.events import Feature, ModelId, Provider, utc_now
 from services.shared.providers import INFO
 from schemas.pricing import default_price_book
 from services.chat.catalog import catalog
@@ -34,6 +35,9 @@ from services.chat.service import (
     ProviderFailed,
 )
 from services.chat.settings import ChatSettings
+from services.shared.edge import (
+    HEALTH_RESPONSES, BodyLimit, describe, error_responses, install_http_error_handler, install_outage_handlers,
+)
 from services.chat.usage import UsageReader, UsageUnavailable
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,8 @@ class Wiring:
 class SettingsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: Provider
-    model: str = Field(min_length=1, max_length=200)
+    # Also a URL path segment at Gemini: only the characters a model id has (DESIGN "Bounds of input").
+    model: ModelId
     use_own_key: bool = False
     # Never echoed back, logged or stored; kept only sealed in the session cookie once checked.
     api_key: str | None = Field(default=None, max_length=1024, repr=False)
@@ -86,6 +91,10 @@ class ChatIn(BaseModel):
 class DevLoginIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@\-]+$")
+
+
+def error_body(code: str, sentence: str) -> dict:
+    return {"error": code, "message": sentence}
 
 
 def is_json(content_type: str | None) -> bool:
@@ -106,6 +115,10 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     app = FastAPI(title="byok-credits: chat service", version="1", lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Outermost: an oversized body is refused before authentication and parsing.
+    app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes, body=error_body)
+    install_outage_handlers(app, error_body)
+    install_http_error_handler(app, error_body)
 
     # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a thread pool, a
     # thread hand-off per dependency per request for what are microseconds of work.
@@ -158,16 +171,15 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         # Pydantic's default body echoes the input, which for settings may hold a key: say where, not what.
-        where = ["/".join(str(p) for p in e.get("loc", ())) + ": " + e.get("msg", "") for e in exc.errors()[:5]]
-        return JSONResponse({"error": "invalid_request", "message": "; ".join(where)}, status_code=422)
+        return JSONResponse(error_body("invalid_request", describe(exc.errors())), status_code=422)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=HEALTH_RESPONSES)
     async def healthz(w: Wired) -> JSONResponse:
         detail = await w.healthy() if w.healthy else {}
         ok = all(v is not False for v in detail.values())
         return JSONResponse({"status": "ok" if ok else "degraded", **detail}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -186,7 +198,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
                 "key_lifetime_s": settings.key_ttl_s,
                 "price_list_version": prices.version}
 
-    @app.post("/auth/dev-login")
+    @app.post("/auth/dev-login", responses=error_responses(404, 413, 422))
     async def dev_login(body: DevLoginIn, w: Wired, response: Response) -> dict:
         if not settings.dev_login:
             return JSONResponse({"error": "not_found", "message": "Dev sign-in is off."}, status_code=404)
@@ -201,7 +213,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
                 log.warning("welcome grant for %s failed: %s", body.user_id, exc)
         return {"user_id": body.user_id, "role": "user", "welcome_grant": granted}
 
-    @app.post("/auth/logout")
+    @app.post("/auth/logout", responses=error_responses(413))
     async def logout(request: Request, response: Response, w: Wired) -> dict:
         # Signing out works without a valid session too; with one, its keys are revoked on the server,
         # so a saved copy of the key cookie opens nothing afterwards.
@@ -216,11 +228,11 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         drop_cookie(response, KEY_COOKIE)
         return {"signed_out": True, "keys_revoked": revoked}
 
-    @app.get("/api/me")
+    @app.get("/api/me", responses=error_responses(401))
     async def me(who: Who) -> dict:
         return {"user_id": who.user_id, "role": who.role}
 
-    @app.get("/api/balance")
+    @app.get("/api/balance", responses=error_responses(401, 503))
     async def balance(who: Who, w: Wired) -> JSONResponse:
         try:
             funds = await w.balances.funds(who)
@@ -230,7 +242,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             return JSONResponse({"error": "credits_unavailable", "message": "Your balance cannot be read right now.",
                                  "detail": str(exc)}, status_code=503)
 
-    @app.get("/api/usage")
+    @app.get("/api/usage", responses=error_responses(401, 503))
     async def usage(who: Who, w: Wired) -> JSONResponse:
         """The user's last 50 calls (time, feature, provider, model, key source, decision, credits), from
         the ledger through the credit service, and their latest grant."""
@@ -244,11 +256,11 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
                                  "message": "Your usage history cannot be read right now; try again in a minute."},
                                 status_code=503)
 
-    @app.get("/api/model-settings")
+    @app.get("/api/model-settings", responses=error_responses(401, 503))
     async def model_settings(who: Who, ring: Key, w: Wired) -> dict:
         return (await w.service.view(who, ring)).as_dict()
 
-    @app.delete("/api/keys/{provider}")
+    @app.delete("/api/keys/{provider}", responses=error_responses(401, 422, 503))
     async def remove_key(provider: Provider, who: Who, ring: Key, w: Wired, response: Response) -> dict:
         """Remove this session's key of `provider`: revoked on the server, gone from the cookie."""
         removed = await w.service.remove_key(who, provider)
@@ -259,7 +271,11 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
                    if removed else f"There was no {name} key in this session.")
         return {"removed": bool(removed), "message": message, "settings": view.as_dict()}
 
-    @app.post("/settings/model")
+    # 400 is the settings answer itself, with `accepted: false`: the key's check refused it.
+    @app.post("/settings/model", responses={
+        400: {"description": "The key was refused by its check; nothing changed",
+              "content": {"application/json": {"schema": {"type": "object", "required": ["accepted", "message"]}}}},
+        **error_responses(401, 409, 413, 422, 503)})
     async def update_settings(body: SettingsIn, who: Who, ring: Key, w: Wired, response: Response) -> dict:
         change = await w.service.update_settings(who, ring, body.provider, body.model, body.use_own_key, body.api_key,
                                                  body.fallback_to_platform)
@@ -282,12 +298,14 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             answer = {**check, **answer, "key_check": check, "message": change.check.message}
         return answer
 
-    chat_body = {"content": {"application/json": {"schema": ChatIn.model_json_schema()}}, "required": True}
+    chat_body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatIn"}}},
+                 "required": True}
 
     # The hot route reads its inputs itself rather than through dependencies: FastAPI's dependency
     # solving and response encoding cost more than the rest of the route. Same order as the others
     # (who is calling, then the body), same refusals (401, then 422 through `invalid`).
-    @app.post("/chat", openapi_extra={"requestBody": chat_body})
+    @app.post("/chat", openapi_extra={"requestBody": chat_body},
+              responses=error_responses(401, 402, 409, 413, 422, 502, 503))
     async def chat(request: Request) -> JSONResponse:
         who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
         w: Wiring = request.app.state.wiring
@@ -322,4 +340,17 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             "notice": result.notice,
         })
 
+    def openapi() -> dict:
+        # /chat reads its body itself, so FastAPI does not know ChatIn: its schema (and the enums it
+        # refers to) go into the components, where the route's $ref points.
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            chat_in = ChatIn.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(chat_in.pop("$defs", {}))
+            schemas["ChatIn"] = chat_in
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

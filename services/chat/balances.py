@@ -27,9 +27,9 @@ class CreditsUnavailable(Exception):
 class HoldRefused(Exception):
     """Not enough available credits for the call; nothing is held."""
 
-    def __init__(self, needed: int, available: int):
+    def __init__(self, needed: int, available: int, held: int = 0):
         super().__init__(f"needs {needed}, {available} available")
-        self.needed, self.available = needed, available
+        self.needed, self.available, self.held = needed, available, held
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class HttpBalanceReader(BalanceReader):
             if response.status_code in (200, 201):
                 return Reservation(event_id, int(answer["credits"]), int(answer["available"]))
             if response.status_code == 402:
-                raise HoldRefused(int(answer["needed"]), int(answer["available"]))
+                raise HoldRefused(int(answer["needed"]), int(answer["available"]), int(answer.get("held", 0)))
         except (ValueError, KeyError, TypeError):
             raise CreditsUnavailable("the credit service sent an unreadable answer") from None
         raise CreditsUnavailable(f"the credit service refused the hold (HTTP {response.status_code}: "
@@ -139,7 +139,7 @@ class FixedBalances(BalanceReader):
         funds = await self.funds(who)
         if event_id not in self.holds:
             if funds.available < credits:
-                raise HoldRefused(credits, funds.available)
+                raise HoldRefused(credits, funds.available, funds.held)
             self.holds[event_id] = (who.user_id, credits)
         return Reservation(event_id, credits, (await self.funds(who)).available)
 

@@ -31,7 +31,9 @@ class ServiceProcess:
     def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path, port: int | None = None):
         self.name, self.module = name, module
         self.port = port or free_port()
-        self.env = {**os.environ, **env, "HTTP_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        # Local runs: the services accept their development defaults (see refuse_default_secrets).
+        self.env = {"BYOK_ENV": "development", **os.environ, **env, "HTTP_PORT": str(self.port),
+                    "PYTHONUNBUFFERED": "1"}
         self.log_path = Path(log_dir) / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -18,7 +19,8 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 from schemas.events import (
-    CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted, Provider, utc_now,
+    MODEL_ID_PATTERN, CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted,
+    Provider, utc_now,
 )
 from schemas.pricing import PriceBook
 from services.chat.balances import BalanceReader, CreditsUnavailable, HoldRefused, Reservation
@@ -352,8 +354,11 @@ class ChatService:
     ) -> SettingsChange:
         """Apply new settings; a supplied key is checked first and a refused key changes nothing."""
         model = model.strip()
-        if not model or len(model) > 200:
+        if not model:
             raise InvalidRequest("Choose a model.")
+        if not re.fullmatch(MODEL_ID_PATTERN, model):
+            raise InvalidRequest("A model id is 1 to 100 letters, digits, '.', '_', ':' or '-'. Choose a model "
+                                 "from the list.", reason="invalid_model")
         current, held = await self.state(who, ring)
         fallback = current.fallback_to_platform if fallback_to_platform is None else fallback_to_platform
         new = ModelSettings(who.user_id, provider, model, use_own_key, fallback)
@@ -427,6 +432,7 @@ class ChatService:
             if not api_key:
                 raise PlatformKeyMissing(f"The platform has no {INFO[provider].name} key configured. "
                                          "Use your own key for chat, or choose another provider.")
+        self._refuse_unrunnable(model, key_source)
         pending = ModelCallCompleted(
             event_id=uuid.uuid4(), occurred_at=self.clock(), user_id=who.user_id,
             session_id=who.session_id or "api", request_id=uuid.uuid4().hex, provider=provider, model=model,
@@ -484,6 +490,22 @@ class ChatService:
                       f"{billing.credits} credit{'s' if billing.credits != 1 else ''} charged.")
         return CallResult(reply.text, event, billing, route.fallback, notice)
 
+    def _refuse_unrunnable(self, model: str, key_source: KeySource) -> None:
+        """A model id that is not one (settings saved before ids were checked) reaches no provider, and
+        the platform's key runs only models the price list in force prices (DESIGN "Credit policy"),
+        whatever the feature costs."""
+        if not re.fullmatch(MODEL_ID_PATTERN, model):
+            raise InvalidRequest("Your saved model is not a valid model id (1 to 100 letters, digits, '.', '_', ':' "
+                                 "or '-'). Choose a model in the settings.", reason="invalid_model")
+        if key_source is KeySource.PLATFORM:
+            prices = self.book.in_force(self.clock())
+            if prices.model_price(model) is None:
+                raise PaymentRequired(
+                    f"{model} has no platform price, so it cannot run on the platform's key. Switch on “use my "
+                    "own API key” to call it with your own key (chat only), or choose a priced model.",
+                    reason="unpriced_model", price_list_version=prices.version,
+                )
+
     async def _reserve(self, who: Identity, pending: ModelCallCompleted) -> Reservation | None:
         """Reserve a billable call's price at the credit service (an admission hold keyed by the call's
         event id), refusing (402) when the available credits cannot pay or the model has no price."""
@@ -514,9 +536,9 @@ class ChatService:
             else:
                 advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
             raise PaymentRequired(
-                f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available "
-                f"(credits held by calls still running are not available). {advice}",
-                reason="insufficient_credits", needed=exc.needed, available=exc.available,
+                f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available"
+                f"{f' ({exc.held} more are held by calls still running)' if exc.held else ''}. {advice}",
+                reason="insufficient_credits", needed=exc.needed, available=exc.available, held=exc.held,
                 balance=exc.available, price_list_version=prices.version, suggest_byok=feature is Feature.CHAT,
             ) from None
 

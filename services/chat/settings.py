@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -13,6 +15,10 @@ FEATURE_MODEL_PATTERN = "^(" + "|".join(p.value for p in Provider) + "):" + MODE
 
 class ChatSettings(CommonSettings, HttpSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+    # Outside development none may keep its default (the platform keys' defaults are the simulator's
+    # dummies: set the real key, or an empty value for a provider the platform does not offer).
+    SECRETS: ClassVar[tuple[str, ...]] = (*CommonSettings.SECRETS, *HttpSettings.SECRETS, "openai_api_key",
+                                          "anthropic_api_key", "groq_api_key", "gemini_api_key")
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, validation_alias=AliasChoices("chat_port", "http_port"))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 
 from services.credits.settings import CreditSettings  # noqa: E402
 from services.shared.logging import setup_logging  # noqa: E402
+from services.shared.settings import refuse_default_secrets  # noqa: E402
 
 if TYPE_CHECKING:
     from services.shared.http import GracefulServer
@@ -46,6 +47,7 @@ async def serve(settings: CreditSettings) -> None:
 
 def main() -> None:
     settings = CreditSettings()
+    refuse_default_secrets("The credit service", settings)
     setup_logging(settings.log_level, "credits")
     asyncio.run(serve(settings))
 

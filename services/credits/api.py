@@ -9,8 +9,9 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from aiokafka import AIOKafkaProducer
-from fastapi import Depends, FastAPI, Header, HTTPException, Response, status
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +22,10 @@ from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAva
 from services.credits.policy import UnpricedModel, price_of
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
+from services.shared.edge import (
+    HEALTH_RESPONSES, BodyLimit, DetailOut, ErrorOut, PrintableId, describe, error_responses, install_http_error_handler,
+    install_outage_handlers,
+)
 
 # Namespace of the event ids the compatibility route derives from (user, idempotency key).
 DEDUCT_NAMESPACE = uuid.UUID("5b0c8a52-4f8e-4d7e-9d0c-3f5f2b7c1e01")
@@ -42,9 +47,9 @@ def infer_provider(model: str) -> Provider | None:
 
 class GrantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grant_key: str = Field(min_length=1, max_length=200, description="Idempotency key of this grant")
-    user_id: str = Field(min_length=1, max_length=200)
-    plan: str = Field(description="A plan of the price list: its amount is granted")
+    grant_key: PrintableId = Field(description="Idempotency key of this grant")
+    user_id: PrintableId
+    plan: PrintableId = Field(description="A plan of the price list: its amount is granted")
 
 
 class DeductIn(BaseModel):
@@ -52,9 +57,9 @@ class DeductIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     feature: Feature
-    model: str = Field(min_length=1, max_length=200)
+    model: ModelId
     key_source: KeySource
-    idempotency_key: str = Field(min_length=1, max_length=200)
+    idempotency_key: PrintableId
     provider: Provider | None = None
 
 
@@ -78,8 +83,20 @@ class ApiContext:
     stall: StallWatch | None = None  # None: no consumer in this process
 
 
+def detail_body(code: str, sentence: str) -> dict:
+    return {"detail": sentence, "error": code}
+
+
 def build_api(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="byok-credits: credit service", version="1")
+    # Outermost: an oversized body is refused before authentication and parsing.
+    app.add_middleware(BodyLimit, max_bytes=ctx.settings.http_max_body_bytes, body=detail_body)
+    install_outage_handlers(app, detail_body)
+    install_http_error_handler(app, detail_body)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(detail_body("invalid_request", describe(exc.errors())), status_code=422)
 
     def identity(authorization: Annotated[str | None, Header()] = None) -> Identity:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -92,7 +109,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     Caller = Annotated[Identity, Depends(identity)]
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=HEALTH_RESPONSES)
     async def healthz() -> JSONResponse:
         try:
             await ctx.ledger.pool.fetchval("SELECT 1")
@@ -110,12 +127,12 @@ def build_api(ctx: ApiContext) -> FastAPI:
                                f"{ctx.stall.stall_seconds():.0f} s (see the service's log)")
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/credits/{user_id}")
-    async def balance(user_id: str, caller: Caller) -> dict:
+    @app.get("/api/credits/{user_id}", responses=error_responses(401, 403, 422, 503, model=DetailOut))
+    async def balance(user_id: Annotated[PrintableId, Path()], caller: Caller) -> dict:
         if not caller.may_act_for(user_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "you may only see your own balance")
         b = await ctx.ledger.balance(user_id)
@@ -124,7 +141,8 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     @app.post("/api/holds", status_code=status.HTTP_201_CREATED,
               responses={200: {"description": "The same hold was placed before"},
-                         402: {"description": "Not enough available credits; nothing is held"}})
+                         **error_responses(401, 409, 413, 422, 503, model=DetailOut),
+                         402: {"description": "Not enough available credits; nothing is held", "model": ErrorOut}})
     async def place_hold(body: HoldIn, caller: Caller, response: Response) -> dict:
         """Reserve the price of one billable call before it starts (admission hold)."""
         prices = ctx.book.in_force(datetime.now(timezone.utc))
@@ -137,9 +155,11 @@ def build_api(ctx: ApiContext) -> FastAPI:
                 body.event_id, caller.user_id, credits, prices.version, feature=body.feature.value,
                 provider=body.provider.value, model=body.model, ttl_s=ctx.settings.hold_ttl_s)
         except InsufficientAvailable as exc:
+            held = (await ctx.ledger.balance(caller.user_id)).held
+            running = f" ({held} more are held by calls still running)" if held else ""
             return JSONResponse(status_code=status.HTTP_402_PAYMENT_REQUIRED, content={
-                "error": "insufficient_credits", "needed": exc.needed, "available": exc.available,
-                "message": f"This call costs {exc.needed} credits and you have {exc.available} available.",
+                "error": "insufficient_credits", "needed": exc.needed, "available": exc.available, "held": held,
+                "message": f"This call costs {exc.needed} credits and you have {exc.available} available{running}.",
             })
         except HoldConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc))
@@ -149,7 +169,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
                 "price_list_version": hold.price_list_version, "expires_in_s": ctx.settings.hold_ttl_s,
                 "created": hold.created}
 
-    @app.delete("/api/holds/{event_id}")
+    @app.delete("/api/holds/{event_id}", responses=error_responses(401, 404, 422, 503, model=DetailOut))
     async def release_hold(event_id: uuid.UUID, caller: Caller) -> dict:
         """Release the hold of a call that never reached the provider."""
         released = await ctx.ledger.release_hold(event_id, None if caller.is_admin else caller.user_id)
@@ -158,8 +178,8 @@ def build_api(ctx: ApiContext) -> FastAPI:
         b = await ctx.ledger.balance(caller.user_id)
         return {"event_id": str(event_id), "released": released, "available": b.available}
 
-    @app.get("/api/usage/{user_id}")
-    async def usage(user_id: str, caller: Caller, limit: int = 50) -> dict:
+    @app.get("/api/usage/{user_id}", responses=error_responses(401, 403, 422, 503, model=DetailOut))
+    async def usage(user_id: Annotated[PrintableId, Path()], caller: Caller, limit: int = 50) -> dict:
         """The user's last calls as the ledger decided them (newest first) and their latest grant."""
         if not caller.may_act_for(user_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "you may only see your own usage")
@@ -176,7 +196,9 @@ def build_api(ctx: ApiContext) -> FastAPI:
                                                       "granted_at": grant["granted_at"].isoformat()},
         }
 
-    @app.post("/api/admin/grants")
+    @app.post("/api/admin/grants", status_code=status.HTTP_201_CREATED,
+              responses={200: {"description": "Granted before under this key"},
+                         **error_responses(401, 403, 409, 413, 422, 503, model=DetailOut)})
     async def grant(body: GrantIn, caller: Caller, response: Response) -> dict:
         if not caller.is_admin:
             raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin may grant credits")
@@ -192,7 +214,9 @@ def build_api(ctx: ApiContext) -> FastAPI:
         return {"grant_key": body.grant_key, "user_id": body.user_id, "plan": body.plan,
                 "credits": plans[body.plan], "created": created, "balance": b.balance}
 
-    @app.post("/api/user/deduct-credits")
+    @app.post("/api/user/deduct-credits",
+              responses={202: {"description": "Recorded; the decision is still pending"},
+                         **error_responses(401, 409, 413, 422, 503, model=DetailOut)})
     async def deduct(body: DeductIn, caller: Caller, response: Response) -> dict:
         """Publishes the call as a `model_call_completed` event (so the log stays the source of
         truth) and answers with the decision the credit consumer made for it."""

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field
-
-from services.shared.settings import CommonSettings
+from services.shared.settings import CommonSettings, HttpSettings
 
 
-class CreditSettings(CommonSettings):
+class CreditSettings(CommonSettings, HttpSettings):
+    SECRETS: ClassVar[tuple[str, ...]] = (*CommonSettings.SECRETS, *HttpSettings.SECRETS)
     http_host: str = "127.0.0.1"
     http_port: int = 8001
-    auth_jwt_secret: str = Field(default="dev-only-secret-change-me-32-bytes!!", min_length=16)
     consumer_group: str = "credits"
     # Static group membership (KIP-345): an instance restarted with the same id takes its partitions
     # back at once instead of waiting out the session timeout. Unique per running instance: the

@@ -11,8 +11,13 @@ import time
 from dataclasses import dataclass, field
 
 import jwt
+from pydantic import TypeAdapter, ValidationError
+
+from schemas.events import Identifier
 
 ALGORITHM = "HS256"
+# A user id goes into the database, events and URLs: printable, 1 to 200 characters.
+_USER_ID = TypeAdapter(Identifier)
 
 
 class AuthError(Exception):
@@ -56,8 +61,10 @@ def read_token(secret: str, token: str) -> Identity:
     except jwt.PyJWTError as exc:
         raise AuthError(f"invalid token: {exc}") from None
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > 200:
-        raise AuthError("invalid token: bad subject")
+    try:
+        _USER_ID.validate_python(sub, strict=True)
+    except ValidationError:
+        raise AuthError("invalid token: bad subject (a user id is 1 to 200 printable characters)") from None
     role = claims.get("role") if isinstance(claims.get("role"), str) else "user"
     # Tokens minted elsewhere may lack a session id; bind their keys to the token's issue time instead.
     sid = claims.get("sid") if isinstance(claims.get("sid"), str) else f"iat:{claims.get('iat', '')}"

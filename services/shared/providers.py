@@ -15,6 +15,8 @@ Everything here is pure (no I/O) except `list_models` and `chat_completion`, whi
   and network failures ("could not verify", never "invalid").
 - `chat_completion(...)`: one non-streaming chat call, answering a `ChatReply` with token usage,
   or raising `ProviderError` (which carries the classified status and message).
+- `provider_http_client(...)`: the client for both; a call that fails before any response byte (a
+  pooled connection the provider had closed) is sent once more, on a fresh connection.
 
 A key is never put in an exception message, a log line or a repr by this module.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from urllib.parse import quote
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from typing import Any
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.events import KeyCheckStatus, Provider
+from schemas.events import MODEL_ID_PATTERN, KeyCheckStatus, Provider
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Longest key we accept at all; real keys are at most ~200 characters.
@@ -104,14 +107,27 @@ def models_path(provider: Provider | str) -> str:
     }[Provider(provider)]
 
 
+class InvalidModelId(ValueError):
+    """A model id that could leave its URL path segment; it is never sent."""
+
+
+def model_segment(model: str) -> str:
+    """`model` as one URL path segment: only a well-formed model id, and escaped all the same."""
+    if not isinstance(model, str) or not re.fullmatch(MODEL_ID_PATTERN, model):
+        raise InvalidModelId("a model id is 1 to 100 letters, digits, '.', '_', ':' or '-'")
+    return quote(model, safe=":")
+
+
 def chat_path(provider: Provider | str, model: str) -> str:
     """The provider's real (non-streaming) chat path, relative to its base URL."""
+    provider = Provider(provider)
+    if provider is Provider.GEMINI:  # the only provider with the model in the path
+        return f"/v1beta/models/{model_segment(model)}:generateContent"
     return {
         Provider.OPENAI: "/chat/completions",
         Provider.GROQ: "/openai/v1/chat/completions",
         Provider.ANTHROPIC: "/v1/messages",
-        Provider.GEMINI: f"/v1beta/models/{model}:generateContent",
-    }[Provider(provider)]
+    }[provider]
 
 
 def auth_headers(provider: Provider | str, api_key: str, *, anthropic_version: str = ANTHROPIC_VERSION) -> dict[str, str]:
@@ -367,7 +383,7 @@ class ChatReply:
 async def list_models(
     client: httpx.AsyncClient, settings: ProviderSettings, provider: Provider | str, api_key: str
 ) -> httpx.Response:
-    """GET the provider's model list with `api_key` (no retries; the client's timeout applies)."""
+    """GET the provider's model list with `api_key` (retried only as `provider_http_client` does)."""
     provider = Provider(provider)
     return await client.get(
         settings.models_url(provider),
@@ -430,7 +446,7 @@ async def chat_completion(
     max_tokens: int = 1024,
 ) -> ChatReply:
     """One non-streaming chat call. Raises `ProviderError` on any failure (timeouts and network
-    errors become `provider_unavailable`); never retries."""
+    errors become `provider_unavailable`); retried only as `provider_http_client` does."""
     provider = Provider(provider)
     try:
         response = await client.post(
@@ -451,12 +467,49 @@ async def chat_completion(
         raise ProviderError(provider, unavailable(provider, "sent an answer we could not read"), response.status_code) from None
 
 
+class FreshConnectionRetry(httpx.AsyncBaseTransport):
+    """A pooled transport that sends a request once more, on a new connection, when it failed before
+    any response came back.
+
+    A kept-alive connection can be closed by the provider (its idle timeout) just as a request goes
+    out on it: the request then fails with "server disconnected without sending a response" or a
+    reset, although the provider never saw it and the key is fine. One more attempt on a connection
+    opened for it settles that; a timeout is not retried (the provider may be working on the call),
+    nor is anything after the response's status line arrived.
+    """
+
+    RETRIED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+    def __init__(self, limits: httpx.Limits):
+        self.pooled = httpx.AsyncHTTPTransport(limits=limits)
+        # Keeps no connection: every request it sends goes out on a new one.
+        self.fresh = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=limits.max_connections,
+                                                                  max_keepalive_connections=0))
+        self.retries = 0  # how many requests needed the second attempt (for tests and metrics)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.pooled.handle_async_request(request)
+        except self.RETRIED:
+            if not isinstance(request.stream, httpx.ByteStream):
+                raise  # a streamed body cannot be sent twice
+            self.retries += 1
+            return await self.fresh.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.pooled.aclose()
+        await self.fresh.aclose()
+
+
 def provider_http_client(*, timeout: httpx.Timeout | float, limits: httpx.Limits,
                          follow_redirects: bool = False) -> httpx.AsyncClient:
     """An httpx client for calls to providers, shared by every user's calls.
 
     Its cookie jar keeps nothing: one client serves all users, so a cookie a provider set on one
     user's call (a session or load-balancer cookie) must not ride along on another user's call.
+    A call that fails before any response byte is sent once more on a fresh connection
+    (`FreshConnectionRetry`).
     """
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=follow_redirects,
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=follow_redirects,
+                             transport=FreshConnectionRetry(limits),
                              cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))

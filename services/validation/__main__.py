@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
+from services.shared.settings import refuse_default_secrets
 from services.validation.bootstrap import Validation, build
 from services.validation.settings import SealingSettings, ValidationSettings
 
@@ -64,6 +65,8 @@ async def serve(settings: ValidationSettings) -> None:
 
 def main() -> None:
     settings = ValidationSettings()
+    # The worker keeps no database and no token secret: only its sealing private keys are secret.
+    refuse_default_secrets("The key-check worker", (SealingSettings(), ("private_keys",)))
     setup_logging(settings.log_level, "validation")  # also keeps httpx's per-request lines out
     asyncio.run(serve(settings))
 

@@ -10,7 +10,7 @@ from services.shared.providers import KeyVerdict, ProviderSettings
 
 
 def make_http_client(timeout_s: float, connect_timeout_s: float, max_connections: int = 100) -> httpx.AsyncClient:
-    """The provider client: short timeouts and no retries (httpx retries nothing by default)."""
+    """The provider client: short timeouts; the one retry is `providers.FreshConnectionRetry`'s."""
     return providers.provider_http_client(
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
         # Keep every connection alive: a burst of checks should not pay for new TCP connections.

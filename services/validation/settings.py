@@ -52,7 +52,8 @@ class ValidationSettings(CommonSettings, ProviderSettings):
     consumer_group: str = "validation"
     http_host: str = "127.0.0.1"
     http_port: int = 8002
-    # The provider call: short, no retries (a retry multiplies load on a struggling provider).
+    # The provider call: short, and retried only once, on a fresh connection, when it failed before any
+    # response byte (a stale pooled connection); never on a timeout or an error answer.
     check_timeout_s: float = 5.0
     check_connect_timeout_s: float = 2.0
     # Results of a key (by HMAC fingerprint) are reused this long, so a double click costs one call.

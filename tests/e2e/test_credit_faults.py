@@ -71,12 +71,15 @@ async def test_sigkill_at_random_points_under_load_loses_and_doubles_nothing(sta
     kills_under_load = 0
 
     async def feed():
-        for i in range(0, len(events), 400):
-            await publish(stack.kafka_bootstrap, topic, events[i:i + 400])
-            await asyncio.sleep(rng.uniform(0.5, 1.5))
+        # About a minute of traffic: longer than twelve restarts take on a quick machine, so most kills
+        # land while events are still arriving.
+        for i in range(0, len(events), 200):
+            await publish(stack.kafka_bootstrap, topic, events[i:i + 200])
+            await asyncio.sleep(rng.uniform(0.6, 1.6))
 
     async def progressed_past(n):
-        return (await ledger_state(stack.database_url, stack.database_schema))[0] > n
+        decided = (await ledger_state(stack.database_url, stack.database_schema))[0]
+        return decided > n or (feeder.done() and decided == len(events))  # nothing left to make progress on
 
     feeder = asyncio.create_task(feed())
     # The same static member id on every restart: the new process takes the partitions back at once.

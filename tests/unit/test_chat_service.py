@@ -408,7 +408,7 @@ async def test_concurrent_calls_cannot_overspend_the_held_credits():
     served = [r for r in results if not isinstance(r, Exception)]
     refused = [r for r in results if isinstance(r, PaymentRequired)]
     assert len(served) == 3 and len(refused) == 3  # 3 x 3 credits fit in 10, a fourth does not
-    assert refused[0].details["available"] == 1 and "1 available" in refused[0].message
+    assert refused[0].details["available"] == 1 and "1 available (9 more are held by calls still running)" in refused[0].message
     assert len(outbox.events) == 3  # the refused calls left no event behind
 
 

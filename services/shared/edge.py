@@ -1,0 +1,226 @@
+"""The HTTP edge every service shares (contract, DESIGN.md "Bounds of input").
+
+- `BodyLimit`: bodies over the limit get 413 before anything else is done (authentication, parsing),
+  counted as they arrive, so a chunked body without a Content-Length is stopped as well.
+- `install_outage_handlers`: PostgreSQL or Kafka unreachable is a 503 with a sentence, on every route.
+- `install_http_error_handler`: the framework's own refusals (an unreadable body, an unknown path) in
+  the service's error shape; a body that cannot be parsed is a malformed request, 422.
+- `describe`: a validation error as a sentence, saying where and what is wrong, never echoing the input.
+- `PrintableId`: an id field (control characters and lone surrogates refused), documented portably.
+- `error_responses` / `HEALTH_RESPONSES`: what the OpenAPI documents say about those answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any
+
+import asyncpg
+from aiokafka.errors import KafkaError
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, WithJsonSchema
+
+from schemas.events import MODEL_ID_PATTERN, PRINTABLE, Identifier
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+
+# An id field at the edge: checked exactly as events check ids (`Identifier`, Unicode classes), and
+# documented with the part of that rule a Python and ECMA regex can state (the OpenAPI tools read
+# `pattern` as one; `\p{Cc}` is neither): no C0/C1 control characters and no line separators.
+PrintableId = Annotated[Identifier, WithJsonSchema({
+    "type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[^\x00-\x1F\x7F-\x9F\u2028\u2029]+$",
+    "description": "Printable text: no control, format, private-use or unassigned characters, no line separators",
+})]
+
+Scope = Mapping[str, Any]
+
+
+def _kib(n: int) -> str:
+    return f"{n // 1024} KiB" if n % 1024 == 0 else f"{n} bytes"
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than `max_bytes` is answered 413 unread.
+
+    A declared Content-Length over the limit is refused at once. Otherwise the body is read (at most
+    `max_bytes` of it are ever held) before the app sees the request, then handed on unchanged, so
+    a body sent in chunks is counted too, and the app never starts on a request it cannot finish.
+    """
+
+    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 body: Callable[[str, str], dict] | None = None):
+        self.app, self.max_bytes = app, max_bytes
+        self.body = body or (lambda code, sentence: {"error": code, "message": sentence})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left: nothing to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if chunk:
+                chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: only a disconnect can come
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        sentence = (f"The request body is larger than {_kib(self.max_bytes)}, the most this service accepts. "
+                    "Send a smaller body.")
+        response = JSONResponse(self.body("body_too_large", sentence), status_code=413,
+                                headers={"Connection": "close"})
+        await response({"type": "http"}, _nothing, send)
+
+
+async def _nothing():
+    return {"type": "http.disconnect"}
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# --- outages --------------------------------------------------------------------------------------
+
+# What the database being unreachable looks like from asyncpg: refused or reset connections and
+# timeouts are OSErrors (TimeoutError is one); a server shutting down or starting up, a lost
+# connection, or no connection slot left are these.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+def install_outage_handlers(app: FastAPI, body: Callable[[str, str], dict]) -> None:
+    """Answer a database or Kafka outage on any route with 503 and a sentence (never a bare 500)."""
+
+    async def database_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(body("database_unavailable",
+                                 "The database is not reachable right now, so this request could not be "
+                                 "carried out. Nothing was changed; try again in a minute."),
+                            status_code=503, headers={"Retry-After": "30"})
+
+    async def kafka_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(body("event_log_unavailable",
+                                 "The event log (Kafka) is not reachable right now, so this request could not "
+                                 "be recorded. Try again in a minute."),
+                            status_code=503, headers={"Retry-After": "30"})
+
+    for kind in DATABASE_DOWN:
+        app.add_exception_handler(kind, database_down)
+    app.add_exception_handler(KafkaError, kafka_down)
+
+
+_CODES = {401: "not_authenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "body_too_large", 422: "invalid_request", 503: "unavailable"}
+
+
+def install_http_error_handler(app: FastAPI, body: Callable[[str, str], dict]) -> None:
+    """HTTPExceptions (the framework's and the routes' own) answered in the service's error shape."""
+
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's only 400: a body it could not decode (not UTF-8 text). Like a body that is not
+            # JSON (which FastAPI itself answers 422), a malformed request.
+            return JSONResponse(body("invalid_request", "The body could not be read: send JSON text in UTF-8."),
+                                status_code=422)
+        sentence = exc.detail if isinstance(exc.detail, str) else "The request was refused."
+        return JSONResponse(body(_CODES.get(exc.status_code, "refused"), sentence), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+# --- validation errors as sentences ---------------------------------------------------------------
+
+_PATTERN_SENTENCES = {
+    PRINTABLE: "must be printable text: no control characters, line separators or unassigned characters",
+    MODEL_ID_PATTERN: "a model id is 1 to 100 letters, digits, '.', '_', ':' or '-'",
+}
+
+
+def _sentence(error: Mapping[str, Any]) -> str:
+    kind = error.get("type", "")
+    if kind == "string_pattern_mismatch":
+        pattern = (error.get("ctx") or {}).get("pattern")
+        return _PATTERN_SENTENCES.get(pattern, f"must match the pattern {pattern}")
+    if kind == "string_unicode":
+        return "must be valid Unicode text (a lone surrogate is not)"
+    if kind == "json_invalid":  # the parser's reason says where, never what (e.g. a lone surrogate escape)
+        reason = (error.get("ctx") or {}).get("error")
+        return f"the body is not valid JSON ({reason})" if reason else "the body is not valid JSON"
+    return error.get("msg", "is not valid")
+
+
+def describe(errors: Iterable[Mapping[str, Any]], limit: int = 5) -> str:
+    """`where: what` for each error (the first `limit`), joined; the input itself is never echoed."""
+    parts = []
+    for error in list(errors)[:limit]:
+        where = "/".join(str(p) for p in error.get("loc", ()))
+        parts.append(f"{where}: {_sentence(error)}" if where else _sentence(error))
+    return "; ".join(parts) or "the request is not valid"
+
+
+# --- OpenAPI --------------------------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: a machine-readable `error` and a `message` a person can act on (services may
+    add fields, e.g. the balance a payment needed)."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str
+    message: str
+
+
+class DetailOut(BaseModel):
+    """The credit service's refusals: `detail` is the sentence."""
+
+    model_config = ConfigDict(extra="allow")
+    detail: str
+
+
+_DESCRIPTIONS = {
+    400: "Refused", 401: "Not signed in, or the token is forged or expired", 402: "Not enough credits",
+    403: "Not allowed for this caller", 404: "Not found", 409: "Conflicts with an earlier request",
+    413: "Body larger than the limit", 422: "A field is malformed", 502: "The provider failed the call",
+    503: "A dependency (database, event log, credit service) is unreachable",
+}
+
+
+# A health route answers its own body (what is up, what is not) with 503 when degraded.
+HEALTH_RESPONSES: dict[int | str, dict] = {
+    503: {"description": "Degraded: a part is down", "content": {"application/json": {"schema": {"type": "object"}}}},
+}
+
+
+def error_responses(*codes: int, model: type[BaseModel] = ErrorOut) -> dict[int | str, dict]:
+    """`responses=` for a route: each status in `codes` answered with `model`."""
+    return {code: {"model": model, "description": _DESCRIPTIONS.get(code, "Refused")} for code in codes}

@@ -1,0 +1,102 @@
+"""A provider call that fails before any response byte (a kept-alive connection the provider closed
+just as the request went out) is sent once more on a fresh connection: in chat calls and key checks.
+
+The provider here is a plain local HTTP/1.1 server that closes connections exactly as an idle
+timeout racing a request does; no provider behaviour is faked beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from schemas.events import KeyCheckStatus, Provider
+from services.shared import providers
+from services.validation.checks import KeyChecker, make_http_client
+
+pytestmark = pytest.mark.unit
+KEY = "sk-proj-retryTESTkey000000000000000000042"
+CHAT_ANSWER = {"model": "gpt-4o", "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+               "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+
+
+class ClosingServer:
+    """Answers the first request on each connection and keeps it alive; the next request on that
+    connection finds it closed without a response (`always_close`: every request does)."""
+
+    def __init__(self, always_close: bool = False):
+        self.always_close = always_close
+        self.connections = 0
+        self.requests: list[str] = []
+        self.answered = 0
+
+    async def __aenter__(self) -> ClosingServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line, *headers = head.decode().split("\r\n")
+                length = next((int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")), 0)
+                await reader.readexactly(length)
+                self.requests.append(line)
+                if served >= 1 or self.always_close:
+                    return  # closed without a byte of response: the request was never seen
+                served += 1
+                body = json.dumps(CHAT_ANSWER if line.startswith("POST") else {"data": []}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def settings_for(url: str) -> providers.ProviderSettings:
+    return providers.ProviderSettings(openai_base_url=url + "/v1")
+
+
+async def test_a_key_check_on_a_connection_the_provider_closed_is_retried_on_a_fresh_one():
+    async with ClosingServer() as server, make_http_client(5, 2) as http:
+        checker = KeyChecker(settings_for(server.url), http)
+        first = await checker.check(Provider.OPENAI, KEY)
+        second = await checker.check(Provider.OPENAI, KEY)  # goes out on the kept-alive connection
+    assert first.status is KeyCheckStatus.VALID
+    assert second.status is KeyCheckStatus.VALID, second.message
+    assert server.requests == ["GET /v1/models HTTP/1.1"] * 3 and server.connections == 2
+    assert http._transport.retries == 1
+
+
+async def test_a_chat_call_on_a_connection_the_provider_closed_is_retried_on_a_fresh_one():
+    client = providers.provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
+    messages = [{"role": "user", "content": "hello"}]
+    async with ClosingServer() as server, client:
+        settings = settings_for(server.url)
+        for _ in range(3):
+            reply = await providers.chat_completion(client, settings, Provider.OPENAI, KEY, "gpt-4o", messages)
+            assert reply.text == "hi"
+    # The second call met the closed connection and was answered on a new one; the third found no
+    # idle connection left (the retry keeps none) and opened its own.
+    assert server.answered == 3 and len(server.requests) == 4 and server.connections == 3
+
+
+async def test_the_retry_is_one_only_and_the_failure_is_reported_as_could_not_verify():
+    async with ClosingServer(always_close=True) as server, make_http_client(5, 2) as http:
+        verdict = await KeyChecker(settings_for(server.url), http).check(Provider.OPENAI, KEY)
+    assert verdict.status is KeyCheckStatus.PROVIDER_UNAVAILABLE
+    assert "RemoteProtocolError" in verdict.message
+    assert len(server.requests) == 2  # the first attempt and one more, no loop
