@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install up down status run test unit integration e2e fuzz bench demo asyncapi migrate clean
+.PHONY: install lint schema up down status run test unit integration e2e fuzz bench demo asyncapi migrate clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -11,6 +11,12 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q -U pip
 	@$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
+
+lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict on schemas/ and billing/
+	@.venv/bin/ruff check .
+	@.venv/bin/ruff format --check .
+	@.venv/bin/lint-imports --no-cache
+	@.venv/bin/mypy --strict schemas billing
 
 up: install           ## start Kafka, PostgreSQL and every service in the background
 	@bash infra/stack.sh up
@@ -26,6 +32,9 @@ run: install          ## start everything, print the page's address, stay until 
 
 migrate: install
 	@bash infra/postgres.sh up && DATABASE_URL=$$(bash infra/postgres.sh url) $(PY) -m migrations
+
+schema: install       ## regenerate migrations/schema.sql (the schema the migrations build) after adding a migration
+	@bash infra/postgres.sh up && DATABASE_URL=$$(bash infra/postgres.sh url) $(PY) -m migrations.schema
 
 test: install         ## the whole suite on the real broker and database
 	@bash infra/kafka.sh up && bash infra/postgres.sh up

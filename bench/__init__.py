@@ -43,4 +43,8 @@ def percentile(samples: list[float], p: float) -> float:
         raise ValueError("no samples")
     if len(samples) == 1:
         return samples[0]
-    return statistics.quantiles(samples, n=1000, method="inclusive")[min(int(p * 10) - 1, 998)] if p < 100 else max(samples)
+    return (
+        statistics.quantiles(samples, n=1000, method="inclusive")[min(int(p * 10) - 1, 998)]
+        if p < 100
+        else max(samples)
+    )

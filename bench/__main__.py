@@ -38,9 +38,12 @@ async def main() -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
-    db = os.environ.get("DATABASE_URL") or subprocess.run(
-        ["bash", str(ROOT / "infra/postgres.sh"), "url"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    db = (
+        os.environ.get("DATABASE_URL")
+        or subprocess.run(
+            ["bash", str(ROOT / "infra/postgres.sh"), "url"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     env = BenchEnv(os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), db, args.quick)
     figures: list[Figure] = []
     for name in args.only or MODULES:

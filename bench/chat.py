@@ -59,15 +59,25 @@ async def run(env: BenchEnv) -> list[Figure]:
     procs: list[ServiceProcess] = []
     try:
         procs.append(sim.start())
-        common = {"KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap, "DATABASE_URL": env.database_url,
-                  "DATABASE_SCHEMA": schema, "TOPIC_PREFIX": prefix, "AUTH_JWT_SECRET": SECRET,
-                  "LOG_LEVEL": "WARNING", **base_urls(sim.url)}
+        common = {
+            "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+            "DATABASE_URL": env.database_url,
+            "DATABASE_SCHEMA": schema,
+            "TOPIC_PREFIX": prefix,
+            "AUTH_JWT_SECRET": SECRET,
+            "LOG_LEVEL": "WARNING",
+            **base_urls(sim.url),
+        }
         credits = ServiceProcess("credits", "services.credits", common, logs)
         procs.append(credits.start())
         validation = ServiceProcess("validation", "services.validation", common, logs)
         procs.append(validation.start())
-        chat = ServiceProcess("chat", "services.chat", {**common, "CREDITS_URL": credits.url, "COOKIE_SECURE": "false",
-                                                        "GROQ_API_KEY": PLATFORM_KEY}, logs)
+        chat = ServiceProcess(
+            "chat",
+            "services.chat",
+            {**common, "CREDITS_URL": credits.url, "COOKIE_SECURE": "false", "GROQ_API_KEY": PLATFORM_KEY},
+            logs,
+        )
         procs.append(chat.start())
         # The same chat without admission holds: the baseline of what holds cost.
         unheld = ServiceProcess("chat-no-holds", "services.chat", {**chat.env, "ADMISSION_HOLDS": "false"}, logs)
@@ -86,19 +96,31 @@ async def run(env: BenchEnv) -> list[Figure]:
             await conn.close()
 
 
-async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServiceProcess, seconds: float,
-                  warmup: float, unheld: ServiceProcess | None = None) -> list[Figure]:
+async def measure(
+    chat: ServiceProcess,
+    credits: ServiceProcess,
+    sim: ServiceProcess,
+    seconds: float,
+    warmup: float,
+    unheld: ServiceProcess | None = None,
+) -> list[Figure]:
     admin = mint_token(SECRET, "bench-admin", role="admin", ttl_s=3600)
     tokens = {f"bench-user-{i}": mint_token(SECRET, f"bench-user-{i}", ttl_s=3600) for i in range(USERS)}
     async with httpx.AsyncClient(timeout=30) as http:  # set-up only; the load goes through LeanClient
         cookies: dict[str, str] = {}
         for user, token in tokens.items():
             for n in range(12):  # enough credits for every platform call of the run (llama3-8b-8192: 1 each)
-                r = await http.post(f"{credits.url}/api/admin/grants", headers={"Authorization": f"Bearer {admin}"},
-                                    json={"grant_key": f"{user}:{n}", "user_id": user, "plan": "standard"})
+                r = await http.post(
+                    f"{credits.url}/api/admin/grants",
+                    headers={"Authorization": f"Bearer {admin}"},
+                    json={"grant_key": f"{user}:{n}", "user_id": user, "plan": "standard"},
+                )
                 r.raise_for_status()
-            r = await http.post(f"{chat.url}/settings/model", headers={"Authorization": f"Bearer {token}"},
-                                json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True, "api_key": USER_KEY})
+            r = await http.post(
+                f"{chat.url}/settings/model",
+                headers={"Authorization": f"Bearer {token}"},
+                json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True, "api_key": USER_KEY},
+            )
             r.raise_for_status()
             cookies[user] = r.cookies["byok_key"]
 
@@ -108,23 +130,33 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
                 body = {"provider": "groq", "model": "llama3-8b-8192", "use_own_key": byok}
                 if byok:
                     body["api_key"] = USER_KEY
-                r = await http.post(f"{chat.url}/settings/model", json=body,
-                                    headers={"Authorization": f"Bearer {tokens[user]}", "Cookie": f"byok_key={cookies[user]}"})
+                r = await http.post(
+                    f"{chat.url}/settings/model",
+                    json=body,
+                    headers={"Authorization": f"Bearer {tokens[user]}", "Cookie": f"byok_key={cookies[user]}"},
+                )
                 r.raise_for_status()
                 if byok:
                     cookies[user] = r.cookies["byok_key"]
 
         direct_path = urlsplit(base_urls(sim.url)["GROQ_BASE_URL"]).path + "/openai/v1/chat/completions"
-        direct_body = {"model": "llama3-8b-8192", "max_tokens": 1024,
-                       "messages": [{"role": "system", "content": "You are a helpful data-analysis assistant."},
-                                    {"role": "user", "content": "hello"}]}
+        direct_body = {
+            "model": "llama3-8b-8192",
+            "max_tokens": 1024,
+            "messages": [
+                {"role": "system", "content": "You are a helpful data-analysis assistant."},
+                {"role": "user", "content": "hello"},
+            ],
+        }
 
         def direct_calls(client: LeanClient):
-            raw = client.prepare("POST", direct_path, json_body=direct_body,
-                                 headers={"Authorization": f"Bearer {PLATFORM_KEY}"})
+            raw = client.prepare(
+                "POST", direct_path, json_body=direct_body, headers={"Authorization": f"Bearer {PLATFORM_KEY}"}
+            )
 
             async def send(i: int) -> bool:
                 return (await client.send(raw)).status == 200
+
             return send
 
         def chat_calls(client: LeanClient, byok: bool):
@@ -133,13 +165,15 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
                 headers = {"Authorization": f"Bearer {token}"}
                 if byok:
                     headers["Cookie"] = f"byok_key={cookies[user]}"
-                raws.append(client.prepare("POST", "/chat", json_body={"feature": "chat", "message": "hello"},
-                                           headers=headers))
+                raws.append(
+                    client.prepare("POST", "/chat", json_body={"feature": "chat", "message": "hello"}, headers=headers)
+                )
             want = "byok" if byok else "platform"
 
             async def send(i: int) -> bool:
                 answer = await client.send(raws[i % len(raws)])
                 return answer.status == 200 and answer.json()["key_source"] == want
+
             return send
 
         def hold_calls(client: LeanClient):
@@ -148,10 +182,22 @@ async def measure(chat: ServiceProcess, credits: ServiceProcess, sim: ServicePro
 
             async def send(i: int) -> bool:
                 event_id = str(uuid.uuid4())
-                placed = await client.send(client.prepare("POST", "/api/holds", headers=headers, json_body={
-                    "event_id": event_id, "feature": "chat", "provider": "groq", "model": "llama3-8b-8192"}))
+                placed = await client.send(
+                    client.prepare(
+                        "POST",
+                        "/api/holds",
+                        headers=headers,
+                        json_body={
+                            "event_id": event_id,
+                            "feature": "chat",
+                            "provider": "groq",
+                            "model": "llama3-8b-8192",
+                        },
+                    )
+                )
                 released = await client.send(client.prepare("DELETE", f"/api/holds/{event_id}", headers=headers))
                 return placed.status == 201 and released.status == 200
+
             return send
 
         results: dict[str, Run] = {}
@@ -190,22 +236,54 @@ def figures_of(results: dict[str, Run]) -> list[Figure]:
             Figure(NAME, f"{label} with holds: latency p50", h50, "ms", "without holds p50", u50, "lower"),
             Figure(NAME, f"{label} with holds: latency p99", h99, "ms", "without holds p99", u99, "lower"),
             Figure(NAME, f"{label}: added by holds, p50", h50 - u50, "ms", "", None, "lower", "<= 1 ms"),
-            Figure(NAME, f"{label} with holds: failed requests (of {held.planned})", held.failures, "",
-                   "without holds failed", unheld.failures, "lower", "0"),
+            Figure(
+                NAME,
+                f"{label} with holds: failed requests (of {held.planned})",
+                held.failures,
+                "",
+                "without holds failed",
+                unheld.failures,
+                "lower",
+                "0",
+            ),
         ]
     if trip and trip.latencies:
         figures += [
-            Figure(NAME, f"hold place + release round trip at {HOLD_RATE:.0f}/s: p50", percentile(trip.latencies, 50),
-                   "ms", "", None, "lower"),
-            Figure(NAME, f"hold place + release round trip at {HOLD_RATE:.0f}/s: p99", percentile(trip.latencies, 99),
-                   "ms", "", None, "lower"),
+            Figure(
+                NAME,
+                f"hold place + release round trip at {HOLD_RATE:.0f}/s: p50",
+                percentile(trip.latencies, 50),
+                "ms",
+                "",
+                None,
+                "lower",
+            ),
+            Figure(
+                NAME,
+                f"hold place + release round trip at {HOLD_RATE:.0f}/s: p99",
+                percentile(trip.latencies, 99),
+                "ms",
+                "",
+                None,
+                "lower",
+            ),
         ]
     for path in ("platform", "byok"):
         direct, chat = results[f"direct/{path}"], results[path]
         label = f"{path} path at {RATE:.0f} req/s"
         if not chat.latencies or not direct.latencies:
-            figures.append(Figure(NAME, f"{label}: failed requests", chat.failures, "", "simulator direct failed",
-                                  direct.failures, "lower", "0"))
+            figures.append(
+                Figure(
+                    NAME,
+                    f"{label}: failed requests",
+                    chat.failures,
+                    "",
+                    "simulator direct failed",
+                    direct.failures,
+                    "lower",
+                    "0",
+                )
+            )
             continue
         d50, d99 = percentile(direct.latencies, 50), percentile(direct.latencies, 99)
         p50, p99 = percentile(chat.latencies, 50), percentile(chat.latencies, 99)
@@ -214,9 +292,24 @@ def figures_of(results: dict[str, Run]) -> list[Figure]:
             Figure(NAME, f"{label}: latency p99", p99, "ms", "simulator direct p99", d99, "lower"),
             Figure(NAME, f"{label}: overhead p50 (chat - direct)", p50 - d50, "ms", "", None, "lower", "< 5 ms"),
             Figure(NAME, f"{label}: overhead p99 (chat - direct)", p99 - d99, "ms", "", None, "lower", "< 20 ms"),
-            Figure(NAME, f"{label}: failed requests (of {chat.planned})", chat.failures, "", "simulator direct failed",
-                   direct.failures, "lower", "0"),
-            Figure(NAME, f"{label}: generator late starts (> 1 ms)", chat.late_starts, "", "simulator direct",
-                   direct.late_starts, "lower"),
+            Figure(
+                NAME,
+                f"{label}: failed requests (of {chat.planned})",
+                chat.failures,
+                "",
+                "simulator direct failed",
+                direct.failures,
+                "lower",
+                "0",
+            ),
+            Figure(
+                NAME,
+                f"{label}: generator late starts (> 1 ms)",
+                chat.late_starts,
+                "",
+                "simulator direct",
+                direct.late_starts,
+                "lower",
+            ),
         ]
     return figures

@@ -16,36 +16,50 @@ import asyncio
 import json
 import multiprocessing
 import time
-from random import Random
 import uuid
 from datetime import datetime, timezone
+from random import Random
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from bench import BenchEnv, Figure, percentile
+from billing.policy import decide
+from billing.pricing import default_price_book
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from schemas.pricing import default_price_book
 from schemas.topics import MODEL_CALL_COMPLETED, topic_specs
 from services.credits.bootstrap import running
 from services.credits.ledger import LEDGER_COLUMNS, Ledger, decision_row
-from services.credits.policy import decide
 from services.credits.settings import CreditSettings
 from services.shared.db import migrate
 
-MODELS = [("gpt-4o", KeySource.PLATFORM), ("claude-3-5-haiku", KeySource.PLATFORM), ("o3-mini", KeySource.PLATFORM),
-          ("gpt-4o", KeySource.BYOK), ("gemini-2.5-pro", KeySource.PLATFORM)]
+MODELS = [
+    ("gpt-4o", KeySource.PLATFORM),
+    ("claude-3-5-haiku", KeySource.PLATFORM),
+    ("o3-mini", KeySource.PLATFORM),
+    ("gpt-4o", KeySource.BYOK),
+    ("gemini-2.5-pro", KeySource.PLATFORM),
+]
 
 
 def event(i: int, request_id: str | None = None) -> ModelCallCompleted:
     model, source = MODELS[i % len(MODELS)]
     return ModelCallCompleted(
-        event_id=uuid.uuid4(), occurred_at=datetime.now(timezone.utc), user_id=f"user-{i % 1000}",
-        session_id="bench", request_id=request_id or str(i), provider=Provider.OPENAI, model=model,
-        feature=Feature.CHAT, key_source=source, status=CallStatus.SUCCEEDED,
-        input_tokens=100, output_tokens=200, latency_ms=50,
+        event_id=uuid.uuid4(),
+        occurred_at=datetime.now(timezone.utc),
+        user_id=f"user-{i % 1000}",
+        session_id="bench",
+        request_id=request_id or str(i),
+        provider=Provider.OPENAI,
+        model=model,
+        feature=Feature.CHAT,
+        key_source=source,
+        status=CallStatus.SUCCEEDED,
+        input_tokens=100,
+        output_tokens=200,
+        latency_ms=50,
     )
 
 
@@ -73,13 +87,16 @@ async def prefill(bootstrap: str, topic: str, n: int) -> None:
     have = await topic_size(bootstrap, topic)
     if have >= n:
         return
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                                max_batch_size=512 * 1024, compression_type=None)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024, compression_type=None
+    )
     await producer.start()
     try:
         for start in range(have, n, 10_000):
-            futures = [await producer.send(topic, e.to_json(), key=e.user_id.encode())
-                       for e in (event(i) for i in range(start, min(start + 10_000, n)))]
+            futures = [
+                await producer.send(topic, e.to_json(), key=e.user_id.encode())
+                for e in (event(i) for i in range(start, min(start + 10_000, n)))
+            ]
             await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -115,9 +132,13 @@ async def entries_started(pool) -> int:
 async def run_service(env: BenchEnv, topic_prefix: str, n: int) -> float:
     """Events/s of the credit service draining n pre-filled events into the committed ledger."""
     schema = await fresh_schema(env.database_url)
-    settings = CreditSettings(kafka_bootstrap_servers=env.kafka_bootstrap, database_url=env.database_url,
-                              database_schema=schema, topic_prefix=topic_prefix,
-                              consumer_group="bench-" + uuid.uuid4().hex[:8])
+    settings = CreditSettings(
+        kafka_bootstrap_servers=env.kafka_bootstrap,
+        database_url=env.database_url,
+        database_schema=schema,
+        topic_prefix=topic_prefix,
+        consumer_group="bench-" + uuid.uuid4().hex[:8],
+    )
     try:
         async with running(settings) as rt:
             while await entries_started(rt.pool) == 0:
@@ -138,8 +159,13 @@ async def run_naive(env: BenchEnv, topic: str, n: int) -> float:
     schema = await fresh_schema(env.database_url)
     book = default_price_book()
     conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=env.kafka_bootstrap, group_id="naive-" + uuid.uuid4().hex[:8],
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=env.kafka_bootstrap,
+        group_id="naive-" + uuid.uuid4().hex[:8],
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         done, t0 = 0, None
@@ -153,8 +179,18 @@ async def run_naive(env: BenchEnv, topic: str, n: int) -> float:
                 await conn.execute(
                     f"INSERT INTO ledger_entries ({', '.join(LEDGER_COLUMNS)}) VALUES "
                     "($1,$1,'decision',$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,NULL) ON CONFLICT DO NOTHING",
-                    e.event_id, e.user_id, c.decision.value, c.credits, c.price_list_version, c.reason,
-                    e.provider.value, e.model, e.feature.value, e.key_source.value, e.status.value, e.occurred_at,
+                    e.event_id,
+                    e.user_id,
+                    c.decision.value,
+                    c.credits,
+                    c.price_list_version,
+                    c.reason,
+                    e.provider.value,
+                    e.model,
+                    e.feature.value,
+                    e.key_source.value,
+                    e.status.value,
+                    e.occurred_at,
                 )
             await consumer.commit({TopicPartition(record.topic, record.partition): record.offset + 1})
             done += 1
@@ -166,8 +202,13 @@ async def run_naive(env: BenchEnv, topic: str, n: int) -> float:
 
 
 async def run_raw_consume(env: BenchEnv, topic: str, n: int) -> float:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=env.kafka_bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=env.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
     await consumer.start()
     try:
         done, t0 = 0, None
@@ -196,7 +237,7 @@ async def run_ledger_copy(env: BenchEnv, n: int) -> float:
         t0 = time.perf_counter()
         for i in range(0, n, 5000):
             async with conn.transaction():
-                await conn.copy_records_to_table("ledger_entries", records=rows[i:i + 5000], columns=LEDGER_COLUMNS)
+                await conn.copy_records_to_table("ledger_entries", records=rows[i : i + 5000], columns=LEDGER_COLUMNS)
         return n / (time.perf_counter() - t0)
     finally:
         await conn.close()
@@ -213,12 +254,14 @@ async def run_raw_copy(env: BenchEnv, n: int) -> float:
         await conn.execute(
             f'''CREATE TABLE "{schema}".plain (entry_id uuid, event_id uuid, kind text, user_id text, decision text,
                 credits bigint, price_list_version text, reason text, provider text, model text, feature text,
-                key_source text, status text, occurred_at timestamptz, balance_after bigint)''')
+                key_source text, status text, occurred_at timestamptz, balance_after bigint)'''
+        )
         t0 = time.perf_counter()
         for i in range(0, n, 5000):
             async with conn.transaction():
-                await conn.copy_records_to_table("plain", schema_name=schema, records=rows[i:i + 5000],
-                                                 columns=LEDGER_COLUMNS)
+                await conn.copy_records_to_table(
+                    "plain", schema_name=schema, records=rows[i : i + 5000], columns=LEDGER_COLUMNS
+                )
         return n / (time.perf_counter() - t0)
     finally:
         await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
@@ -236,14 +279,22 @@ def _steady_publisher(bootstrap: str, topic: str, rate: float, seconds: float) -
     """
     # A valid event's JSON with four fields left open; uuid4 (os.urandom) and json.dumps per event
     # were most of this process's CPU.
-    sentinel = ModelCallCompleted.model_validate(event(0).model_dump() | {
-        "event_id": uuid.UUID(int=0), "user_id": "USER", "request_id": "REQUEST"})
+    sentinel = ModelCallCompleted.model_validate(
+        event(0).model_dump() | {"event_id": uuid.UUID(int=0), "user_id": "USER", "request_id": "REQUEST"}
+    )
     templates = []
     for i in range(len(MODELS)):
         fields = json.loads(sentinel.model_copy(update={"model": MODELS[i][0], "key_source": MODELS[i][1]}).to_json())
-        text = json.dumps(fields | {"event_id": "@ID@", "occurred_at": "@AT@", "user_id": "@USER@", "request_id": "@REQ@"})
-        templates.append(text.replace("%", "%%").replace("@ID@", "%s").replace("@AT@", "%s")
-                         .replace("@USER@", "%s").replace("@REQ@", "%s"))
+        text = json.dumps(
+            fields | {"event_id": "@ID@", "occurred_at": "@AT@", "user_id": "@USER@", "request_id": "@REQ@"}
+        )
+        templates.append(
+            text.replace("%", "%%")
+            .replace("@ID@", "%s")
+            .replace("@AT@", "%s")
+            .replace("@USER@", "%s")
+            .replace("@REQ@", "%s")
+        )
     random = Random()
 
     async def go():
@@ -263,7 +314,11 @@ def _steady_publisher(bootstrap: str, topic: str, rate: float, seconds: float) -
                 while i < due:
                     user = f"user-{i % 1000}"
                     value = templates[i % len(MODELS)] % (
-                        uuid.UUID(int=random.getrandbits(128), version=4), now, user, t0_ns + int(i * 1e9 / rate))
+                        uuid.UUID(int=random.getrandbits(128), version=4),
+                        now,
+                        user,
+                        t0_ns + int(i * 1e9 / rate),
+                    )
                     p = partition_of[i % 1000]
                     batch = batches.get(p) or batches.setdefault(p, producer.create_batch())
                     if batch.append(key=user.encode(), value=value.encode(), timestamp=None) is None:
@@ -298,14 +353,19 @@ async def run_latency(env: BenchEnv, rate: float, seconds: float) -> tuple[float
     try:
         await ensure_topics(admin, topic_specs(prefix=prefix))
         schema = await fresh_schema(env.database_url)
-        settings = CreditSettings(kafka_bootstrap_servers=env.kafka_bootstrap, database_url=env.database_url,
-                                  database_schema=schema, topic_prefix=prefix)
+        settings = CreditSettings(
+            kafka_bootstrap_servers=env.kafka_bootstrap,
+            database_url=env.database_url,
+            database_schema=schema,
+            topic_prefix=prefix,
+        )
         TimedLedger.latencies_ms = []
         async with running(settings, ledger_factory=TimedLedger) as rt:
             while await rt.lag() is None:  # wait for the partition assignment
                 await asyncio.sleep(0.05)
             proc = multiprocessing.get_context("spawn").Process(
-                target=_steady_publisher, args=(env.kafka_bootstrap, settings.model_call_completed_topic, rate, seconds))
+                target=_steady_publisher, args=(env.kafka_bootstrap, settings.model_call_completed_topic, rate, seconds)
+            )
             proc.start()
             while proc.is_alive():
                 await asyncio.sleep(0.1)
@@ -313,7 +373,7 @@ async def run_latency(env: BenchEnv, rate: float, seconds: float) -> tuple[float
             deadline = time.monotonic() + 30
             while len(TimedLedger.latencies_ms) < expected and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-        samples = TimedLedger.latencies_ms[int(len(TimedLedger.latencies_ms) * 0.1):]  # skip the warm-up
+        samples = TimedLedger.latencies_ms[int(len(TimedLedger.latencies_ms) * 0.1) :]  # skip the warm-up
         await drop_schema(env.database_url, schema)
         return percentile(samples, 50), percentile(samples, 99), len(TimedLedger.latencies_ms)
     finally:
@@ -340,17 +400,42 @@ async def run(env: BenchEnv) -> list[Figure]:
     low_p50, low_p99, low_samples = await run_latency(env, low_rate, 5 if env.quick else 10)
     name = "credits"
     return [
-        Figure(name, f"throughput, {n:,} pre-filled events", service, "events/s", "naive (1 txn + commit per event)",
-               naive, target=">= 10x"),
-        Figure(name, "throughput vs raw bound", service, "events/s",
-               "slower raw bound (" + ("aiokafka" if raw_consume < raw_copy else "COPY") + ")", bound, target=">= 0.5x"),
+        Figure(
+            name,
+            f"throughput, {n:,} pre-filled events",
+            service,
+            "events/s",
+            "naive (1 txn + commit per event)",
+            naive,
+            target=">= 10x",
+        ),
+        Figure(
+            name,
+            "throughput vs raw bound",
+            service,
+            "events/s",
+            "slower raw bound (" + ("aiokafka" if raw_consume < raw_copy else "COPY") + ")",
+            bound,
+            target=">= 0.5x",
+        ),
         Figure(name, "raw aiokafka consumption", raw_consume, "events/s"),
         Figure(name, "raw COPY of the same rows", raw_copy, "events/s"),
-        Figure(name, "throughput vs COPY into the ledger table itself", service, "events/s",
-               "COPY into ledger_entries (key, indexes, sums trigger)", ledger_copy),
+        Figure(
+            name,
+            "throughput vs COPY into the ledger table itself",
+            service,
+            "events/s",
+            "COPY into ledger_entries (key, indexes, sums trigger)",
+            ledger_copy,
+        ),
         Figure(name, f"publish->committed debit p50 at {rate:,.0f}/s ({samples:,} events)", p50, "ms", better="lower"),
         Figure(name, f"publish->committed debit p99 at {rate:,.0f}/s", p99, "ms", better="lower", target="< 100 ms"),
-        Figure(name, f"publish->committed debit p50 at {low_rate:,}/s ({low_samples:,} events)", low_p50, "ms",
-               better="lower"),
+        Figure(
+            name,
+            f"publish->committed debit p50 at {low_rate:,}/s ({low_samples:,} events)",
+            low_p50,
+            "ms",
+            better="lower",
+        ),
         Figure(name, f"publish->committed debit p99 at {low_rate:,}/s", low_p99, "ms", better="lower"),
     ]

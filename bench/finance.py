@@ -20,12 +20,12 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from bench import BenchEnv, Figure
+from billing.policy import decide
+from billing.pricing import default_price_book
 from infra.topics import ensure_topics, wait_for_broker
 from migrations import MigrationError
 from schemas.events import ModelCallCompleted
-from schemas.pricing import default_price_book
 from schemas.topics import FOREVER, MODEL_CALL_COMPLETED, TopicSpec
-from services.credits.policy import decide
 from services.finance.differences import Kind
 from services.finance.event_log import EventLog
 from services.finance.reconciliation import reconcile
@@ -98,16 +98,22 @@ async def ensure_topic(env: BenchEnv, prefix: str, n: int) -> str:
     finally:
         await admin.close()
     producer = AIOKafkaProducer(
-        bootstrap_servers=env.kafka_bootstrap, acks="all", compression_type="gzip", linger_ms=50,
-        max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024,
+        bootstrap_servers=env.kafka_bootstrap,
+        acks="all",
+        compression_type="gzip",
+        linger_ms=50,
+        max_batch_size=1024 * 1024,
+        max_request_size=8 * 1024 * 1024,
     )
     await producer.start()
     try:
         pending = []
         for i in range(n):
-            pending.append(await producer.send(
-                topic, event_json(i), key=f"bench-user-{i % USERS}".encode(), timestamp_ms=occurred_ms(i)
-            ))
+            pending.append(
+                await producer.send(
+                    topic, event_json(i), key=f"bench-user-{i % USERS}".encode(), timestamp_ms=occurred_ms(i)
+                )
+            )
             if len(pending) >= 50_000:
                 await asyncio.gather(*pending)
                 pending = []
@@ -143,8 +149,21 @@ async def ensure_ledger(env: BenchEnv, schema: str, n: int) -> None:
     charges = [decide(ModelCallCompleted.model_validate_json(event_json(s)), book) for s in range(len(SHAPES))]
     skip = set(MISSING)
     override = {i: ("debited", 20) for i in WRONG} | {i: ("debited", 5) for i in BYOK + FAILED}
-    columns = ("entry_id", "event_id", "kind", "user_id", "decision", "credits", "price_list_version",
-               "provider", "model", "feature", "key_source", "status", "occurred_at")
+    columns = (
+        "entry_id",
+        "event_id",
+        "kind",
+        "user_id",
+        "decision",
+        "credits",
+        "price_list_version",
+        "provider",
+        "model",
+        "feature",
+        "key_source",
+        "status",
+        "occurred_at",
+    )
 
     def rows(lo: int, hi: int):
         for i in range(lo, hi):
@@ -154,20 +173,69 @@ async def ensure_ledger(env: BenchEnv, schema: str, n: int) -> None:
             c = charges[i % len(SHAPES)]
             decision, credits = override.get(i, (c.decision.value, c.credits))
             eid = event_id(i)
-            yield (eid, eid, "decision", f"bench-user-{i % USERS}", decision, credits, c.price_list_version,
-                   provider, model, feature, key_source, status, BASE_TIME + timedelta(milliseconds=i))
+            yield (
+                eid,
+                eid,
+                "decision",
+                f"bench-user-{i % USERS}",
+                decision,
+                credits,
+                c.price_list_version,
+                provider,
+                model,
+                feature,
+                key_source,
+                status,
+                BASE_TIME + timedelta(milliseconds=i),
+            )
 
     conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})
     try:
         await conn.execute("CREATE TABLE bench_meta (version text, events int)")
-        await conn.execute("INSERT INTO accounts (user_id) SELECT 'bench-user-' || g FROM generate_series(0, $1) g", USERS - 1)
+        await conn.execute(
+            "INSERT INTO accounts (user_id) SELECT 'bench-user-' || g FROM generate_series(0, $1) g", USERS - 1
+        )
         await conn.execute("INSERT INTO grants SELECT 'g-' || user_id, user_id, 'standard', 500 FROM accounts")
         for lo in range(0, n, 200_000):
-            await conn.copy_records_to_table("ledger_entries", records=list(rows(lo, min(n, lo + 200_000))), columns=columns)
-        extra = [(uuid.uuid4(), event_id(i), "correction", f"bench-user-{i % USERS}", "correction", 5, "2026-01",
-                  None, None, None, None, None, BASE_TIME + timedelta(milliseconds=i)) for i in DOUBLE]
-        extra += [(g, g, "decision", "bench-user-0", "debited", 3, "2026-01", None, None, None, None, None,
-                   BASE_TIME + timedelta(milliseconds=100)) for g in GHOSTS]
+            await conn.copy_records_to_table(
+                "ledger_entries", records=list(rows(lo, min(n, lo + 200_000))), columns=columns
+            )
+        extra = [
+            (
+                uuid.uuid4(),
+                event_id(i),
+                "correction",
+                f"bench-user-{i % USERS}",
+                "correction",
+                5,
+                "2026-01",
+                None,
+                None,
+                None,
+                None,
+                None,
+                BASE_TIME + timedelta(milliseconds=i),
+            )
+            for i in DOUBLE
+        ]
+        extra += [
+            (
+                g,
+                g,
+                "decision",
+                "bench-user-0",
+                "debited",
+                3,
+                "2026-01",
+                None,
+                None,
+                None,
+                None,
+                None,
+                BASE_TIME + timedelta(milliseconds=100),
+            )
+            for g in GHOSTS
+        ]
         await conn.copy_records_to_table("ledger_entries", records=extra, columns=columns)
         await conn.execute("ANALYZE ledger_entries")
         await conn.execute("INSERT INTO bench_meta VALUES ($1, $2)", VERSION, n)
@@ -194,13 +262,20 @@ async def run(env: BenchEnv) -> list[Figure]:
     print(f"  finance: data ready in {time.perf_counter() - began:.1f} s", flush=True)
 
     raw_count, raw_s = await raw_consumption(env, topic)
-    settings = FinanceSettings(kafka_bootstrap_servers=env.kafka_bootstrap, database_url=env.database_url,
-                               database_schema=schema, topic_prefix=prefix)
+    settings = FinanceSettings(
+        kafka_bootstrap_servers=env.kafka_bootstrap,
+        database_url=env.database_url,
+        database_schema=schema,
+        topic_prefix=prefix,
+    )
     window = Window(BASE_TIME, BASE_TIME + timedelta(milliseconds=n))
     report = await reconcile(settings, window)
 
-    print(f"  finance: raw {raw_count:,} records in {raw_s:.1f} s; reconcile {report.elapsed_s:.1f} s "
-          f"(phases {', '.join(f'{k} {v:.1f}' for k, v in report.phases.items())}), {report.tally}", flush=True)
+    print(
+        f"  finance: raw {raw_count:,} records in {raw_s:.1f} s; reconcile {report.elapsed_s:.1f} s "
+        f"(phases {', '.join(f'{k} {v:.1f}' for k, v in report.phases.items())}), {report.tally}",
+        flush=True,
+    )
     counts = {k: c for k, (c, _) in report.counts().items()}
     expected = {k: 0 if k is Kind.DEBIT_ON_WRONG_ACCOUNT else PLANTED for k in counts}
     if counts != expected or report.pending or report.tally.in_window != n:
@@ -208,8 +283,24 @@ async def run(env: BenchEnv) -> list[Figure]:
     rate, raw_rate = report.tally.records / report.elapsed_s, raw_count / raw_s
     label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
     return [
-        Figure("finance", f"reconcile {label} events", report.elapsed_s, "s",
-               "raw aiokafka consumption of the same topic", raw_s, better="lower", target="< 60 s for 1M"),
-        Figure("finance", "events reconciled per second", rate, "events/s",
-               "raw aiokafka consumption", raw_rate, better="higher", target=">= 16,667 events/s"),
+        Figure(
+            "finance",
+            f"reconcile {label} events",
+            report.elapsed_s,
+            "s",
+            "raw aiokafka consumption of the same topic",
+            raw_s,
+            better="lower",
+            target="< 60 s for 1M",
+        ),
+        Figure(
+            "finance",
+            "events reconciled per second",
+            rate,
+            "events/s",
+            "raw aiokafka consumption",
+            raw_rate,
+            better="higher",
+            target=">= 16,667 events/s",
+        ),
     ]

@@ -178,8 +178,7 @@ class Run:
     late_starts: int  # requests the generator itself started more than 1 ms after their time
 
 
-async def steady(rate: float, seconds: float, send: Callable[[int], Awaitable[bool]], *,
-                 drain_s: float = 30.0) -> Run:
+async def steady(rate: float, seconds: float, send: Callable[[int], Awaitable[bool]], *, drain_s: float = 30.0) -> Run:
     """Call `send(i)` for i = 0, 1, ... at a fixed `rate` for `seconds` (open loop: a slow answer
     delays no later start). `send` answers True for a good answer; False, an exception, or no answer
     within `drain_s` after the last start counts as a failure."""

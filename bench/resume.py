@@ -54,8 +54,9 @@ async def feed(bootstrap: str, topic: str, stop: asyncio.Event) -> None:
 
 def start_service(env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.credits"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.credits"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 async def debits(conn: asyncpg.Connection) -> int:
@@ -78,10 +79,17 @@ async def resume_times(env: BenchEnv, kills: int, instance: str | None, log: Pat
     finally:
         await admin.close()
     schema = await fresh_schema(env.database_url)
-    service_env = {"BYOK_ENV": "development", **os.environ, "PYTHONUNBUFFERED": "1",
-                   "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
-                   "DATABASE_URL": env.database_url, "DATABASE_SCHEMA": schema, "TOPIC_PREFIX": prefix,
-                   "HTTP_PORT": str(free_port()), "LOG_LEVEL": "INFO"}  # INFO: the log shows the import time
+    service_env = {
+        "BYOK_ENV": "development",
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+        "DATABASE_URL": env.database_url,
+        "DATABASE_SCHEMA": schema,
+        "TOPIC_PREFIX": prefix,
+        "HTTP_PORT": str(free_port()),
+        "LOG_LEVEL": "INFO",
+    }  # INFO: the log shows the import time
     service_env.pop("CREDITS_INSTANCE", None)
     service_env.pop("CONSUMER_INSTANCE_ID", None)
     if instance:
@@ -121,11 +129,29 @@ async def run(env: BenchEnv) -> list[Figure]:
     log.parent.mkdir(parents=True, exist_ok=True)
     static = await resume_times(env, 3 if env.quick else 7, "credits-bench-1", log)
     dynamic = await resume_times(env, 1 if env.quick else 2, None, log)
-    print(f"resume after SIGKILL, static member: {[round(t, 2) for t in static]} s; "
-          f"dynamic member: {[round(t, 2) for t in dynamic]} s", file=sys.stderr)
+    print(
+        f"resume after SIGKILL, static member: {[round(t, 2) for t in static]} s; "
+        f"dynamic member: {[round(t, 2) for t in dynamic]} s",
+        file=sys.stderr,
+    )
     return [
-        Figure("credits resume", "SIGKILL to next committed debit, p50", percentile(static, 50), "s",
-               "dynamic member (no instance name)", percentile(dynamic, 50), better="lower", target="<= 3 s"),
-        Figure("credits resume", "SIGKILL to next committed debit, max", max(static), "s",
-               "dynamic member (no instance name)", max(dynamic), better="lower"),
+        Figure(
+            "credits resume",
+            "SIGKILL to next committed debit, p50",
+            percentile(static, 50),
+            "s",
+            "dynamic member (no instance name)",
+            percentile(dynamic, 50),
+            better="lower",
+            target="<= 3 s",
+        ),
+        Figure(
+            "credits resume",
+            "SIGKILL to next committed debit, max",
+            max(static),
+            "s",
+            "dynamic member (no instance name)",
+            max(dynamic),
+            better="lower",
+        ),
     ]

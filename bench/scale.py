@@ -23,14 +23,23 @@ from bench.resume import ROOT, free_port, start_service
 async def drain(env: BenchEnv, prefix: str, n: int, processes: int) -> float:
     schema = await fresh_schema(env.database_url)
     group = "bench-scale-" + uuid.uuid4().hex[:8]
-    base = {"BYOK_ENV": "development", **os.environ, "PYTHONUNBUFFERED": "1",
-            "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
-            "DATABASE_URL": env.database_url, "DATABASE_SCHEMA": schema, "TOPIC_PREFIX": prefix,
-            "CONSUMER_GROUP": group, "LOG_LEVEL": "WARNING"}
+    base = {
+        "BYOK_ENV": "development",
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+        "DATABASE_URL": env.database_url,
+        "DATABASE_SCHEMA": schema,
+        "TOPIC_PREFIX": prefix,
+        "CONSUMER_GROUP": group,
+        "LOG_LEVEL": "WARNING",
+    }
     conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})
     log = ROOT / ".run" / "bench-scale.log"
-    procs = [start_service({**base, "HTTP_PORT": str(free_port()), "CREDITS_INSTANCE": f"scale-{i}"}, log)
-             for i in range(processes)]
+    procs = [
+        start_service({**base, "HTTP_PORT": str(free_port()), "CREDITS_INSTANCE": f"scale-{i}"}, log)
+        for i in range(processes)
+    ]
     try:
         count = 0
         while count == 0:
@@ -59,5 +68,8 @@ async def run(env: BenchEnv) -> list[Figure]:
     await prefill(env.kafka_bootstrap, prefix + "model_call_completed", n)
     one = await drain(env, prefix, n, 1)
     two = await drain(env, prefix, n, 2)
-    return [Figure("credits scale-out", f"throughput, 2 processes, {n:,} pre-filled events", two, "events/s",
-                   "1 process", one)]
+    return [
+        Figure(
+            "credits scale-out", f"throughput, 2 processes, {n:,} pre-filled events", two, "events/s", "1 process", one
+        )
+    ]

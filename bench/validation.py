@@ -24,9 +24,9 @@ from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import KeyCheckStatus, Provider
 from schemas.topics import topic_specs
 from services.provider_simulator.app import base_urls
+from services.shared.keycheck import KeyCheckRequester
 from services.shared.settings import CommonSettings
 from services.validation.checks import KeyChecker, make_http_client
-from services.validation.requester import KeyCheckRequester
 from services.validation.settings import ValidationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +79,16 @@ async def _concurrent(check, width: int, rounds: int) -> list[float]:
 
 def _figures(label: str, measured: list[float], baseline: list[float], targets: dict[int, str]) -> list[Figure]:
     return [
-        Figure(NAME, f"key-check round trip p{p}, {label}", percentile(measured, p), "ms",
-               f"direct in-process check p{p}", percentile(baseline, p), better="lower", target=targets.get(p, ""))
+        Figure(
+            NAME,
+            f"key-check round trip p{p}, {label}",
+            percentile(measured, p),
+            "ms",
+            f"direct in-process check p{p}",
+            percentile(baseline, p),
+            better="lower",
+            target=targets.get(p, ""),
+        )
         for p in (50, 99)
     ]
 
@@ -94,14 +102,35 @@ async def run(env: BenchEnv) -> list[Figure]:
     sim_root = f"http://127.0.0.1:{sim_port}"
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "services.provider_simulator", "--port", str(sim_port)],
-                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "services.provider_simulator", "--port", str(sim_port)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         await _wait_http(f"{sim_root}/healthz", procs[-1])
-        worker_env = {"BYOK_ENV": "development", **os.environ, **base_urls(sim_root), "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
-                      "TOPIC_PREFIX": prefix, "HTTP_PORT": str(worker_port), "CACHE_TTL_S": "0",
-                      "USER_CHECKS_PER_MINUTE": "1000000", "LOG_LEVEL": "WARNING"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "services.validation"], cwd=ROOT, env=worker_env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        worker_env = {
+            "BYOK_ENV": "development",
+            **os.environ,
+            **base_urls(sim_root),
+            "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+            "TOPIC_PREFIX": prefix,
+            "HTTP_PORT": str(worker_port),
+            "CACHE_TTL_S": "0",
+            "USER_CHECKS_PER_MINUTE": "1000000",
+            "LOG_LEVEL": "WARNING",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "services.validation"],
+                cwd=ROOT,
+                env=worker_env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         await _wait_http(f"http://127.0.0.1:{worker_port}/healthz", procs[-1])
 
         settings = ValidationSettings(**{k.lower(): v for k, v in base_urls(sim_root).items()})
@@ -113,6 +142,7 @@ async def run(env: BenchEnv) -> list[Figure]:
 
             common = CommonSettings(kafka_bootstrap_servers=env.kafka_bootstrap, topic_prefix=prefix)
             async with KeyCheckRequester(common, timeout_s=30) as requester:
+
                 async def over_kafka():
                     return (await requester.check(f"bench-{uuid.uuid4().hex[:6]}", Provider.OPENAI, KEY)).status
 
@@ -134,5 +164,6 @@ async def run(env: BenchEnv) -> list[Figure]:
             await admin.delete_topics([s.name for s in topic_specs(prefix=prefix)])
         finally:
             await admin.close()
-    return (_figures("sequential", seq_kafka, seq_direct, {50: "< 10 ms", 99: "< 50 ms"})
-            + _figures(f"{width} concurrent", con_kafka, con_direct, {}))
+    return _figures("sequential", seq_kafka, seq_direct, {50: "< 10 ms", 99: "< 50 ms"}) + _figures(
+        f"{width} concurrent", con_kafka, con_direct, {}
+    )

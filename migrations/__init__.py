@@ -17,6 +17,8 @@ import asyncpg
 MIGRATIONS_DIR = Path(__file__).parent
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_ID = 0x6279_6F6B  # "byok"
+# The migrations' current result (see migrations/schema.py): generated, never applied.
+CURRENT_SCHEMA = "schema.sql"
 
 
 class MigrationError(RuntimeError):
@@ -37,6 +39,8 @@ class Migration:
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     found = []
     for path in sorted(directory.glob("*.sql")):
+        if path.name == CURRENT_SCHEMA:
+            continue
         m = _NAME.match(path.name)
         if not m:
             raise MigrationError(f"{path.name}: migration files are named NNNN_description.sql")
@@ -61,15 +65,15 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path = MIGRATION
         for mig in discover(directory):
             if mig.version in done:
                 if done[mig.version]["checksum"] != mig.checksum:
-                    raise MigrationError(
-                        f"{mig.name} was changed after it was applied; add a new migration instead"
-                    )
+                    raise MigrationError(f"{mig.name} was changed after it was applied; add a new migration instead")
                 continue
             async with conn.transaction():
                 await conn.execute(mig.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    mig.version, mig.name, mig.checksum,
+                    mig.version,
+                    mig.name,
+                    mig.checksum,
                 )
             applied_now.append(mig.name)
     finally:

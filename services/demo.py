@@ -64,20 +64,27 @@ class Demo:
         return mint_token(self.s.auth_jwt_secret, user, role=role, ttl_s=900)
 
     def client(self, user: str) -> httpx.Client:
-        return httpx.Client(base_url=self.s.chat_url, timeout=60, headers={"Authorization": f"Bearer {self.token(user)}"})
+        return httpx.Client(
+            base_url=self.s.chat_url, timeout=60, headers={"Authorization": f"Bearer {self.token(user)}"}
+        )
 
     def fail(self, message: str) -> None:
         self.ok = False
         console.print(f"[bold red]✗ {message}[/]")
 
     def grant(self, user: str, plan: str) -> int:
-        r = httpx.post(f"{self.s.credits_url}/api/admin/grants", timeout=30,
-                       json={"grant_key": f"demo:{user}", "user_id": user, "plan": plan},
-                       headers={"Authorization": f"Bearer {self.token('demo-admin', 'admin')}"})
+        r = httpx.post(
+            f"{self.s.credits_url}/api/admin/grants",
+            timeout=30,
+            json={"grant_key": f"demo:{user}", "user_id": user, "plan": plan},
+            headers={"Authorization": f"Bearer {self.token('demo-admin', 'admin')}"},
+        )
         r.raise_for_status()
         return r.json()["credits"]
 
-    def settings(self, c: httpx.Client, provider: str, model: str, own: bool = False, key: str | None = None) -> httpx.Response:
+    def settings(
+        self, c: httpx.Client, provider: str, model: str, own: bool = False, key: str | None = None
+    ) -> httpx.Response:
         body = {"provider": provider, "model": model, "use_own_key": own} | ({"api_key": key} if key else {})
         r = c.post("/settings/model", json=body)
         if "byok_key" in r.cookies:
@@ -85,8 +92,15 @@ class Demo:
             c.cookies.set("byok_key", r.cookies["byok_key"])
         return r
 
-    def call(self, who: Expect, c: httpx.Client, feature: str, expect_status: int = 200,
-             expect_decision: str | None = None, expect_credits: int | None = None) -> None:
+    def call(
+        self,
+        who: Expect,
+        c: httpx.Client,
+        feature: str,
+        expect_status: int = 200,
+        expect_decision: str | None = None,
+        expect_credits: int | None = None,
+    ) -> None:
         r = c.post("/chat", json={"feature": feature, "message": f"demo {feature} request"})
         body = r.json()
         what = f"{feature} ({c.get('/api/model-settings').json()['model']})"
@@ -97,8 +111,10 @@ class Demo:
             return self.fail(f"{who.user} {feature}: HTTP {r.status_code}, expected {expect_status}: {body}")
         if r.status_code == 200:
             if (billing["decision"], billing["credits"]) != (expect_decision, expect_credits):
-                self.fail(f"{who.user} {feature}: billed {billing['decision']}/{billing['credits']}, "
-                          f"expected {expect_decision}/{expect_credits}")
+                self.fail(
+                    f"{who.user} {feature}: billed {billing['decision']}/{billing['credits']}, "
+                    f"expected {expect_decision}/{expect_credits}"
+                )
             who.event_credits[body["event_id"]] = (expect_decision, expect_credits)
         elif billing:  # a failed provider call still has an event: never billed
             who.event_credits[body["event_id"]] = ("not_billed_failed", 0)
@@ -125,7 +141,9 @@ class Demo:
             if refused.status_code != 400 or refused.json().get("status") != "revoked_or_expired":
                 self.fail(f"a revoked key was not refused: {refused.text}")
             r = self.settings(c, "groq", "llama-3.3-70b-versatile", own=True, key=BYOK_KEY)
-            console.print(f"  check of the user's key: {r.json().get('status')} ({r.json().get('key_hint')}): {r.json().get('message')}")
+            console.print(
+                f"  check of the user's key: {r.json().get('status')} ({r.json().get('key_hint')}): {r.json().get('message')}"
+            )
             if r.status_code != 200 or r.json().get("status") != "valid":
                 self.fail(f"the user's key was not accepted: {r.text}")
                 return [plat, byok]
@@ -142,8 +160,9 @@ class Demo:
         """The credit service's decisions for this run's events, read from `credit_ledger`."""
         wanted = {e for u in users for e in u.event_credits}
         found: dict[str, CreditOutcome] = {}
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.s.kafka_bootstrap_servers, group_id=None,
-                                    enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.s.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False
+        )
         await consumer.start()
         try:
             consumer.assign(list(start))
@@ -179,8 +198,11 @@ class Demo:
             await consumer.stop()
 
     def balance(self, user: str) -> int:
-        r = httpx.get(f"{self.s.credits_url}/api/credits/{user}", timeout=30,
-                      headers={"Authorization": f"Bearer {self.token(user)}"})
+        r = httpx.get(
+            f"{self.s.credits_url}/api/credits/{user}",
+            timeout=30,
+            headers={"Authorization": f"Bearer {self.token(user)}"},
+        )
         r.raise_for_status()
         return r.json()["balance"]
 
@@ -194,11 +216,19 @@ class Demo:
                 got = f"{o.decision.value}" if o else "—"
                 good = o is not None and (o.decision.value, o.credits) == (decision, credits)
                 if not good:
-                    self.fail(f"{u.user} event {event_id[:8]}: expected {decision}/{credits}, "
-                              f"decided {got}/{o.credits if o else '—'}")
+                    self.fail(
+                        f"{u.user} event {event_id[:8]}: expected {decision}/{credits}, "
+                        f"decided {got}/{o.credits if o else '—'}"
+                    )
                 mark = "[green]✓[/]" if good else "[red]✗[/]"
-                decisions.add_row(u.user, event_id[:8], f"{decision} {credits}", f"{mark} {got}",
-                                  str(o.credits if o else "—"), str(o.balance_after if o else "—"))
+                decisions.add_row(
+                    u.user,
+                    event_id[:8],
+                    f"{decision} {credits}",
+                    f"{mark} {got}",
+                    str(o.credits if o else "—"),
+                    str(o.balance_after if o else "—"),
+                )
         console.print(decisions)
         balances = Table(title="Balances")
         for col in ("user", "granted", "expected", "credit service", ""):
@@ -209,8 +239,13 @@ class Demo:
                 time.sleep(0.25)
             if seen != u.balance:
                 self.fail(f"{u.user}: balance {seen}, expected {u.balance}")
-            balances.add_row(u.user, str(u.granted), str(u.balance), str(seen),
-                             "[green]✓ right[/]" if seen == u.balance else "[red]✗ wrong[/]")
+            balances.add_row(
+                u.user,
+                str(u.granted),
+                str(u.balance),
+                str(seen),
+                "[green]✓ right[/]" if seen == u.balance else "[red]✗ wrong[/]",
+            )
         console.print(balances)
 
 
@@ -221,7 +256,9 @@ def main() -> int:
         try:
             httpx.get(url + "/healthz", timeout=5).raise_for_status()
         except httpx.HTTPError as exc:
-            console.print(f"[red]The {name} service at {url} does not answer ({exc}); start the stack with `make up`.[/]")
+            console.print(
+                f"[red]The {name} service at {url} does not answer ({exc}); start the stack with `make up`.[/]"
+            )
             return 2
     start = asyncio.run(demo.ledger_end())
     users = demo.scenario()

@@ -175,7 +175,10 @@ class PrivateServer:
     def run(self, *args: str) -> str:
         done = subprocess.run(
             ["bash", str(ROOT / "infra" / self.script), *args],
-            cwd=ROOT, env=self.env, capture_output=True, text=True,
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
         )
         if done.returncode:
             raise RuntimeError(f"{self.script} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
@@ -205,7 +208,8 @@ def private_kafka(private_state) -> Iterator[PrivateServer]:
     """A broker of this test's own (`.bootstrap`), started; stopped at the end whatever happened."""
     port, controller = free_port(), free_port()
     server = PrivateServer(
-        "kafka.sh", private_state,
+        "kafka.sh",
+        private_state,
         {"BYOK_KAFKA_PORT": str(port), "BYOK_KAFKA_CONTROLLER_PORT": str(controller), "BYOK_KAFKA_HEAP": "512M"},
     )
     server.bootstrap = f"127.0.0.1:{port}"
@@ -237,7 +241,9 @@ async def credit_service(stack, tmp_path):
 
     port = free_port()
     proc = ServiceProcess(
-        "services.credits", {**stack.env(), "HTTP_PORT": str(port)}, tmp_path / "credits.log",
+        "services.credits",
+        {**stack.env(), "HTTP_PORT": str(port)},
+        tmp_path / "credits.log",
         health_url=f"http://127.0.0.1:{port}/healthz",
     ).start()
     proc.port = port
@@ -257,9 +263,14 @@ def private_kafka_cluster(private_state) -> Iterator[PrivateServer]:
 
     port, controller = free_ports(3), free_ports(3)
     server = PrivateServer(
-        "kafka.sh", private_state,
-        {"BYOK_KAFKA_BROKERS": "3", "BYOK_KAFKA_PORT": str(port), "BYOK_KAFKA_CONTROLLER_PORT": str(controller),
-         "BYOK_KAFKA_HEAP": "512M"},
+        "kafka.sh",
+        private_state,
+        {
+            "BYOK_KAFKA_BROKERS": "3",
+            "BYOK_KAFKA_PORT": str(port),
+            "BYOK_KAFKA_CONTROLLER_PORT": str(controller),
+            "BYOK_KAFKA_HEAP": "512M",
+        },
     )
     server.bootstrap = ",".join(f"127.0.0.1:{port + i}" for i in range(3))
     server.kill = lambda node: server.run("kill", str(node))

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import CallStatus, Feature, KeySource, KeyCheckStatus, ModelCallCompleted, Provider
+from schemas.events import CallStatus, Feature, KeyCheckStatus, KeySource, ModelCallCompleted, Provider
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,9 +65,18 @@ def free_ports(n: int) -> int:
 
 def make_event(**overrides) -> ModelCallCompleted:
     fields = dict(
-        event_id=uuid.uuid4(), occurred_at=datetime.now(timezone.utc), user_id="alice", session_id="s1",
-        request_id=uuid.uuid4().hex, provider=Provider.OPENAI, model="gpt-4o", feature=Feature.CHAT,
-        key_source=KeySource.PLATFORM, status=CallStatus.SUCCEEDED, input_tokens=10, output_tokens=20,
+        event_id=uuid.uuid4(),
+        occurred_at=datetime.now(timezone.utc),
+        user_id="alice",
+        session_id="s1",
+        request_id=uuid.uuid4().hex,
+        provider=Provider.OPENAI,
+        model="gpt-4o",
+        feature=Feature.CHAT,
+        key_source=KeySource.PLATFORM,
+        status=CallStatus.SUCCEEDED,
+        input_tokens=10,
+        output_tokens=20,
         latency_ms=5,
     )
     fields.update(overrides)
@@ -75,8 +84,7 @@ def make_event(**overrides) -> ModelCallCompleted:
 
 
 async def publish(bootstrap: str, topic: str, values: list[bytes | ModelCallCompleted], keys=None) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                max_request_size=4 * 1024 * 1024)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024)
     await producer.start()
     try:
         futures = []
@@ -100,11 +108,12 @@ class ServiceProcess:
         self.env = {"BYOK_ENV": "development", **os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         return self
 

@@ -11,8 +11,8 @@ from services.chat.bootstrap import wire
 from services.chat.settings import ChatSettings
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
+from services.shared.sealing import SealingSettings
 from services.shared.settings import refuse_default_secrets
-from services.validation.settings import SealingSettings
 
 
 def main() -> None:
@@ -26,8 +26,16 @@ def main() -> None:
     # Like credits and validation: SIGTERM/SIGINT finish the requests in flight (their outbox rows
     # complete), stop the relay through the lifespan, and the process then exits 0 rather than by
     # the re-raised signal. uvloop and httptools are uvicorn's own picks when installed.
-    server = GracefulServer(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                                           access_log=False, log_config=None))
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+            log_config=None,
+        )
+    )
     server.run()
     log.info("chat service stopped")
 

@@ -6,7 +6,6 @@ Routes: `GET /` (the page), `POST /settings/model`, `GET /api/model-settings`, `
 on), `POST /auth/logout`, `GET /healthz`, `GET /metrics`.
 """
 
-
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -23,27 +22,40 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from billing.pricing import default_price_book
 from schemas.events import Feature, ModelId, Provider, utc_now
-from services.shared.providers import INFO
-from schemas.pricing import default_price_book
-from services.chat.catalog import catalog
 from services.chat.balances import BalanceReader, CreditsUnavailable
+from services.chat.catalog import catalog
 from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenReader, mint_token, token_from
 from services.chat.key_session import KEY_COOKIE, KeyRing, KeySealer
 from services.chat.service import (
-    BalanceUnknown, ChatRefused, ChatService, InvalidRequest, OwnKeyMissing, PaymentRequired, PlatformKeyMissing,
+    BalanceUnknown,
+    ChatRefused,
+    ChatService,
+    InvalidRequest,
+    OwnKeyMissing,
+    PaymentRequired,
+    PlatformKeyMissing,
     ProviderFailed,
 )
 from services.chat.settings import ChatSettings
-from services.shared.edge import (
-    HEALTH_RESPONSES, BodyLimit, describe, error_responses, install_http_error_handler, install_outage_handlers,
-)
 from services.chat.usage import UsageReader, UsageUnavailable
+from services.shared.edge import (
+    HEALTH_RESPONSES,
+    BodyLimit,
+    describe,
+    error_responses,
+    install_http_error_handler,
+    install_outage_handlers,
+)
+from services.shared.providers import INFO
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
-CALLS = Counter("chat_calls_total", "Model calls by feature, key source and outcome", ["feature", "key_source", "outcome"])
+CALLS = Counter(
+    "chat_calls_total", "Model calls by feature, key source and outcome", ["feature", "key_source", "outcome"]
+)
 REFUSALS = Counter("chat_refusals_total", "Calls refused before reaching a provider", ["reason"])
 
 STATUS_OF: dict[type[ChatRefused], int] = {
@@ -112,8 +124,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             app.state.wiring = wiring
             yield
 
-    app = FastAPI(title="byok-credits: chat service", version="1", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="byok-credits: chat service", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # Outermost: an oversized body is refused before authentication and parsing.
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes, body=error_body)
@@ -134,7 +145,8 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         return tokens.read(token_from(authorization, byok_session))
 
     async def session_keys(
-        who: Annotated[Identity, Depends(principal)], w: Annotated[Wiring, Depends(wiring)],
+        who: Annotated[Identity, Depends(principal)],
+        w: Annotated[Wiring, Depends(wiring)],
         byok_key: Annotated[str | None, Cookie()] = None,
     ) -> KeyRing:
         return w.sealer.open(who.user_id, who.session_id, byok_key)
@@ -144,8 +156,9 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     Wired = Annotated[Wiring, Depends(wiring)]
 
     def set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
-        response.set_cookie(name, value, max_age=max_age, httponly=True, secure=settings.cookie_secure,
-                            samesite="strict", path="/")
+        response.set_cookie(
+            name, value, max_age=max_age, httponly=True, secure=settings.cookie_secure, samesite="strict", path="/"
+        )
 
     def drop_cookie(response: Response, name: str) -> None:
         response.delete_cookie(name, path="/", httponly=True, secure=settings.cookie_secure, samesite="strict")
@@ -159,14 +172,18 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
 
     @app.exception_handler(AuthError)
     async def not_authenticated(_: Request, exc: AuthError) -> JSONResponse:
-        return JSONResponse({"error": "not_authenticated", "message": "Sign in first.", "detail": str(exc)},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(
+            {"error": "not_authenticated", "message": "Sign in first.", "detail": str(exc)},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     @app.exception_handler(ChatRefused)
     async def refused(_: Request, exc: ChatRefused) -> JSONResponse:
         REFUSALS.labels(exc.code).inc()
-        return JSONResponse({"error": exc.code, "message": exc.message, **exc.details},
-                            status_code=STATUS_OF.get(type(exc), 400))
+        return JSONResponse(
+            {"error": exc.code, "message": exc.message, **exc.details}, status_code=STATUS_OF.get(type(exc), 400)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -191,12 +208,16 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def config() -> dict:
         """What the page needs before sign-in."""
         prices = default_price_book().in_force(utc_now())
-        return {"dev_login": settings.dev_login, "models": catalog(prices),
-                "feature_credits": {f.value: c for f, c in prices.feature_prices.items()},
-                "feature_models": {f.value: {"provider": p.value, "model": m}
-                                   for f, (p, m) in settings.feature_models().items()},
-                "key_lifetime_s": settings.key_ttl_s,
-                "price_list_version": prices.version}
+        return {
+            "dev_login": settings.dev_login,
+            "models": catalog(prices),
+            "feature_credits": {f.value: c for f, c in prices.feature_prices.items()},
+            "feature_models": {
+                f.value: {"provider": p.value, "model": m} for f, (p, m) in settings.feature_models().items()
+            },
+            "key_lifetime_s": settings.key_ttl_s,
+            "price_list_version": prices.version,
+        }
 
     @app.post("/auth/dev-login", responses=error_responses(404, 413, 422))
     async def dev_login(body: DevLoginIn, w: Wired, response: Response) -> dict:
@@ -236,25 +257,38 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def balance(who: Who, w: Wired) -> JSONResponse:
         try:
             funds = await w.balances.funds(who)
-            return JSONResponse({"user_id": who.user_id, "balance": funds.balance, "held": funds.held,
-                                 "available": funds.available})
+            return JSONResponse(
+                {"user_id": who.user_id, "balance": funds.balance, "held": funds.held, "available": funds.available}
+            )
         except CreditsUnavailable as exc:
-            return JSONResponse({"error": "credits_unavailable", "message": "Your balance cannot be read right now.",
-                                 "detail": str(exc)}, status_code=503)
+            return JSONResponse(
+                {
+                    "error": "credits_unavailable",
+                    "message": "Your balance cannot be read right now.",
+                    "detail": str(exc),
+                },
+                status_code=503,
+            )
 
     @app.get("/api/usage", responses=error_responses(401, 503))
     async def usage(who: Who, w: Wired) -> JSONResponse:
         """The user's last 50 calls (time, feature, provider, model, key source, decision, credits), from
         the ledger through the credit service, and their latest grant."""
         if w.usage is None:
-            return JSONResponse({"error": "usage_unavailable", "message": "Usage history is not available here."},
-                                status_code=503)
+            return JSONResponse(
+                {"error": "usage_unavailable", "message": "Usage history is not available here."}, status_code=503
+            )
         try:
             return JSONResponse({"user_id": who.user_id, **await w.usage.usage(who, 50)})
         except UsageUnavailable as exc:
-            return JSONResponse({"error": "usage_unavailable", "detail": str(exc),
-                                 "message": "Your usage history cannot be read right now; try again in a minute."},
-                                status_code=503)
+            return JSONResponse(
+                {
+                    "error": "usage_unavailable",
+                    "detail": str(exc),
+                    "message": "Your usage history cannot be read right now; try again in a minute.",
+                },
+                status_code=503,
+            )
 
     @app.get("/api/model-settings", responses=error_responses(401, 503))
     async def model_settings(who: Who, ring: Key, w: Wired) -> dict:
@@ -267,18 +301,28 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         view = await w.service.view(who, {p: k for p, k in ring.items() if p is not provider})
         keep_keys(response, w, who, {p: held.key for p, held in view.keys.items()})
         name = INFO[provider].name
-        message = (f"Your {name} key was removed from this session; a saved copy of it no longer works here."
-                   if removed else f"There was no {name} key in this session.")
+        message = (
+            f"Your {name} key was removed from this session; a saved copy of it no longer works here."
+            if removed
+            else f"There was no {name} key in this session."
+        )
         return {"removed": bool(removed), "message": message, "settings": view.as_dict()}
 
     # 400 is the settings answer itself, with `accepted: false`: the key's check refused it.
-    @app.post("/settings/model", responses={
-        400: {"description": "The key was refused by its check; nothing changed",
-              "content": {"application/json": {"schema": {"type": "object", "required": ["accepted", "message"]}}}},
-        **error_responses(401, 409, 413, 422, 503)})
+    @app.post(
+        "/settings/model",
+        responses={
+            400: {
+                "description": "The key was refused by its check; nothing changed",
+                "content": {"application/json": {"schema": {"type": "object", "required": ["accepted", "message"]}}},
+            },
+            **error_responses(401, 409, 413, 422, 503),
+        },
+    )
     async def update_settings(body: SettingsIn, who: Who, ring: Key, w: Wired, response: Response) -> dict:
-        change = await w.service.update_settings(who, ring, body.provider, body.model, body.use_own_key, body.api_key,
-                                                 body.fallback_to_platform)
+        change = await w.service.update_settings(
+            who, ring, body.provider, body.model, body.use_own_key, body.api_key, body.fallback_to_platform
+        )
         if change.discard_key:
             new_ring: KeyRing = {}
         elif change.keep_key is not None:
@@ -290,30 +334,37 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         view = await w.service.view(who, new_ring)
         if change.discard_key or change.keep_key is not None or len(view.keys) != len(ring):
             keep_keys(response, w, who, {p: held.key for p, held in view.keys.items()})
-        answer = {"accepted": change.accepted, "message": change.message, "settings": view.as_dict(),
-                  "key_check": None}
+        answer = {"accepted": change.accepted, "message": change.message, "settings": view.as_dict(), "key_check": None}
         if change.check is not None:
             check = change.check.model_dump(mode="json")
             # The KeyCheckResult's own fields at the top level too (status, message, key_hint, ...).
             answer = {**check, **answer, "key_check": check, "message": change.check.message}
         return answer
 
-    chat_body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatIn"}}},
-                 "required": True}
+    chat_body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatIn"}}}, "required": True}
 
     # The hot route reads its inputs itself rather than through dependencies: FastAPI's dependency
     # solving and response encoding cost more than the rest of the route. Same order as the others
     # (who is calling, then the body), same refusals (401, then 422 through `invalid`).
-    @app.post("/chat", openapi_extra={"requestBody": chat_body},
-              responses=error_responses(401, 402, 409, 413, 422, 502, 503))
+    @app.post(
+        "/chat", openapi_extra={"requestBody": chat_body}, responses=error_responses(401, 402, 409, 413, 422, 502, 503)
+    )
     async def chat(request: Request) -> JSONResponse:
         who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
         w: Wiring = request.app.state.wiring
         ring = w.sealer.open(who.user_id, who.session_id, request.cookies.get(KEY_COOKIE))
         if not is_json(request.headers.get("content-type")):
             # As FastAPI does for the other routes: a cross-site form can post text/plain, never JSON.
-            raise RequestValidationError([{"type": "content_type", "loc": ("body",), "input": None,
-                                           "msg": "send the body as JSON (Content-Type: application/json)"}])
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "content_type",
+                        "loc": ("body",),
+                        "input": None,
+                        "msg": "send the body as JSON (Content-Type: application/json)",
+                    }
+                ]
+            )
         try:
             body = ChatIn.model_validate_json(await request.body())
         except ValidationError as exc:
@@ -325,20 +376,22 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             raise
         event = result.event
         CALLS.labels(event.feature.value, event.key_source.value, "succeeded").inc()
-        return JSONResponse({
-            "reply": result.reply,
-            "provider": event.provider.value,
-            "model": event.model,
-            "feature": event.feature.value,
-            "key_source": event.key_source.value,
-            "event_id": str(event.event_id),
-            "usage": {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
-            "latency_ms": event.latency_ms,
-            "billing": result.billing.as_dict(),
-            # BYOK chat that ran on platform credits because the user chose to fall back: said so.
-            "fallback": result.fallback,
-            "notice": result.notice,
-        })
+        return JSONResponse(
+            {
+                "reply": result.reply,
+                "provider": event.provider.value,
+                "model": event.model,
+                "feature": event.feature.value,
+                "key_source": event.key_source.value,
+                "event_id": str(event.event_id),
+                "usage": {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
+                "latency_ms": event.latency_ms,
+                "billing": result.billing.as_dict(),
+                # BYOK chat that ran on platform credits because the user chose to fall back: said so.
+                "fallback": result.fallback,
+                "notice": result.notice,
+            }
+        )
 
     def openapi() -> dict:
         # /chat reads its body itself, so FastAPI does not know ChatIn: its schema (and the enums it

@@ -58,8 +58,9 @@ class BalanceReader:
     async def balance(self, who: Identity) -> int:
         return (await self.funds(who)).available
 
-    async def reserve(self, who: Identity, event_id: UUID, feature: Feature, provider: Provider,
-                      model: str) -> Reservation:
+    async def reserve(
+        self, who: Identity, event_id: UUID, feature: Feature, provider: Provider, model: str
+    ) -> Reservation:
         """Place the admission hold of one billable call; raises HoldRefused or CreditsUnavailable."""
         raise NotImplementedError
 
@@ -91,8 +92,9 @@ class HttpBalanceReader(BalanceReader):
         except (ValueError, KeyError, TypeError):
             raise CreditsUnavailable("the credit service sent an unreadable balance") from None
 
-    async def reserve(self, who: Identity, event_id: UUID, feature: Feature, provider: Provider,
-                      model: str) -> Reservation:
+    async def reserve(
+        self, who: Identity, event_id: UUID, feature: Feature, provider: Provider, model: str
+    ) -> Reservation:
         body = {"event_id": str(event_id), "feature": feature.value, "provider": provider.value, "model": model}
         try:
             response = await self.client.post(f"{self.credits_url}/api/holds", json=body, headers=self._auth(who))
@@ -106,8 +108,9 @@ class HttpBalanceReader(BalanceReader):
                 raise HoldRefused(int(answer["needed"]), int(answer["available"]), int(answer.get("held", 0)))
         except (ValueError, KeyError, TypeError):
             raise CreditsUnavailable("the credit service sent an unreadable answer") from None
-        raise CreditsUnavailable(f"the credit service refused the hold (HTTP {response.status_code}: "
-                                 f"{str(answer.get('detail', ''))[:200]})")
+        raise CreditsUnavailable(
+            f"the credit service refused the hold (HTTP {response.status_code}: {str(answer.get('detail', ''))[:200]})"
+        )
 
     async def release(self, who: Identity, event_id: UUID) -> None:
         try:
@@ -131,9 +134,9 @@ class FixedBalances(BalanceReader):
         return Funds(self.balances.get(who.user_id, 0), held)
 
     async def reserve(self, who, event_id, feature, provider, model) -> Reservation:
+        from billing.policy import price_of
+        from billing.pricing import default_price_book
         from schemas.events import utc_now
-        from schemas.pricing import default_price_book
-        from services.credits.policy import price_of
 
         credits = price_of(feature, model, default_price_book().in_force(utc_now()))
         funds = await self.funds(who)

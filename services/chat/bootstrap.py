@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from billing.pricing import default_price_book
 from schemas.events import KeyCheckResult, Provider
-from schemas.pricing import default_price_book
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
 from services.chat.identity import mint_token
@@ -33,7 +33,7 @@ def key_sealer(settings: ChatSettings) -> KeySealer:
 
 
 class StartingKeyChecker:
-    """The validation service's requester, started on first use, so the chat service comes up (and
+    """The key-check requester (services/shared/keycheck.py), started on first use, so the chat service comes up (and
     platform calls work) while Kafka is still down; a check then answers 'provider_unavailable'."""
 
     def __init__(self, settings: ChatSettings):
@@ -44,7 +44,7 @@ class StartingKeyChecker:
     async def _ready(self):
         async with self._lock:
             if self._requester is None:
-                from services.validation.requester import KeyCheckRequester
+                from services.shared.keycheck import KeyCheckRequester
 
                 requester = KeyCheckRequester(self.settings)
                 await requester.start()
@@ -76,11 +76,16 @@ class StartingKeyChecker:
 async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> AsyncIterator[Wiring]:
     await migrate(settings.database_url, settings.database_schema)
     # The chat service never changes a session's state, so connections go back to the pool unreset.
-    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size,
-                             reset_sessions=False)
+    pool = await create_pool(
+        settings.database_url, settings.database_schema, max_size=settings.db_pool_size, reset_sessions=False
+    )
     relay = OutboxRelay(
-        pool, lambda: make_producer(settings.kafka_bootstrap_servers), settings.model_call_completed_topic,
-        batch=settings.relay_batch, idle_poll_s=settings.relay_idle_poll_s, linger_s=settings.relay_linger_s,
+        pool,
+        lambda: make_producer(settings.kafka_bootstrap_servers),
+        settings.model_call_completed_topic,
+        batch=settings.relay_batch,
+        idle_poll_s=settings.relay_idle_poll_s,
+        linger_s=settings.relay_linger_s,
         stale_after_s=settings.outbox_stale_after_s,
     )
     # httpcore scans its pool on every request: keep the idle part of it modest.
@@ -96,15 +101,25 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     checker = checker or StartingKeyChecker(settings)
     balances: BalanceReader = HttpBalanceReader(credits_http, settings.credits_url)
     service = ChatService(
-        store=PgSettingsStore(pool), outbox=PgOutbox(pool, relay.wake), balances=balances, checker=checker,
-        call_model=call_model, platform_keys=settings.platform_keys(), price_book=default_price_book(),
-        default_provider=settings.default_provider, default_model=settings.default_model,
-        feature_models=settings.feature_models(), key_ttl_s=settings.key_ttl_s,
-        key_check_timeout_s=settings.key_check_timeout_s, admission_holds=settings.admission_holds,
+        store=PgSettingsStore(pool),
+        outbox=PgOutbox(pool, relay.wake),
+        balances=balances,
+        checker=checker,
+        call_model=call_model,
+        platform_keys=settings.platform_keys(),
+        price_book=default_price_book(),
+        default_provider=settings.default_provider,
+        default_model=settings.default_model,
+        feature_models=settings.feature_models(),
+        key_ttl_s=settings.key_ttl_s,
+        key_check_timeout_s=settings.key_check_timeout_s,
+        admission_holds=settings.admission_holds,
     )
     if not settings.admission_holds:
-        log.warning("ADMISSION_HOLDS is off: platform calls start without reserving their price and can "
-                    "overspend a balance. This is for the benchmark's baseline only.")
+        log.warning(
+            "ADMISSION_HOLDS is off: platform calls start without reserving their price and can "
+            "overspend a balance. This is for the benchmark's baseline only."
+        )
 
     async def grant_plan(user_id: str) -> dict:
         admin = mint_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
@@ -126,9 +141,14 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     await relay.start()
     warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
     try:
-        yield Wiring(service, key_sealer(settings), balances,
-                     grant_plan if settings.dev_login and settings.dev_login_grant_plan else None, healthy,
-                     usage=HttpUsageReader(credits_http, settings.credits_url))
+        yield Wiring(
+            service,
+            key_sealer(settings),
+            balances,
+            grant_plan if settings.dev_login and settings.dev_login_grant_plan else None,
+            healthy,
+            usage=HttpUsageReader(credits_http, settings.credits_url),
+        )
     finally:
         await relay.stop()
         if warming is not None:

@@ -32,8 +32,13 @@ class ServiceProcess:
         self.name, self.module = name, module
         self.port = port or free_port()
         # Local runs: the services accept their development defaults (see refuse_default_secrets).
-        self.env = {"BYOK_ENV": "development", **os.environ, **env, "HTTP_PORT": str(self.port),
-                    "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            "BYOK_ENV": "development",
+            **os.environ,
+            **env,
+            "HTTP_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.log_path = Path(log_dir) / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -44,8 +49,9 @@ class ServiceProcess:
     def start(self, timeout_s: float = 60) -> ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         while True:

@@ -67,10 +67,12 @@ class KeySealer:
         return b"byok-key-ring\x00" + user_id.encode() + b"\x00" + session_id.encode()
 
     def seal(self, user_id: str, session_id: str, ring: KeyRing) -> str:
-        payload = json.dumps([
-            {"id": str(k.key_id), "p": k.provider.value, "k": k.api_key, "h": k.hint, "exp": k.expires_at}
-            for k in ring.values()
-        ]).encode()
+        payload = json.dumps(
+            [
+                {"id": str(k.key_id), "p": k.provider.value, "k": k.api_key, "h": k.hint, "exp": k.expires_at}
+                for k in ring.values()
+            ]
+        ).encode()
         nonce = os.urandom(_NONCE)
         sealed = self._aead.encrypt(nonce, payload, self._bound_to(user_id, session_id))
         return base64.urlsafe_b64encode(_VERSION + nonce + sealed).decode().rstrip("=")
@@ -87,7 +89,7 @@ class KeySealer:
             raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
             if raw[:1] != _VERSION:
                 return {}
-            payload = self._aead.decrypt(raw[1:1 + _NONCE], raw[1 + _NONCE:], self._bound_to(user_id, session_id))
+            payload = self._aead.decrypt(raw[1 : 1 + _NONCE], raw[1 + _NONCE :], self._bound_to(user_id, session_id))
             entries = json.loads(payload)
             keys = [SessionKey(uuid.UUID(e["id"]), Provider(e["p"]), e["k"], e["h"], int(e["exp"])) for e in entries]
         except (InvalidTag, ValueError, KeyError, TypeError):

@@ -48,13 +48,17 @@ class PgOutbox(Outbox):
     async def begin(self, pending: ModelCallCompleted) -> int:
         return await self.pool.fetchval(
             "INSERT INTO chat_outbox (event_id, user_id, payload) VALUES ($1, $2, $3) RETURNING id",
-            pending.event_id, pending.user_id, pending.to_json(),
+            pending.event_id,
+            pending.user_id,
+            pending.to_json(),
         )
 
     async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
         done = await self.pool.fetchval(
             "UPDATE chat_outbox SET payload = $2, ready = true WHERE id = $1 AND event_id = $3 RETURNING id",
-            handle, event.to_json(), event.event_id,
+            handle,
+            event.to_json(),
+            event.event_id,
         )
         if done is None:
             log.warning("call %s completed after its pending event was published as failed", event.event_id)
@@ -105,7 +109,12 @@ class OutboxRelay:
         send_timeout_s: float = 15.0,
     ):
         self.pool, self.make_producer, self.topic = pool, make_producer, topic
-        self.batch, self.idle_poll_s, self.stale_after_s, self.send_timeout_s = batch, idle_poll_s, stale_after_s, send_timeout_s
+        self.batch, self.idle_poll_s, self.stale_after_s, self.send_timeout_s = (
+            batch,
+            idle_poll_s,
+            stale_after_s,
+            send_timeout_s,
+        )
         # After a wake-up, wait this long for more rows: under load one relay round (a transaction and
         # a Kafka acknowledgement) then carries many events instead of one or two.
         self.linger_s = linger_s
@@ -155,7 +164,7 @@ class OutboxRelay:
             try:
                 sent = await self.relay_once()
                 backoff = 0.2
-            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, KafkaError, OSError) as exc:
                 # Kafka is down or slow: keep the rows, start afresh with a new producer later.
                 log.warning("outbox relay cannot reach Kafka (%s); retrying in %.1f s", type(exc).__name__, backoff)
                 await self._drop_producer()
@@ -163,7 +172,9 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
                 continue
             except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError) as exc:
-                log.warning("outbox relay cannot reach PostgreSQL (%s); retrying in %.1f s", type(exc).__name__, backoff)
+                log.warning(
+                    "outbox relay cannot reach PostgreSQL (%s); retrying in %.1f s", type(exc).__name__, backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -176,7 +187,7 @@ class OutboxRelay:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 else:
                     if self.linger_s > 0:
@@ -195,7 +206,8 @@ class OutboxRelay:
                         WHERE ready OR created_at < now() - make_interval(secs => $1)
                         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
                    RETURNING id, user_id, payload""",
-                self.stale_after_s, self.batch,
+                self.stale_after_s,
+                self.batch,
             )
             if not rows:
                 return 0
@@ -217,7 +229,7 @@ class OutboxRelay:
                     raise
                 await park(conn, "chat_outbox", self.topic, r["user_id"].encode(), bytes(r["payload"]), "{}", exc)
         results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-        for (r, _), result in zip(sent, results):
+        for (r, _), result in zip(sent, results, strict=True):
             if isinstance(result, BaseException):
                 if not refused_for_content(result):
                     raise result

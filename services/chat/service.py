@@ -3,7 +3,7 @@
 Entry points (HTTP routes) translate requests into calls of `ChatService`; adapters (PostgreSQL,
 Kafka, the credit service, providers, the key checker) are reached through the ports passed in, so
 unit tests run these rules with fakes. The credit policy itself is not restated here: `is_billable`,
-`price_of` and `decide` come from `services.credits.policy`, the very code the credit service runs.
+`price_of` and `decide` come from `billing.policy`, the very code the credit service runs.
 """
 
 from __future__ import annotations
@@ -18,19 +18,32 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
+from billing.policy import UnpricedModel, decide, is_billable, price_of
+from billing.pricing import PriceBook
 from schemas.events import (
-    MODEL_ID_PATTERN, CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, ModelCallCompleted,
-    Provider, utc_now,
+    MODEL_ID_PATTERN,
+    CallStatus,
+    Decision,
+    Feature,
+    KeyCheckResult,
+    KeyCheckStatus,
+    KeySource,
+    ModelCallCompleted,
+    Provider,
+    utc_now,
 )
-from schemas.pricing import PriceBook
 from services.chat.balances import BalanceReader, CreditsUnavailable, HoldRefused, Reservation
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing, SessionKey
 from services.chat.outbox import Outbox
 from services.chat.store import (
-    REVOKED_BYOK_OFF, REVOKED_REMOVED, REVOKED_SIGN_OUT, KeyRecord, ModelSettings, SettingsStore,
+    REVOKED_BYOK_OFF,
+    REVOKED_REMOVED,
+    REVOKED_SIGN_OUT,
+    KeyRecord,
+    ModelSettings,
+    SettingsStore,
 )
-from services.credits.policy import UnpricedModel, decide, is_billable, price_of
 from services.shared.providers import INFO, ChatReply, ProviderError, key_hint, normalize_key
 
 log = logging.getLogger(__name__)
@@ -171,10 +184,15 @@ class SettingsChange:
 
 
 # Statuses after which a key is of no use until it is replaced: a check or a call said so.
-DEAD_KEY_STATUSES = frozenset({
-    KeyCheckStatus.INVALID.value, KeyCheckStatus.REVOKED_OR_EXPIRED.value, KeyCheckStatus.PERMISSION_DENIED.value,
-    KeyCheckStatus.QUOTA_EXHAUSTED.value, KeyCheckStatus.MALFORMED.value,
-})
+DEAD_KEY_STATUSES = frozenset(
+    {
+        KeyCheckStatus.INVALID.value,
+        KeyCheckStatus.REVOKED_OR_EXPIRED.value,
+        KeyCheckStatus.PERMISSION_DENIED.value,
+        KeyCheckStatus.QUOTA_EXHAUSTED.value,
+        KeyCheckStatus.MALFORMED.value,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -190,9 +208,15 @@ class HeldKey:
 
     def as_dict(self) -> dict:
         r = self.record
-        return {"provider": r.provider.value, "name": INFO[r.provider].name, "key_hint": r.hint,
-                "key_status": r.status, "key_message": r.message, "usable": self.usable,
-                "expires_at": r.expires_at.isoformat()}
+        return {
+            "provider": r.provider.value,
+            "name": INFO[r.provider].name,
+            "key_hint": r.hint,
+            "key_status": r.status,
+            "key_message": r.message,
+            "usable": self.usable,
+            "expires_at": r.expires_at.isoformat(),
+        }
 
 
 @dataclass(frozen=True)
@@ -216,9 +240,15 @@ class Route:
 
     def as_dict(self) -> dict:
         runs_on = "paused" if self.refusal else "your_key" if self.key_source is KeySource.BYOK else "platform"
-        return {"runs_on": runs_on, "provider": self.provider.value, "model": self.model,
-                "key_source": self.key_source.value, "credits": self.credits, "fallback": self.fallback,
-                "message": self.refusal.message if self.refusal else self.note}
+        return {
+            "runs_on": runs_on,
+            "provider": self.provider.value,
+            "model": self.model,
+            "key_source": self.key_source.value,
+            "credits": self.credits,
+            "fallback": self.fallback,
+            "message": self.refusal.message if self.refusal else self.note,
+        }
 
 
 @dataclass(frozen=True)
@@ -310,18 +340,38 @@ class ChatService:
         if feature is not Feature.CHAT:
             # Always the platform's model for the feature, never the one the user chose.
             provider, model = self.feature_models[feature]
-            return Route(feature, KeySource.PLATFORM, provider, model, prices.feature_prices[feature],
-                         note=f"{FEATURE_NAMES[feature]} always runs on the platform's {model} and uses credits.")
+            return Route(
+                feature,
+                KeySource.PLATFORM,
+                provider,
+                model,
+                prices.feature_prices[feature],
+                note=f"{FEATURE_NAMES[feature]} always runs on the platform's {model} and uses credits.",
+            )
         provider, model, name = s.provider, s.model, INFO[s.provider].name
         price = prices.model_price(model)
         if not s.use_own_key:
-            return Route(feature, KeySource.PLATFORM, provider, model, price,
-                         note="Chat runs on platform credits." if price is not None else
-                         f"{model} has no platform price: switch on “use my own API key” to call it.")
+            return Route(
+                feature,
+                KeySource.PLATFORM,
+                provider,
+                model,
+                price,
+                note="Chat runs on platform credits."
+                if price is not None
+                else f"{model} has no platform price: switch on “use my own API key” to call it.",
+            )
         key = held.get(provider)
         if key is not None and key.usable:
-            return Route(feature, KeySource.BYOK, provider, model, 0, held=key,
-                         note=f"Chat runs on your {name} key {key.record.hint}: no credits.")
+            return Route(
+                feature,
+                KeySource.BYOK,
+                provider,
+                model,
+                0,
+                held=key,
+                note=f"Chat runs on your {name} key {key.record.hint}: no credits.",
+            )
         if key is None:
             why = f"This session has no {name} key"
             act = f"Paste your {name} key and press Check"
@@ -329,13 +379,22 @@ class ChatService:
             why = f"Your {name} key {key.record.hint} failed its last check ({key.record.status.replace('_', ' ')})"
             act = f"Paste a working {name} key and press Check"
         if s.fallback_to_platform and price is not None:
-            return Route(feature, KeySource.PLATFORM, provider, model, price, fallback=True, reason=why,
-                         note=f"{why}, so chat falls back to platform credits, as you chose: "
-                              f"{price} credit{'s' if price != 1 else ''} per message.")
+            return Route(
+                feature,
+                KeySource.PLATFORM,
+                provider,
+                model,
+                price,
+                fallback=True,
+                reason=why,
+                note=f"{why}, so chat falls back to platform credits, as you chose: "
+                f"{price} credit{'s' if price != 1 else ''} per message.",
+            )
         refusal = OwnKeyMissing(
             f"{why}, so chat is paused and nothing is charged. {act}, or switch “use my own API key” off "
             "to use platform credits" + (", or allow falling back to platform credits." if price is not None else "."),
-            provider=provider.value, key_status=key.record.status if key else "missing",
+            provider=provider.value,
+            key_status=key.record.status if key else "missing",
         )
         return Route(feature, KeySource.BYOK, provider, model, 0, held=key, refusal=refusal, reason=why)
 
@@ -349,16 +408,24 @@ class ChatService:
         return SettingsView(s, dict(held), routes, price, self.key_ttl_s)
 
     async def update_settings(
-        self, who: Identity, ring: KeyRing | None, provider: Provider, model: str, use_own_key: bool,
-        api_key: str | None, fallback_to_platform: bool | None = None,
+        self,
+        who: Identity,
+        ring: KeyRing | None,
+        provider: Provider,
+        model: str,
+        use_own_key: bool,
+        api_key: str | None,
+        fallback_to_platform: bool | None = None,
     ) -> SettingsChange:
         """Apply new settings; a supplied key is checked first and a refused key changes nothing."""
         model = model.strip()
         if not model:
             raise InvalidRequest("Choose a model.")
         if not re.fullmatch(MODEL_ID_PATTERN, model):
-            raise InvalidRequest("A model id is 1 to 100 letters, digits, '.', '_', ':' or '-'. Choose a model "
-                                 "from the list.", reason="invalid_model")
+            raise InvalidRequest(
+                "A model id is 1 to 100 letters, digits, '.', '_', ':' or '-'. Choose a model from the list.",
+                reason="invalid_model",
+            )
         current, held = await self.state(who, ring)
         fallback = current.fallback_to_platform if fallback_to_platform is None else fallback_to_platform
         new = ModelSettings(who.user_id, provider, model, use_own_key, fallback)
@@ -368,25 +435,46 @@ class ChatService:
             # Every key of the user goes, on the server too: a saved copy of the cookie opens nothing.
             revoked = await self.store.revoke_keys(who.user_id, REVOKED_BYOK_OFF)
             gone = ", ".join(f"{INFO[p].name} {k.record.hint}" for p, k in held.items())
-            return SettingsChange(True, new, discard_key=True, message=(
-                f"Your keys ({gone}) were removed from this session. " if gone else
-                "Your earlier keys were removed. " if revoked else "") + "Calls now run on platform credits.")
+            return SettingsChange(
+                True,
+                new,
+                discard_key=True,
+                message=(
+                    f"Your keys ({gone}) were removed from this session. "
+                    if gone
+                    else "Your earlier keys were removed. "
+                    if revoked
+                    else ""
+                )
+                + "Calls now run on platform credits.",
+            )
         if api_key is not None and normalize_key(api_key):
             api_key = normalize_key(api_key)
             result = await self._check(who, provider, api_key)
             if result.status is not KeyCheckStatus.VALID:
                 earlier = held.get(provider)
-                keep = (f" Your earlier {name} key {earlier.record.hint} is still the one in use."
-                        if earlier and earlier.usable else "")
+                keep = (
+                    f" Your earlier {name} key {earlier.record.hint} is still the one in use."
+                    if earlier and earlier.usable
+                    else ""
+                )
                 return SettingsChange(False, current, result, message=result.message + keep)
             hint = result.key_hint or key_hint(api_key) or ""
             key = SessionKey(uuid.uuid4(), provider, api_key, hint, int(time.time()) + self.key_ttl_s)
             expires = datetime.fromtimestamp(key.expires_at, tz=timezone.utc)
-            await self.store.add_key(who.user_id, session_of(who),
-                                     KeyRecord(key.key_id, provider, hint, result.status.value, result.message, expires))
+            await self.store.add_key(
+                who.user_id,
+                session_of(who),
+                KeyRecord(key.key_id, provider, hint, result.status.value, result.message, expires),
+            )
             await self.store.put(new)
-            return SettingsChange(True, new, result, keep_key=key,
-                                  message=f"Chat now runs on your {name} key: no credits are used for chat.")
+            return SettingsChange(
+                True,
+                new,
+                result,
+                keep_key=key,
+                message=f"Chat now runs on your {name} key: no credits are used for chat.",
+            )
         await self.store.put(new)
         message = self._view(new, held).routes[Feature.CHAT].as_dict()["message"]
         return SettingsChange(True, new, message=message)
@@ -402,12 +490,14 @@ class ChatService:
     async def _check(self, who: Identity, provider: Provider, api_key: str) -> KeyCheckResult:
         try:
             return await self.checker.check(who.user_id, provider, api_key, self.key_check_timeout_s)
-        except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             log.warning("key check for %s could not complete: %s", who.user_id, type(exc).__name__)
             return KeyCheckResult(
-                request_id=uuid.uuid4(), provider=provider, status=KeyCheckStatus.PROVIDER_UNAVAILABLE,
+                request_id=uuid.uuid4(),
+                provider=provider,
+                status=KeyCheckStatus.PROVIDER_UNAVAILABLE,
                 message="We could not check your key just now (the key checker did not answer). "
-                        "The key may well be fine: try again in a minute.",
+                "The key may well be fine: try again in a minute.",
                 key_hint=key_hint(api_key),
             )
 
@@ -430,14 +520,25 @@ class ChatService:
         else:
             api_key = self.platform_keys.get(provider)
             if not api_key:
-                raise PlatformKeyMissing(f"The platform has no {INFO[provider].name} key configured. "
-                                         "Use your own key for chat, or choose another provider.")
+                raise PlatformKeyMissing(
+                    f"The platform has no {INFO[provider].name} key configured. "
+                    "Use your own key for chat, or choose another provider."
+                )
         self._refuse_unrunnable(model, key_source)
         pending = ModelCallCompleted(
-            event_id=uuid.uuid4(), occurred_at=self.clock(), user_id=who.user_id,
-            session_id=who.session_id or "api", request_id=uuid.uuid4().hex, provider=provider, model=model,
-            feature=feature, key_source=key_source, status=CallStatus.FAILED,
-            input_tokens=0, output_tokens=0, latency_ms=0,
+            event_id=uuid.uuid4(),
+            occurred_at=self.clock(),
+            user_id=who.user_id,
+            session_id=who.session_id or "api",
+            request_id=uuid.uuid4().hex,
+            provider=provider,
+            model=model,
+            feature=feature,
+            key_source=key_source,
+            status=CallStatus.FAILED,
+            input_tokens=0,
+            output_tokens=0,
+            latency_ms=0,
         )
         # The outbox row is written while the price is reserved (two round trips at once); a refused
         # call's row is discarded again, as the call never happened.
@@ -468,11 +569,15 @@ class ChatService:
             billing = self._billing(event, None)
             whose = "Your" if key_source is KeySource.BYOK else "The platform's"
             raise ProviderFailed(
-                exc.verdict.message if key_source is KeySource.BYOK else
-                f"{INFO[provider].name} could not answer this call ({exc.verdict.status.value}). No credits were used; "
+                exc.verdict.message
+                if key_source is KeySource.BYOK
+                else f"{INFO[provider].name} could not answer this call ({exc.verdict.status.value}). No credits were used; "
                 "try again in a minute.",
-                key_status=exc.verdict.status.value, key_source=key_source.value, whose_key=whose,
-                event_id=str(event.event_id), billing=billing.as_dict(),
+                key_status=exc.verdict.status.value,
+                key_source=key_source.value,
+                whose_key=whose,
+                event_id=str(event.event_id),
+                billing=billing.as_dict(),
             ) from None
         except BaseException:
             # Anything else (a bug, a cancelled request): the call is recorded as failed now, not later.
@@ -486,8 +591,10 @@ class ChatService:
             await self.store.mark_key(key.key_id, KeyCheckStatus.VALID.value, f"Your {name} key works.")
         notice = None
         if route.fallback:
-            notice = (f"{route.reason}, so this answer ran on platform credits, as you chose: "
-                      f"{billing.credits} credit{'s' if billing.credits != 1 else ''} charged.")
+            notice = (
+                f"{route.reason}, so this answer ran on platform credits, as you chose: "
+                f"{billing.credits} credit{'s' if billing.credits != 1 else ''} charged."
+            )
         return CallResult(reply.text, event, billing, route.fallback, notice)
 
     def _refuse_unrunnable(self, model: str, key_source: KeySource) -> None:
@@ -495,15 +602,19 @@ class ChatService:
         the platform's key runs only models the price list in force prices (DESIGN "Credit policy"),
         whatever the feature costs."""
         if not re.fullmatch(MODEL_ID_PATTERN, model):
-            raise InvalidRequest("Your saved model is not a valid model id (1 to 100 letters, digits, '.', '_', ':' "
-                                 "or '-'). Choose a model in the settings.", reason="invalid_model")
+            raise InvalidRequest(
+                "Your saved model is not a valid model id (1 to 100 letters, digits, '.', '_', ':' "
+                "or '-'). Choose a model in the settings.",
+                reason="invalid_model",
+            )
         if key_source is KeySource.PLATFORM:
             prices = self.book.in_force(self.clock())
             if prices.model_price(model) is None:
                 raise PaymentRequired(
                     f"{model} has no platform price, so it cannot run on the platform's key. Switch on “use my "
                     "own API key” to call it with your own key (chat only), or choose a priced model.",
-                    reason="unpriced_model", price_list_version=prices.version,
+                    reason="unpriced_model",
+                    price_list_version=prices.version,
                 )
 
     async def _reserve(self, who: Identity, pending: ModelCallCompleted) -> Reservation | None:
@@ -519,33 +630,46 @@ class ChatService:
             raise PaymentRequired(
                 f"{model} has no platform price, so it cannot run on platform credits. Switch on “use my own "
                 "API key” to call it with your own key (no credits), or choose a priced model.",
-                reason="unpriced_model", price_list_version=prices.version,
+                reason="unpriced_model",
+                price_list_version=prices.version,
             ) from None
         if not self.admission_holds:
             return None
         try:
             return await self.balances.reserve(who, pending.event_id, feature, pending.provider, model)
         except CreditsUnavailable as exc:
-            raise BalanceUnknown("We cannot reserve credits for this call right now, so platform calls are paused. "
-                                 "Try again in a minute, or use your own key for chat.", cause=str(exc)) from None
+            raise BalanceUnknown(
+                "We cannot reserve credits for this call right now, so platform calls are paused. "
+                "Try again in a minute, or use your own key for chat.",
+                cause=str(exc),
+            ) from None
         except HoldRefused as exc:
             what = FEATURE_NAMES[feature]
             if feature is Feature.CHAT:
-                advice = ("Switch on “use my own API key” to chat on your own key without credits, "
-                          "or get more credits.")
+                advice = "Switch on “use my own API key” to chat on your own key without credits, or get more credits."
             else:
                 advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
             raise PaymentRequired(
                 f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available"
                 f"{f' ({exc.held} more are held by calls still running)' if exc.held else ''}. {advice}",
-                reason="insufficient_credits", needed=exc.needed, available=exc.available, held=exc.held,
-                balance=exc.available, price_list_version=prices.version, suggest_byok=feature is Feature.CHAT,
+                reason="insufficient_credits",
+                needed=exc.needed,
+                available=exc.available,
+                held=exc.held,
+                balance=exc.available,
+                price_list_version=prices.version,
+                suggest_byok=feature is Feature.CHAT,
             ) from None
 
-    def _finished(self, pending: ModelCallCompleted, started: float, status: CallStatus,
-                  reply: ChatReply | None = None) -> ModelCallCompleted:
+    def _finished(
+        self, pending: ModelCallCompleted, started: float, status: CallStatus, reply: ChatReply | None = None
+    ) -> ModelCallCompleted:
         # A copy, not a re-validation of the whole event: every changed field is built typed right here.
-        changes = {"occurred_at": self.clock(), "status": status, "latency_ms": int((time.monotonic() - started) * 1000)}
+        changes = {
+            "occurred_at": self.clock(),
+            "status": status,
+            "latency_ms": int((time.monotonic() - started) * 1000),
+        }
         if reply is not None:
             changes.update(input_tokens=max(0, int(reply.input_tokens)), output_tokens=max(0, int(reply.output_tokens)))
         return pending.model_copy(update=changes)

@@ -17,8 +17,14 @@ class ChatSettings(CommonSettings, HttpSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
     # Outside development none may keep its default (the platform keys' defaults are the simulator's
     # dummies: set the real key, or an empty value for a provider the platform does not offer).
-    SECRETS: ClassVar[tuple[str, ...]] = (*CommonSettings.SECRETS, *HttpSettings.SECRETS, "openai_api_key",
-                                          "anthropic_api_key", "groq_api_key", "gemini_api_key")
+    SECRETS: ClassVar[tuple[str, ...]] = (
+        *CommonSettings.SECRETS,
+        *HttpSettings.SECRETS,
+        "openai_api_key",
+        "anthropic_api_key",
+        "groq_api_key",
+        "gemini_api_key",
+    )
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, validation_alias=AliasChoices("chat_port", "http_port"))
@@ -72,8 +78,11 @@ class ChatSettings(CommonSettings, HttpSettings):
 
     def feature_models(self) -> dict[Feature, tuple[Provider, str]]:
         """Where the always-platform features run: (provider, model) for each."""
-        chosen = {Feature.DEEP_ANALYSIS: self.deep_analysis_model, Feature.CODE_FIX: self.code_fix_model,
-                  Feature.CODE_CANVAS: self.code_canvas_model}
+        chosen = {
+            Feature.DEEP_ANALYSIS: self.deep_analysis_model,
+            Feature.CODE_FIX: self.code_fix_model,
+            Feature.CODE_CANVAS: self.code_canvas_model,
+        }
         return {f: (Provider(v.split(":", 1)[0]), v.split(":", 1)[1]) for f, v in chosen.items()}
 
     def platform_keys(self) -> dict[Provider, str | None]:

@@ -51,8 +51,9 @@ class SettingsStore:
 
     async def put(self, settings: ModelSettings) -> None: ...
 
-    async def load(self, user_id: str, session_id: str, key_ids: Sequence[UUID]
-                   ) -> tuple[ModelSettings | None, dict[Provider, KeyRecord]]:
+    async def load(
+        self, user_id: str, session_id: str, key_ids: Sequence[UUID]
+    ) -> tuple[ModelSettings | None, dict[Provider, KeyRecord]]:
         """The user's settings and the live records (not revoked, not expired) among `key_ids` of
         this user's session, in one round trip."""
         raise NotImplementedError
@@ -65,8 +66,9 @@ class SettingsStore:
         """Record what a call just learnt about a key (e.g. revoked at the provider)."""
         raise NotImplementedError
 
-    async def revoke_keys(self, user_id: str, reason: str, *, session_id: str | None = None,
-                          provider: Provider | None = None) -> int:
+    async def revoke_keys(
+        self, user_id: str, reason: str, *, session_id: str | None = None, provider: Provider | None = None
+    ) -> int:
         """Revoke the user's live keys (of one session and/or one provider when given); how many."""
         raise NotImplementedError
 
@@ -90,11 +92,17 @@ class PgSettingsStore(SettingsStore):
         settings, _ = await self.load(user_id, "-", [])
         return settings
 
-    async def load(self, user_id: str, session_id: str, key_ids: Sequence[UUID]
-                   ) -> tuple[ModelSettings | None, dict[Provider, KeyRecord]]:
+    async def load(
+        self, user_id: str, session_id: str, key_ids: Sequence[UUID]
+    ) -> tuple[ModelSettings | None, dict[Provider, KeyRecord]]:
         row = await self.pool.fetchrow(_LOAD, user_id, session_id, list(key_ids))
-        settings = None if row["provider"] is None else ModelSettings(
-            user_id, Provider(row["provider"]), row["model"], row["use_own_key"], row["fallback_to_platform"])
+        settings = (
+            None
+            if row["provider"] is None
+            else ModelSettings(
+                user_id, Provider(row["provider"]), row["model"], row["use_own_key"], row["fallback_to_platform"]
+            )
+        )
         keys = {}
         for key_id, provider, hint, status, message, expires in json.loads(row["keys"]):
             record = KeyRecord(UUID(key_id), Provider(provider), hint, status, message, datetime.fromisoformat(expires))
@@ -107,7 +115,11 @@ class PgSettingsStore(SettingsStore):
                VALUES ($1, $2, $3, $4, $5)
                ON CONFLICT (user_id) DO UPDATE SET provider = $2, model = $3, use_own_key = $4,
                    fallback_to_platform = $5, updated_at = now()""",
-            s.user_id, s.provider.value, s.model, s.use_own_key, s.fallback_to_platform,
+            s.user_id,
+            s.provider.value,
+            s.model,
+            s.use_own_key,
+            s.fallback_to_platform,
         )
 
     async def add_key(self, user_id: str, session_id: str, r: KeyRecord) -> None:
@@ -115,29 +127,44 @@ class PgSettingsStore(SettingsStore):
             await conn.execute(
                 """UPDATE chat_session_keys SET revoked_at = now(), revoked_reason = 'replaced'
                    WHERE user_id = $1 AND session_id = $2 AND provider = $3 AND revoked_at IS NULL""",
-                user_id, session_id, r.provider.value,
+                user_id,
+                session_id,
+                r.provider.value,
             )
             await conn.execute(
                 """INSERT INTO chat_session_keys (key_id, user_id, session_id, provider, key_hint, key_status,
                                                   key_message, expires_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-                r.key_id, user_id, session_id, r.provider.value, r.hint, r.status, r.message, r.expires_at,
+                r.key_id,
+                user_id,
+                session_id,
+                r.provider.value,
+                r.hint,
+                r.status,
+                r.message,
+                r.expires_at,
             )
 
     async def mark_key(self, key_id: UUID, status: str, message: str | None) -> None:
         await self.pool.execute(
             """UPDATE chat_session_keys SET key_status = $2, key_message = $3, checked_at = now()
                WHERE key_id = $1 AND revoked_at IS NULL""",
-            key_id, status, message,
+            key_id,
+            status,
+            message,
         )
 
-    async def revoke_keys(self, user_id: str, reason: str, *, session_id: str | None = None,
-                          provider: Provider | None = None) -> int:
+    async def revoke_keys(
+        self, user_id: str, reason: str, *, session_id: str | None = None, provider: Provider | None = None
+    ) -> int:
         done = await self.pool.execute(
             """UPDATE chat_session_keys SET revoked_at = now(), revoked_reason = $2
                WHERE user_id = $1 AND revoked_at IS NULL
                  AND ($3::text IS NULL OR session_id = $3) AND ($4::text IS NULL OR provider = $4)""",
-            user_id, reason, session_id, provider.value if provider else None,
+            user_id,
+            reason,
+            session_id,
+            provider.value if provider else None,
         )
         return int(done.split()[-1])
 
@@ -187,8 +214,12 @@ class MemorySettingsStore(SettingsStore):
     async def revoke_keys(self, user_id, reason, *, session_id=None, provider=None):
         count = 0
         for row in self.keys.values():
-            if (row.user_id == user_id and row.revoked is None and session_id in (None, row.session_id)
-                    and provider in (None, row.record.provider)):
+            if (
+                row.user_id == user_id
+                and row.revoked is None
+                and session_id in (None, row.session_id)
+                and provider in (None, row.record.provider)
+            ):
                 row.revoked = reason
                 count += 1
         return count

@@ -24,8 +24,11 @@ class HttpUsageReader(UsageReader):
 
     async def usage(self, who: Identity, limit: int = 50) -> dict:
         try:
-            response = await self.client.get(f"{self.credits_url}/api/usage/{who.user_id}", params={"limit": limit},
-                                             headers={"Authorization": f"Bearer {who.token}"})
+            response = await self.client.get(
+                f"{self.credits_url}/api/usage/{who.user_id}",
+                params={"limit": limit},
+                headers={"Authorization": f"Bearer {who.token}"},
+            )
         except httpx.HTTPError as exc:
             raise UsageUnavailable(f"the credit service did not answer ({type(exc).__name__})") from None
         if response.status_code != 200:

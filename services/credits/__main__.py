@@ -25,8 +25,11 @@ def _http_server(settings: CreditSettings, runtime) -> GracefulServer:
 
     from services.shared.http import GracefulServer
 
-    return GracefulServer(uvicorn.Config(runtime.api(), host=settings.http_host, port=settings.http_port,
-                                         log_level="warning", access_log=False))
+    return GracefulServer(
+        uvicorn.Config(
+            runtime.api(), host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
+        )
+    )
 
 
 async def serve(settings: CreditSettings) -> None:
@@ -39,8 +42,12 @@ async def serve(settings: CreditSettings) -> None:
         # The consumer is debiting already. The HTTP side (FastAPI, uvicorn) takes about as long to
         # import and build as the whole consumer did: in a thread, so the event loop keeps consuming.
         server = await asyncio.to_thread(_http_server, settings, runtime)
-        log.info("credit service up: consuming %s, API on %s:%d",
-                 settings.model_call_completed_topic, settings.http_host, settings.http_port)
+        log.info(
+            "credit service up: consuming %s, API on %s:%d",
+            settings.model_call_completed_topic,
+            settings.http_host,
+            settings.http_port,
+        )
         await server.serve()  # returns on SIGINT/SIGTERM
     log.info("credit service stopped")
 

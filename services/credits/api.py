@@ -1,6 +1,5 @@
 """HTTP API of the credit service (port 8001): balances, grants, the compatibility route, health, metrics."""
 
-
 import asyncio
 import uuid
 from collections.abc import Callable
@@ -15,15 +14,22 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from billing.policy import UnpricedModel, price_of
+from billing.pricing import PriceBook
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
-from schemas.pricing import PriceBook
 from services.credits.consumer import StallWatch
 from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger
-from services.credits.policy import UnpricedModel, price_of
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
 from services.shared.edge import (
-    HEALTH_RESPONSES, BodyLimit, DetailOut, ErrorOut, PrintableId, describe, error_responses, install_http_error_handler,
+    HEALTH_RESPONSES,
+    BodyLimit,
+    DetailOut,
+    ErrorOut,
+    PrintableId,
+    describe,
+    error_responses,
+    install_http_error_handler,
     install_outage_handlers,
 )
 
@@ -100,12 +106,13 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     def identity(authorization: Annotated[str | None, Header()] = None) -> Identity:
         if not authorization or not authorization.lower().startswith("bearer "):
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "send a bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "send a bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
         try:
             return read_token(ctx.settings.auth_jwt_secret, authorization[7:].strip())
         except AuthError as exc:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
 
     Caller = Annotated[Identity, Depends(identity)]
 
@@ -120,11 +127,16 @@ def build_api(ctx: ApiContext) -> FastAPI:
         ok = db and ctx.consumer_running() and not stalled
         body = {"status": "ok" if ok else "degraded", "database": db, "consumer": ctx.consumer_running()}
         if ctx.stall is not None:
-            body.update(stalled=stalled, stall_seconds=round(ctx.stall.stall_seconds(), 1),
-                        events_waiting=ctx.stall.pipeline.pending + (ctx.stall.lag or 0))
+            body.update(
+                stalled=stalled,
+                stall_seconds=round(ctx.stall.stall_seconds(), 1),
+                events_waiting=ctx.stall.pipeline.pending + (ctx.stall.lag or 0),
+            )
         if stalled:
-            body["message"] = (f"billing is stalled: events wait and the ledger has not committed for "
-                               f"{ctx.stall.stall_seconds():.0f} s (see the service's log)")
+            body["message"] = (
+                f"billing is stalled: events wait and the ledger has not committed for "
+                f"{ctx.stall.stall_seconds():.0f} s (see the service's log)"
+            )
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -136,38 +148,67 @@ def build_api(ctx: ApiContext) -> FastAPI:
         if not caller.may_act_for(user_id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "you may only see your own balance")
         b = await ctx.ledger.balance(user_id)
-        return {"user_id": b.user_id, "balance": b.balance, "granted": b.granted, "debited": b.debited,
-                "held": b.held, "available": b.available}
+        return {
+            "user_id": b.user_id,
+            "balance": b.balance,
+            "granted": b.granted,
+            "debited": b.debited,
+            "held": b.held,
+            "available": b.available,
+        }
 
-    @app.post("/api/holds", status_code=status.HTTP_201_CREATED,
-              responses={200: {"description": "The same hold was placed before"},
-                         **error_responses(401, 409, 413, 422, 503, model=DetailOut),
-                         402: {"description": "Not enough available credits; nothing is held", "model": ErrorOut}})
+    @app.post(
+        "/api/holds",
+        status_code=status.HTTP_201_CREATED,
+        responses={
+            200: {"description": "The same hold was placed before"},
+            **error_responses(401, 409, 413, 422, 503, model=DetailOut),
+            402: {"description": "Not enough available credits; nothing is held", "model": ErrorOut},
+        },
+    )
     async def place_hold(body: HoldIn, caller: Caller, response: Response) -> dict:
         """Reserve the price of one billable call before it starts (admission hold)."""
         prices = ctx.book.in_force(datetime.now(timezone.utc))
         try:
             credits = price_of(body.feature, body.model, prices)
         except UnpricedModel as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
         try:
             hold = await ctx.ledger.place_hold(
-                body.event_id, caller.user_id, credits, prices.version, feature=body.feature.value,
-                provider=body.provider.value, model=body.model, ttl_s=ctx.settings.hold_ttl_s)
+                body.event_id,
+                caller.user_id,
+                credits,
+                prices.version,
+                feature=body.feature.value,
+                provider=body.provider.value,
+                model=body.model,
+                ttl_s=ctx.settings.hold_ttl_s,
+            )
         except InsufficientAvailable as exc:
             held = (await ctx.ledger.balance(caller.user_id)).held
             running = f" ({held} more are held by calls still running)" if held else ""
-            return JSONResponse(status_code=status.HTTP_402_PAYMENT_REQUIRED, content={
-                "error": "insufficient_credits", "needed": exc.needed, "available": exc.available, "held": held,
-                "message": f"This call costs {exc.needed} credits and you have {exc.available} available{running}.",
-            })
+            return JSONResponse(
+                status_code=status.HTTP_402_PAYMENT_REQUIRED,
+                content={
+                    "error": "insufficient_credits",
+                    "needed": exc.needed,
+                    "available": exc.available,
+                    "held": held,
+                    "message": f"This call costs {exc.needed} credits and you have {exc.available} available{running}.",
+                },
+            )
         except HoldConflict as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc))
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         if not hold.created:
             response.status_code = status.HTTP_200_OK
-        return {"event_id": str(hold.event_id), "credits": hold.credits, "available": hold.available,
-                "price_list_version": hold.price_list_version, "expires_in_s": ctx.settings.hold_ttl_s,
-                "created": hold.created}
+        return {
+            "event_id": str(hold.event_id),
+            "credits": hold.credits,
+            "available": hold.available,
+            "price_list_version": hold.price_list_version,
+            "expires_in_s": ctx.settings.hold_ttl_s,
+            "created": hold.created,
+        }
 
     @app.delete("/api/holds/{event_id}", responses=error_responses(401, 404, 422, 503, model=DetailOut))
     async def release_hold(event_id: uuid.UUID, caller: Caller) -> dict:
@@ -188,52 +229,89 @@ def build_api(ctx: ApiContext) -> FastAPI:
         calls, grant = await ctx.ledger.usage(user_id, limit)
         return {
             "user_id": user_id,
-            "calls": [{"time": (c["occurred_at"] or c["recorded_at"]).isoformat(), "feature": c["feature"],
-                       "provider": c["provider"], "model": c["model"], "key_source": c["key_source"],
-                       "status": c["status"], "decision": c["decision"], "credits": c["credits"]}
-                      for c in calls],
-            "last_grant": None if grant is None else {"plan": grant["plan"], "credits": grant["credits"],
-                                                      "granted_at": grant["granted_at"].isoformat()},
+            "calls": [
+                {
+                    "time": (c["occurred_at"] or c["recorded_at"]).isoformat(),
+                    "feature": c["feature"],
+                    "provider": c["provider"],
+                    "model": c["model"],
+                    "key_source": c["key_source"],
+                    "status": c["status"],
+                    "decision": c["decision"],
+                    "credits": c["credits"],
+                }
+                for c in calls
+            ],
+            "last_grant": None
+            if grant is None
+            else {"plan": grant["plan"], "credits": grant["credits"], "granted_at": grant["granted_at"].isoformat()},
         }
 
-    @app.post("/api/admin/grants", status_code=status.HTTP_201_CREATED,
-              responses={200: {"description": "Granted before under this key"},
-                         **error_responses(401, 403, 409, 413, 422, 503, model=DetailOut)})
+    @app.post(
+        "/api/admin/grants",
+        status_code=status.HTTP_201_CREATED,
+        responses={
+            200: {"description": "Granted before under this key"},
+            **error_responses(401, 403, 409, 413, 422, 503, model=DetailOut),
+        },
+    )
     async def grant(body: GrantIn, caller: Caller, response: Response) -> dict:
         if not caller.is_admin:
             raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin may grant credits")
         plans = ctx.book.in_force(datetime.now(timezone.utc)).plans
         if body.plan not in plans:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                f"unknown plan {body.plan!r}; plans are {sorted(plans)}")
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, f"unknown plan {body.plan!r}; plans are {sorted(plans)}"
+            )
         try:
             created, b = await ctx.ledger.grant(body.grant_key, body.user_id, body.plan, plans[body.plan])
         except GrantConflict as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc))
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
-        return {"grant_key": body.grant_key, "user_id": body.user_id, "plan": body.plan,
-                "credits": plans[body.plan], "created": created, "balance": b.balance}
+        return {
+            "grant_key": body.grant_key,
+            "user_id": body.user_id,
+            "plan": body.plan,
+            "credits": plans[body.plan],
+            "created": created,
+            "balance": b.balance,
+        }
 
-    @app.post("/api/user/deduct-credits",
-              responses={202: {"description": "Recorded; the decision is still pending"},
-                         **error_responses(401, 409, 413, 422, 503, model=DetailOut)})
+    @app.post(
+        "/api/user/deduct-credits",
+        responses={
+            202: {"description": "Recorded; the decision is still pending"},
+            **error_responses(401, 409, 413, 422, 503, model=DetailOut),
+        },
+    )
     async def deduct(body: DeductIn, caller: Caller, response: Response) -> dict:
         """Publishes the call as a `model_call_completed` event (so the log stays the source of
         truth) and answers with the decision the credit consumer made for it."""
         provider = body.provider or infer_provider(body.model)
         if provider is None:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                f"cannot tell the provider of model {body.model!r}; send 'provider'")
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"cannot tell the provider of model {body.model!r}; send 'provider'",
+            )
         event_id = uuid.uuid5(DEDUCT_NAMESPACE, f"{caller.user_id}\x00{body.idempotency_key}")
         decided = await ctx.ledger.decision_of(event_id)
         if decided is None:
             if ctx.producer is None:
                 raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the event log is not reachable")
             event = ModelCallCompleted(
-                event_id=event_id, occurred_at=datetime.now(timezone.utc), user_id=caller.user_id,
-                session_id="compat", request_id=body.idempotency_key, provider=provider, model=body.model,
-                feature=body.feature, key_source=body.key_source, status=CallStatus.SUCCEEDED,
-                input_tokens=0, output_tokens=0, latency_ms=0,
+                event_id=event_id,
+                occurred_at=datetime.now(timezone.utc),
+                user_id=caller.user_id,
+                session_id="compat",
+                request_id=body.idempotency_key,
+                provider=provider,
+                model=body.model,
+                feature=body.feature,
+                key_source=body.key_source,
+                status=CallStatus.SUCCEEDED,
+                input_tokens=0,
+                output_tokens=0,
+                latency_ms=0,
             )
             await ctx.producer.send_and_wait(
                 ctx.settings.model_call_completed_topic, event.to_json(), key=caller.user_id.encode()
@@ -248,12 +326,20 @@ def build_api(ctx: ApiContext) -> FastAPI:
         asked = (body.feature.value, body.model, body.key_source.value, provider.value)
         recorded = (decided["feature"], decided["model"], decided["key_source"], decided["provider"])
         if asked != recorded:  # never answer an old decision under new labels
-            raise HTTPException(status.HTTP_409_CONFLICT,
-                                f"idempotency key {body.idempotency_key!r} was already used for a different call "
-                                f"({recorded[0]}, {recorded[1]}, {recorded[2]}); use a new key for a new call")
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"idempotency key {body.idempotency_key!r} was already used for a different call "
+                f"({recorded[0]}, {recorded[1]}, {recorded[2]}); use a new key for a new call",
+            )
         b = await ctx.ledger.balance(caller.user_id)
-        return {"event_id": str(event_id), "decision": decided["decision"], "credits": decided["credits"],
-                "reason": decided["reason"], "price_list_version": decided["price_list_version"],
-                "key_source": decided["key_source"], "balance": b.balance}
+        return {
+            "event_id": str(event_id),
+            "decision": decided["decision"],
+            "credits": decided["credits"],
+            "reason": decided["reason"],
+            "price_list_version": decided["price_list_version"],
+            "key_source": decided["key_source"],
+            "balance": b.balance,
+        }
 
     return app

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from schemas.pricing import PriceBook, default_price_book
+from billing.pricing import PriceBook, default_price_book
 from services.credits.consumer import CreditConsumer, build_consumer, consumer_lag, track_lag
 from services.credits.ledger import Ledger
 from services.credits.relay_process import run_relay, start_producer, supervise_relay_process
@@ -40,9 +40,16 @@ class CreditRuntime:
         # consumer needs, and a restarted instance should be debiting before it serves HTTP.
         from services.credits.api import ApiContext, build_api
 
-        return build_api(ApiContext(self.settings, self.ledger, self.book, self.producer,
-                                    consumer_running=lambda: self.consumer.broker.running,
-                                    stall=self.consumer.watch))
+        return build_api(
+            ApiContext(
+                self.settings,
+                self.ledger,
+                self.book,
+                self.producer,
+                consumer_running=lambda: self.consumer.broker.running,
+                stall=self.consumer.watch,
+            )
+        )
 
 
 async def expire_holds(ledger: Ledger, every_s: float) -> None:
@@ -60,21 +67,25 @@ async def expire_holds(ledger: Ledger, every_s: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: CreditSettings, book: PriceBook | None = None,
-                  ledger_factory: type[Ledger] = Ledger) -> AsyncIterator[CreditRuntime]:
+async def running(
+    settings: CreditSettings, book: PriceBook | None = None, ledger_factory: type[Ledger] = Ledger
+) -> AsyncIterator[CreditRuntime]:
     """The consumer, the outcome relay and the lag gauge, running until the block exits."""
     await migrate(settings.database_url, settings.database_schema)
     # Ledger transactions and reads only (no SET, LISTEN or session lock): no reset query per release.
-    pool = await create_pool(settings.database_url, settings.database_schema, max_size=settings.db_pool_size,
-                             reset_sessions=False)
+    pool = await create_pool(
+        settings.database_url, settings.database_schema, max_size=settings.db_pool_size, reset_sessions=False
+    )
     producer = await start_producer(settings)
     book = book or default_price_book()
     ledger = ledger_factory(pool)
     consumer = build_consumer(settings, CreditService(ledger, book))
     tune_for_batches()
     await consumer.start()
-    background = [asyncio.create_task(track_lag(consumer.subscriber, watch=consumer.watch)),
-                  asyncio.create_task(consumer.watch.run())]
+    background = [
+        asyncio.create_task(track_lag(consumer.subscriber, watch=consumer.watch)),
+        asyncio.create_task(consumer.watch.run()),
+    ]
     if settings.relay_mode == "process":
         background.append(asyncio.create_task(supervise_relay_process(settings)))
     elif settings.relay_mode == "task":

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -218,8 +218,11 @@ class StallWatch:
         seconds = self.stall_seconds()
         stalled = seconds >= self.after_s
         if stalled and not self.stalled:
-            log.error("billing stalled: %d events waiting and no ledger commit for %.0f s",
-                      self.pipeline.pending + (self.lag or 0), seconds)
+            log.error(
+                "billing stalled: %d events waiting and no ledger commit for %.0f s",
+                self.pipeline.pending + (self.lag or 0),
+                seconds,
+            )
         elif self.stalled and not stalled:
             log.warning("billing resumed: the ledger is committing again")
         self.stalled = stalled
@@ -274,8 +277,9 @@ def build_consumer(settings: CreditSettings, service: CreditService) -> CreditCo
         description="Applies the credit policy to every model call and keeps the ledger.",
     )
 
-    pipeline = CommitPipeline(service, max_queued=settings.max_queued_events,
-                              max_per_transaction=settings.max_queued_events)
+    pipeline = CommitPipeline(
+        service, max_queued=settings.max_queued_events, max_per_transaction=settings.max_queued_events
+    )
 
     @subscriber
     async def on_model_calls(body: Any, msg: KafkaMessage) -> None:

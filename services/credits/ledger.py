@@ -14,14 +14,27 @@ from uuid import UUID
 
 import asyncpg
 
+from billing.policy import Charge, CreditError
 from schemas.events import Decision, ModelCallCompleted
-from services.credits.policy import Charge, CreditError
-from services.shared.kafka import DeadLetter
 from schemas.topics import dlq
+from services.shared.kafka import DeadLetter
 
 LEDGER_COLUMNS = (
-    "entry_id", "event_id", "kind", "user_id", "decision", "credits", "price_list_version", "reason",
-    "provider", "model", "feature", "key_source", "status", "occurred_at", "balance_after",
+    "entry_id",
+    "event_id",
+    "kind",
+    "user_id",
+    "decision",
+    "credits",
+    "price_list_version",
+    "reason",
+    "provider",
+    "model",
+    "feature",
+    "key_source",
+    "status",
+    "occurred_at",
+    "balance_after",
 )
 
 
@@ -45,8 +58,23 @@ def decision_row(e: ModelCallCompleted, c: Charge, balance_after: int) -> tuple:
 
     The enums are str subclasses: passed as they are, they are written as their values.
     """
-    return (e.event_id, e.event_id, "decision", e.user_id, c.decision, c.credits, c.price_list_version, c.reason,
-            e.provider, e.model, e.feature, e.key_source, e.status, e.occurred_at, balance_after)
+    return (
+        e.event_id,
+        e.event_id,
+        "decision",
+        e.user_id,
+        c.decision,
+        c.credits,
+        c.price_list_version,
+        c.reason,
+        e.provider,
+        e.model,
+        e.feature,
+        e.key_source,
+        e.status,
+        e.occurred_at,
+        balance_after,
+    )
 
 
 @dataclass(frozen=True)
@@ -134,15 +162,24 @@ class Ledger:
                         credits += c.credits
                     elif c.decision is Decision.REJECTED:
                         rejected_letters.append(
-                            DeadLetter(d.source_topic, d.source_partition, d.source_offset,
-                                       e.user_id.encode(), d.raw, c.reason or "rejected", "unpriced_model")
+                            DeadLetter(
+                                d.source_topic,
+                                d.source_partition,
+                                d.source_offset,
+                                e.user_id.encode(),
+                                d.raw,
+                                c.reason or "rejected",
+                                "unpriced_model",
+                            )
                         )
                     fresh.append(decision_row(e, c, balances[e.user_id]))
                 if fresh:  # its trigger also wakes the outcome relay at commit (migrations/0006)
                     await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
                     # Deciding an event settles its admission hold, whatever the decision (migrations/0009).
-                    await conn.execute("DELETE FROM holds h USING unnest($1::uuid[]) AS u(id) WHERE h.event_id = u.id",
-                                       [row[0] for row in fresh])
+                    await conn.execute(
+                        "DELETE FROM holds h USING unnest($1::uuid[]) AS u(id) WHERE h.event_id = u.id",
+                        [row[0] for row in fresh],
+                    )
             all_letters = list(letters) + rejected_letters
             if all_letters:
                 await conn.executemany(
@@ -158,12 +195,16 @@ class Ledger:
         Locked in a fixed order, so concurrent writers never deadlock, and so the running balances
         computed from them are the ones the triggers will produce.
         """
-        lock = ("SELECT a.user_id, a.balance FROM unnest($1::text[]) AS u(id) JOIN accounts a ON a.user_id = u.id "
-                "ORDER BY a.user_id FOR UPDATE OF a")
+        lock = (
+            "SELECT a.user_id, a.balance FROM unnest($1::text[]) AS u(id) JOIN accounts a ON a.user_id = u.id "
+            "ORDER BY a.user_id FOR UPDATE OF a"
+        )
         balances = dict(await conn.fetch(lock, users))
         missing = [u for u in users if u not in balances]
         if missing:
-            await conn.execute("INSERT INTO accounts (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", missing)
+            await conn.execute(
+                "INSERT INTO accounts (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", missing
+            )
             balances.update(await conn.fetch(lock, missing))
         return balances
 
@@ -177,16 +218,35 @@ class Ledger:
 
     # --- admission holds (migrations/0009) -------------------------------------------------------
 
-    async def place_hold(self, event_id: UUID, user_id: str, credits: int, price_list_version: str, *,
-                         feature: str, provider: str, model: str, ttl_s: float) -> Hold:
+    async def place_hold(
+        self,
+        event_id: UUID,
+        user_id: str,
+        credits: int,
+        price_list_version: str,
+        *,
+        feature: str,
+        provider: str,
+        model: str,
+        ttl_s: float,
+    ) -> Hold:
         """Reserve `credits` for the call `event_id`; placing the same hold again returns it.
 
         The database checks availability under the account's lock (trigger holds_admit), so this
         holds across any number of callers; it raises InsufficientAvailable or HoldConflict.
         """
         try:
-            row = await self.pool.fetchrow("SELECT * FROM place_hold($1, $2, $3, $4, $5, $6, $7, $8)", event_id,
-                                           user_id, credits, feature, provider, model, price_list_version, ttl_s)
+            row = await self.pool.fetchrow(
+                "SELECT * FROM place_hold($1, $2, $3, $4, $5, $6, $7, $8)",
+                event_id,
+                user_id,
+                credits,
+                feature,
+                provider,
+                model,
+                price_list_version,
+                ttl_s,
+            )
         except asyncpg.CheckViolationError as exc:
             raise self._refusal(exc, credits) from None
         except asyncpg.ForeignKeyViolationError:
@@ -212,8 +272,9 @@ class Ledger:
         """Release a hold (of `user_id`, unless None); the credits it held, or None if there was none."""
         if user_id is None:
             return await self.pool.fetchval("DELETE FROM holds WHERE event_id = $1 RETURNING credits", event_id)
-        return await self.pool.fetchval("DELETE FROM holds WHERE event_id = $1 AND user_id = $2 RETURNING credits",
-                                        event_id, user_id)
+        return await self.pool.fetchval(
+            "DELETE FROM holds WHERE event_id = $1 AND user_id = $2 RETURNING credits", event_id, user_id
+        )
 
     async def expire_holds(self) -> int:
         """Release every hold past its expiry (never debited); returns how many."""
@@ -221,7 +282,8 @@ class Ledger:
             # Accounts locked in the ledger writer's order first, so the two never deadlock.
             await conn.execute(
                 """SELECT 1 FROM accounts WHERE user_id IN (SELECT user_id FROM holds WHERE expires_at < now())
-                   ORDER BY user_id FOR UPDATE""")
+                   ORDER BY user_id FOR UPDATE"""
+            )
             return len(await conn.fetch("DELETE FROM holds WHERE expires_at < now() RETURNING 1"))
 
     async def grant(self, grant_key: str, user_id: str, plan: str, credits: int) -> tuple[bool, Balance]:
@@ -231,7 +293,10 @@ class Ledger:
             created = await conn.fetchval(
                 """INSERT INTO grants (grant_key, user_id, plan, credits) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (grant_key) DO NOTHING RETURNING true""",
-                grant_key, user_id, plan, credits,
+                grant_key,
+                user_id,
+                plan,
+                credits,
             )
             if not created:
                 prior = await conn.fetchrow("SELECT user_id, plan, credits FROM grants WHERE grant_key = $1", grant_key)
@@ -258,7 +323,8 @@ class Ledger:
                           balance_after
                      FROM ledger_entries WHERE user_id = $1 AND kind = 'decision'
                     ORDER BY recorded_at DESC, occurred_at DESC LIMIT $2""",
-                user_id, limit,
+                user_id,
+                limit,
             )
             grant = await conn.fetchrow(
                 "SELECT plan, credits, granted_at FROM grants WHERE user_id = $1 ORDER BY granted_at DESC LIMIT 1",

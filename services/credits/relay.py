@@ -40,8 +40,16 @@ SELECT user_id, txid, seq,
 
 
 class OutcomeRelay:
-    def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, outcome_topic: str,
-                 *, batch: int = 5000, idle_poll_s: float = 0.2, name: str = "credit_outcomes"):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        outcome_topic: str,
+        *,
+        batch: int = 5000,
+        idle_poll_s: float = 0.2,
+        name: str = "credit_outcomes",
+    ):
         self.pool, self.producer, self.topic = pool, producer, outcome_topic
         self.batch, self.idle_poll_s, self.name = batch, idle_poll_s, name
         self._wake = asyncio.Event()
@@ -112,22 +120,36 @@ class OutcomeRelay:
         for letter in letters:
             headers = [(k, v.encode()) for k, v in json.loads(letter["headers"]).items()]
             try:
-                sent.append((letter, await self.producer.send(letter["topic"], letter["payload"], key=letter["key"],
-                                                              headers=headers)))
+                sent.append(
+                    (
+                        letter,
+                        await self.producer.send(
+                            letter["topic"], letter["payload"], key=letter["key"], headers=headers
+                        ),
+                    )
+                )
             except Exception as exc:
                 if not refused_for_content(exc):
                     raise
-                await park(conn, "credit_outbox", letter["topic"], letter["key"], letter["payload"],
-                           letter["headers"], exc)
+                await park(
+                    conn, "credit_outbox", letter["topic"], letter["key"], letter["payload"], letter["headers"], exc
+                )
 
         async def acknowledged() -> None:
             results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-            for (letter, _), result in zip(sent, results):
+            for (letter, _), result in zip(sent, results, strict=True):
                 if isinstance(result, BaseException):
                     if not refused_for_content(result):
                         raise result
-                    await park(conn, "credit_outbox", letter["topic"], letter["key"], letter["payload"],
-                               letter["headers"], result)
+                    await park(
+                        conn,
+                        "credit_outbox",
+                        letter["topic"],
+                        letter["key"],
+                        letter["payload"],
+                        letter["headers"],
+                        result,
+                    )
 
         return acknowledged  # awaited after the outcomes' acks: one statement at a time on `conn`
 
@@ -155,7 +177,9 @@ class OutcomeRelay:
                     """INSERT INTO relay_cursors (name, last_txid, last_seq, updated_at) VALUES ($1, $2::xid8, $3, now())
                        ON CONFLICT (name) DO UPDATE SET last_txid = EXCLUDED.last_txid,
                            last_seq = EXCLUDED.last_seq, updated_at = now()""",
-                    self.name, last["txid"], last["seq"],
+                    self.name,
+                    last["txid"],
+                    last["seq"],
                 )
             if letters:
                 await conn.execute("DELETE FROM credit_outbox WHERE id = ANY($1::bigint[])", [x["id"] for x in letters])

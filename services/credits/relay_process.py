@@ -47,8 +47,13 @@ async def run_relay(settings: CreditSettings) -> None:
     pool = await create_pool(settings.database_url, settings.database_schema, max_size=2, reset_sessions=False)
     producer = await start_producer(settings)
     try:
-        await OutcomeRelay(pool, producer, settings.credit_ledger_topic, batch=settings.relay_batch,
-                           idle_poll_s=settings.relay_idle_poll_s).run()
+        await OutcomeRelay(
+            pool,
+            producer,
+            settings.credit_ledger_topic,
+            batch=settings.relay_batch,
+            idle_poll_s=settings.relay_idle_poll_s,
+        ).run()
     finally:
         await producer.stop()
         await pool.close()
@@ -85,8 +90,12 @@ async def supervise_relay_process(settings: CreditSettings) -> None:
             if proc is None or not proc.is_alive():
                 if proc is not None:
                     log.warning("outcome relay process exited with %s; restarting it", proc.exitcode)
-                proc = ctx.Process(target=_relay_process_main, args=(settings.model_dump_json(), os.getpid()),
-                                   name="credits-relay", daemon=True)
+                proc = ctx.Process(
+                    target=_relay_process_main,
+                    args=(settings.model_dump_json(), os.getpid()),
+                    name="credits-relay",
+                    daemon=True,
+                )
                 proc.start()
             await asyncio.sleep(1)
     finally:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
-from schemas.pricing import PriceBook
+from billing.policy import decide
+from billing.pricing import PriceBook
 from services.credits import metrics
 from services.credits.intake import dead_letter, read_batch
 from services.credits.ledger import Decided, Ledger, Recorded
-from services.credits.policy import decide
 from services.shared.kafka import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,13 @@ class CreditService:
                 try:
                     one, letters = self._decide([record])
                 except Exception as exc:
-                    log.exception("deciding %s[%d]@%d failed; dead-lettering it", record.topic, record.partition,
-                                  record.offset)
-                    one, letters = [], [dead_letter(record, f"the credit service failed on it: {exc!r}"[:2000],
-                                                    "internal_error")]
+                    log.exception(
+                        "deciding %s[%d]@%d failed; dead-lettering it", record.topic, record.partition, record.offset
+                    )
+                    one, letters = (
+                        [],
+                        [dead_letter(record, f"the credit service failed on it: {exc!r}"[:2000], "internal_error")],
+                    )
                 decided += one
                 bad += letters
         return Prepared(len(records), decided, bad, started)
@@ -83,8 +86,9 @@ class CreditService:
     def _decide(self, records: list[ConsumerRecord]) -> tuple[list[Decided], list[DeadLetter]]:
         good, bad = read_batch(records)
         decided = [
-            Decided(r.event, decide(r.event, self.book), r.record.value, r.record.topic,
-                    r.record.partition, r.record.offset)
+            Decided(
+                r.event, decide(r.event, self.book), r.record.value, r.record.topic, r.record.partition, r.record.offset
+            )
             for r in good
         ]
         return decided, bad
@@ -109,13 +113,27 @@ class CreditService:
         """Send a batch of one record that the ledger refused to the DLQ, with the database's error."""
         reason = f"{type(error).__name__}: {error}"
         letters = [
-            DeadLetter(d.source_topic, d.source_partition, d.source_offset, d.event.user_id.encode(), d.raw,
-                       f"the ledger refused this event: {reason}", "ledger_write")
+            DeadLetter(
+                d.source_topic,
+                d.source_partition,
+                d.source_offset,
+                d.event.user_id.encode(),
+                d.raw,
+                f"the ledger refused this event: {reason}",
+                "ledger_write",
+            )
             for d in batch.decided
         ] + [
             # A dead letter the outbox refused: keep the original bytes, with both reasons.
-            DeadLetter(x.topic, x.partition, x.offset, x.key, x.value,
-                       f"{x.error}; and the DLQ outbox refused it: {reason}", x.error_type)
+            DeadLetter(
+                x.topic,
+                x.partition,
+                x.offset,
+                x.key,
+                x.value,
+                f"{x.error}; and the DLQ outbox refused it: {reason}",
+                x.error_type,
+            )
             for x in batch.letters
         ]
         await self.ledger.record([], letters)

@@ -1,6 +1,6 @@
 """From one Kafka record to what the credit policy says its event owes.
 
-The policy itself is `services.credits.policy.decide`, the very function the credit service runs;
+The policy itself is `billing.policy.decide`, the very function the credit service runs;
 nothing here re-implements it. A record that cannot be read (empty, oversized, not JSON, not a
 `ModelCallCompleted`) becomes an `Unreadable` finding instead of an exception: one bad record never
 stops a reconciliation.
@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from uuid import UUID
 
+from billing.policy import Charge, decide
+from billing.pricing import PriceBook
 from schemas.events import Decision, ModelCallCompleted
-from schemas.pricing import PriceBook
-from services.credits.policy import Charge, decide
 from services.finance.window import Window
 from services.shared.kafka import NotAnEvent, read_model_call
 
@@ -79,7 +79,7 @@ class Shapes:
     feature, key source, model, provider).
 
     `decide` is a pure function of the price list in force, status, feature, key source and model
-    (services/credits/policy.py; a unit test holds it to that), and a window of millions of events
+    (billing/policy.py; a unit test holds it to that), and a window of millions of events
     has only a few hundred shapes, so the policy runs a few hundred times instead of millions: the
     same answers, far cheaper.
     """
@@ -102,10 +102,19 @@ class Shapes:
         shape = self._ids.get(key)
         if shape is None:
             c = decide(event, self.book)
-            self.shapes.append(Shape(
-                c.decision.value, c.credits, c.price_list_version, c.reason, event.provider.value,
-                event.model, event.feature.value, event.key_source.value, event.status.value,
-            ))
+            self.shapes.append(
+                Shape(
+                    c.decision.value,
+                    c.credits,
+                    c.price_list_version,
+                    c.reason,
+                    event.provider.value,
+                    event.model,
+                    event.feature.value,
+                    event.key_source.value,
+                    event.status.value,
+                )
+            )
             shape = self._ids[key] = len(self.shapes) - 1
         return shape
 
@@ -129,6 +138,7 @@ class Assessor:
 
     def has_event(self, event_id: UUID) -> bool:
         return event_id.int in self.seen
+
     def assess(self, records) -> tuple[list[tuple], list[Unreadable], Tally]:
         rows: list[tuple] = []
         unreadable: list[Unreadable] = []
@@ -155,6 +165,7 @@ class Assessor:
                 continue
             seen.add(key)
             shape = shape_of(event)
-            rows.append((event.event_id, event.user_id, event.occurred_at, shape, shapes[shape].credits,
-                         r.partition, r.offset))
+            rows.append(
+                (event.event_id, event.user_id, event.occurred_at, shape, shapes[shape].credits, r.partition, r.offset)
+            )
         return rows, unreadable, tally

@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from services.finance import report as render
-from services.finance.reconciliation import reconcile as run_reconcile
-from services.finance.reconciliation import repair as run_repair
-from services.finance.reconciliation import replay as run_replay
+from services.finance.reconciliation import reconcile as run_reconcile, repair as run_repair, replay as run_replay
 from services.finance.settings import FinanceSettings
 from services.finance.window import EPOCH, Window
 
@@ -52,8 +50,15 @@ class RichProgress:
 
 def _bar(quiet: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True, disable=quiet,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("records"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet,
     )
 
 
@@ -63,14 +68,17 @@ def parse_moment(value: str | None, default: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00:00Z)")
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00:00Z)") from None
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
 def _settings(bootstrap, database_url, schema, topic_prefix, credits_group=None) -> FinanceSettings:
     overrides = {
-        "kafka_bootstrap_servers": bootstrap, "database_url": database_url,
-        "database_schema": schema, "topic_prefix": topic_prefix, "finance_credits_group": credits_group,
+        "kafka_bootstrap_servers": bootstrap,
+        "database_url": database_url,
+        "database_schema": schema,
+        "topic_prefix": topic_prefix,
+        "finance_credits_group": credits_group,
     }
     return FinanceSettings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -79,7 +87,7 @@ def _window(start: str | None, end: str | None) -> Window:
     try:
         return Window(parse_moment(start, EPOCH), parse_moment(end, datetime.now(timezone.utc)))
     except ValueError as exc:
-        raise typer.BadParameter(str(exc))
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def _run(coro):
@@ -89,29 +97,41 @@ def _run(coro):
         raise
     except Exception as exc:  # an operational failure: say what, exit 2, no traceback for users
         err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from exc
 
 
-FromOpt = Annotated[Optional[str], typer.Option("--from", help="Start of the window, inclusive (default: the beginning).")]
-ToOpt = Annotated[Optional[str], typer.Option("--to", help="End of the window, exclusive (default: now).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Write the full list here (.csv or .json).")]
-FormatOpt = Annotated[Optional[str], typer.Option("--format", help="csv or json (default: from --out's suffix).")]
-BootstrapOpt = Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS).")]
-DbOpt = Annotated[Optional[str], typer.Option(help="Ledger database (env DATABASE_URL).")]
-SchemaOpt = Annotated[Optional[str], typer.Option(help="Ledger schema (env DATABASE_SCHEMA).")]
-PrefixOpt = Annotated[Optional[str], typer.Option(help="Topic prefix (env TOPIC_PREFIX).")]
-GroupOpt = Annotated[Optional[str], typer.Option(
-    "--credits-group", help="The credit service's consumer group, read (never joined) to tell events it has not "
-                            "reached yet from missing debits; '' turns that off (env FINANCE_CREDITS_GROUP, default credits).")]
+FromOpt = Annotated[str | None, typer.Option("--from", help="Start of the window, inclusive (default: the beginning).")]
+ToOpt = Annotated[str | None, typer.Option("--to", help="End of the window, exclusive (default: now).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Write the full list here (.csv or .json).")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="csv or json (default: from --out's suffix).")]
+BootstrapOpt = Annotated[str | None, typer.Option(help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS).")]
+DbOpt = Annotated[str | None, typer.Option(help="Ledger database (env DATABASE_URL).")]
+SchemaOpt = Annotated[str | None, typer.Option(help="Ledger schema (env DATABASE_SCHEMA).")]
+PrefixOpt = Annotated[str | None, typer.Option(help="Topic prefix (env TOPIC_PREFIX).")]
+GroupOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--credits-group",
+        help="The credit service's consumer group, read (never joined) to tell events it has not "
+        "reached yet from missing debits; '' turns that off (env FINANCE_CREDITS_GROUP, default credits).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 @app.command(help="Report every difference between what the window's events owe and the ledger. " + WINDOW_RULE)
 def reconcile(
-    start: FromOpt = None, end: ToOpt = None, out: OutOpt = None, fmt: FormatOpt = None,
+    start: FromOpt = None,
+    end: ToOpt = None,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
     show: Annotated[int, typer.Option(help="Differences listed on the terminal.")] = 20,
-    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
-    topic_prefix: PrefixOpt = None, credits_group: GroupOpt = None, quiet: QuietOpt = False,
+    bootstrap: BootstrapOpt = None,
+    database_url: DbOpt = None,
+    schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None,
+    credits_group: GroupOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     settings = _settings(bootstrap, database_url, schema, topic_prefix, credits_group)
     window = _window(start, end)
@@ -126,23 +146,33 @@ def reconcile(
     if report.differences and show:
         out_console.print(render.differences_table(report.differences, show))
     if report.pending:
-        out_console.print(f"[yellow]{len(report.pending):,} events not yet decided by the credit service "
-                          f"(beyond group {settings.finance_credits_group!r}'s committed offsets): "
-                          f"not differences yet, never repaired; reconcile again later[/]")
+        out_console.print(
+            f"[yellow]{len(report.pending):,} events not yet decided by the credit service "
+            f"(beyond group {settings.finance_credits_group!r}'s committed offsets): "
+            f"not differences yet, never repaired; reconcile again later[/]"
+        )
     if out:
         render.write_report(out, report, fmt)
         out_console.print(f"full list: {out}")
     raise typer.Exit(0 if report.clean else 1)
 
 
-@app.command(help="Show the correction entries that would fix the window (dry run); --apply writes them. "
-                  "Idempotent: running it twice writes nothing new. " + WINDOW_RULE)
+@app.command(
+    help="Show the correction entries that would fix the window (dry run); --apply writes them. "
+    "Idempotent: running it twice writes nothing new. " + WINDOW_RULE
+)
 def repair(
-    start: FromOpt = None, end: ToOpt = None,
+    start: FromOpt = None,
+    end: ToOpt = None,
     apply: Annotated[bool, typer.Option("--apply", help="Write the corrections (default: dry run).")] = False,
-    out: OutOpt = None, fmt: FormatOpt = None,
-    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
-    topic_prefix: PrefixOpt = None, credits_group: GroupOpt = None, quiet: QuietOpt = False,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
+    bootstrap: BootstrapOpt = None,
+    database_url: DbOpt = None,
+    schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None,
+    credits_group: GroupOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     settings = _settings(bootstrap, database_url, schema, topic_prefix, credits_group)
     window = _window(start, end)
@@ -155,12 +185,16 @@ def repair(
     out_console.print(render.summary_table(result.report))
     out_console.print(render.corrections_table(result))
     if result.applied:
-        out_console.print(f"{result.written:,} new correction entries written "
-                          f"({len(result.corrections) - result.written:,} were already there); "
-                          f"{result.holds_released:,} leaking holds released")
+        out_console.print(
+            f"{result.written:,} new correction entries written "
+            f"({len(result.corrections) - result.written:,} were already there); "
+            f"{result.holds_released:,} leaking holds released"
+        )
     if result.not_repaired:
-        out_console.print(f"[yellow]{len(result.not_repaired):,} differences need a person "
-                          f"(unreadable events are never repaired automatically)[/]")
+        out_console.print(
+            f"[yellow]{len(result.not_repaired):,} differences need a person "
+            f"(unreadable events are never repaired automatically)[/]"
+        )
     if out:
         render.write_corrections(out, result.corrections, fmt)
         out_console.print(f"corrections: {out}")
@@ -169,14 +203,22 @@ def repair(
     raise typer.Exit(0 if result.report.clean or fixed else 1)
 
 
-@app.command(help="Rebuild every balance from the whole log (plus the live grants, which are not events) "
-                  "into a scratch schema and compare it with the live balances.")
+@app.command(
+    help="Rebuild every balance from the whole log (plus the live grants, which are not events) "
+    "into a scratch schema and compare it with the live balances."
+)
 def replay(
     into: Annotated[str, typer.Option("--into", help="Scratch schema to build (never the live one).")],
-    replace: Annotated[bool, typer.Option("--replace", help="Drop and rebuild the scratch schema if it holds data.")] = False,
-    out: OutOpt = None, fmt: FormatOpt = None,
-    bootstrap: BootstrapOpt = None, database_url: DbOpt = None, schema: SchemaOpt = None,
-    topic_prefix: PrefixOpt = None, quiet: QuietOpt = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Drop and rebuild the scratch schema if it holds data.")
+    ] = False,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
+    bootstrap: BootstrapOpt = None,
+    database_url: DbOpt = None,
+    schema: SchemaOpt = None,
+    topic_prefix: PrefixOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     settings = _settings(bootstrap, database_url, schema, topic_prefix)
 

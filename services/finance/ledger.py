@@ -110,7 +110,10 @@ async def copy_events(conn: asyncpg.Connection, rows: list[tuple]) -> None:
 def _difference(row: asyncpg.Record, shapes: list[Shape], has_event) -> Difference | None:
     shape = shapes[row["shape"]] if row["event_id"] is not None else None
     kind = classify(
-        shape.decision if shape else None, row["credits"], row["net"] or 0, row["debits"] or 0,
+        shape.decision if shape else None,
+        row["credits"],
+        row["net"] or 0,
+        row["debits"] or 0,
         event_in_window=shape is None and has_event(row["event_key"]),
     )
     if kind is None:
@@ -164,14 +167,16 @@ async def last_recorded_at(conn: asyncpg.Connection, window: Window) -> datetime
     credit service decides only what it has read, and finance corrects only what it has read."""
     return await conn.fetchval(
         "SELECT max(recorded_at) FROM ledger_entries WHERE occurred_at >= $1 AND occurred_at < $2",
-        window.start, window.end,
+        window.start,
+        window.end,
     )
 
 
 async def ledger_entry_count(conn: asyncpg.Connection, window: Window) -> int:
     return await conn.fetchval(
         "SELECT count(*) FROM ledger_entries WHERE occurred_at >= $1 AND occurred_at < $2",
-        window.start, window.end,
+        window.start,
+        window.end,
     )
 
 
@@ -179,11 +184,28 @@ async def write_corrections(conn: asyncpg.Connection, corrections: list[Correcti
     """Append the corrections (one statement, one transaction); return how many were new."""
     if not corrections:
         return 0
-    cols = list(zip(*[
-        (c.entry_id, c.event_id, c.user_id, c.credits, c.price_list_version, c.reason, c.provider,
-         c.model, c.feature, c.key_source, c.status, c.occurred_at)
-        for c in corrections
-    ]))
+    cols = list(
+        zip(
+            *[
+                (
+                    c.entry_id,
+                    c.event_id,
+                    c.user_id,
+                    c.credits,
+                    c.price_list_version,
+                    c.reason,
+                    c.provider,
+                    c.model,
+                    c.feature,
+                    c.key_source,
+                    c.status,
+                    c.occurred_at,
+                )
+                for c in corrections
+            ],
+            strict=True,
+        )
+    )
     async with conn.transaction():
         await conn.execute(
             "INSERT INTO accounts (user_id) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -231,14 +253,30 @@ async def build_replay(conn: asyncpg.Connection, live: str, scratch: str, shapes
         provider text, model text, feature text, key_source text, status text)""")
     await conn.execute(f"TRUNCATE {SHAPES_TABLE}")
     await conn.copy_records_to_table(
-        SHAPES_TABLE, schema_name="pg_temp",
-        records=[(i, sh.decision, sh.credits, sh.price_list_version, sh.reason, sh.provider, sh.model,
-                  sh.feature, sh.key_source, sh.status) for i, sh in enumerate(shapes)],
+        SHAPES_TABLE,
+        schema_name="pg_temp",
+        records=[
+            (
+                i,
+                sh.decision,
+                sh.credits,
+                sh.price_list_version,
+                sh.reason,
+                sh.provider,
+                sh.model,
+                sh.feature,
+                sh.key_source,
+                sh.status,
+            )
+            for i, sh in enumerate(shapes)
+        ],
     )
     if await conn.fetchval("SELECT current_schema()") != scratch:
         raise RuntimeError("build_replay needs a connection whose search_path starts with the scratch schema")
     async with conn.transaction():
-        await conn.execute(f"INSERT INTO {s}.accounts (user_id, created_at) SELECT user_id, created_at FROM {lv}.accounts")
+        await conn.execute(
+            f"INSERT INTO {s}.accounts (user_id, created_at) SELECT user_id, created_at FROM {lv}.accounts"
+        )
         await conn.execute(
             f"INSERT INTO {s}.accounts (user_id) SELECT DISTINCT user_id FROM {EVENTS_TABLE} ON CONFLICT DO NOTHING"
         )
@@ -280,6 +318,7 @@ async def compare_balances(conn: asyncpg.Connection, live: str, scratch: str) ->
 # credit service. One still open past its expiry, or one whose event is already decided, is a leak:
 # it keeps credits from the user. Both must be zero after a clean run; repair releases them.
 
+
 async def stale_holds(conn: asyncpg.Connection) -> dict[str, list[asyncpg.Record]]:
     """Holds open past their expiry, and holds of events the ledger has already decided."""
     rows = await conn.fetch(
@@ -288,7 +327,8 @@ async def stale_holds(conn: asyncpg.Connection) -> dict[str, list[asyncpg.Record
              FROM holds h
             WHERE h.expires_at < now()
                OR EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id)
-            ORDER BY h.placed_at""")
+            ORDER BY h.placed_at"""
+    )
     return {"decided": [r for r in rows if r["decided"]], "expired": [r for r in rows if not r["decided"]]}
 
 
@@ -298,7 +338,10 @@ async def release_holds(conn: asyncpg.Connection, event_ids: list) -> int:
         return 0
     async with conn.transaction():
         # Accounts locked in the ledger writer's order, as the credit service's own expiry does.
-        await conn.execute("""SELECT 1 FROM accounts WHERE user_id IN (
+        await conn.execute(
+            """SELECT 1 FROM accounts WHERE user_id IN (
                                   SELECT user_id FROM holds WHERE event_id = ANY($1::uuid[]))
-                              ORDER BY user_id FOR UPDATE""", event_ids)
+                              ORDER BY user_id FOR UPDATE""",
+            event_ids,
+        )
         return len(await conn.fetch("DELETE FROM holds WHERE event_id = ANY($1::uuid[]) RETURNING 1", event_ids))

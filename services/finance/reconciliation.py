@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from schemas.pricing import PriceBook, default_price_book
+from billing.pricing import PriceBook, default_price_book
 from services.finance import ledger
 from services.finance.assessment import Assessor, Tally, Unreadable
 from services.finance.differences import Correction, Difference, Kind, correction_for
@@ -137,8 +137,10 @@ async def load_events(
     task = asyncio.create_task(writer())
     try:
         async with EventLog(
-            settings.kafka_bootstrap_servers, settings.model_call_completed_topic,
-            fetch_records=settings.finance_fetch_records, stall_timeout_s=settings.finance_stall_timeout_s,
+            settings.kafka_bootstrap_servers,
+            settings.model_call_completed_topic,
+            fetch_records=settings.finance_fetch_records,
+            stall_timeout_s=settings.finance_stall_timeout_s,
         ) as log:
             ranges = await log.plan(from_ms, to_ms)
             planned = sum(r.size for r in ranges)
@@ -162,23 +164,27 @@ async def load_events(
     return tally, unreadable, planned
 
 
-def _unreadable_differences(unreadable: list[Unreadable], ledger_only: dict[UUID, list[Difference]]) -> list[Difference]:
+def _unreadable_differences(
+    unreadable: list[Unreadable], ledger_only: dict[UUID, list[Difference]]
+) -> list[Difference]:
     """One difference per unreadable record, carrying the ledger entries held under its id, if any."""
     out = []
     for u in unreadable:
         held = ledger_only.pop(u.event_id, []) if u.event_id else []
-        out.append(Difference(
-            kind=Kind.UNREADABLE_EVENT,
-            event_id=u.event_id,
-            user_id=",".join(sorted({h.user_id for h in held})) or None,
-            occurred_at=min((h.occurred_at for h in held if h.occurred_at), default=None),
-            ledger_credits=sum(h.ledger_credits for h in held),
-            ledger_entries=sum(h.ledger_entries for h in held),
-            partition=u.partition,
-            offset=u.offset,
-            detail=f"{u.error} (partition {u.partition}, offset {u.offset}, Kafka time "
-                   f"{datetime.fromtimestamp(u.timestamp_ms / 1000, timezone.utc).isoformat()})",
-        ))
+        out.append(
+            Difference(
+                kind=Kind.UNREADABLE_EVENT,
+                event_id=u.event_id,
+                user_id=",".join(sorted({h.user_id for h in held})) or None,
+                occurred_at=min((h.occurred_at for h in held if h.occurred_at), default=None),
+                ledger_credits=sum(h.ledger_credits for h in held),
+                ledger_entries=sum(h.ledger_entries for h in held),
+                partition=u.partition,
+                offset=u.offset,
+                detail=f"{u.error} (partition {u.partition}, offset {u.offset}, Kafka time "
+                f"{datetime.fromtimestamp(u.timestamp_ms / 1000, timezone.utc).isoformat()})",
+            )
+        )
     return out
 
 
@@ -196,7 +202,8 @@ async def reconcile(
         # An event published later than the lateness allowance would otherwise be missed, and the
         # debit it rightly caused reported (and refunded by repair) as a debit with no event.
         from_ms, to_ms = window.log_range_ms(
-            timedelta(seconds=settings.finance_clock_skew_s), timedelta(seconds=settings.finance_lateness_s),
+            timedelta(seconds=settings.finance_clock_skew_s),
+            timedelta(seconds=settings.finance_lateness_s),
             await ledger.last_recorded_at(conn, window),
         )
         assessor = Assessor(book or default_price_book(), window)
@@ -220,9 +227,18 @@ async def reconcile(
     finally:
         await conn.close()
     return ReconcileReport(
-        window, settings.model_call_completed_topic, tally, kept, pending, entries, tally.duplicates, planned,
-        time.perf_counter() - began, {"read_s": loaded - began, "compare_s": compared - loaded},
-        holds["expired"], holds["decided"],
+        window,
+        settings.model_call_completed_topic,
+        tally,
+        kept,
+        pending,
+        entries,
+        tally.duplicates,
+        planned,
+        time.perf_counter() - began,
+        {"read_s": loaded - began, "compare_s": compared - loaded},
+        holds["expired"],
+        holds["decided"],
     )
 
 
@@ -232,7 +248,8 @@ async def _set_apart_undecided(settings: FinanceSettings, diffs: list[Difference
     if not settings.finance_credits_group or not candidates:
         return diffs, []
     committed = await committed_offsets(
-        settings.kafka_bootstrap_servers, settings.topic(settings.finance_credits_group),
+        settings.kafka_bootstrap_servers,
+        settings.topic(settings.finance_credits_group),
         settings.model_call_completed_topic,
     )
     if not committed:  # the group never consumed this topic: nothing tells lag from loss
@@ -319,6 +336,13 @@ async def replay(
     finally:
         await conn.close()
     return ReplayResult(
-        settings.model_call_completed_topic, live, scratch, tally, entries, accounts, diffs, unreadable,
+        settings.model_call_completed_topic,
+        live,
+        scratch,
+        tally,
+        entries,
+        accounts,
+        diffs,
+        unreadable,
         time.perf_counter() - began,
     )

@@ -21,18 +21,29 @@ def summary_table(report: ReconcileReport) -> Table:
     t.add_column("count", justify="right")
     t.add_column("credits to correct", justify="right")
     for kind, (n, credits) in report.counts().items():
-        t.add_row(kind.value, f"{n:,}", "" if kind is Kind.UNREADABLE_EVENT else f"{credits:+,}",
-                  style="bold red" if n else "dim")
+        t.add_row(
+            kind.value,
+            f"{n:,}",
+            "" if kind is Kind.UNREADABLE_EVENT else f"{credits:+,}",
+            style="bold red" if n else "dim",
+        )
     t.add_section()
     t.add_row("total", f"{len(report.differences):,}", "", style="bold")
     if report.pending:
-        t.add_row("not_yet_decided (not a difference: the credit service has not reached them)",
-                  f"{len(report.pending):,}", "", style="yellow")
+        t.add_row(
+            "not_yet_decided (not a difference: the credit service has not reached them)",
+            f"{len(report.pending):,}",
+            "",
+            style="yellow",
+        )
     t.add_section()
-    for label, holds in (("holds open past their expiry", report.expired_holds),
-                         ("holds of events already decided", report.decided_holds)):
-        t.add_row(label, f"{len(holds):,}", f"{sum(h['credits'] for h in holds):,} held",
-                  style="bold red" if holds else "dim")
+    for label, holds in (
+        ("holds open past their expiry", report.expired_holds),
+        ("holds of events already decided", report.decided_holds),
+    ):
+        t.add_row(
+            label, f"{len(holds):,}", f"{sum(h['credits'] for h in holds):,} held", style="bold red" if holds else "dim"
+        )
     return t
 
 
@@ -66,11 +77,15 @@ def differences_table(differences: list[Difference], limit: int = 20) -> Table:
 
     for d in differences[:limit]:
         t.add_row(
-            d.kind.value, str(d.event_id or ""), d.user_id or "",
+            d.kind.value,
+            str(d.event_id or ""),
+            d.user_id or "",
             d.occurred_at.isoformat() if d.occurred_at else "",
-            pair(d.feature, d.model), pair(d.key_source, d.status),
+            pair(d.feature, d.model),
+            pair(d.key_source, d.status),
             "?" if d.kind is Kind.UNREADABLE_EVENT else str(d.expected_credits or 0),
-            str(d.ledger_credits), f"{d.correction_credits:+}" if d.repairable else "-",
+            str(d.ledger_credits),
+            f"{d.correction_credits:+}" if d.repairable else "-",
             d.detail,
         )
     return t
@@ -87,15 +102,24 @@ def corrections_table(result: RepairResult, limit: int = 50) -> Table:
 
 
 def replay_table(result: ReplayResult, limit: int = 50) -> Table:
-    t = Table(title=(
-        f"replay of {result.topic} into {result.scratch_schema}: {result.accounts:,} accounts, "
-        f"{len(result.differences):,} differ from {result.live_schema}"
-    ))
+    t = Table(
+        title=(
+            f"replay of {result.topic} into {result.scratch_schema}: {result.accounts:,} accounts, "
+            f"{len(result.differences):,} differ from {result.live_schema}"
+        )
+    )
     for col in ("user", "live granted", "live debited", "live balance", "replay debited", "replay balance", "delta"):
         t.add_column(col, justify="left" if col == "user" else "right")
     for d in result.differences[:limit]:
-        t.add_row(d.user_id, f"{d.live_granted:,}", f"{d.live_debited:,}", f"{d.live_balance:,}",
-                  f"{d.replay_debited:,}", f"{d.replay_balance:,}", f"{d.delta:+,}")
+        t.add_row(
+            d.user_id,
+            f"{d.live_granted:,}",
+            f"{d.live_debited:,}",
+            f"{d.live_balance:,}",
+            f"{d.replay_debited:,}",
+            f"{d.replay_balance:,}",
+            f"{d.delta:+,}",
+        )
     return t
 
 
@@ -106,7 +130,9 @@ def _format(path: Path, fmt: str | None) -> str:
     return fmt
 
 
-def write_rows(path: Path, rows: list[dict], columns: list[str], fmt: str | None = None, header: dict | None = None) -> None:
+def write_rows(
+    path: Path, rows: list[dict], columns: list[str], fmt: str | None = None, header: dict | None = None
+) -> None:
     """The full list: CSV (one row per item) or JSON ({...header, "items": [...]})."""
     if _format(path, fmt) == "csv":
         with path.open("w", newline="") as f:
@@ -136,6 +162,18 @@ def write_corrections(path: Path, corrections: list[Correction], fmt: str | None
 
 def write_replay(path: Path, result: ReplayResult, fmt: str | None = None) -> None:
     rows = [d.as_row() for d in result.differences]
-    cols = list(rows[0]) if rows else ["user_id", "live_granted", "live_debited", "live_balance",
-                                       "replay_granted", "replay_debited", "replay_balance", "delta"]
+    cols = (
+        list(rows[0])
+        if rows
+        else [
+            "user_id",
+            "live_granted",
+            "live_debited",
+            "live_balance",
+            "replay_granted",
+            "replay_debited",
+            "replay_balance",
+            "delta",
+        ]
+    )
     write_rows(path, rows, cols, fmt, {"scratch_schema": result.scratch_schema, "accounts": result.accounts})

@@ -44,8 +44,9 @@ class Window:
     def contains_ms(self, timestamp_ms: int) -> bool:
         return to_ms(self.start) <= timestamp_ms < to_ms(self.end)
 
-    def log_range_ms(self, skew: timedelta, lateness: timedelta,
-                     last_recorded: datetime | None = None) -> tuple[int, int]:
+    def log_range_ms(
+        self, skew: timedelta, lateness: timedelta, last_recorded: datetime | None = None
+    ) -> tuple[int, int]:
         """Kafka timestamps to read, [from, to): wide enough to hold every event of the window.
 
         `last_recorded`, when the ledger has entries for the window, is when the newest was written:

@@ -20,8 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--host", default=os.environ.get("SIM_HOST", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=int(os.environ.get("SIM_PORT", "8090")))
-    ap.add_argument("--print-urls", action="store_true",
-                    help="print the base-URL settings (NAME=URL lines) for this host and port, and exit")
+    ap.add_argument(
+        "--print-urls",
+        action="store_true",
+        help="print the base-URL settings (NAME=URL lines) for this host and port, and exit",
+    )
     args = ap.parse_args(argv)
     if args.print_urls:
         for name, url in base_urls(f"http://{args.host}:{args.port}").items():

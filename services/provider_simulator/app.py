@@ -20,14 +20,26 @@ PROVIDERS = ("openai", "groq", "anthropic", "gemini")
 BEHAVIOURS = ("valid", "invalid", "revoked", "no_quota", "denied", "rate_limited", "slow", "down")
 # Marker words recognised in unregistered keys, first match wins ("invalid" before "valid").
 _MARKERS = (
-    ("revoked", "revoked"), ("noquota", "no_quota"), ("denied", "denied"), ("ratelimited", "rate_limited"),
-    ("slow", "slow"), ("down", "down"), ("invalid", "invalid"), ("valid", "valid"),
+    ("revoked", "revoked"),
+    ("noquota", "no_quota"),
+    ("denied", "denied"),
+    ("ratelimited", "rate_limited"),
+    ("slow", "slow"),
+    ("down", "down"),
+    ("invalid", "invalid"),
+    ("valid", "valid"),
 )
 DEFAULT_SLOW_MS = 5000
 
 MODELS = {
     "openai": ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o3-mini", "gpt-5.2-pro"],
-    "groq": ["llama-3.3-70b-versatile", "llama3-8b-8192", "gemma2-9b-it", "qwen-qwq-32b", "deepseek-r1-distill-llama-70b"],
+    "groq": [
+        "llama-3.3-70b-versatile",
+        "llama3-8b-8192",
+        "gemma2-9b-it",
+        "qwen-qwq-32b",
+        "deepseek-r1-distill-llama-70b",
+    ],
     "anthropic": ["claude-sonnet-4", "claude-3-7-sonnet", "claude-3-5-sonnet", "claude-3-5-haiku", "claude-opus-4"],
     "gemini": ["gemini-2.5-pro", "gemini-2.5-flash"],
 }
@@ -56,12 +68,21 @@ class SimulatorState:
     _endpoints: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def register(self, key: str, behaviour: str, *, delay_ms: int = 0, status: int | None = None,
-                 providers: list[str] | None = None) -> None:
+    def register(
+        self,
+        key: str,
+        behaviour: str,
+        *,
+        delay_ms: int = 0,
+        status: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}; one of {BEHAVIOURS}")
         with self._lock:
-            self._rules[_fingerprint(key)] = Rule(behaviour, delay_ms, status, frozenset(providers) if providers else None)
+            self._rules[_fingerprint(key)] = Rule(
+                behaviour, delay_ms, status, frozenset(providers) if providers else None
+            )
 
     def set_outage(self, provider: str, status: int = 503) -> None:
         with self._lock:
@@ -128,44 +149,76 @@ class SimulatorState:
 
 
 def _openai_error(status: int, message: str, type_: str, code: str | None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}, status_code=status, headers=headers
+    )
 
 
 def _openai_refusal(provider: str, rule: Rule) -> JSONResponse | None:
     name = "OpenAI" if provider == "openai" else "Groq"
     b = rule.behaviour
     if b == "invalid":
-        message = ("Incorrect API key provided: sk-...****. You can find your API key at "
-                   "https://platform.openai.com/account/api-keys.") if provider == "openai" else "Invalid API Key"
+        message = (
+            (
+                "Incorrect API key provided: sk-...****. You can find your API key at "
+                "https://platform.openai.com/account/api-keys."
+            )
+            if provider == "openai"
+            else "Invalid API Key"
+        )
         return _openai_error(401, message, "invalid_request_error", "invalid_api_key")
     if b == "revoked":
-        return _openai_error(401, "This key is associated with a deactivated account. If you feel this is an error, "
-                                  "contact us through our help center.", "invalid_request_error", "account_deactivated")
+        return _openai_error(
+            401,
+            "This key is associated with a deactivated account. If you feel this is an error, "
+            "contact us through our help center.",
+            "invalid_request_error",
+            "account_deactivated",
+        )
     if b == "denied":
-        return _openai_error(403, f"You are not allowed to use this {name} API with this key: the project or "
-                                  "organization does not have permission.", "invalid_request_error",
-                             "unsupported_country_region_territory" if provider == "openai" else "permission_denied")
+        return _openai_error(
+            403,
+            f"You are not allowed to use this {name} API with this key: the project or "
+            "organization does not have permission.",
+            "invalid_request_error",
+            "unsupported_country_region_territory" if provider == "openai" else "permission_denied",
+        )
     if b == "no_quota":
-        return _openai_error(429, "You exceeded your current quota, please check your plan and billing details. "
-                                  "For more information on this error, read the docs: "
-                                  "https://platform.openai.com/docs/guides/error-codes/api-errors.",
-                             "insufficient_quota", "insufficient_quota")
+        return _openai_error(
+            429,
+            "You exceeded your current quota, please check your plan and billing details. "
+            "For more information on this error, read the docs: "
+            "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+            "insufficient_quota",
+            "insufficient_quota",
+        )
     if b == "rate_limited":
-        return _openai_error(429, "Rate limit reached for requests per min (RPM): Limit 3, Used 3, Requested 1. "
-                                  "Please try again in 20s.", "requests", "rate_limit_exceeded",
-                             headers={"retry-after": "20", "x-ratelimit-remaining-requests": "0"})
+        return _openai_error(
+            429,
+            "Rate limit reached for requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s.",
+            "requests",
+            "rate_limit_exceeded",
+            headers={"retry-after": "20", "x-ratelimit-remaining-requests": "0"},
+        )
     if b == "down":
         status = rule.status or 503
-        return _openai_error(status, "The server is overloaded or not ready yet." if status == 503 else
-                             "The server had an error while processing your request. Sorry about that!",
-                             "server_error", None)
+        return _openai_error(
+            status,
+            "The server is overloaded or not ready yet."
+            if status == 503
+            else "The server had an error while processing your request. Sorry about that!",
+            "server_error",
+            None,
+        )
     return None
 
 
 def _anthropic_error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"type": "error", "error": {"type": type_, "message": message},
-                         "request_id": f"req_{uuid.uuid4().hex[:24]}"}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"type": "error", "error": {"type": type_, "message": message}, "request_id": f"req_{uuid.uuid4().hex[:24]}"},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _anthropic_refusal(rule: Rule) -> JSONResponse | None:
@@ -175,34 +228,61 @@ def _anthropic_refusal(rule: Rule) -> JSONResponse | None:
     if b == "revoked":
         return _anthropic_error(401, "authentication_error", "This API key has been disabled.")
     if b == "denied":
-        return _anthropic_error(403, "permission_error", "Your API key does not have permission to use the specified resource.")
+        return _anthropic_error(
+            403, "permission_error", "Your API key does not have permission to use the specified resource."
+        )
     if b == "no_quota":
-        return _anthropic_error(400, "invalid_request_error", "Your credit balance is too low to access the Anthropic "
-                                                              "API. Please go to Plans & Billing to upgrade or purchase credits.")
+        return _anthropic_error(
+            400,
+            "invalid_request_error",
+            "Your credit balance is too low to access the Anthropic "
+            "API. Please go to Plans & Billing to upgrade or purchase credits.",
+        )
     if b == "rate_limited":
-        return _anthropic_error(429, "rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit.",
-                                headers={"retry-after": "15"})
+        return _anthropic_error(
+            429,
+            "rate_limit_error",
+            "Number of request tokens has exceeded your per-minute rate limit.",
+            headers={"retry-after": "15"},
+        )
     if b == "down":
         status = rule.status or 529
-        return _anthropic_error(status, "overloaded_error" if status == 529 else "api_error",
-                                "Overloaded" if status == 529 else "Internal server error")
+        return _anthropic_error(
+            status,
+            "overloaded_error" if status == 529 else "api_error",
+            "Overloaded" if status == 529 else "Internal server error",
+        )
     return None
 
 
 def _gemini_error(status: int, grpc_status: str, message: str, details: list | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": status, "message": message, "status": grpc_status, "details": details or []}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"code": status, "message": message, "status": grpc_status, "details": details or []}},
+        status_code=status,
+    )
 
 
 def _error_info(reason: str) -> dict:
-    return {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
-            "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}
+    return {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": reason,
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    }
 
 
 def _quota_failure(quota_id: str, retry_s: int | None) -> list[dict]:
-    details = [{"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
-                                "quotaId": quota_id}]}]
+    details = [
+        {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [
+                {
+                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                    "quotaId": quota_id,
+                }
+            ],
+        }
+    ]
     if retry_s:
         details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_s}s"})
     return details
@@ -211,27 +291,44 @@ def _quota_failure(quota_id: str, retry_s: int | None) -> list[dict]:
 def _gemini_refusal(rule: Rule) -> JSONResponse | None:
     b = rule.behaviour
     if b == "invalid":
-        return _gemini_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
-                             [_error_info("API_KEY_INVALID")])
+        return _gemini_error(
+            400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", [_error_info("API_KEY_INVALID")]
+        )
     if b == "revoked":
-        return _gemini_error(400, "INVALID_ARGUMENT", "API key expired. Please renew the API key.",
-                             [_error_info("API_KEY_EXPIRED")])
+        return _gemini_error(
+            400, "INVALID_ARGUMENT", "API key expired. Please renew the API key.", [_error_info("API_KEY_EXPIRED")]
+        )
     if b == "denied":
-        return _gemini_error(403, "PERMISSION_DENIED", "The caller does not have permission",
-                             [_error_info("API_KEY_SERVICE_BLOCKED")])
-    quota_message = ("You exceeded your current quota, please check your plan and billing details. For more "
-                     "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.")
+        return _gemini_error(
+            403, "PERMISSION_DENIED", "The caller does not have permission", [_error_info("API_KEY_SERVICE_BLOCKED")]
+        )
+    quota_message = (
+        "You exceeded your current quota, please check your plan and billing details. For more "
+        "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits."
+    )
     if b == "no_quota":
-        return _gemini_error(429, "RESOURCE_EXHAUSTED", quota_message,
-                             _quota_failure("GenerateRequestsPerDayPerProjectPerModel-FreeTier", None))
+        return _gemini_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            quota_message,
+            _quota_failure("GenerateRequestsPerDayPerProjectPerModel-FreeTier", None),
+        )
     if b == "rate_limited":
-        return _gemini_error(429, "RESOURCE_EXHAUSTED", quota_message,
-                             _quota_failure("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", 30))
+        return _gemini_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            quota_message,
+            _quota_failure("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", 30),
+        )
     if b == "down":
         status = rule.status or 503
-        return _gemini_error(status, "UNAVAILABLE" if status == 503 else "INTERNAL",
-                             "The model is overloaded. Please try again later." if status == 503 else
-                             "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting")
+        return _gemini_error(
+            status,
+            "UNAVAILABLE" if status == 503 else "INTERNAL",
+            "The model is overloaded. Please try again later."
+            if status == 503
+            else "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
+        )
     return None
 
 
@@ -338,7 +435,11 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
 
     @app.get("/_sim/calls")
     async def all_calls():
-        return {"total": state.total_calls(), "by_provider": state.calls_by_provider(), "by_endpoint": state.endpoints()}
+        return {
+            "total": state.total_calls(),
+            "by_provider": state.calls_by_provider(),
+            "by_endpoint": state.endpoints(),
+        }
 
     @app.post("/_sim/reset")
     async def reset():
@@ -365,9 +466,13 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
         return value[7:].strip() or None if value.lower().startswith("bearer ") else None
 
     def openai_no_key() -> JSONResponse:
-        return _openai_error(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
-                                  "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                             "invalid_request_error", None)
+        return _openai_error(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization "
+            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            "invalid_request_error",
+            None,
+        )
 
     async def openai_models(provider: str, request: Request):
         key = bearer(request)
@@ -375,8 +480,12 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             return refused
         if not key:
             return openai_no_key()
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 1700000000,
-                                            "owned_by": provider} for m in MODELS[provider]]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 1700000000, "owned_by": provider} for m in MODELS[provider]
+            ],
+        }
 
     async def openai_chat(provider: str, request: Request):
         key = bearer(request)
@@ -389,12 +498,16 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             model, messages = body["model"], body["messages"]
             prompt = " ".join(str(m.get("content", "")) for m in messages)
         except Exception:
-            return _openai_error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+            return _openai_error(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error", None
+            )
         text = _reply_text(model, prompt)
         usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(text)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": usage,
@@ -432,8 +545,15 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             return refused
         if (refused := anthropic_precheck(request)) is not None:
             return refused
-        data = [{"type": "model", "id": m, "display_name": m.replace("-", " ").title(),
-                 "created_at": "2025-05-22T00:00:00Z"} for m in MODELS["anthropic"]]
+        data = [
+            {
+                "type": "model",
+                "id": m,
+                "display_name": m.replace("-", " ").title(),
+                "created_at": "2025-05-22T00:00:00Z",
+            }
+            for m in MODELS["anthropic"]
+        ]
         return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
 
     @app.post("/anthropic/v1/messages")
@@ -451,8 +571,13 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             return _anthropic_error(400, "invalid_request_error", "model, messages and max_tokens are required")
         text = _reply_text(model, prompt)
         return {
-            "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
             "usage": {"input_tokens": _tokens(prompt), "output_tokens": min(max_tokens, _tokens(text))},
         }
 
@@ -462,9 +587,13 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
         return request.headers.get("x-goog-api-key") or request.query_params.get("key")
 
     def gemini_no_key() -> JSONResponse:
-        return _gemini_error(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers (callers without "
-                                                       "established identity). Please use API Key or other form of "
-                                                       "API consumer identity to call this API.")
+        return _gemini_error(
+            403,
+            "PERMISSION_DENIED",
+            "Method doesn't allow unregistered callers (callers without "
+            "established identity). Please use API Key or other form of "
+            "API consumer identity to call this API.",
+        )
 
     @app.get("/gemini/v1beta/models")
     async def gemini_models(request: Request):
@@ -473,8 +602,17 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             return refused
         if not key:
             return gemini_no_key()
-        return {"models": [{"name": f"models/{m}", "version": "001", "displayName": m,
-                            "supportedGenerationMethods": ["generateContent", "countTokens"]} for m in MODELS["gemini"]]}
+        return {
+            "models": [
+                {
+                    "name": f"models/{m}",
+                    "version": "001",
+                    "displayName": m,
+                    "supportedGenerationMethods": ["generateContent", "countTokens"],
+                }
+                for m in MODELS["gemini"]
+            ]
+        }
 
     @app.post("/gemini/v1beta/models/{model_action}")
     async def gemini_generate(model_action: str, request: Request):
@@ -495,8 +633,11 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
         usage = {"promptTokenCount": _tokens(prompt), "candidatesTokenCount": _tokens(text)}
         usage["totalTokenCount"] = usage["promptTokenCount"] + usage["candidatesTokenCount"]
         return {
-            "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP", "index": 0}],
-            "usageMetadata": usage, "modelVersion": model,
+            "candidates": [
+                {"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP", "index": 0}
+            ],
+            "usageMetadata": usage,
+            "modelVersion": model,
         }
 
     return app

@@ -41,12 +41,16 @@ class SimulatorServer:
         sock.bind((self._host, self._port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            build_app(self.state), log_level="warning", access_log=False, lifespan="off",
+            build_app(self.state),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
             timeout_graceful_shutdown=1,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="provider-simulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="provider-simulator", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:

@@ -42,14 +42,18 @@ class Identity:
         return self.is_admin or self.user_id == user_id
 
 
-def mint_token(secret: str, user_id: str, role: str = "user", ttl_s: int = 3600,
-               session_id: str | None = None) -> str:
+def mint_token(secret: str, user_id: str, role: str = "user", ttl_s: int = 3600, session_id: str | None = None) -> str:
     """A signed token for `user_id` (used by the dev sign-in, `byok-token`, the demo and tests)."""
     if not user_id or len(user_id) > 200:
         raise ValueError("a user id has 1 to 200 characters")
     now = int(time.time())
-    claims = {"sub": user_id, "role": role, "iat": now, "exp": now + ttl_s,
-              "sid": session_id or secrets.token_urlsafe(12)}
+    claims = {
+        "sub": user_id,
+        "role": role,
+        "iat": now,
+        "exp": now + ttl_s,
+        "sid": session_id or secrets.token_urlsafe(12),
+    }
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 

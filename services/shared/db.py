@@ -18,8 +18,9 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """A pool `reset` that sends nothing (asyncpg still rolls back a transaction left open)."""
 
 
-async def create_pool(url: str, schema: str | None = None, *, min_size: int = 1, max_size: int = 10,
-                      reset_sessions: bool = True) -> asyncpg.Pool:
+async def create_pool(
+    url: str, schema: str | None = None, *, min_size: int = 1, max_size: int = 10, reset_sessions: bool = True
+) -> asyncpg.Pool:
     """A connection pool on `schema`.
 
     `reset_sessions=False` skips the reset query asyncpg otherwise sends each time a connection goes
@@ -27,7 +28,10 @@ async def create_pool(url: str, schema: str | None = None, *, min_size: int = 1,
     query), for code that never changes session state: no SET, LISTEN, advisory lock or cursor.
     """
     return await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, server_settings=server_settings(schema),
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        server_settings=server_settings(schema),
         reset=None if reset_sessions else _keep_session,
     )
 
@@ -47,12 +51,14 @@ async def migrate(url: str, schema: str | None = None) -> list[str]:
 # holds: retry them with back-off. Any other failure of a write is about its content, and retrying
 # it would stall forever (a consumer then isolates the record; see services.credits.consumer).
 _UNREACHABLE = (
-    asyncpg.PostgresConnectionError,       # class 08: connection lost or refused
+    asyncpg.PostgresConnectionError,  # class 08: connection lost or refused
     asyncpg.exceptions.OperatorInterventionError,  # class 57: admin or crash shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
     asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization failure, deadlock
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover left us on a standby
-    ConnectionError, OSError, TimeoutError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
 )
 
 

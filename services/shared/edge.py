@@ -19,8 +19,8 @@ import asyncpg
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, WithJsonSchema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.events import MODEL_ID_PATTERN, PRINTABLE, Identifier
 
@@ -29,10 +29,18 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024
 # An id field at the edge: checked exactly as events check ids (`Identifier`, Unicode classes), and
 # documented with the part of that rule a Python and ECMA regex can state (the OpenAPI tools read
 # `pattern` as one; `\p{Cc}` is neither): no C0/C1 control characters and no line separators.
-PrintableId = Annotated[Identifier, WithJsonSchema({
-    "type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[^\x00-\x1F\x7F-\x9F\u2028\u2029]+$",
-    "description": "Printable text: no control, format, private-use or unassigned characters, no line separators",
-})]
+PrintableId = Annotated[
+    Identifier,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 200,
+            "pattern": r"^[^\x00-\x1F\x7F-\x9F\u2028\u2029]+$",
+            "description": "Printable text: no control, format, private-use or unassigned characters, no line separators",
+        }
+    ),
+]
 
 Scope = Mapping[str, Any]
 
@@ -49,8 +57,7 @@ class BodyLimit:
     a body sent in chunks is counted too, and the app never starts on a request it cannot finish.
     """
 
-    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 body: Callable[[str, str], dict] | None = None):
+    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY_BYTES, body: Callable[[str, str], dict] | None = None):
         self.app, self.max_bytes = app, max_bytes
         self.body = body or (lambda code, sentence: {"error": code, "message": sentence})
 
@@ -84,10 +91,11 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
-        sentence = (f"The request body is larger than {_kib(self.max_bytes)}, the most this service accepts. "
-                    "Send a smaller body.")
-        response = JSONResponse(self.body("body_too_large", sentence), status_code=413,
-                                headers={"Connection": "close"})
+        sentence = (
+            f"The request body is larger than {_kib(self.max_bytes)}, the most this service accepts. "
+            "Send a smaller body."
+        )
+        response = JSONResponse(self.body("body_too_large", sentence), status_code=413, headers={"Connection": "close"})
         await response({"type": "http"}, _nothing, send)
 
 
@@ -122,24 +130,42 @@ def install_outage_handlers(app: FastAPI, body: Callable[[str, str], dict]) -> N
     """Answer a database or Kafka outage on any route with 503 and a sentence (never a bare 500)."""
 
     async def database_down(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(body("database_unavailable",
-                                 "The database is not reachable right now, so this request could not be "
-                                 "carried out. Nothing was changed; try again in a minute."),
-                            status_code=503, headers={"Retry-After": "30"})
+        return JSONResponse(
+            body(
+                "database_unavailable",
+                "The database is not reachable right now, so this request could not be "
+                "carried out. Nothing was changed; try again in a minute.",
+            ),
+            status_code=503,
+            headers={"Retry-After": "30"},
+        )
 
     async def kafka_down(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(body("event_log_unavailable",
-                                 "The event log (Kafka) is not reachable right now, so this request could not "
-                                 "be recorded. Try again in a minute."),
-                            status_code=503, headers={"Retry-After": "30"})
+        return JSONResponse(
+            body(
+                "event_log_unavailable",
+                "The event log (Kafka) is not reachable right now, so this request could not "
+                "be recorded. Try again in a minute.",
+            ),
+            status_code=503,
+            headers={"Retry-After": "30"},
+        )
 
     for kind in DATABASE_DOWN:
         app.add_exception_handler(kind, database_down)
     app.add_exception_handler(KafkaError, kafka_down)
 
 
-_CODES = {401: "not_authenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "body_too_large", 422: "invalid_request", 503: "unavailable"}
+_CODES = {
+    401: "not_authenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    422: "invalid_request",
+    503: "unavailable",
+}
 
 
 def install_http_error_handler(app: FastAPI, body: Callable[[str, str], dict]) -> None:
@@ -149,11 +175,13 @@ def install_http_error_handler(app: FastAPI, body: Callable[[str, str], dict]) -
         if exc.status_code == 400:
             # FastAPI's only 400: a body it could not decode (not UTF-8 text). Like a body that is not
             # JSON (which FastAPI itself answers 422), a malformed request.
-            return JSONResponse(body("invalid_request", "The body could not be read: send JSON text in UTF-8."),
-                                status_code=422)
+            return JSONResponse(
+                body("invalid_request", "The body could not be read: send JSON text in UTF-8."), status_code=422
+            )
         sentence = exc.detail if isinstance(exc.detail, str) else "The request was refused."
-        return JSONResponse(body(_CODES.get(exc.status_code, "refused"), sentence), status_code=exc.status_code,
-                            headers=exc.headers)
+        return JSONResponse(
+            body(_CODES.get(exc.status_code, "refused"), sentence), status_code=exc.status_code, headers=exc.headers
+        )
 
     app.add_exception_handler(StarletteHTTPException, http_error)
 
@@ -208,9 +236,15 @@ class DetailOut(BaseModel):
 
 
 _DESCRIPTIONS = {
-    400: "Refused", 401: "Not signed in, or the token is forged or expired", 402: "Not enough credits",
-    403: "Not allowed for this caller", 404: "Not found", 409: "Conflicts with an earlier request",
-    413: "Body larger than the limit", 422: "A field is malformed", 502: "The provider failed the call",
+    400: "Refused",
+    401: "Not signed in, or the token is forged or expired",
+    402: "Not enough credits",
+    403: "Not allowed for this caller",
+    404: "Not found",
+    409: "Conflicts with an earlier request",
+    413: "Body larger than the limit",
+    422: "A field is malformed",
+    502: "The provider failed the call",
     503: "A dependency (database, event log, credit service) is unreachable",
 }
 

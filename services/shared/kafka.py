@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import (
-    CorruptRecordException, InvalidMessageError, InvalidTopicError, MessageSizeTooLargeError, RecordListTooLargeError,
+    CorruptRecordException,
+    InvalidMessageError,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
     RecordTooLargeError,
 )
 from prometheus_client import Counter
@@ -22,11 +26,18 @@ log = logging.getLogger(__name__)
 MAX_EVENT_BYTES = 64 * 1024
 
 # Kafka refused the message itself (too large, invalid): sending it again cannot succeed.
-_REFUSED_FOR_CONTENT = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, InvalidMessageError,
-                        CorruptRecordException, InvalidTopicError)
+_REFUSED_FOR_CONTENT = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidMessageError,
+    CorruptRecordException,
+    InvalidTopicError,
+)
 
-PARKED = Counter("relay_parked_total", "Messages a relay parked in PostgreSQL because Kafka refused them as they are",
-                 ["source"])
+PARKED = Counter(
+    "relay_parked_total", "Messages a relay parked in PostgreSQL because Kafka refused them as they are", ["source"]
+)
 
 
 def refused_for_content(exc: BaseException) -> bool:
@@ -34,15 +45,26 @@ def refused_for_content(exc: BaseException) -> bool:
     return isinstance(exc, _REFUSED_FOR_CONTENT)
 
 
-async def park(conn, source: str, topic: str, key: bytes | None, payload: bytes, headers: str, error: BaseException) -> None:
+async def park(
+    conn, source: str, topic: str, key: bytes | None, payload: bytes, headers: str, error: BaseException
+) -> None:
     """Keep a message Kafka will never take in `parked_messages`, so the relay moves on and nothing is lost."""
     await conn.execute(
         "INSERT INTO parked_messages (source, topic, key, payload, headers, error) VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
-        source, topic, key, payload, headers, f"{type(error).__name__}: {error}"[:2000],
+        source,
+        topic,
+        key,
+        payload,
+        headers,
+        f"{type(error).__name__}: {error}"[:2000],
     )
     PARKED.labels(source).inc()
-    log.error("%s: a message for %s was refused by Kafka as it is (%s); parked in parked_messages",
-              source, topic, type(error).__name__)
+    log.error(
+        "%s: a message for %s was refused by Kafka as it is (%s); parked in parked_messages",
+        source,
+        topic,
+        type(error).__name__,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +136,7 @@ class DeadLetter:
 
 async def send_dead_letters(producer: AIOKafkaProducer, letters: list[DeadLetter]) -> None:
     """Publish the original bytes to `<topic>.dlq` with the error in headers; wait for the acks."""
-    futures = [
-        await producer.send(dlq(d.topic), value=d.value or b"", key=d.key, headers=d.headers())
-        for d in letters
-    ]
+    futures = [await producer.send(dlq(d.topic), value=d.value or b"", key=d.key, headers=d.headers()) for d in letters]
     for f in futures:
         await f
     for d in letters:

@@ -11,7 +11,9 @@ import re
 import sys
 
 # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), Groq (gsk_), Gemini (AIza) key shapes.
-_KEY_SHAPES = re.compile(r"(sk-ant-[A-Za-z0-9_\-]{8,}|sk-[A-Za-z0-9_\-]{16,}|gsk_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,})")
+_KEY_SHAPES = re.compile(
+    r"(sk-ant-[A-Za-z0-9_\-]{8,}|sk-[A-Za-z0-9_\-]{16,}|gsk_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,})"
+)
 
 
 def redact(text: str) -> str:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from urllib.parse import quote
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,20 +79,36 @@ class ProviderInfo:
 
 INFO: dict[Provider, ProviderInfo] = {
     Provider.OPENAI: ProviderInfo(
-        "OpenAI", ("sk-proj-", "sk-svcacct-", "sk-admin-", "sk-"), r"[A-Za-z0-9_\-]", 20,
-        "https://platform.openai.com/api-keys", "https://platform.openai.com/settings/organization/billing",
+        "OpenAI",
+        ("sk-proj-", "sk-svcacct-", "sk-admin-", "sk-"),
+        r"[A-Za-z0-9_\-]",
+        20,
+        "https://platform.openai.com/api-keys",
+        "https://platform.openai.com/settings/organization/billing",
     ),
     Provider.ANTHROPIC: ProviderInfo(
-        "Anthropic", ("sk-ant-",), r"[A-Za-z0-9_\-]", 20,
-        "https://console.anthropic.com/settings/keys", "https://console.anthropic.com/settings/billing",
+        "Anthropic",
+        ("sk-ant-",),
+        r"[A-Za-z0-9_\-]",
+        20,
+        "https://console.anthropic.com/settings/keys",
+        "https://console.anthropic.com/settings/billing",
     ),
     Provider.GROQ: ProviderInfo(
-        "Groq", ("gsk_",), r"[A-Za-z0-9]", 20,
-        "https://console.groq.com/keys", "https://console.groq.com/settings/billing",
+        "Groq",
+        ("gsk_",),
+        r"[A-Za-z0-9]",
+        20,
+        "https://console.groq.com/keys",
+        "https://console.groq.com/settings/billing",
     ),
     Provider.GEMINI: ProviderInfo(
-        "Gemini", ("AIza",), r"[A-Za-z0-9_\-]", 30,
-        "https://aistudio.google.com/app/apikey", "https://aistudio.google.com/app/plan_information",
+        "Gemini",
+        ("AIza",),
+        r"[A-Za-z0-9_\-]",
+        30,
+        "https://aistudio.google.com/app/apikey",
+        "https://aistudio.google.com/app/plan_information",
     ),
 }
 
@@ -130,7 +146,9 @@ def chat_path(provider: Provider | str, model: str) -> str:
     }[provider]
 
 
-def auth_headers(provider: Provider | str, api_key: str, *, anthropic_version: str = ANTHROPIC_VERSION) -> dict[str, str]:
+def auth_headers(
+    provider: Provider | str, api_key: str, *, anthropic_version: str = ANTHROPIC_VERSION
+) -> dict[str, str]:
     """The request headers that authenticate `api_key` with `provider`."""
     provider = Provider(provider)
     if provider in (Provider.OPENAI, Provider.GROQ):
@@ -183,7 +201,7 @@ def key_shape_problem(provider: Provider | str, api_key: str) -> str | None:
         return f"This does not look like {_a(info.name)} key: {info.name} keys start with {starts}. Copy it again from {info.keys_url}."
     if re.search(r"\s", api_key):
         return f"The {info.name} key contains spaces or line breaks. Copy it again as one piece from {info.keys_url}."
-    if not re.fullmatch(f"{info.charset}+", api_key[len(prefix):]) or len(api_key) < info.min_length:
+    if not re.fullmatch(f"{info.charset}+", api_key[len(prefix) :]) or len(api_key) < info.min_length:
         return f"This {info.name} key looks cut short or contains characters keys never have. Copy the whole key again from {info.keys_url}."
     return None
 
@@ -295,7 +313,10 @@ def classify_error(
     kind, code, message, details = _error_fields(body)
     reasons = {str(d.get("reason", "")) for d in details if isinstance(d, Mapping)}
     quota_ids = " ".join(
-        str(v.get("quotaId", "")) for d in details if isinstance(d, Mapping) for v in d.get("violations", []) or []
+        str(v.get("quotaId", ""))
+        for d in details
+        if isinstance(d, Mapping)
+        for v in d.get("violations", []) or []
         if isinstance(v, Mapping)
     )
     retry_after = _retry_after(headers)
@@ -399,8 +420,11 @@ def chat_body(provider: Provider | str, model: str, messages: Sequence[Mapping[s
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     rest = [m for m in messages if m["role"] != "system"]
     if provider is Provider.ANTHROPIC:
-        body: dict = {"model": model, "max_tokens": max_tokens,
-                      "messages": [{"role": m["role"], "content": m["content"]} for m in rest]}
+        body: dict = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in rest],
+        }
         if system:
             body["system"] = system
         return body
@@ -421,18 +445,24 @@ def parse_chat_reply(provider: Provider | str, model: str, body: Mapping) -> Cha
     if provider in (Provider.OPENAI, Provider.GROQ):
         usage = body.get("usage") or {}
         text = body["choices"][0]["message"].get("content") or ""
-        return ChatReply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                         body.get("model", model))
+        return ChatReply(
+            text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), body.get("model", model)
+        )
     if provider is Provider.ANTHROPIC:
         usage = body.get("usage") or {}
         text = "".join(part.get("text", "") for part in body.get("content", []) if part.get("type") == "text")
-        return ChatReply(text, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)),
-                         body.get("model", model))
+        return ChatReply(
+            text, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)), body.get("model", model)
+        )
     usage = body.get("usageMetadata") or {}
     parts = (body.get("candidates") or [{}])[0].get("content", {}).get("parts", [])
     text = "".join(p.get("text", "") for p in parts)
-    return ChatReply(text, int(usage.get("promptTokenCount", 0)), int(usage.get("candidatesTokenCount", 0)),
-                     body.get("modelVersion", model))
+    return ChatReply(
+        text,
+        int(usage.get("promptTokenCount", 0)),
+        int(usage.get("candidatesTokenCount", 0)),
+        body.get("modelVersion", model),
+    )
 
 
 async def chat_completion(
@@ -459,12 +489,17 @@ async def chat_completion(
     except httpx.HTTPError as exc:
         raise ProviderError(provider, unavailable(provider, f"could not be reached ({type(exc).__name__})")) from None
     if response.status_code >= 400:
-        raise ProviderError(provider, classify_error(provider, response.status_code, response.content, response.headers),
-                            response.status_code)
+        raise ProviderError(
+            provider,
+            classify_error(provider, response.status_code, response.content, response.headers),
+            response.status_code,
+        )
     try:
         return parse_chat_reply(provider, model, response.json())
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        raise ProviderError(provider, unavailable(provider, "sent an answer we could not read"), response.status_code) from None
+        raise ProviderError(
+            provider, unavailable(provider, "sent an answer we could not read"), response.status_code
+        ) from None
 
 
 class FreshConnectionRetry(httpx.AsyncBaseTransport):
@@ -483,8 +518,9 @@ class FreshConnectionRetry(httpx.AsyncBaseTransport):
     def __init__(self, limits: httpx.Limits):
         self.pooled = httpx.AsyncHTTPTransport(limits=limits)
         # Keeps no connection: every request it sends goes out on a new one.
-        self.fresh = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=limits.max_connections,
-                                                                  max_keepalive_connections=0))
+        self.fresh = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=limits.max_connections, max_keepalive_connections=0)
+        )
         self.retries = 0  # how many requests needed the second attempt (for tests and metrics)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -501,8 +537,9 @@ class FreshConnectionRetry(httpx.AsyncBaseTransport):
         await self.fresh.aclose()
 
 
-def provider_http_client(*, timeout: httpx.Timeout | float, limits: httpx.Limits,
-                         follow_redirects: bool = False) -> httpx.AsyncClient:
+def provider_http_client(
+    *, timeout: httpx.Timeout | float, limits: httpx.Limits, follow_redirects: bool = False
+) -> httpx.AsyncClient:
     """An httpx client for calls to providers, shared by every user's calls.
 
     Its cookie jar keeps nothing: one client serves all users, so a cookie a provider set on one
@@ -510,6 +547,9 @@ def provider_http_client(*, timeout: httpx.Timeout | float, limits: httpx.Limits
     A call that fails before any response byte is sent once more on a fresh connection
     (`FreshConnectionRetry`).
     """
-    return httpx.AsyncClient(timeout=timeout, follow_redirects=follow_redirects,
-                             transport=FreshConnectionRetry(limits),
-                             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+    return httpx.AsyncClient(
+        timeout=timeout,
+        follow_redirects=follow_redirects,
+        transport=FreshConnectionRetry(limits),
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    )

@@ -12,9 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
+from services.shared.sealing import SealingSettings
 from services.shared.settings import refuse_default_secrets
 from services.validation.bootstrap import Validation, build
-from services.validation.settings import SealingSettings, ValidationSettings
+from services.validation.settings import ValidationSettings
 
 log = logging.getLogger("services.validation")
 
@@ -52,10 +53,22 @@ async def serve(settings: ValidationSettings) -> None:
         log.warning("using the DEV-ONLY sealing key pair from the repository; set KEY_SEAL_* in production")
     validation = build(settings, sealing)
     await start_worker(validation)
-    server = GracefulServer(uvicorn.Config(health_app(validation), host=settings.http_host, port=settings.http_port,
-                                          log_level="warning", access_log=False))
-    log.info("validation worker up: consuming %s, health on %s:%d (keys: %s)", settings.key_check_requests_topic,
-             settings.http_host, settings.http_port, ", ".join(sealing.private_keys))
+    server = GracefulServer(
+        uvicorn.Config(
+            health_app(validation),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+        )
+    )
+    log.info(
+        "validation worker up: consuming %s, health on %s:%d (keys: %s)",
+        settings.key_check_requests_topic,
+        settings.http_host,
+        settings.http_port,
+        ", ".join(sealing.private_keys),
+    )
     try:
         await server.serve()  # returns on SIGINT/SIGTERM
     finally:

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import httpx
 
+from services.shared.sealing import KeyOpener, SealingSettings
 from services.validation.checks import KeyChecker, make_http_client
 from services.validation.guards import UserRateLimit, VerdictCache
 from services.validation.handler import RequestHandler
-from services.validation.sealing import KeyOpener
 from services.validation.service import KeyCheckService
-from services.validation.settings import SealingSettings, ValidationSettings
+from services.validation.settings import ValidationSettings
 from services.validation.worker import ValidationWorker
 
 
@@ -44,6 +44,7 @@ def build_service(settings: ValidationSettings, http: httpx.AsyncClient) -> KeyC
 def build(settings: ValidationSettings, sealing: SealingSettings | None = None) -> Validation:
     http = make_http_client(settings.check_timeout_s, settings.check_connect_timeout_s)
     service = build_service(settings, http)
-    handler = RequestHandler(service, KeyOpener.from_settings(sealing), settings.key_check_replies_topic,
-                             settings.max_request_age_s)
+    handler = RequestHandler(
+        service, KeyOpener.from_settings(sealing), settings.key_check_replies_topic, settings.max_request_age_s
+    )
     return Validation(settings, http, service, ValidationWorker(settings, handler))

@@ -14,10 +14,15 @@ from schemas.events import KeyCheckStatus, Provider
 from services.shared.providers import INFO, KeyVerdict
 
 # Answers about the key itself; "rate limited" and "unavailable" say nothing lasting about it.
-CACHEABLE = frozenset({
-    KeyCheckStatus.VALID, KeyCheckStatus.INVALID, KeyCheckStatus.REVOKED_OR_EXPIRED,
-    KeyCheckStatus.PERMISSION_DENIED, KeyCheckStatus.QUOTA_EXHAUSTED,
-})
+CACHEABLE = frozenset(
+    {
+        KeyCheckStatus.VALID,
+        KeyCheckStatus.INVALID,
+        KeyCheckStatus.REVOKED_OR_EXPIRED,
+        KeyCheckStatus.PERMISSION_DENIED,
+        KeyCheckStatus.QUOTA_EXHAUSTED,
+    }
+)
 
 
 class VerdictCache:
@@ -90,8 +95,11 @@ def too_many_checks(wait_s: float, provider: Provider | None = None, per_minute:
     """The answer once a user reached the check limit for one provider: which provider, how long."""
     seconds = max(1, math.ceil(wait_s))
     if provider is None:
-        return KeyVerdict(KeyCheckStatus.RATE_LIMITED, f"You have checked several keys in the last minute. "
-                                                       f"Wait about {seconds} seconds and try again.", wait_s)
+        return KeyVerdict(
+            KeyCheckStatus.RATE_LIMITED,
+            f"You have checked several keys in the last minute. Wait about {seconds} seconds and try again.",
+            wait_s,
+        )
     name = INFO[provider].name
     many = f"{per_minute} {name} keys" if per_minute else f"several {name} keys"
     return KeyVerdict(

@@ -20,14 +20,12 @@ from pydantic import ValidationError
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.shared import providers
 from services.shared.kafka import MAX_EVENT_BYTES, DeadLetter
+from services.shared.keycheck import CORRELATION_ID, REPLY_TO
+from services.shared.sealing import KeyOpener, SealingError
 from services.validation import metrics
-from services.validation.sealing import KeyOpener, SealingError
 from services.validation.service import KeyCheckService
 
 log = logging.getLogger(__name__)
-
-REPLY_TO = "reply_to"
-CORRELATION_ID = "correlation_id"
 
 
 @dataclass(frozen=True)
@@ -73,13 +71,24 @@ class RequestHandler:
 
         def dead(reason: str, error: str) -> DeadLetter:
             metrics.DEAD_LETTERS.labels(reason).inc()
-            return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value,
-                              error, reason)
+            return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, error, reason)
 
-        def reply(request_id: UUID, provider: Provider, status: KeyCheckStatus, message: str,
-                  hint: str | None = None, user_key: bytes | None = record.key) -> Reply:
-            result = KeyCheckResult(request_id=request_id, provider=provider, status=status, message=message,
-                                    key_hint=hint, latency_ms=int((time.monotonic() - started) * 1000))
+        def reply(
+            request_id: UUID,
+            provider: Provider,
+            status: KeyCheckStatus,
+            message: str,
+            hint: str | None = None,
+            user_key: bytes | None = record.key,
+        ) -> Reply:
+            result = KeyCheckResult(
+                request_id=request_id,
+                provider=provider,
+                status=status,
+                message=message,
+                key_hint=hint,
+                latency_ms=int((time.monotonic() - started) * 1000),
+            )
             correlation = headers.get(CORRELATION_ID) or str(request_id)
             return Reply(reply_to, user_key, result.to_json(), [(CORRELATION_ID, correlation.encode())])
 
@@ -87,12 +96,18 @@ class RequestHandler:
             if loose is None:
                 return None
             request_id, provider = loose
-            return reply(request_id, provider, KeyCheckStatus.PROVIDER_UNAVAILABLE,
-                         "We could not check your key because of a problem on our side. Your key may well be fine: "
-                         "try again in a minute.")
+            return reply(
+                request_id,
+                provider,
+                KeyCheckStatus.PROVIDER_UNAVAILABLE,
+                "We could not check your key because of a problem on our side. Your key may well be fine: "
+                "try again in a minute.",
+            )
 
         if not self._allowed_reply_topic(reply_to):
-            return Outcome(dead_letter=dead("reply_to_not_allowed", f"reply_to {reply_to[:200]!r} is not a replies topic"))
+            return Outcome(
+                dead_letter=dead("reply_to_not_allowed", f"reply_to {reply_to[:200]!r} is not a replies topic")
+            )
         if record.value is None or len(record.value) > MAX_EVENT_BYTES:
             size = 0 if record.value is None else len(record.value)
             return Outcome(dead_letter=dead("bad_size", f"request of {size} bytes (limit {MAX_EVENT_BYTES})"))
@@ -101,14 +116,22 @@ class RequestHandler:
         except ValidationError as exc:
             # The error text lists fields and types, not input values (include_input=False).
             error = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False))
-            return Outcome(internal_failure(_loose_id_and_provider(record.value)),
-                           dead("invalid_request", f"not a KeyCheckRequest: {error}"))
+            return Outcome(
+                internal_failure(_loose_id_and_provider(record.value)),
+                dead("invalid_request", f"not a KeyCheckRequest: {error}"),
+            )
 
         age_s = (datetime.now(timezone.utc) - request.requested_at).total_seconds()
         if age_s > self.max_request_age_s:
             log.info("request %s is %.0f s old; answered without a provider call", request.request_id, age_s)
-            return Outcome(reply(request.request_id, request.provider, KeyCheckStatus.PROVIDER_UNAVAILABLE,
-                                 "This check waited too long to be answered. Please try again."))
+            return Outcome(
+                reply(
+                    request.request_id,
+                    request.provider,
+                    KeyCheckStatus.PROVIDER_UNAVAILABLE,
+                    "This check waited too long to be answered. Please try again.",
+                )
+            )
         try:
             api_key = self.opener.open(request.key_id, request.sealed_key)
         except SealingError as exc:
@@ -117,11 +140,20 @@ class RequestHandler:
             verdict = await self.service.check(request.user_id, request.provider, api_key)
         except Exception as exc:  # a bug must not stop the worker; the message keeps no key
             log.exception("check of request %s failed", request.request_id)
-            return Outcome(internal_failure((request.request_id, request.provider)),
-                           dead("internal_error", f"{type(exc).__name__}"))
+            return Outcome(
+                internal_failure((request.request_id, request.provider)),
+                dead("internal_error", f"{type(exc).__name__}"),
+            )
         hint = providers.key_hint(api_key)
         del api_key
-        log.info("request %s user %s %s: %s (key %s)", request.request_id, request.user_id,
-                 request.provider.value, verdict.status.value, hint)
-        return Outcome(reply(request.request_id, request.provider, verdict.status, verdict.message, hint,
-                             request.user_id.encode()))
+        log.info(
+            "request %s user %s %s: %s (key %s)",
+            request.request_id,
+            request.user_id,
+            request.provider.value,
+            verdict.status.value,
+            hint,
+        )
+        return Outcome(
+            reply(request.request_id, request.provider, verdict.status, verdict.message, hint, request.user_id.encode())
+        )

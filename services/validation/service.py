@@ -41,4 +41,3 @@ class KeyCheckService:
     def _count(provider: Provider, verdict: KeyVerdict, source: str) -> KeyVerdict:
         metrics.CHECKS.labels(provider.value, verdict.status.value, source).inc()
         return verdict
-

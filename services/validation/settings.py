@@ -1,49 +1,12 @@
-"""Settings of the key-check system: sealing keys (shared with the chat service) and the worker's own."""
+"""The key-check worker's own settings (the sealing keys it shares with the chat service are
+`services.shared.sealing.SealingSettings`)."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
 
 from services.shared.providers import ProviderSettings
 from services.shared.settings import CommonSettings
-
-# ---------------------------------------------------------------------------------------------
-# DEV ONLY, INSECURE: this key pair is public (it is in the repository), so anything sealed to it
-# can be opened by anyone who reads this file. It exists so `make run` works on a fresh machine.
-# Production sets KEY_SEAL_PUBLIC_KEYS / KEY_SEAL_PRIVATE_KEYS / KEY_SEAL_CURRENT_KEY_ID; make a
-# pair with `python -m services.validation.sealing generate`.
-DEV_KEY_ID = "dev-insecure-1"
-DEV_PUBLIC_KEY = "rMFoNE/duHUspeKxqUruwyhZeb4xJowz12wg4/6Y1hA="
-DEV_PRIVATE_KEY = "qarMwBlrCQIZ3y7rB+zqU3hwm1bOTRqZCxuajQu4unw="
-# ---------------------------------------------------------------------------------------------
-
-
-class SealingSettings(BaseSettings):
-    """Which worker public key seals a user's key on the request topic.
-
-    Env: `KEY_SEAL_CURRENT_KEY_ID` (the id the chat service seals with), `KEY_SEAL_PUBLIC_KEYS`
-    (JSON `{"key id": "base64 public key"}`, chat side), `KEY_SEAL_PRIVATE_KEYS` (JSON
-    `{"key id": "base64 private key"}`, worker side only). To rotate: give the worker both private
-    keys, add the new public key, switch `KEY_SEAL_CURRENT_KEY_ID`, and drop the old pair once no
-    request sealed to it can still be in flight (the request topic keeps one hour).
-    """
-
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", env_prefix="KEY_SEAL_")
-
-    current_key_id: str = DEV_KEY_ID
-    public_keys: dict[str, str] = Field(default_factory=lambda: {DEV_KEY_ID: DEV_PUBLIC_KEY})
-    private_keys: dict[str, SecretStr] = Field(default_factory=lambda: {DEV_KEY_ID: SecretStr(DEV_PRIVATE_KEY)})
-
-    @model_validator(mode="after")
-    def _current_key_is_known(self) -> SealingSettings:
-        if self.public_keys and self.current_key_id not in self.public_keys:
-            raise ValueError(f"KEY_SEAL_CURRENT_KEY_ID {self.current_key_id!r} is not in KEY_SEAL_PUBLIC_KEYS")
-        return self
-
-    @property
-    def uses_dev_key(self) -> bool:
-        return DEV_KEY_ID in self.private_keys or self.current_key_id == DEV_KEY_ID
 
 
 class ValidationSettings(CommonSettings, ProviderSettings):

@@ -140,9 +140,17 @@ class ValidationWorker:
             except Exception as exc:  # handle() should never raise; if it does, this record must not hold its partition
                 log.exception("handling %s[%d]@%d failed; dead-lettering it", tp.topic, tp.partition, record.offset)
                 metrics.DEAD_LETTERS.labels("internal_error").inc()
-                outcome = Outcome(dead_letter=DeadLetter(record.topic, record.partition, record.offset, record.key,
-                                                         record.value, f"the worker failed on it: {type(exc).__name__}",
-                                                         "internal_error"))
+                outcome = Outcome(
+                    dead_letter=DeadLetter(
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        record.key,
+                        record.value,
+                        f"the worker failed on it: {type(exc).__name__}",
+                        "internal_error",
+                    )
+                )
             delay, attempts = 0.2, 0
             while True:
                 try:
@@ -153,28 +161,49 @@ class ValidationWorker:
                 except Exception as exc:  # not answered, so not committed: keep trying
                     attempts += 1
                     if self._stopping:
-                        log.warning("reply to %s[%d]@%d not sent before stopping; it will be redelivered",
-                                    tp.topic, tp.partition, record.offset)
+                        log.warning(
+                            "reply to %s[%d]@%d not sent before stopping; it will be redelivered",
+                            tp.topic,
+                            tp.partition,
+                            record.offset,
+                        )
                         return
                     if outcome.reply is not None and attempts >= self.settings.reply_attempts:
                         # The reply topic itself may be the problem (e.g. a reply_to that does not exist):
                         # park the request in the DLQ rather than hold its partition forever.
                         metrics.DEAD_LETTERS.labels("reply_failed").inc()
-                        outcome = Outcome(dead_letter=DeadLetter(
-                            record.topic, record.partition, record.offset, record.key, record.value,
-                            f"the reply to {outcome.reply.topic[:200]!r} could not be sent: {type(exc).__name__}",
-                            "reply_failed"))
+                        outcome = Outcome(
+                            dead_letter=DeadLetter(
+                                record.topic,
+                                record.partition,
+                                record.offset,
+                                record.key,
+                                record.value,
+                                f"the reply to {outcome.reply.topic[:200]!r} could not be sent: {type(exc).__name__}",
+                                "reply_failed",
+                            )
+                        )
                         continue
                     if outcome.reply is None and outcome.dead_letter is not None and refused_for_content(exc):
                         # Kafka will never take this letter as it is: keep the reason and the size, not the bytes.
                         letter = outcome.dead_letter
                         size = len(letter.value or b"")
-                        outcome = Outcome(dead_letter=dataclasses.replace(
-                            letter, value=b"", error=f"{letter.error}; value of {size} bytes dropped: "
-                                                     f"the DLQ refused it ({type(exc).__name__})"))
+                        outcome = Outcome(
+                            dead_letter=dataclasses.replace(
+                                letter,
+                                value=b"",
+                                error=f"{letter.error}; value of {size} bytes dropped: "
+                                f"the DLQ refused it ({type(exc).__name__})",
+                            )
+                        )
                         continue
-                    log.warning("sending the answer to %s[%d]@%d failed (%s); retrying", tp.topic, tp.partition,
-                                record.offset, type(exc).__name__)
+                    log.warning(
+                        "sending the answer to %s[%d]@%d failed (%s); retrying",
+                        tp.topic,
+                        tp.partition,
+                        record.offset,
+                        type(exc).__name__,
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         progress = self._progress.get(tp)

@@ -27,9 +27,16 @@ PLATFORM_OPENAI_KEY = ChatSettings.model_fields["openai_api_key"].default
 @pytest.fixture
 def system(stack: Stack, tmp_path: Path) -> Iterator[ChatSystem]:
     # A provider timeout of 6 s: a call's outbox row counts as abandoned 6 + 2 s after it began.
-    yield from start_system(stack.kafka_bootstrap, stack.database_url, stack.database_schema, stack.topic_prefix,
-                            tmp_path / "logs", with_validation=False, PROVIDER_TIMEOUT_S="6",
-                            OUTBOX_STALE_MARGIN_S="2")
+    yield from start_system(
+        stack.kafka_bootstrap,
+        stack.database_url,
+        stack.database_schema,
+        stack.topic_prefix,
+        tmp_path / "logs",
+        with_validation=False,
+        PROVIDER_TIMEOUT_S="6",
+        OUTBOX_STALE_MARGIN_S="2",
+    )
 
 
 def slow_platform(system: ChatSystem, delay_ms: int) -> None:
@@ -37,8 +44,7 @@ def slow_platform(system: ChatSystem, delay_ms: int) -> None:
 
 
 def credits_of(system: ChatSystem, user: str) -> dict:
-    r = httpx.get(f"{system.credits.url}/api/credits/{user}",
-                  headers={"Authorization": f"Bearer {system.token(user)}"})
+    r = httpx.get(f"{system.credits.url}/api/credits/{user}", headers={"Authorization": f"Bearer {system.token(user)}"})
     return r.json()
 
 
@@ -55,10 +61,12 @@ def settled(system: ChatSystem, user: str, balance: int, within_s: float = 60) -
 async def burst(urls: list[str], token: str, feature: str, n: int) -> Counter:
     """n concurrent calls, spread over the chat instances at `urls`; the count of each status."""
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
-        answers = await asyncio.gather(*[
-            client.post(f"{urls[i % len(urls)]}/chat", json={"feature": feature, "message": f"call {i}"})
-            for i in range(n)
-        ])
+        answers = await asyncio.gather(
+            *[
+                client.post(f"{urls[i % len(urls)]}/chat", json={"feature": feature, "message": f"call {i}"})
+                for i in range(n)
+            ]
+        )
     for a in answers:
         if a.status_code == 402:
             assert "available" in a.json()["message"] and a.json()["available"] >= 0
@@ -66,8 +74,11 @@ async def burst(urls: list[str], token: str, feature: str, n: int) -> Counter:
 
 
 def choose(system: ChatSystem, user: str, model: str, chat_url: str | None = None) -> None:
-    r = httpx.post(f"{chat_url or system.chat.url}/settings/model", json={"provider": "openai", "model": model},
-                   headers={"Authorization": f"Bearer {system.token(user)}"})
+    r = httpx.post(
+        f"{chat_url or system.chat.url}/settings/model",
+        json={"provider": "openai", "model": model},
+        headers={"Authorization": f"Bearer {system.token(user)}"},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -89,8 +100,10 @@ def test_forty_concurrent_chat_calls_at_three_credits_never_overspend(system: Ch
     assert served <= 16 and served + statuses[402] == 40, statuses
     final = settled(system, "chatty", 50 - 3 * served)
     assert (final["balance"], final["held"]) == (50 - 3 * served, 0)
-    print(f"one chat process: served {served}, refused {statuses[402]}, final balance {final['balance']}, "
-          f"held {final['held']}")
+    print(
+        f"one chat process: served {served}, refused {statuses[402]}, final balance {final['balance']}, "
+        f"held {final['held']}"
+    )
 
 
 def test_the_same_burst_split_across_two_chat_processes_never_overspends(system: ChatSystem):

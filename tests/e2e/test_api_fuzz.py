@@ -44,8 +44,14 @@ def apis(stack: Stack, tmp_path: Path) -> Iterator[Apis]:
     env = {**stack.env(), "AUTH_JWT_SECRET": SECRET, "LOG_LEVEL": "WARNING"}
     with SimulatorServer() as sim:
         with ServiceProcess("credits", "services.credits", {**env, "DEDUCT_WAIT_S": "2"}, tmp_path) as credits:
-            chat_env = {**env, **sim.env(), "CREDITS_URL": credits.url, "CHAT_DEV_LOGIN": "true",
-                        "COOKIE_SECURE": "false", "KEY_CHECK_TIMEOUT_S": "1"}
+            chat_env = {
+                **env,
+                **sim.env(),
+                "CREDITS_URL": credits.url,
+                "CHAT_DEV_LOGIN": "true",
+                "COOKIE_SECURE": "false",
+                "KEY_CHECK_TIMEOUT_S": "1",
+            }
             with ServiceProcess("chat", "services.chat", chat_env, tmp_path) as chat:
                 yield Apis(chat, credits)
 
@@ -66,15 +72,41 @@ def fuzz(name: str, base_url: str, token: str, report_dir: Path) -> tuple[subpro
     """One schemathesis run over `base_url`'s OpenAPI document; the statuses of every request sent."""
     har = report_dir / f"{name}.har"
     done = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", f"{base_url}/openapi.json", "--checks", CHECKS,
-         "--phases", "examples,coverage,fuzzing", "--max-examples", str(MAX_EXAMPLES), "--seed", "20261202",
-         "--header", f"Authorization: Bearer {token}", "--request-timeout", "20",
-         # One worker: with two threads, hypothesis's lambda descriptions call ast.parse at once, which
-         # CPython 3.11 does not survive (SystemError: AST constructor recursion depth mismatch).
-         "--workers", "1",
-         "--suppress-health-check", "all", "--report", "har", "--report-har-path", str(har)],
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{base_url}/openapi.json",
+            "--checks",
+            CHECKS,
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-examples",
+            str(MAX_EXAMPLES),
+            "--seed",
+            "20261202",
+            "--header",
+            f"Authorization: Bearer {token}",
+            "--request-timeout",
+            "20",
+            # One worker: with two threads, hypothesis's lambda descriptions call ast.parse at once, which
+            # CPython 3.11 does not survive (SystemError: AST constructor recursion depth mismatch).
+            "--workers",
+            "1",
+            "--suppress-health-check",
+            "all",
+            "--report",
+            "har",
+            "--report-har-path",
+            str(har),
+        ],
         # In the test's folder: schemathesis keeps a cache where it runs.
-        capture_output=True, text=True, timeout=400, env={**os.environ, "NO_COLOR": "1"}, cwd=report_dir,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "NO_COLOR": "1"},
+        cwd=report_dir,
     )
     entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
     return done, Counter(e["response"]["status"] for e in entries)
@@ -93,16 +125,22 @@ def test_live_apis_refuse_big_bodies_and_schemathesis_finds_no_5xx_or_schema_vio
 
     admin = mint_token(SECRET, "fuzz-admin", role="admin", ttl_s=3600)
     user = mint_token(SECRET, "fuzz-user", ttl_s=3600)
-    r = httpx.post(f"{apis.credits.url}/api/admin/grants", headers={"Authorization": f"Bearer {admin}"},
-                   json={"grant_key": "fuzz", "user_id": "fuzz-user", "plan": "standard"})
+    r = httpx.post(
+        f"{apis.credits.url}/api/admin/grants",
+        headers={"Authorization": f"Bearer {admin}"},
+        json={"grant_key": "fuzz", "user_id": "fuzz-user", "plan": "standard"},
+    )
     assert r.status_code == 201, r.text
 
     summary = {}
     for name, url, token in [("chat", apis.chat.url, user), ("credits", apis.credits.url, admin)]:
         done, statuses = fuzz(name, url, token, tmp_path)
         server_errors = sum(n for status, n in statuses.items() if status >= 500 and status != 503)
-        summary[name] = {"requests": sum(statuses.values()), "5xx": sum(n for s, n in statuses.items() if s >= 500),
-                         "statuses": dict(sorted(statuses.items()))}
+        summary[name] = {
+            "requests": sum(statuses.values()),
+            "5xx": sum(n for s, n in statuses.items() if s >= 500),
+            "statuses": dict(sorted(statuses.items())),
+        }
         print(f"\n[fuzz] {name}: {summary[name]}")
         assert done.returncode == 0, f"{name}:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
         assert sum(statuses.values()) > 50, f"{name}: too few requests generated\n{done.stdout[-3000:]}"

@@ -32,9 +32,11 @@ class ChatSystem:
         return mint_token(SECRET, user, role=role, ttl_s=600)
 
     def grant(self, user: str, plan: str) -> None:
-        r = httpx.post(f"{self.credits.url}/api/admin/grants",
-                       json={"grant_key": f"test:{user}:{plan}", "user_id": user, "plan": plan},
-                       headers={"Authorization": f"Bearer {self.token('ops', 'admin')}"})
+        r = httpx.post(
+            f"{self.credits.url}/api/admin/grants",
+            json={"grant_key": f"test:{user}:{plan}", "user_id": user, "plan": plan},
+            headers={"Authorization": f"Bearer {self.token('ops', 'admin')}"},
+        )
         assert r.status_code in (200, 201), r.text
 
     def client(self, user: str | None = None) -> httpx.Client:
@@ -53,24 +55,47 @@ class ChatSystem:
         return seen
 
 
-def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: str, log_dir: Path,
-                 with_validation: bool = True, validation_env: dict[str, str] | None = None,
-                 **chat_env: str) -> Iterator[ChatSystem]:
+def start_system(
+    kafka_bootstrap: str,
+    database_url: str,
+    schema: str,
+    prefix: str,
+    log_dir: Path,
+    with_validation: bool = True,
+    validation_env: dict[str, str] | None = None,
+    **chat_env: str,
+) -> Iterator[ChatSystem]:
     sim = SimulatorServer().start()
-    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": database_url, "DATABASE_SCHEMA": schema,
-           "TOPIC_PREFIX": prefix, "AUTH_JWT_SECRET": SECRET, **sim.env()}
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "DATABASE_URL": database_url,
+        "DATABASE_SCHEMA": schema,
+        "TOPIC_PREFIX": prefix,
+        "AUTH_JWT_SECRET": SECRET,
+        **sim.env(),
+    }
     started: list[ServiceProcess] = []
     try:
         credits = ServiceProcess("credits", "services.credits", env, log_dir).start()
         started.append(credits)
         validation = None
         if with_validation:
-            validation = ServiceProcess("validation", "services.validation", {**env, **(validation_env or {})},
-                                        log_dir).start()
+            validation = ServiceProcess(
+                "validation", "services.validation", {**env, **(validation_env or {})}, log_dir
+            ).start()
             started.append(validation)
-        chat = ServiceProcess("chat", "services.chat", {
-            **env, "CREDITS_URL": credits.url, "CHAT_DEV_LOGIN": "true", "COOKIE_SECURE": "false", **chat_env,
-        }, log_dir).start()
+        chat = ServiceProcess(
+            "chat",
+            "services.chat",
+            {
+                **env,
+                "CREDITS_URL": credits.url,
+                "CHAT_DEV_LOGIN": "true",
+                "COOKIE_SECURE": "false",
+                **chat_env,
+            },
+            log_dir,
+        ).start()
         started.append(chat)
         yield ChatSystem(chat, credits, validation, sim, log_dir)
     finally:
@@ -81,11 +106,14 @@ def start_system(kafka_bootstrap: str, database_url: str, schema: str, prefix: s
 
 @pytest.fixture
 def system(stack: Stack, tmp_path: Path) -> Iterator[ChatSystem]:
-    yield from start_system(stack.kafka_bootstrap, stack.database_url, stack.database_schema, stack.topic_prefix,
-                            tmp_path / "logs")
+    yield from start_system(
+        stack.kafka_bootstrap, stack.database_url, stack.database_schema, stack.topic_prefix, tmp_path / "logs"
+    )
 
 
-def use_settings(client: httpx.Client, provider: str, model: str, own: bool = False, key: str | None = None) -> httpx.Response:
+def use_settings(
+    client: httpx.Client, provider: str, model: str, own: bool = False, key: str | None = None
+) -> httpx.Response:
     body = {"provider": provider, "model": model, "use_own_key": own}
     if key is not None:
         body["api_key"] = key
@@ -143,8 +171,11 @@ def test_platform_and_byok_users_are_billed_by_the_policy(system: ChatSystem):
 def test_a_refused_key_changes_nothing_and_the_answer_says_why(system: ChatSystem):
     alice = system.client("alice")
     assert use_settings(alice, "openai", "gpt-4o").status_code == 200
-    for key, status in [("sk-proj-noquota" + "0" * 20, "quota_exhausted"), ("sk-proj-revoked" + "0" * 20, "revoked_or_expired"),
-                        ("sk-not-a-key", "malformed")]:
+    for key, status in [
+        ("sk-proj-noquota" + "0" * 20, "quota_exhausted"),
+        ("sk-proj-revoked" + "0" * 20, "revoked_or_expired"),
+        ("sk-not-a-key", "malformed"),
+    ]:
         r = use_settings(alice, "openai", "gpt-4o", own=True, key=key)
         assert r.status_code == 400 and r.json()["status"] == status and not r.json()["accepted"], r.text
         assert r.json()["message"]
@@ -217,7 +248,11 @@ def test_byok_tells_the_truth_keys_per_provider_revocation_fallback_and_usage(sy
     # Always-platform features: the platform's configured model, never the user's.
     body = web.post("/chat", json={"feature": "code_fix", "message": "fix"}).json()
     assert (body["provider"], body["model"], body["key_source"], body["billing"]["credits"]) == (
-        "openai", "gpt-4.1-mini", "platform", 1)
+        "openai",
+        "gpt-4.1-mini",
+        "platform",
+        1,
+    )
 
     # Removing the Groq key revokes it on the server: the old cookie copy no longer works for Groq.
     saved = web.cookies.get("byok_key")
@@ -230,8 +265,10 @@ def test_byok_tells_the_truth_keys_per_provider_revocation_fallback_and_usage(sy
 
     # The explicit fallback: the answer says it ran on platform credits and shows the charge.
     use_settings(web, "groq", "llama3-8b-8192", own=True).raise_for_status()
-    web.post("/settings/model", json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True,
-                                      "fallback_to_platform": True}).raise_for_status()
+    web.post(
+        "/settings/model",
+        json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True, "fallback_to_platform": True},
+    ).raise_for_status()
     body = web.post("/chat", json={"message": "hi"}).json()
     assert body["fallback"] is True and body["key_source"] == "platform" and body["billing"]["credits"] == 1
     assert "1 credit charged" in body["notice"]
@@ -242,6 +279,8 @@ def test_byok_tells_the_truth_keys_per_provider_revocation_fallback_and_usage(sy
     while len(calls := web.get("/api/usage").json()["calls"]) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [(c["feature"], c["key_source"], c["decision"], c["credits"]) for c in calls] == [
-        ("chat", "platform", "debited", 1), ("code_fix", "platform", "debited", 1),
-        ("chat", "byok", "not_billed_byok", 0)]
+        ("chat", "platform", "debited", 1),
+        ("code_fix", "platform", "debited", 1),
+        ("chat", "byok", "not_billed_byok", 0),
+    ]
     assert web.get("/api/usage").json()["last_grant"]["credits"] == 50

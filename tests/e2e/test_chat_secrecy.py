@@ -33,14 +33,20 @@ def grep_tree(folder: Path, needle: bytes) -> list[str]:
 async def rows_mentioning(url: str, schema: str, needle: str) -> list[str]:
     conn = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
-        tables = [r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)]
+        tables = [
+            r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+        ]
         hits = []
         for table in tables:
-            n = await conn.fetchval(f'SELECT count(*) FROM "{table}" t WHERE t::text LIKE $1 OR '
-                                    f"encode(convert_to(t::text, 'UTF8'), 'escape') LIKE $1", f"%{needle}%")
+            n = await conn.fetchval(
+                f'SELECT count(*) FROM "{table}" t WHERE t::text LIKE $1 OR '
+                f"encode(convert_to(t::text, 'UTF8'), 'escape') LIKE $1",
+                f"%{needle}%",
+            )
             # bytea columns print as hex in t::text: look for the hex of the key too.
-            n += await conn.fetchval(f'SELECT count(*) FROM "{table}" t WHERE t::text LIKE $1',
-                                     f"%{needle.encode().hex()}%")
+            n += await conn.fetchval(
+                f'SELECT count(*) FROM "{table}" t WHERE t::text LIKE $1', f"%{needle.encode().hex()}%"
+            )
             if n:
                 hits.append(f"{table}: {n}")
         await conn.execute("CHECKPOINT")  # table and WAL pages reach the data folder's files
@@ -62,8 +68,12 @@ def test_a_known_key_is_nowhere_at_rest(private_kafka, database_url, db_schema, 
         system.grant("secret-user", "free")
         with httpx.Client(base_url=system.chat.url, timeout=30, event_hooks={"response": [lambda r: r.read()]}) as web:
             keep(web.post("/auth/dev-login", json={"user_id": "secret-user"}))
-            r = keep(web.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True,
-                                                        "api_key": KNOWN_KEY}))
+            r = keep(
+                web.post(
+                    "/settings/model",
+                    json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": KNOWN_KEY},
+                )
+            )
             assert r.status_code == 200 and r.json()["status"] == "valid", r.text
             keep(web.get("/api/model-settings"))
             for feature in ("chat", "chat", "code_fix"):
@@ -71,8 +81,12 @@ def test_a_known_key_is_nowhere_at_rest(private_kafka, database_url, db_schema, 
             # A failing call on the key, a refused re-check, and a validation error carrying the key.
             system.sim.state.register(KNOWN_KEY, "no_quota")
             assert keep(web.post("/chat", json={"feature": "chat", "message": "again"})).status_code == 502
-            keep(web.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True,
-                                                   "api_key": KNOWN_KEY}))
+            keep(
+                web.post(
+                    "/settings/model",
+                    json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": KNOWN_KEY},
+                )
+            )
             keep(web.post("/settings/model", json={"provider": "nope", "model": "x", "api_key": KNOWN_KEY}))
             keep(web.post("/chat", json={"feature": "chat", "message": KNOWN_KEY[:3], "api_key": KNOWN_KEY}))
             keep(web.get("/api/model-settings"))

@@ -30,9 +30,14 @@ async def scratch(database_url):
 async def test_a_ledger_written_by_the_credit_service_reconciles_to_zero(stack, credit_service, scratch):
     began = datetime.now(timezone.utc)
     shapes = [
-        dict(), dict(key_source=KeySource.BYOK), dict(key_source=KeySource.BYOK, feature=Feature.DEEP_ANALYSIS),
-        dict(feature=Feature.CODE_FIX), dict(status=CallStatus.FAILED), dict(model="o1"),
-        dict(model="claude-3-5-haiku", provider=Provider.ANTHROPIC), dict(model="not-a-priced-model"),
+        dict(),
+        dict(key_source=KeySource.BYOK),
+        dict(key_source=KeySource.BYOK, feature=Feature.DEEP_ANALYSIS),
+        dict(feature=Feature.CODE_FIX),
+        dict(status=CallStatus.FAILED),
+        dict(model="o1"),
+        dict(model="claude-3-5-haiku", provider=Provider.ANTHROPIC),
+        dict(model="not-a-priced-model"),
         dict(key_source=KeySource.BYOK, feature=Feature.CODE_CANVAS),
     ]
     events = [make_event(user_id=f"user{i % 4}", **shapes[i % len(shapes)]) for i in range(60)]

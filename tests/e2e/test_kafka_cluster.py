@@ -69,8 +69,10 @@ class Publisher:
     def report(self, since: float) -> str:
         after = [s for t, s in self.latencies if t >= since]
         stalled = max(after, default=0.0)
-        return (f"{len(self.sent)} events sent, {len(self.errors)} send errors "
-                f"{sorted(set(e for _, e in self.errors))}, longest send after the kill {stalled:.2f} s")
+        return (
+            f"{len(self.sent)} events sent, {len(self.errors)} send errors "
+            f"{sorted(set(e for _, e in self.errors))}, longest send after the kill {stalled:.2f} s"
+        )
 
 
 async def leaders(bootstrap: str) -> dict[int, int]:
@@ -99,11 +101,17 @@ async def record_counts(bootstrap: str) -> dict[int, int]:
                 raise
 
 
-async def test_sigkill_of_the_busiest_leader_loses_and_doubles_nothing(private_kafka_cluster, database_url,
-                                                                      db_schema, tmp_path):
+async def test_sigkill_of_the_busiest_leader_loses_and_doubles_nothing(
+    private_kafka_cluster, database_url, db_schema, tmp_path
+):
     cluster = private_kafka_cluster
-    env = {"KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap, "TOPIC_PREFIX": "", "DATABASE_URL": database_url,
-           "DATABASE_SCHEMA": db_schema, "CREDITS_INSTANCE": "credits-1"}
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap,
+        "TOPIC_PREFIX": "",
+        "DATABASE_URL": database_url,
+        "DATABASE_SCHEMA": db_schema,
+        "CREDITS_INSTANCE": "credits-1",
+    }
     proc = credit_process(env, tmp_path / "credits.log").start()
     publisher = Publisher(cluster.bootstrap)
     feeding = asyncio.create_task(publisher.run())

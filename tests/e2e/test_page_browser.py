@@ -28,8 +28,16 @@ from tests.e2e.test_chat_flow import ChatSystem, start_system
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = ROOT / ".run" / "screenshots"
 VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
 CHECKS_PER_MINUTE = 3  # the validation worker's per-user, per-provider limit in this module
@@ -70,9 +78,15 @@ def system(kafka_bootstrap: str, database_url: str, tmp_path_factory) -> Iterato
     asyncio.run(_prepare(kafka_bootstrap, database_url, schema, prefix))
     try:
         # Cookies keep their Secure flag: Chromium treats http://127.0.0.1 as a secure context.
-        yield from start_system(kafka_bootstrap, database_url, schema, prefix, tmp_path_factory.mktemp("logs"),
-                                validation_env={"USER_CHECKS_PER_MINUTE": str(CHECKS_PER_MINUTE)},
-                                COOKIE_SECURE="true")
+        yield from start_system(
+            kafka_bootstrap,
+            database_url,
+            schema,
+            prefix,
+            tmp_path_factory.mktemp("logs"),
+            validation_env={"USER_CHECKS_PER_MINUTE": str(CHECKS_PER_MINUTE)},
+            COOKIE_SECURE="true",
+        )
     finally:
         asyncio.run(_cleanup(kafka_bootstrap, database_url, schema, prefix))
 
@@ -231,7 +245,8 @@ def test_finding_4_the_status_line_is_true_per_feature_before_sending(system: Ch
     expect(status).to_have_text("Chat runs on your OpenAI key: no credits.")
     page.get_by_label("Feature").select_option("deep_analysis")
     expect(status).to_have_text(
-        "Deep analysis runs on the platform's gpt-4.1, always on credits: 50 credits per call. You have 50 credits.")
+        "Deep analysis runs on the platform's gpt-4.1, always on credits: 50 credits per call. You have 50 credits."
+    )
     shot(page, f"finding-4-deep-analysis-price-{viewport}")
     page.get_by_label("Feature").select_option("code_canvas")
     expect(status).to_contain_text("1 credit per call")
@@ -295,8 +310,9 @@ def test_finding_6_focus_stays_where_the_user_works_and_ctrl_enter_sends(system:
 
 
 def _chat_with(system: ChatSystem, cookies: dict[str, str]) -> httpx.Response:
-    return httpx.post(system.chat.url + "/chat", json={"feature": "chat", "message": "replayed"}, cookies=cookies,
-                      timeout=30)
+    return httpx.post(
+        system.chat.url + "/chat", json={"feature": "chat", "message": "replayed"}, cookies=cookies, timeout=30
+    )
 
 
 def test_finding_7_key_lifetime_is_said_and_old_key_cookies_are_revoked(system: ChatSystem, page: Page, viewport: str):
@@ -349,8 +365,11 @@ def test_finding_8_the_check_limit_is_per_provider_and_says_which(system: ChatSy
     # Keys never seen before: a key the worker has already judged is answered from its cache, uncounted.
     for _ in range(CHECKS_PER_MINUTE):
         check_key(page, "sk-proj-invalid-" + uuid.uuid4().hex, "does not recognise this key")
-    check_key(page, "sk-proj-invalid-" + uuid.uuid4().hex,
-              re.compile(rf"checked {CHECKS_PER_MINUTE} OpenAI keys in the last minute.*Wait about \d+ seconds"))
+    check_key(
+        page,
+        "sk-proj-invalid-" + uuid.uuid4().hex,
+        re.compile(rf"checked {CHECKS_PER_MINUTE} OpenAI keys in the last minute.*Wait about \d+ seconds"),
+    )
     expect(page.locator("#key-status")).to_contain_text("keys of other providers can be checked now")
     shot(page, f"finding-8-openai-limit-{viewport}")
     page.get_by_label("Provider", exact=True).select_option("groq")

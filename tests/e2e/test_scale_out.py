@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 async def feed(bootstrap: str, topic: str, events, chunk: int = 200, every_s: float = 0.3) -> None:
     for i in range(0, len(events), chunk):
-        await publish(bootstrap, topic, events[i:i + chunk])
+        await publish(bootstrap, topic, events[i : i + chunk])
         await asyncio.sleep(every_s)
 
 

@@ -39,6 +39,7 @@ def describe(pids: set[int]) -> dict[int, str]:
                 return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
         except OSError:
             return "(gone)"
+
     return {pid: cmdline(pid) for pid in pids}
 
 
@@ -66,18 +67,27 @@ def healthy(port: int) -> bool:
 
 
 def test_up_twice_two_instances_a_dead_part_restarted_and_down(private_state):
-    ports = {name: str(free_port()) for name in
-             ("BYOK_KAFKA_PORT", "BYOK_KAFKA_CONTROLLER_PORT", "BYOK_PG_PORT", "SIM_PORT", "VALIDATION_PORT")}
+    ports = {
+        name: str(free_port())
+        for name in ("BYOK_KAFKA_PORT", "BYOK_KAFKA_CONTROLLER_PORT", "BYOK_PG_PORT", "SIM_PORT", "VALIDATION_PORT")
+    }
     ports |= {"CHAT_PORT": str(free_ports(2)), "CREDITS_PORT": str(free_ports(2))}  # instance 2: port + 1
-    env = {**os.environ, **ports, "BYOK_STATE_DIR": str(private_state), "BYOK_KAFKA_HEAP": "512M",
-           "CREDITS_INSTANCES": "2", "CHAT_INSTANCES": "2"}
+    env = {
+        **os.environ,
+        **ports,
+        "BYOK_STATE_DIR": str(private_state),
+        "BYOK_KAFKA_HEAP": "512M",
+        "CREDITS_INSTANCES": "2",
+        "CHAT_INSTANCES": "2",
+    }
     for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BYOK_EXTERNAL_KAFKA", "HTTP_PORT", "CREDITS_URL"):
         env.pop(var, None)
     chat, credits = int(ports["CHAT_PORT"]), int(ports["CREDITS_PORT"])
 
     def stack(cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "infra/stack.sh", cmd], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            ["bash", "infra/stack.sh", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
 
     try:
         first = stack("up")
@@ -92,16 +102,20 @@ def test_up_twice_two_instances_a_dead_part_restarted_and_down(private_state):
 
         second = stack("up")
         assert second.returncode == 0 and "already running" in second.stderr
-        assert processes_of(private_state) == started, \
-            f"a second up starts nothing new: {describe(processes_of(private_state) ^ started)}\n" \
+        assert processes_of(private_state) == started, (
+            f"a second up starts nothing new: {describe(processes_of(private_state) ^ started)}\n"
             + (private_state / "logs" / "supervisor.log").read_text()
+        )
 
         # The supervisor brings back a part that died, without anyone running `up`.
         dead = pid_of(private_state, "credits-2")
         os.kill(dead, signal.SIGKILL)
         killed_at = time.monotonic()
-        reborn = wait_until(lambda: (pid := pid_of(private_state, "credits-2")) not in (None, dead) and pid,
-                            30, "a new credits-2 process")
+        reborn = wait_until(
+            lambda: (pid := pid_of(private_state, "credits-2")) not in (None, dead) and pid,
+            30,
+            "a new credits-2 process",
+        )
         print(f"credits-2 restarted {time.monotonic() - killed_at:.2f} s after the SIGKILL")  # not asserted
         wait_until(lambda: healthy(credits + 1), 60, "credits-2 healthy again")
         log = (private_state / "logs" / "supervisor.log").read_text()
@@ -117,9 +131,17 @@ def test_up_twice_two_instances_a_dead_part_restarted_and_down(private_state):
 
 
 def test_instances_on_clashing_ports_are_refused_before_anything_starts(private_state):
-    env = {**os.environ, "BYOK_STATE_DIR": str(private_state), "CHAT_INSTANCES": "2",
-           "CHAT_PORT": "18000", "CREDITS_PORT": "18001", "VALIDATION_PORT": "18002", "SIM_PORT": "18090"}
-    done = subprocess.run(["bash", "infra/stack.sh", "up"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
+    env = {
+        **os.environ,
+        "BYOK_STATE_DIR": str(private_state),
+        "CHAT_INSTANCES": "2",
+        "CHAT_PORT": "18000",
+        "CREDITS_PORT": "18001",
+        "VALIDATION_PORT": "18002",
+        "SIM_PORT": "18090",
+    }
+    done = subprocess.run(
+        ["bash", "infra/stack.sh", "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0 and "two parts would listen on port 18001" in done.stderr
     assert processes_of(private_state) == set()

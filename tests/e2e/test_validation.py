@@ -10,8 +10,8 @@ import pytest
 
 from schemas.events import KeyCheckStatus
 from services.provider_simulator import SimulatorServer
+from services.shared.keycheck import KeyCheckRequester
 from services.shared.settings import CommonSettings
-from services.validation.requester import KeyCheckRequester
 from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
@@ -22,11 +22,17 @@ ROOT = Path(__file__).resolve().parents[2]
 def start_worker(bootstrap: str, prefix: str, sim: SimulatorServer, log_path: Path, **env) -> ServiceProcess:
     port = free_port()
     worker_env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "TOPIC_PREFIX": prefix, "HTTP_PORT": str(port),
-        "SESSION_TIMEOUT_MS": "6000", "LOG_LEVEL": "DEBUG", **sim.env(), **env,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "TOPIC_PREFIX": prefix,
+        "HTTP_PORT": str(port),
+        "SESSION_TIMEOUT_MS": "6000",
+        "LOG_LEVEL": "DEBUG",
+        **sim.env(),
+        **env,
     }
-    return ServiceProcess("services.validation", worker_env, log_path,
-                          health_url=f"http://127.0.0.1:{port}/healthz").start()
+    return ServiceProcess(
+        "services.validation", worker_env, log_path, health_url=f"http://127.0.0.1:{port}/healthz"
+    ).start()
 
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:
@@ -64,8 +70,10 @@ async def test_keys_appear_nowhere_on_the_brokers_disk_or_in_the_worker_log(priv
     finally:
         assert worker.stop() == 0
     assert {p: r.status for p, r in results.items()} == {
-        "openai": KeyCheckStatus.VALID, "anthropic": KeyCheckStatus.REVOKED_OR_EXPIRED,
-        "groq": KeyCheckStatus.INVALID, "gemini": KeyCheckStatus.VALID,
+        "openai": KeyCheckStatus.VALID,
+        "anthropic": KeyCheckStatus.REVOKED_OR_EXPIRED,
+        "groq": KeyCheckStatus.INVALID,
+        "gemini": KeyCheckStatus.VALID,
     }
 
     data_dir = private_kafka.state_dir / "kafka" / "data"
@@ -75,9 +83,11 @@ async def test_keys_appear_nowhere_on_the_brokers_disk_or_in_the_worker_log(priv
         assert files_containing(data_dir, str(result.request_id).encode()), "request not found on the broker's disk"
         assert str(result.request_id) in log_text and result.key_hint in log_text
     for api_key in keys.values():
-        secret_part = api_key[-len(mark) - 10:].encode()
+        secret_part = api_key[-len(mark) - 10 :].encode()
         for needle in (api_key.encode(), secret_part, mark.encode()):
-            assert files_containing(private_kafka.state_dir, needle) == [], f"key bytes on the broker's disk: {needle!r}"
+            assert files_containing(private_kafka.state_dir, needle) == [], (
+                f"key bytes on the broker's disk: {needle!r}"
+            )
             assert needle.decode() not in log_text
     assert "[REDACTED]" not in log_text  # nothing even tried to log a key: the filter had nothing to mask
 
@@ -92,7 +102,9 @@ async def test_no_request_is_left_unanswered_across_a_worker_crash(kafka_bootstr
     try:
         await first.wait_healthy()
         async with KeyCheckRequester(common, timeout_s=120) as requester:
-            assert (await requester.check("warm", "openai", "sk-proj-valid-000000000000003")).status is KeyCheckStatus.VALID
+            assert (
+                await requester.check("warm", "openai", "sk-proj-valid-000000000000003")
+            ).status is KeyCheckStatus.VALID
             # Checks in flight inside the worker when it dies ...
             in_flight = [asyncio.create_task(requester.check(f"a{i}", "openai", slow_key)) for i in range(5)]
             await asyncio.sleep(0.5)

@@ -26,8 +26,12 @@ async def test_an_event_from_the_chat_side_becomes_one_ledger_entry_and_one_outc
     assert await conn.fetchval("SELECT balance FROM accounts WHERE user_id = 'alice'") == 45
     await conn.close()
 
-    consumer = AIOKafkaConsumer(stack.settings().credit_ledger_topic, bootstrap_servers=stack.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        stack.settings().credit_ledger_topic,
+        bootstrap_servers=stack.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         outcomes = {}

@@ -11,11 +11,11 @@ import asyncpg
 import httpx
 import pytest
 
+from billing.policy import decide
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature
-from schemas.pricing import default_price_book
 from services.credits.api import ApiContext, build_api
 from services.credits.ledger import Decided, Ledger
-from services.credits.policy import decide
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
 from tests.support import make_event
@@ -26,8 +26,9 @@ SECRET = "holds-test-secret-0123456789abcdef"
 
 @pytest.fixture
 async def pool(stack):
-    pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=10,
-                                     server_settings={"search_path": stack.database_schema})
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=2, max_size=10, server_settings={"search_path": stack.database_schema}
+    )
     yield pool
     await pool.close()
 
@@ -49,9 +50,13 @@ async def grant(ledger: Ledger, user: str, plan: str = "free") -> None:
 
 
 def hold_sql(event_id, user: str, credits: int) -> tuple:
-    return ("""INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version, expires_at)
+    return (
+        """INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version, expires_at)
                VALUES ($1, $2, $3, 'chat', 'openai', 'gpt-4o', '2026-01', now() + interval '15 minutes')""",
-            event_id, user, credits)
+        event_id,
+        user,
+        credits,
+    )
 
 
 async def test_the_database_refuses_a_hold_beyond_what_is_available_bypassing_python(pool):
@@ -98,8 +103,9 @@ async def test_expired_holds_are_released_never_debited_and_a_late_event_is_stil
     ledger, book = Ledger(pool), default_price_book()
     await grant(ledger, "cat")
     late = make_event(user_id="cat", model="gpt-4o")
-    await ledger.place_hold(late.event_id, "cat", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o",
-                            ttl_s=0.01)
+    await ledger.place_hold(
+        late.event_id, "cat", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=0.01
+    )
     await asyncio.sleep(0.05)
     assert await ledger.expire_holds() == 1
     b = await ledger.balance("cat")
@@ -119,13 +125,18 @@ async def test_hold_routes_answer_as_the_contract_says(api, pool):
     assert again.status_code == 200 and again.json()["credits"] == 50  # the same hold, not a second one
     stolen = await api.post("/api/holds", json=body, headers=auth("eve"))
     assert stolen.status_code in (402, 409)  # another user's event id is not theirs to hold
-    refused = await api.post("/api/holds", json={**body, "event_id": str(uuid.uuid4()), "feature": "chat"},
-                             headers=auth("dan"))
+    refused = await api.post(
+        "/api/holds", json={**body, "event_id": str(uuid.uuid4()), "feature": "chat"}, headers=auth("dan")
+    )
     assert refused.status_code == 402
-    assert (refused.json()["needed"], refused.json()["available"]) == (5, 0) and "5 credits" in refused.json()["message"]
+    assert (refused.json()["needed"], refused.json()["available"]) == (5, 0) and "5 credits" in refused.json()[
+        "message"
+    ]
     credits = (await api.get("/api/credits/dan", headers=auth("dan"))).json()
     assert (credits["balance"], credits["held"], credits["available"]) == (50, 50, 0)
-    unpriced = await api.post("/api/holds", json={**body, "feature": "chat", "model": "gpt-9-ultra"}, headers=auth("dan"))
+    unpriced = await api.post(
+        "/api/holds", json={**body, "feature": "chat", "model": "gpt-9-ultra"}, headers=auth("dan")
+    )
     assert unpriced.status_code == 422 and "no price" in unpriced.json()["detail"]
     assert (await api.delete(f"/api/holds/{event_id}", headers=auth("eve"))).status_code == 404  # not eve's
     released = await api.delete(f"/api/holds/{event_id}", headers=auth("dan"))
@@ -136,8 +147,10 @@ async def test_hold_routes_answer_as_the_contract_says(api, pool):
 
 async def test_twenty_concurrent_deep_analysis_holds_on_fifty_credits_admit_exactly_one(api, pool):
     await grant(Ledger(pool), "fay")
-    bodies = [{"event_id": str(uuid.uuid4()), "feature": Feature.DEEP_ANALYSIS.value, "provider": "openai",
-               "model": "gpt-4o"} for _ in range(20)]
+    bodies = [
+        {"event_id": str(uuid.uuid4()), "feature": Feature.DEEP_ANALYSIS.value, "provider": "openai", "model": "gpt-4o"}
+        for _ in range(20)
+    ]
     answers = await asyncio.gather(*[api.post("/api/holds", json=b, headers=auth("fay")) for b in bodies])
     assert sorted(a.status_code for a in answers) == [201] + [402] * 19
     credits = (await api.get("/api/credits/fay", headers=auth("fay"))).json()
@@ -156,7 +169,8 @@ async def test_the_compatibility_route_refuses_a_reused_key_with_a_different_bod
             assert first.status_code == 200 and first.json()["decision"] == "debited"
             same = await client.post("/api/user/deduct-credits", json=body, headers=auth("gus"))
             assert same.status_code == 200 and same.json()["event_id"] == first.json()["event_id"]
-            other = await client.post("/api/user/deduct-credits", json={**body, "key_source": "byok"},
-                                      headers=auth("gus"))
+            other = await client.post(
+                "/api/user/deduct-credits", json={**body, "key_source": "byok"}, headers=auth("gus")
+            )
             assert other.status_code == 409 and "already used for a different call" in other.json()["detail"]
             assert (await runtime.ledger.balance("gus")).balance == 45

@@ -15,11 +15,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from hypothesis import given, settings
 
-from schemas.pricing import default_price_book
+from billing.policy import decide
+from billing.pricing import default_price_book
 from schemas.topics import dlq
 from services.credits.bootstrap import running
 from services.credits.ledger import Decided, Ledger
-from services.credits.policy import decide
 from services.credits.settings import CreditSettings
 from services.shared.kafka import NotAnEvent, read_model_call
 from tests.edge_records import edge_records, event_fields
@@ -57,6 +57,7 @@ async def test_every_edge_record_ends_in_exactly_one_place_and_the_bystander_is_
     async with running(stack.settings(CreditSettings)):
         conn = await stack.connect()
         try:
+
             async def all_bystanders_decided():
                 return len({str(e.event_id) for e in bystander} & set(await decided_ids(conn))) == len(bystander)
 
@@ -67,8 +68,10 @@ async def test_every_edge_record_ends_in_exactly_one_place_and_the_bystander_is_
             # A "rejected" decision (an unpriced model) is also sent to the DLQ, for finance: one letter each.
             expected_letters = sum(1 for v in outcome_of.values() if v in (None, "rejected"))
             letters = await read_all(stack.kafka_bootstrap, dlq(topic), expected=expected_letters)
-            letter_at = Counter((int(dict(r.headers)["dlq.source_partition"]), int(dict(r.headers)["dlq.source_offset"]))
-                                for r in letters)
+            letter_at = Counter(
+                (int(dict(r.headers)["dlq.source_partition"]), int(dict(r.headers)["dlq.source_offset"]))
+                for r in letters
+            )
             where = {}
             for i, record in enumerate(odd):
                 places = (outcome_of[i] is not None) + letter_at[positions[i]] - (outcome_of[i] == "rejected")
@@ -98,8 +101,9 @@ async def test_the_ledger_writes_any_event_intake_accepts(stack):
     collect()
     assert len(accepted) > 50
     book = default_price_book()
-    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2,
-                                     server_settings={"search_path": stack.database_schema})
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    )
     try:
         ledger = Ledger(pool)
         for event in accepted:  # one transaction each: a failure names its event
@@ -157,14 +161,20 @@ async def _count(conn, n: int) -> bool:
 
 @pytest.mark.slow
 async def test_a_database_restart_in_the_middle_is_retried_not_dead_lettered_and_the_stall_is_visible(
-        kafka_bootstrap, kafka_topics, private_postgres):
+    kafka_bootstrap, kafka_topics, private_postgres
+):
     from services.shared.db import migrate
 
     schema = "stall_test"
     await migrate(private_postgres.url, schema)
-    settings = CreditSettings(kafka_bootstrap_servers=kafka_bootstrap, database_url=private_postgres.url,
-                              database_schema=schema, topic_prefix=kafka_topics, stall_after_s=2.0,
-                              relay_mode="off")
+    settings = CreditSettings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        database_url=private_postgres.url,
+        database_schema=schema,
+        topic_prefix=kafka_topics,
+        stall_after_s=2.0,
+        relay_mode="off",
+    )
     topic = settings.model_call_completed_topic
     first = [make_event(user_id="dora", model="gpt-4o-mini") for _ in range(50)]
     second = [make_event(user_id="dora", model="gpt-4o-mini") for _ in range(50)]
@@ -227,15 +237,22 @@ async def test_relays_park_a_message_kafka_refuses_and_publish_the_rest(stack):
     topic = settings.model_call_completed_topic
     huge = b"x" * (5 * 1024 * 1024)
     normal = make_event(user_id="erin")
-    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=3,
-                                     server_settings={"search_path": stack.database_schema})
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=3, server_settings={"search_path": stack.database_schema}
+    )
     producer = make_producer(stack.kafka_bootstrap)
     await producer.start()
     try:
         # The chat's outbox: a huge row, then a normal event behind it.
-        await pool.execute("INSERT INTO chat_outbox (event_id, user_id, payload, ready) VALUES (gen_random_uuid(), 'erin', $1, true)", huge)
-        await pool.execute("INSERT INTO chat_outbox (event_id, user_id, payload, ready) VALUES ($1, 'erin', $2, true)",
-                           normal.event_id, normal.to_json())
+        await pool.execute(
+            "INSERT INTO chat_outbox (event_id, user_id, payload, ready) VALUES (gen_random_uuid(), 'erin', $1, true)",
+            huge,
+        )
+        await pool.execute(
+            "INSERT INTO chat_outbox (event_id, user_id, payload, ready) VALUES ($1, 'erin', $2, true)",
+            normal.event_id,
+            normal.to_json(),
+        )
         chat_relay = OutboxRelay(pool, lambda: make_producer(stack.kafka_bootstrap), topic)
         try:
             assert await asyncio.wait_for(chat_relay.relay_once(), 30) == 2
@@ -244,10 +261,12 @@ async def test_relays_park_a_message_kafka_refuses_and_publish_the_rest(stack):
         published = await read_all(stack.kafka_bootstrap, topic, expected=1)
         assert [r.value for r in published] == [normal.to_json()]
         # The credit service's outbox of dead letters: the same.
-        await pool.execute("INSERT INTO credit_outbox (topic, key, payload, headers) VALUES ($1, 'k', $2, '{}')",
-                           dlq(topic), huge)
-        await pool.execute("INSERT INTO credit_outbox (topic, key, payload, headers) VALUES ($1, 'k', 'small', '{}')",
-                           dlq(topic))
+        await pool.execute(
+            "INSERT INTO credit_outbox (topic, key, payload, headers) VALUES ($1, 'k', $2, '{}')", dlq(topic), huge
+        )
+        await pool.execute(
+            "INSERT INTO credit_outbox (topic, key, payload, headers) VALUES ($1, 'k', 'small', '{}')", dlq(topic)
+        )
         assert await asyncio.wait_for(OutcomeRelay(pool, producer, settings.credit_ledger_topic).run_once(), 30) == 2
         letters = await read_all(stack.kafka_bootstrap, dlq(topic), expected=1)
         assert [r.value for r in letters] == [b"small"]

@@ -34,6 +34,7 @@ async def read_all(bootstrap: str, topic: str) -> list[ModelCallCompleted]:
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
         events = []
+
         async def behind() -> bool:
             return any([await consumer.position(tp) < end[tp] for tp in partitions])
 
@@ -52,12 +53,16 @@ def outbox_rows(url: str, schema: str) -> int:
             return await conn.fetchval("SELECT count(*) FROM chat_outbox")
         finally:
             await conn.close()
+
     return asyncio.run(count())
 
 
-def test_calls_made_while_kafka_is_down_reach_it_once_when_it_is_back(private_kafka, database_url, db_schema, tmp_path: Path):
-    for system in start_system(private_kafka.bootstrap, database_url, db_schema, "", tmp_path / "logs",
-                               with_validation=False):
+def test_calls_made_while_kafka_is_down_reach_it_once_when_it_is_back(
+    private_kafka, database_url, db_schema, tmp_path: Path
+):
+    for system in start_system(
+        private_kafka.bootstrap, database_url, db_schema, "", tmp_path / "logs", with_validation=False
+    ):
         system.grant("u1", "standard")  # 500
         client = system.client("u1")
         assert use_settings(client, "openai", "gpt-4o-mini").status_code == 200  # 3 credits a chat
@@ -81,18 +86,25 @@ def test_calls_made_while_kafka_is_down_reach_it_once_when_it_is_back(private_ka
         assert outbox_rows(database_url, db_schema) == 0
 
 
-def test_a_call_whose_process_dies_mid_call_is_published_as_failed_and_not_billed(private_kafka, database_url, db_schema, tmp_path: Path):
+def test_a_call_whose_process_dies_mid_call_is_published_as_failed_and_not_billed(
+    private_kafka, database_url, db_schema, tmp_path: Path
+):
     fast_stale = {"PROVIDER_TIMEOUT_S": "3", "OUTBOX_STALE_MARGIN_S": "1"}
-    for system in start_system(private_kafka.bootstrap, database_url, db_schema, "", tmp_path / "logs",
-                               with_validation=False, **fast_stale):
+    for system in start_system(
+        private_kafka.bootstrap, database_url, db_schema, "", tmp_path / "logs", with_validation=False, **fast_stale
+    ):
         system.grant("u2", "standard")
         client = system.client("u2")
         assert use_settings(client, "anthropic", "claude-3-5-haiku").status_code == 200
         system.sim.state.register("sk-ant-local-simulator-valid-platform-0001", "slow", delay_ms=2500)
         import threading
+
         answered = []
-        caller = threading.Thread(target=lambda: answered.append(
-            _post_ignoring_errors(client, "/chat", {"message": "slow one"})))
+        caller = threading.Thread(
+            target=lambda client=client, answered=answered: answered.append(
+                _post_ignoring_errors(client, "/chat", {"message": "slow one"})
+            )
+        )
         caller.start()
         deadline = time.monotonic() + 10
         while outbox_rows(database_url, db_schema) == 0 and time.monotonic() < deadline:
@@ -103,8 +115,9 @@ def test_a_call_whose_process_dies_mid_call_is_published_as_failed_and_not_bille
         assert answered == [None]  # the client never got an answer
 
         system.sim.state.register("sk-ant-local-simulator-valid-platform-0001", "valid")
-        restarted = ServiceProcess("chat2", "services.chat", {k: v for k, v in system.chat.env.items()
-                                                               if k != "HTTP_PORT"}, tmp_path / "logs").start()
+        restarted = ServiceProcess(
+            "chat2", "services.chat", {k: v for k, v in system.chat.env.items() if k != "HTTP_PORT"}, tmp_path / "logs"
+        ).start()
         try:
             deadline = time.monotonic() + 60
             while outbox_rows(database_url, db_schema) and time.monotonic() < deadline:

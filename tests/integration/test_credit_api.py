@@ -26,8 +26,11 @@ def auth(user: str, role: str = "user") -> dict:
 
 
 async def grant(api, user, plan="free", key=None):
-    return await api.post("/api/admin/grants", headers=auth("ops", "admin"),
-                          json={"grant_key": key or f"signup:{user}", "user_id": user, "plan": plan})
+    return await api.post(
+        "/api/admin/grants",
+        headers=auth("ops", "admin"),
+        json={"grant_key": key or f"signup:{user}", "user_id": user, "plan": plan},
+    )
 
 
 async def test_a_grant_is_idempotent_by_its_key_and_uses_the_plan_amount(api):
@@ -42,8 +45,9 @@ async def test_a_grant_is_idempotent_by_its_key_and_uses_the_plan_amount(api):
 
 
 async def test_only_an_admin_grants_and_a_user_sees_only_their_own_balance(api):
-    refused = await api.post("/api/admin/grants", headers=auth("alice"),
-                             json={"grant_key": "g", "user_id": "alice", "plan": "standard"})
+    refused = await api.post(
+        "/api/admin/grants", headers=auth("alice"), json={"grant_key": "g", "user_id": "alice", "plan": "standard"}
+    )
     assert refused.status_code == 403
     await grant(api, "bob")
     assert (await api.get("/api/credits/bob", headers=auth("alice"))).status_code == 403
@@ -62,11 +66,15 @@ async def test_the_compatibility_route_applies_the_policy_once_per_idempotency_k
     again = await api.post("/api/user/deduct-credits", headers=auth("dora"), json=body)
     assert again.json()["event_id"] == first.json()["event_id"] and again.json()["balance"] == 45
 
-    byok = await api.post("/api/user/deduct-credits", headers=auth("dora"),
-                          json=body | {"key_source": "byok", "idempotency_key": "req-2"})
+    byok = await api.post(
+        "/api/user/deduct-credits", headers=auth("dora"), json=body | {"key_source": "byok", "idempotency_key": "req-2"}
+    )
     assert (byok.json()["decision"], byok.json()["credits"], byok.json()["balance"]) == ("not_billed_byok", 0, 45)
-    deep = await api.post("/api/user/deduct-credits", headers=auth("dora"),
-                          json=body | {"feature": "deep_analysis", "key_source": "byok", "idempotency_key": "req-3"})
+    deep = await api.post(
+        "/api/user/deduct-credits",
+        headers=auth("dora"),
+        json=body | {"feature": "deep_analysis", "key_source": "byok", "idempotency_key": "req-3"},
+    )
     assert (deep.json()["decision"], deep.json()["credits"]) == ("debited", 50)
 
 
@@ -74,8 +82,11 @@ async def test_the_compatibility_route_never_takes_an_amount_from_the_client(api
     body = {"feature": "chat", "model": "gpt-4o", "key_source": "platform", "idempotency_key": "x", "amount": 0}
     refused = await api.post("/api/user/deduct-credits", headers=auth("erin"), json=body)
     assert refused.status_code == 422
-    unknown = await api.post("/api/user/deduct-credits", headers=auth("erin"),
-                             json={"feature": "chat", "model": "mystery", "key_source": "platform", "idempotency_key": "y"})
+    unknown = await api.post(
+        "/api/user/deduct-credits",
+        headers=auth("erin"),
+        json={"feature": "chat", "model": "mystery", "key_source": "platform", "idempotency_key": "y"},
+    )
     assert unknown.status_code == 422 and "provider" in unknown.text
 
 
@@ -87,17 +98,23 @@ async def test_health_and_metrics(api):
 
 
 async def test_usage_lists_a_users_own_decided_calls_newest_first_with_their_last_grant(api):
-    assert (await api.get("/api/usage/fay", headers=auth("fay"))).json() == {"user_id": "fay", "calls": [],
-                                                                          "last_grant": None}
+    assert (await api.get("/api/usage/fay", headers=auth("fay"))).json() == {
+        "user_id": "fay",
+        "calls": [],
+        "last_grant": None,
+    }
     await grant(api, "fay")
     body = {"feature": "chat", "model": "gpt-4o", "key_source": "platform", "idempotency_key": "u-1"}
     assert (await api.post("/api/user/deduct-credits", headers=auth("fay"), json=body)).status_code == 200
     body |= {"key_source": "byok", "model": "claude-3-5-haiku", "idempotency_key": "u-2"}
     assert (await api.post("/api/user/deduct-credits", headers=auth("fay"), json=body)).status_code == 200
     usage = (await api.get("/api/usage/fay", headers=auth("fay"))).json()
-    assert [(c["feature"], c["provider"], c["model"], c["key_source"], c["decision"], c["credits"])
-            for c in usage["calls"]] == [("chat", "anthropic", "claude-3-5-haiku", "byok", "not_billed_byok", 0),
-                                         ("chat", "openai", "gpt-4o", "platform", "debited", 5)]
+    assert [
+        (c["feature"], c["provider"], c["model"], c["key_source"], c["decision"], c["credits"]) for c in usage["calls"]
+    ] == [
+        ("chat", "anthropic", "claude-3-5-haiku", "byok", "not_billed_byok", 0),
+        ("chat", "openai", "gpt-4o", "platform", "debited", 5),
+    ]
     assert usage["calls"][0]["time"] and usage["last_grant"]["credits"] == 50 and usage["last_grant"]["plan"] == "free"
     assert len((await api.get("/api/usage/fay?limit=1", headers=auth("fay"))).json()["calls"]) == 1
     assert (await api.get("/api/usage/fay", headers=auth("gus"))).status_code == 403

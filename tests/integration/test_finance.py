@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from billing.policy import decide
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from schemas.pricing import default_price_book
-from services.credits.policy import decide
 from services.finance.differences import Kind
 from services.finance.event_log import EventLogError
 from services.finance.reconciliation import ReplayRefused, reconcile, repair, replay
@@ -39,9 +39,18 @@ BOOK = default_price_book()
 
 def event(**overrides) -> ModelCallCompleted:
     fields = dict(
-        event_id=uuid.uuid4(), occurred_at=T1 + timedelta(hours=1), user_id="alice", session_id="s",
-        request_id=uuid.uuid4().hex, provider=Provider.OPENAI, model="gpt-4o", feature=Feature.CHAT,
-        key_source=KeySource.PLATFORM, status=CallStatus.SUCCEEDED, input_tokens=10, output_tokens=20,
+        event_id=uuid.uuid4(),
+        occurred_at=T1 + timedelta(hours=1),
+        user_id="alice",
+        session_id="s",
+        request_id=uuid.uuid4().hex,
+        provider=Provider.OPENAI,
+        model="gpt-4o",
+        feature=Feature.CHAT,
+        key_source=KeySource.PLATFORM,
+        status=CallStatus.SUCCEEDED,
+        input_tokens=10,
+        output_tokens=20,
         latency_ms=5,
     )
     return ModelCallCompleted(**(fields | overrides))
@@ -69,7 +78,9 @@ async def produce(stack, items: list, kafka_time: dict | None = None) -> None:
                 futures.append(await producer.send(topic, item.value, key=item.key, timestamp_ms=to_ms(item.at)))
             else:
                 at = kafka_time.get(item.event_id, item.occurred_at)
-                futures.append(await producer.send(topic, item.to_json(), key=item.user_id.encode(), timestamp_ms=to_ms(at)))
+                futures.append(
+                    await producer.send(topic, item.to_json(), key=item.user_id.encode(), timestamp_ms=to_ms(at))
+                )
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -77,21 +88,44 @@ async def produce(stack, items: list, kafka_time: dict | None = None) -> None:
 
 async def ensure_account(conn, user_id: str, credits: int = 500) -> None:
     if await conn.fetchval("INSERT INTO accounts (user_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", user_id):
-        await conn.execute("INSERT INTO grants (grant_key, user_id, plan, credits) VALUES ($1, $2, 'standard', $3)",
-                           f"g-{user_id}", user_id, credits)
+        await conn.execute(
+            "INSERT INTO grants (grant_key, user_id, plan, credits) VALUES ($1, $2, 'standard', $3)",
+            f"g-{user_id}",
+            user_id,
+            credits,
+        )
 
 
-async def entry(conn, *, event_id, user_id="alice", kind="decision", decision="debited", credits=5,
-                occurred_at=None, entry_id=None, e: ModelCallCompleted | None = None) -> None:
+async def entry(
+    conn,
+    *,
+    event_id,
+    user_id="alice",
+    kind="decision",
+    decision="debited",
+    credits=5,
+    occurred_at=None,
+    entry_id=None,
+    e: ModelCallCompleted | None = None,
+) -> None:
     """One ledger row by direct SQL, shaped like the credit service's."""
     await ensure_account(conn, user_id)
     await conn.execute(
         """INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits, price_list_version,
                                        provider, model, feature, key_source, status, occurred_at)
            VALUES ($1, $2, $3, $4, $5, $6, '2026-01', $7, $8, $9, $10, $11, $12)""",
-        entry_id or event_id, event_id, kind, user_id, decision, credits,
-        e and e.provider.value, e and e.model, e and e.feature.value, e and e.key_source.value,
-        e and e.status.value, occurred_at or (e.occurred_at if e else T1 + timedelta(hours=1)),
+        entry_id or event_id,
+        event_id,
+        kind,
+        user_id,
+        decision,
+        credits,
+        e and e.provider.value,
+        e and e.model,
+        e and e.feature.value,
+        e and e.key_source.value,
+        e and e.status.value,
+        occurred_at or (e.occurred_at if e else T1 + timedelta(hours=1)),
     )
 
 
@@ -99,20 +133,29 @@ async def record_correctly(conn, events: list[ModelCallCompleted]) -> None:
     """What a correct credit service writes: one decision per event, by the credit policy."""
     for e in events:
         charge = decide(e, BOOK)
-        await entry(conn, event_id=e.event_id, user_id=e.user_id, decision=charge.decision.value,
-                    credits=charge.credits, e=e)
+        await entry(
+            conn, event_id=e.event_id, user_id=e.user_id, decision=charge.decision.value, credits=charge.credits, e=e
+        )
 
 
 def varied_events(n: int = 12, start: datetime = T1, **overrides) -> list[ModelCallCompleted]:
     shapes = [
-        dict(), dict(key_source=KeySource.BYOK), dict(key_source=KeySource.BYOK, feature=Feature.DEEP_ANALYSIS),
-        dict(feature=Feature.CODE_FIX, key_source=KeySource.BYOK), dict(status=CallStatus.FAILED),
-        dict(model="claude-3-5-haiku", provider=Provider.ANTHROPIC), dict(model="o1"),
-        dict(model="gpt-4o-mini", user_id="bob"), dict(model="not-a-priced-model"),
-        dict(feature=Feature.CODE_CANVAS), dict(model="gemini-2.5-pro", provider=Provider.GEMINI, user_id="carol"),
+        dict(),
+        dict(key_source=KeySource.BYOK),
+        dict(key_source=KeySource.BYOK, feature=Feature.DEEP_ANALYSIS),
+        dict(feature=Feature.CODE_FIX, key_source=KeySource.BYOK),
+        dict(status=CallStatus.FAILED),
+        dict(model="claude-3-5-haiku", provider=Provider.ANTHROPIC),
+        dict(model="o1"),
+        dict(model="gpt-4o-mini", user_id="bob"),
+        dict(model="not-a-priced-model"),
+        dict(feature=Feature.CODE_CANVAS),
+        dict(model="gemini-2.5-pro", provider=Provider.GEMINI, user_id="carol"),
         dict(key_source=KeySource.BYOK, status=CallStatus.FAILED, user_id="bob"),
     ]
-    return [event(occurred_at=start + timedelta(minutes=7 * i), **(shapes[i % len(shapes)] | overrides)) for i in range(n)]
+    return [
+        event(occurred_at=start + timedelta(minutes=7 * i), **(shapes[i % len(shapes)] | overrides)) for i in range(n)
+    ]
 
 
 @dataclass
@@ -131,8 +174,16 @@ async def plant_every_kind(stack) -> Planted:
         double = event(user_id="dave")
         await entry(conn, event_id=double.event_id, user_id="dave", e=double)
         # a second, debit-like entry for an event already debited (the unique decision index holds)
-        await entry(conn, event_id=double.event_id, entry_id=uuid.uuid4(), user_id="dave",
-                    kind="correction", decision="correction", credits=5, e=double)
+        await entry(
+            conn,
+            event_id=double.event_id,
+            entry_id=uuid.uuid4(),
+            user_id="dave",
+            kind="correction",
+            decision="correction",
+            credits=5,
+            e=double,
+        )
         wrong = event(user_id="dave", model="gpt-4o-mini")  # owes 3
         await entry(conn, event_id=wrong.event_id, user_id="dave", credits=20, e=wrong)
         byok = event(user_id="erin", key_source=KeySource.BYOK)
@@ -147,18 +198,26 @@ async def plant_every_kind(stack) -> Planted:
         await entry(conn, event_id=broken_id, user_id="erin", credits=5)
         raws = [
             Raw(b'{"event_id": "not closed', T1 + timedelta(hours=3)),
-            Raw(json.dumps({"event_id": str(broken_id), "user_id": "erin", "provider": "nope"}).encode(),
-                T1 + timedelta(hours=3)),
+            Raw(
+                json.dumps({"event_id": str(broken_id), "user_id": "erin", "provider": "nope"}).encode(),
+                T1 + timedelta(hours=3),
+            ),
         ]
     finally:
         await conn.close()
     await produce(stack, clean + [missing, double, wrong, byok, failed] + raws)
-    return Planted(clean, {
-        Kind.MISSING_DEBIT: [missing.event_id], Kind.DOUBLE_DEBIT: [double.event_id],
-        Kind.WRONG_AMOUNT: [wrong.event_id], Kind.BYOK_CALL_DEBITED: [byok.event_id],
-        Kind.FAILED_CALL_DEBITED: [failed.event_id], Kind.DEBIT_WITH_NO_EVENT: [ghost],
-        Kind.UNREADABLE_EVENT: [None, broken_id],
-    })
+    return Planted(
+        clean,
+        {
+            Kind.MISSING_DEBIT: [missing.event_id],
+            Kind.DOUBLE_DEBIT: [double.event_id],
+            Kind.WRONG_AMOUNT: [wrong.event_id],
+            Kind.BYOK_CALL_DEBITED: [byok.event_id],
+            Kind.FAILED_CALL_DEBITED: [failed.event_id],
+            Kind.DEBIT_WITH_NO_EVENT: [ghost],
+            Kind.UNREADABLE_EVENT: [None, broken_id],
+        },
+    )
 
 
 def by_kind(report) -> dict[Kind, list]:
@@ -175,8 +234,12 @@ def settings_of(stack, **overrides) -> FinanceSettings:
 async def ledger_rows(stack) -> list[tuple]:
     conn = await stack.connect()
     try:
-        return [tuple(r) for r in await conn.fetch(
-            "SELECT entry_id, event_id, kind, user_id, decision, credits FROM ledger_entries ORDER BY entry_id")]
+        return [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT entry_id, event_id, kind, user_id, decision, credits FROM ledger_entries ORDER BY entry_id"
+            )
+        ]
     finally:
         await conn.close()
 
@@ -236,7 +299,8 @@ async def test_a_debit_on_the_wrong_account_shows_on_both_accounts(stack):
     report = await reconcile(settings_of(stack), WINDOW)
 
     assert sorted((d.kind, d.user_id) for d in report.differences) == [
-        (Kind.DEBIT_ON_WRONG_ACCOUNT, "bob"), (Kind.MISSING_DEBIT, "alice"),
+        (Kind.DEBIT_ON_WRONG_ACCOUNT, "bob"),
+        (Kind.MISSING_DEBIT, "alice"),
     ]
     result = await repair(settings_of(stack), WINDOW, apply=True)
     assert result.written == 2
@@ -246,7 +310,10 @@ async def test_a_debit_on_the_wrong_account_shows_on_both_accounts(stack):
 async def test_the_window_is_half_open_on_occurred_at(stack):
     # Every event here owes 5 and none is in the ledger, so each one read is a missing debit.
     at = {
-        "before start": T1 - US, "at start": T1, "just before end": T2 - US, "at end": T2,
+        "before start": T1 - US,
+        "at start": T1,
+        "just before end": T2 - US,
+        "at end": T2,
         "published late": T2 - timedelta(minutes=1),
     }
     events = {name: event(occurred_at=moment) for name, moment in at.items()}
@@ -410,8 +477,11 @@ async def test_replay_refuses_the_live_schema(stack):
 
 async def run_cli(stack, *args: str, program=(sys.executable, "-m", "services.finance")) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        *program, *args, env={**os.environ, **stack.env(), "COLUMNS": "200"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        *program,
+        *args,
+        env={**os.environ, **stack.env(), "COLUMNS": "200"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
     return proc.returncode, out.decode()
@@ -439,8 +509,14 @@ async def test_the_cli_reports_repairs_and_replays_with_exit_codes(stack, tmp_pa
     assert code == 0 and "1 new correction entries written" in out, out
     assert str(missing.event_id) in (tmp_path / "c.csv").read_text()
 
-    code, out = await run_cli(stack, "reconcile", *window, "--out", str(tmp_path / "r.csv"),
-                              program=(str(Path(sys.executable).parent / "byok-finance"),))
+    code, out = await run_cli(
+        stack,
+        "reconcile",
+        *window,
+        "--out",
+        str(tmp_path / "r.csv"),
+        program=(str(Path(sys.executable).parent / "byok-finance"),),
+    )
     assert code == 0, out
     assert (tmp_path / "r.csv").read_text().strip().count("\n") == 0  # the header only
 
@@ -465,8 +541,9 @@ async def test_events_the_credit_service_has_not_reached_are_not_yet_decided_not
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     tp = TopicPartition(settings.model_call_completed_topic, first.partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=settings.topic(group),
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=stack.kafka_bootstrap, group_id=settings.topic(group), enable_auto_commit=False
+    )
     await consumer.start()
     try:
         consumer.assign([tp])
@@ -488,7 +565,10 @@ async def test_bad_input_in_the_log_is_reported_never_a_crash(stack):
     await conn.close()
     at = T1 + timedelta(hours=1)
     bad = [
-        Raw(b"", at), Raw(b"\xff\xfe not utf-8", at), Raw(b"[1, 2, 3]", at), Raw(b"null", at),
+        Raw(b"", at),
+        Raw(b"\xff\xfe not utf-8", at),
+        Raw(b"[1, 2, 3]", at),
+        Raw(b"null", at),
         Raw(b'{"event_id": "' + b"x" * 70_000 + b'"}', at),  # larger than any consumer here accepts
         Raw(good.to_json().replace(b'"input_tokens":10', b'"input_tokens":-10'), at),
         Raw(good.to_json().replace(b'"openai"', b'"not-a-provider"'), at),
@@ -555,27 +635,33 @@ async def test_progress_is_reported_against_the_planned_total(stack):
 
 
 async def test_reconcile_reports_leaking_holds_and_repair_releases_them_never_debiting(stack):
-    from services.credits.ledger import Decided, Ledger
+    from services.credits.ledger import Ledger
 
     conn = await stack.connect()
-    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2,
-                                     server_settings={"search_path": stack.database_schema})
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    )
     try:
         ledger = Ledger(pool)
         await ledger.grant("g:hal", "hal", "free", 50)
         clean = await reconcile(settings_of(stack), WINDOW)
         assert clean.clean and clean.expired_holds == [] and clean.decided_holds == []
         # A hold its event never settled (the chat died and its outbox too): past its expiry.
-        await ledger.place_hold(uuid.uuid4(), "hal", 5, "2026-01", feature="chat", provider="openai",
-                                model="gpt-4o", ttl_s=0.01)
+        await ledger.place_hold(
+            uuid.uuid4(), "hal", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=0.01
+        )
         # A hold whose event was decided by a writer that did not settle it (bypassing the ledger code).
         forgotten = event(user_id="hal", occurred_at=T1 + timedelta(minutes=1))
-        await ledger.place_hold(forgotten.event_id, "hal", 5, "2026-01", feature="chat", provider="openai",
-                                model="gpt-4o", ttl_s=900)
-        await conn.execute("""INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
+        await ledger.place_hold(
+            forgotten.event_id, "hal", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=900
+        )
+        await conn.execute(
+            """INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
                                                          price_list_version, occurred_at)
                               VALUES ($1, $1, 'decision', 'hal', 'not_billed_failed', 0, '2026-01', $2)""",
-                           forgotten.event_id, forgotten.occurred_at)
+            forgotten.event_id,
+            forgotten.occurred_at,
+        )
         await asyncio.sleep(0.05)
         report = await reconcile(settings_of(stack), WINDOW)
         assert not report.clean

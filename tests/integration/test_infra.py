@@ -32,9 +32,7 @@ async def test_topics_have_the_retention_of_the_design(private_kafka):
     await admin.start()
     try:
         specs = topic_specs()
-        described = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs]
-        )
+        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
         retention = {}
         for response in described:
             for resource in response.resources:

@@ -22,7 +22,8 @@ async def debit(conn, credits, event_id=None):
     await conn.execute(
         """INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits, price_list_version)
            VALUES ($1, $1, 'decision', 'alice', 'debited', $2, 'v')""",
-        event_id, credits,
+        event_id,
+        credits,
     )
     return event_id
 
@@ -41,15 +42,18 @@ async def test_an_entry_for_a_user_without_an_account_is_refused_with_its_whole_
     rows = [(uuid.uuid4(), "alice"), (uuid.uuid4(), "nobody")]
     with pytest.raises(asyncpg.ForeignKeyViolationError, match="nobody"):
         await conn.copy_records_to_table(
-            "ledger_entries", columns=["entry_id", "event_id", "kind", "user_id", "decision", "credits",
-                                       "price_list_version"],
-            records=[(i, i, "decision", u, "debited", 3, "v") for i, u in rows])
+            "ledger_entries",
+            columns=["entry_id", "event_id", "kind", "user_id", "decision", "credits", "price_list_version"],
+            records=[(i, i, "decision", u, "debited", 3, "v") for i, u in rows],
+        )
     assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == 0  # alice's row went too
     assert tuple(await balance(conn)) == (50, 0, 50)
     with pytest.raises(asyncpg.ForeignKeyViolationError):  # one row at a time, and for a zero debit
         await conn.execute(
             """INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits)
-               VALUES ($1, $1, 'decision', 'nobody', 'not_billed_byok', 0)""", uuid.uuid4())
+               VALUES ($1, $1, 'decision', 'nobody', 'not_billed_byok', 0)""",
+            uuid.uuid4(),
+        )
 
 
 async def test_a_second_decision_for_one_event_is_refused(conn):

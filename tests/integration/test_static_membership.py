@@ -40,8 +40,9 @@ def test_the_instance_name_is_the_static_member_id():
 
 
 async def test_a_static_credit_consumer_leaves_its_group_when_it_stops(stack):
-    settings = stack.settings(CreditSettings, credits_instance="credits-a", relay_mode="off",
-                              session_timeout_ms=SESSION_MS)
+    settings = stack.settings(
+        CreditSettings, credits_instance="credits-a", relay_mode="off", session_timeout_ms=SESSION_MS
+    )
     group = settings.topic(settings.consumer_group)
     async with running(settings) as runtime:
         await wait_for(lambda: _assigned(runtime.consumer.subscriber.consumer), timeout_s=30, what="assignment")
@@ -52,8 +53,12 @@ async def test_a_static_credit_consumer_leaves_its_group_when_it_stops(stack):
 async def test_a_static_validation_worker_leaves_its_group_when_it_stops(stack):
     from services.validation.bootstrap import build
 
-    settings = ValidationSettings(kafka_bootstrap_servers=stack.kafka_bootstrap, topic_prefix=stack.topic_prefix,
-                                  validation_instance="validation-a", session_timeout_ms=SESSION_MS)
+    settings = ValidationSettings(
+        kafka_bootstrap_servers=stack.kafka_bootstrap,
+        topic_prefix=stack.topic_prefix,
+        validation_instance="validation-a",
+        session_timeout_ms=SESSION_MS,
+    )
     validation = build(settings)
     await validation.start()
     try:
@@ -67,9 +72,15 @@ async def test_a_static_validation_worker_leaves_its_group_when_it_stops(stack):
 async def test_without_the_leave_a_stopped_static_member_stays_in_the_group(stack):
     """The control: what aiokafka does alone, and why services.shared.kafka.leave_group_on_stop exists."""
     group = stack.topic_prefix + "control"
-    consumer = AIOKafkaConsumer(stack.topic_prefix + "model_call_completed", bootstrap_servers=stack.kafka_bootstrap,
-                                group_id=group, group_instance_id="control-a", session_timeout_ms=SESSION_MS,
-                                heartbeat_interval_ms=2000, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        stack.topic_prefix + "model_call_completed",
+        bootstrap_servers=stack.kafka_bootstrap,
+        group_id=group,
+        group_instance_id="control-a",
+        session_timeout_ms=SESSION_MS,
+        heartbeat_interval_ms=2000,
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         await wait_for(lambda: _assigned(consumer), timeout_s=30, what="assignment")

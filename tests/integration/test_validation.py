@@ -11,17 +11,21 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.events import KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer
+from services.shared.keycheck import KeyCheckRequester
+from services.shared.sealing import KeySealer, SealingSettings, generate
 from services.shared.settings import CommonSettings
 from services.validation.bootstrap import build
-from services.validation.requester import KeyCheckRequester
-from services.validation.sealing import KeySealer, generate
-from services.validation.settings import SealingSettings, ValidationSettings
-from tests.support import SIM_KEY_SHAPES as KEYS, BEHAVIOUR_STATUS, sim_key as key
+from services.validation.settings import ValidationSettings
+from tests.support import BEHAVIOUR_STATUS, sim_key as key
 
 pytestmark = pytest.mark.integration
 
-HINTS = {Provider.OPENAI: "sk-proj-…a1b2", Provider.GROQ: "gsk_…a1b2", Provider.ANTHROPIC: "sk-ant-…a1b2",
-         Provider.GEMINI: "AIza…a1b2"}
+HINTS = {
+    Provider.OPENAI: "sk-proj-…a1b2",
+    Provider.GROQ: "gsk_…a1b2",
+    Provider.ANTHROPIC: "sk-ant-…a1b2",
+    Provider.GEMINI: "AIza…a1b2",
+}
 
 
 @pytest.fixture
@@ -31,8 +35,13 @@ def sim():
 
 
 def worker_settings(bootstrap: str, prefix: str, sim: SimulatorServer, **overrides) -> ValidationSettings:
-    return ValidationSettings(kafka_bootstrap_servers=bootstrap, topic_prefix=prefix, session_timeout_ms=6000,
-                              **{k.lower(): v for k, v in sim.env().items()}, **overrides)
+    return ValidationSettings(
+        kafka_bootstrap_servers=bootstrap,
+        topic_prefix=prefix,
+        session_timeout_ms=6000,
+        **{k.lower(): v for k, v in sim.env().items()},
+        **overrides,
+    )
 
 
 async def start_worker(settings: ValidationSettings, sealing: SealingSettings | None = None):
@@ -50,14 +59,16 @@ async def worker(kafka_bootstrap, kafka_topics, sim):
 
 @pytest.fixture
 async def requester(kafka_bootstrap, kafka_topics):
-    async with KeyCheckRequester(CommonSettings(kafka_bootstrap_servers=kafka_bootstrap, topic_prefix=kafka_topics),
-                                 timeout_s=30) as r:
+    async with KeyCheckRequester(
+        CommonSettings(kafka_bootstrap_servers=kafka_bootstrap, topic_prefix=kafka_topics), timeout_s=30
+    ) as r:
         yield r
 
 
 async def read_topic(bootstrap: str, topic: str, want: int, timeout_s: float = 20) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     records = []
     try:
@@ -106,16 +117,21 @@ async def test_a_user_checking_many_keys_is_limited_with_a_clear_answer(kafka_bo
     assert other.status is KeyCheckStatus.INVALID and other_provider.status is KeyCheckStatus.INVALID
 
 
-async def test_poison_requests_go_to_the_dlq_and_the_worker_carries_on(worker, requester, kafka_bootstrap, kafka_topics):
+async def test_poison_requests_go_to_the_dlq_and_the_worker_carries_on(
+    worker, requester, kafka_bootstrap, kafka_topics
+):
     requests_topic = kafka_topics + "key_check_requests"
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     try:
         poison = [b"\x00\xffnot json", json.dumps({"request_id": "nope"}).encode(), b"[]"]
         for value in poison:
-            await producer.send_and_wait(requests_topic, value, key=b"mallory",
-                                         headers=[("reply_to", (kafka_topics + "key_check_replies").encode()),
-                                                  ("correlation_id", b"x")])
+            await producer.send_and_wait(
+                requests_topic,
+                value,
+                key=b"mallory",
+                headers=[("reply_to", (kafka_topics + "key_check_replies").encode()), ("correlation_id", b"x")],
+            )
         await producer.send_and_wait(requests_topic, b"{}", key=b"m", headers=[("reply_to", b"model_call_completed")])
     finally:
         await producer.stop()
@@ -198,7 +214,8 @@ async def test_a_graceful_stop_answers_and_commits_what_the_worker_took(kafka_bo
 
 
 async def test_a_request_the_worker_fails_on_is_dead_lettered_and_its_partition_moves_on(
-        worker, requester, kafka_bootstrap, kafka_topics):
+    worker, requester, kafka_bootstrap, kafka_topics
+):
     """Even a bug in the handler (it is written never to raise) cannot hold a partition's commits."""
     requests_topic = kafka_topics + "key_check_requests"
     handler = worker.worker.handler

@@ -15,15 +15,21 @@ pytestmark = pytest.mark.unit
 async def test_the_lean_client_answers_and_reuses_its_connection():
     with SimulatorServer() as sim:
         async with LeanClient(sim.base_url) as client:
-            raw = client.prepare("POST", "/groq/openai/v1/chat/completions",
-                                 json_body={"model": "llama3-8b-8192", "messages": [{"role": "user", "content": "hi"}]},
-                                 headers={"Authorization": "Bearer gsk_valid0000000000000000000001"})
+            raw = client.prepare(
+                "POST",
+                "/groq/openai/v1/chat/completions",
+                json_body={"model": "llama3-8b-8192", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": "Bearer gsk_valid0000000000000000000001"},
+            )
             for _ in range(3):
                 answer = await client.send(raw)
                 assert answer.status == 200 and answer.json()["choices"][0]["message"]["content"]
             assert client.connections == 1
-            refused = await client.send(client.prepare("GET", "/groq/openai/v1/models",
-                                                       headers={"Authorization": "Bearer gsk_invalid000000000000000001"}))
+            refused = await client.send(
+                client.prepare(
+                    "GET", "/groq/openai/v1/models", headers={"Authorization": "Bearer gsk_invalid000000000000000001"}
+                )
+            )
             assert refused.status == 401
 
 
@@ -81,6 +87,7 @@ async def test_steady_measures_from_the_scheduled_time_so_a_late_generator_shows
     async def send(i: int) -> bool:
         if i == 0:
             import time
+
             time.sleep(0.1)  # the generator's own loop is blocked: later requests start late
         return True
 

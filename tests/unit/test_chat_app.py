@@ -7,8 +7,8 @@ import contextlib
 import pytest
 from fastapi.testclient import TestClient
 
+from billing.pricing import default_price_book
 from schemas.events import KeyCheckStatus, Provider
-from schemas.pricing import default_price_book
 from services.chat.app import Wiring, create_app
 from services.chat.balances import FixedBalances
 from services.chat.bootstrap import key_sealer
@@ -23,9 +23,21 @@ from tests.unit.test_chat_service import PLATFORM_KEY, FakeChecker, FakeProvider
 pytestmark = pytest.mark.unit
 SECRET = "unit-test-secret-0123456789abcdef"
 USER_KEY = "sk-proj-appTESTkey00000000000000000042"
-USAGE = {"calls": [{"time": "2026-12-01T10:00:00+00:00", "feature": "chat", "provider": "openai", "model": "gpt-4o",
-                    "key_source": "byok", "status": "succeeded", "decision": "not_billed_byok", "credits": 0}],
-         "last_grant": {"plan": "free", "credits": 50, "granted_at": "2026-12-01T09:00:00+00:00"}}
+USAGE = {
+    "calls": [
+        {
+            "time": "2026-12-01T10:00:00+00:00",
+            "feature": "chat",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "key_source": "byok",
+            "status": "succeeded",
+            "decision": "not_billed_byok",
+            "credits": 0,
+        }
+    ],
+    "last_grant": {"plan": "free", "credits": 50, "granted_at": "2026-12-01T09:00:00+00:00"},
+}
 
 
 @pytest.fixture
@@ -33,8 +45,15 @@ def world():
     settings = ChatSettings(auth_jwt_secret=SECRET, cookie_secure=False, dev_login=True)
     store, outbox, provider, checker = MemorySettingsStore(), MemoryOutbox(), FakeProvider(), FakeChecker()
     balances = FixedBalances({"alice": 100, "bob": 7})
-    service = ChatService(store=store, outbox=outbox, balances=balances, checker=checker, call_model=provider,
-                          platform_keys={p: PLATFORM_KEY for p in Provider}, price_book=default_price_book())
+    service = ChatService(
+        store=store,
+        outbox=outbox,
+        balances=balances,
+        checker=checker,
+        call_model=provider,
+        platform_keys={p: PLATFORM_KEY for p in Provider},
+        price_book=default_price_book(),
+    )
 
     @contextlib.asynccontextmanager
     async def wire(_):
@@ -52,8 +71,12 @@ def login(client: TestClient, user: str) -> None:
 
 def test_routes_need_identity(world):
     client, *_ = world
-    for method, path in [("get", "/api/model-settings"), ("post", "/chat"), ("post", "/settings/model"),
-                         ("get", "/api/balance")]:
+    for method, path in [
+        ("get", "/api/model-settings"),
+        ("post", "/chat"),
+        ("post", "/settings/model"),
+        ("get", "/api/balance"),
+    ]:
         r = client.request(method.upper(), path, json={"provider": "openai", "model": "gpt-4o", "message": "x"})
         assert r.status_code == 401, path
     assert client.get("/api/model-settings", headers={"Authorization": "Bearer forged"}).status_code == 401
@@ -74,8 +97,10 @@ def test_dev_login_is_off_unless_configured():
 def test_byok_flow_sets_a_sealed_cookie_and_never_echoes_the_key(world):
     client, _, outbox, provider, checker = world
     login(client, "alice")
-    r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True,
-                                             "api_key": f"  {USER_KEY}\n"})
+    r = client.post(
+        "/settings/model",
+        json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": f"  {USER_KEY}\n"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["accepted"] and body["status"] == "valid" and body["key_check"]["status"] == "valid"
@@ -119,8 +144,9 @@ def test_a_refused_key_answers_400_with_the_check_and_sets_no_cookie(world):
     client, _, _, _, checker = world
     checker.status = KeyCheckStatus.QUOTA_EXHAUSTED
     login(client, "alice")
-    r = client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True,
-                                             "api_key": USER_KEY})
+    r = client.post(
+        "/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY}
+    )
     assert r.status_code == 400 and r.json()["status"] == "quota_exhausted" and not r.json()["accepted"]
     assert "byok_key=" not in r.headers.get("set-cookie", "")
     assert client.get("/api/model-settings").json()["byok"] is False
@@ -133,8 +159,9 @@ def test_a_saved_copy_of_the_key_cookie_is_useless_after_byok_off_removal_or_sig
 
     def check_key(provider_name="openai", model="gpt-4o", key=USER_KEY):
         client.cookies.delete("byok_key")
-        r = client.post("/settings/model", json={"provider": provider_name, "model": model, "use_own_key": True,
-                                                 "api_key": key})
+        r = client.post(
+            "/settings/model", json={"provider": provider_name, "model": model, "use_own_key": True, "api_key": key}
+        )
         assert r.status_code == 200, r.text
         return client.cookies.get("byok_key")
 
@@ -170,10 +197,14 @@ def test_a_saved_copy_of_the_key_cookie_is_useless_after_byok_off_removal_or_sig
 def test_keys_of_several_providers_live_side_by_side_in_one_cookie(world):
     client, _, _, provider, _ = world
     login(client, "alice")
-    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY})
+    client.post(
+        "/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY}
+    )
     groq_key = "gsk_" + "q" * 40
-    r = client.post("/settings/model", json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True,
-                                             "api_key": groq_key})
+    r = client.post(
+        "/settings/model",
+        json={"provider": "groq", "model": "llama3-8b-8192", "use_own_key": True, "api_key": groq_key},
+    )
     keys = {k["provider"]: k for k in r.json()["settings"]["keys"]}
     assert keys.keys() == {"openai", "groq"} and keys["openai"]["key_hint"] == "sk-proj-…0042"
     assert client.post("/chat", json={"message": "hi"}).json()["provider"] == "groq"
@@ -192,8 +223,10 @@ def test_fallback_is_a_choice_and_the_answer_says_it_was_used(world):
     r = client.post("/settings/model", json={"provider": "anthropic", "model": "claude-3-5-haiku", "use_own_key": True})
     assert r.json()["settings"]["fallback_to_platform"] is False
     assert client.post("/chat", json={"message": "hi"}).status_code == 409
-    r = client.post("/settings/model", json={"provider": "anthropic", "model": "claude-3-5-haiku", "use_own_key": True,
-                                             "fallback_to_platform": True})
+    r = client.post(
+        "/settings/model",
+        json={"provider": "anthropic", "model": "claude-3-5-haiku", "use_own_key": True, "fallback_to_platform": True},
+    )
     assert r.json()["settings"]["features"]["chat"]["fallback"] is True
     body = client.post("/chat", json={"message": "hi"}).json()
     assert body["fallback"] is True and body["key_source"] == "platform" and body["billing"]["credits"] == 1
@@ -219,20 +252,28 @@ def test_short_balance_answers_402_suggesting_byok(world):
 def test_a_validation_error_does_not_echo_the_key(world):
     client, *_ = world
     login(client, "alice")
-    r = client.post("/settings/model", json={"provider": "nope", "model": "m", "use_own_key": True, "api_key": USER_KEY})
+    r = client.post(
+        "/settings/model", json={"provider": "nope", "model": "m", "use_own_key": True, "api_key": USER_KEY}
+    )
     assert r.status_code == 422 and USER_KEY not in r.text
 
 
 def test_one_users_key_cookie_is_useless_to_another_user(world):
     client, settings, _, provider, _ = world
     login(client, "alice")
-    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY})
+    client.post(
+        "/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY}
+    )
     alice_key_cookie = client.cookies.get("byok_key")
     bob = mint_token(SECRET, "bob")
-    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True},
-                headers={"Authorization": f"Bearer {bob}"})
-    view = client.get("/api/model-settings", headers={"Authorization": f"Bearer {bob}"},
-                      cookies={"byok_key": alice_key_cookie})
+    client.post(
+        "/settings/model",
+        json={"provider": "openai", "model": "gpt-4o", "use_own_key": True},
+        headers={"Authorization": f"Bearer {bob}"},
+    )
+    view = client.get(
+        "/api/model-settings", headers={"Authorization": f"Bearer {bob}"}, cookies={"byok_key": alice_key_cookie}
+    )
     assert view.json()["user_id"] == "bob" and view.json()["key_in_session"] is False
     r = client.post("/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {bob}"})
     assert r.status_code == 409
@@ -251,7 +292,12 @@ def test_chat_bodies_are_checked_after_identity_and_refused_with_where_not_what(
     client, *_ = world
     assert client.post("/chat", content=b"{not json").status_code == 401  # who first, then the body
     login(client, "alice")
-    for body in [b"{not json", b'{"message": ""}', b'{"message": "hi", "user_id": "bob"}', b'{"feature": "poems", "message": "x"}']:
+    for body in [
+        b"{not json",
+        b'{"message": ""}',
+        b'{"message": "hi", "user_id": "bob"}',
+        b'{"feature": "poems", "message": "x"}',
+    ]:
         r = client.post("/chat", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 422, body
         assert r.json()["error"] == "invalid_request" and r.json()["message"].startswith("body")
@@ -264,12 +310,16 @@ def test_chat_refuses_a_body_that_is_not_sent_as_json(world):
     calls = len(provider.calls)
     # What a cross-site HTML form can send: text/plain or a form encoding, with a JSON-looking body.
     for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]:
-        r = client.post("/chat", content=b'{"feature": "chat", "message": "hi"}', headers={"Content-Type": content_type})
+        r = client.post(
+            "/chat", content=b'{"feature": "chat", "message": "hi"}', headers={"Content-Type": content_type}
+        )
         assert r.status_code == 422, content_type
         assert "JSON" in r.json()["message"]
     assert len(provider.calls) == calls
     for content_type in ["application/json", "application/json; charset=utf-8", "application/vnd.api+json"]:
-        r = client.post("/chat", content=b'{"feature": "chat", "message": "hi"}', headers={"Content-Type": content_type})
+        r = client.post(
+            "/chat", content=b'{"feature": "chat", "message": "hi"}', headers={"Content-Type": content_type}
+        )
         assert r.status_code == 200, (content_type, r.text)
 
 
@@ -288,7 +338,9 @@ def test_page_and_health(world):
 def test_logout_discards_session_and_key(world):
     client, *_ = world
     login(client, "alice")
-    client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY})
+    client.post(
+        "/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": True, "api_key": USER_KEY}
+    )
     r = client.post("/auth/logout")
     cookies = " ".join(r.headers.get_list("set-cookie"))
     assert 'byok_key=""' in cookies and 'byok_session=""' in cookies

@@ -26,23 +26,29 @@ def test_token_round_trip_carries_user_role_and_session():
     assert (who.user_id, who.role, who.session_id, who.is_admin) == ("alice", "admin", "s1", True)
 
 
-@pytest.mark.parametrize("token", [
-    mint_token("another-secret-0123456789abcdef", "alice"),  # forged
-    mint_token(SECRET, "alice", ttl_s=-10),  # expired
-    jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"),  # other algorithm
-    jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),  # no expiry
-    "not-a-token",
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        mint_token("another-secret-0123456789abcdef", "alice"),  # forged
+        mint_token(SECRET, "alice", ttl_s=-10),  # expired
+        jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"),  # other algorithm
+        jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),  # no expiry
+        "not-a-token",
+    ],
+)
 def test_bad_tokens_are_refused(token):
     with pytest.raises(AuthError):
         read_token(SECRET, token)
 
 
-@pytest.mark.parametrize("token", [
-    mint_token("another-secret-0123456789abcdef", "alice"),
-    mint_token(SECRET, "alice", ttl_s=-10),
-    "not-a-token",
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        mint_token("another-secret-0123456789abcdef", "alice"),
+        mint_token(SECRET, "alice", ttl_s=-10),
+        "not-a-token",
+    ],
+)
 def test_the_token_reader_refuses_what_read_token_refuses_every_time(token):
     reader = TokenReader(SECRET)
     for _ in range(2):

@@ -9,14 +9,19 @@ from dataclasses import replace
 
 import pytest
 
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, Provider
-from schemas.pricing import default_price_book
 from services.chat.balances import CreditsUnavailable, FixedBalances
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.outbox import MemoryOutbox
 from services.chat.service import (
-    BalanceUnknown, ChatService, OwnKeyMissing, PaymentRequired, PlatformKeyMissing, ProviderFailed,
+    BalanceUnknown,
+    ChatService,
+    OwnKeyMissing,
+    PaymentRequired,
+    PlatformKeyMissing,
+    ProviderFailed,
 )
 from services.chat.store import MemorySettingsStore, ModelSettings
 from services.shared.providers import ChatReply, KeyVerdict, ProviderError, key_hint
@@ -34,8 +39,13 @@ class FakeChecker:
 
     async def check(self, user_id, provider, api_key, timeout_s):
         self.calls.append((user_id, provider, api_key))
-        return KeyCheckResult(request_id=uuid.uuid4(), provider=provider, status=self.status,
-                              message=f"checked: {self.status.value}", key_hint=key_hint(api_key))
+        return KeyCheckResult(
+            request_id=uuid.uuid4(),
+            provider=provider,
+            status=self.status,
+            message=f"checked: {self.status.value}",
+            key_hint=key_hint(api_key),
+        )
 
 
 class FakeProvider:
@@ -55,8 +65,12 @@ class FakeProvider:
 def make(balance: int = 100, checker=None, platform_keys=None):
     store, outbox, provider = MemorySettingsStore(), MemoryOutbox(), FakeProvider()
     service = ChatService(
-        store=store, outbox=outbox, balances=FixedBalances({"alice": balance}), checker=checker or FakeChecker(),
-        call_model=provider, platform_keys=platform_keys or {p: PLATFORM_KEY for p in Provider},
+        store=store,
+        outbox=outbox,
+        balances=FixedBalances({"alice": balance}),
+        checker=checker or FakeChecker(),
+        call_model=provider,
+        platform_keys=platform_keys or {p: PLATFORM_KEY for p in Provider},
         price_book=default_price_book(),
     )
     return service, store, outbox, provider
@@ -96,7 +110,9 @@ async def test_byok_chat_uses_the_users_key_and_costs_nothing():
     assert "sk-proj-userOWN" not in outbox.events[0].to_json().decode()
 
 
-@pytest.mark.parametrize("feature, credits", [(Feature.DEEP_ANALYSIS, 50), (Feature.CODE_FIX, 1), (Feature.CODE_CANVAS, 1)])
+@pytest.mark.parametrize(
+    "feature, credits", [(Feature.DEEP_ANALYSIS, 50), (Feature.CODE_FIX, 1), (Feature.CODE_CANVAS, 1)]
+)
 async def test_other_features_always_run_on_the_platform_key_even_with_byok_on(feature, credits):
     service, _, _, provider = make(balance=100)
     key = await byok_on(service)
@@ -174,7 +190,9 @@ async def test_a_refused_key_changes_nothing():
     service, store, _, _ = make(checker=FakeChecker(KeyCheckStatus.REVOKED_OR_EXPIRED))
     await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o", False, None)
     before = await store.get("alice")
-    change = await service.update_settings(ALICE, None, Provider.GROQ, "llama3-8b-8192", True, "gsk_revoked000000000000001")
+    change = await service.update_settings(
+        ALICE, None, Provider.GROQ, "llama3-8b-8192", True, "gsk_revoked000000000000001"
+    )
     assert not change.accepted and change.keep_key is None and not change.discard_key
     assert change.check.status is KeyCheckStatus.REVOKED_OR_EXPIRED
     assert await store.get("alice") == before
@@ -238,7 +256,9 @@ async def test_switching_byok_on_without_a_key_is_kept_and_pauses_chat():
     change = await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, None)
     assert change.accepted and (await store.get("alice")).use_own_key
     assert "Paste your OpenAI key" in change.message
-    refused = await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, "sk-proj-revoked" + "r" * 20)
+    refused = await service.update_settings(
+        ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, "sk-proj-revoked" + "r" * 20
+    )
     assert not refused.accepted and refused.keep_key is None
     with pytest.raises(OwnKeyMissing):
         await service.call(ALICE, None, Feature.CHAT, "hello")
@@ -263,8 +283,14 @@ async def test_fallback_to_platform_is_off_by_default_and_when_chosen_says_so_an
     await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o-mini", True, None, fallback_to_platform=True)
     view = (await service.view(ALICE, None)).as_dict()
     assert view["fallback_to_platform"] and view["features"]["chat"] == {
-        "runs_on": "platform", "provider": "openai", "model": "gpt-4o-mini", "key_source": "platform", "credits": 3,
-        "fallback": True, "message": view["features"]["chat"]["message"]}
+        "runs_on": "platform",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "key_source": "platform",
+        "credits": 3,
+        "fallback": True,
+        "message": view["features"]["chat"]["message"],
+    }
     assert "falls back to platform credits" in view["features"]["chat"]["message"]
     result = await service.call(ALICE, None, Feature.CHAT, "hello")
     assert result.fallback and result.event.key_source is KeySource.PLATFORM and provider.calls[-1][1] == PLATFORM_KEY
@@ -408,7 +434,10 @@ async def test_concurrent_calls_cannot_overspend_the_held_credits():
     served = [r for r in results if not isinstance(r, Exception)]
     refused = [r for r in results if isinstance(r, PaymentRequired)]
     assert len(served) == 3 and len(refused) == 3  # 3 x 3 credits fit in 10, a fourth does not
-    assert refused[0].details["available"] == 1 and "1 available (9 more are held by calls still running)" in refused[0].message
+    assert (
+        refused[0].details["available"] == 1
+        and "1 available (9 more are held by calls still running)" in refused[0].message
+    )
     assert len(outbox.events) == 3  # the refused calls left no event behind
 
 

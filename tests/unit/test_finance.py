@@ -11,13 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from schemas.pricing import default_price_book
-from services.finance.assessment import EVENT_COLUMNS, Assessor
+from services.finance.assessment import EVENT_COLUMNS, Assessor, Tally
 from services.finance.differences import Difference, Kind, classify, correction_for, correction_id
-from services.finance.report import write_report
 from services.finance.reconciliation import ReconcileReport
-from services.finance.assessment import Tally
+from services.finance.report import write_report
 from services.finance.window import Window, to_ms
 
 pytestmark = pytest.mark.unit
@@ -29,9 +28,18 @@ US = timedelta(microseconds=1)
 
 def event(**overrides) -> ModelCallCompleted:
     fields = dict(
-        event_id=uuid.uuid4(), occurred_at=T1 + timedelta(hours=1), user_id="alice", session_id="s",
-        request_id="r", provider=Provider.OPENAI, model="gpt-4o", feature=Feature.CHAT,
-        key_source=KeySource.PLATFORM, status=CallStatus.SUCCEEDED, input_tokens=1, output_tokens=1,
+        event_id=uuid.uuid4(),
+        occurred_at=T1 + timedelta(hours=1),
+        user_id="alice",
+        session_id="s",
+        request_id="r",
+        provider=Provider.OPENAI,
+        model="gpt-4o",
+        feature=Feature.CHAT,
+        key_source=KeySource.PLATFORM,
+        status=CallStatus.SUCCEEDED,
+        input_tokens=1,
+        output_tokens=1,
         latency_ms=1,
     )
     return ModelCallCompleted(**(fields | overrides))
@@ -117,9 +125,17 @@ def test_classify_ledger_entries_without_their_event():
 
 
 def diff(kind=Kind.DOUBLE_DEBIT, owed=5, net=10, corrections=1, **kw) -> Difference:
-    return Difference(kind=kind, event_id=uuid.UUID(int=7), user_id="alice", expected_decision="debited",
-                      expected_credits=owed, ledger_credits=net, ledger_corrections=corrections,
-                      price_list_version="2026-01", **kw)
+    return Difference(
+        kind=kind,
+        event_id=uuid.UUID(int=7),
+        user_id="alice",
+        expected_decision="debited",
+        expected_credits=owed,
+        ledger_credits=net,
+        ledger_corrections=corrections,
+        price_list_version="2026-01",
+        **kw,
+    )
 
 
 def test_a_correction_brings_the_net_to_what_is_owed_with_a_deterministic_id():
@@ -156,10 +172,14 @@ def test_assessor_applies_the_credit_policy():
     ]
     assessor = Assessor(default_price_book(), Window(T1, T2))
     rows, bad, tally = assessor.assess([record(e.to_json(), offset=i) for i, e in enumerate(events)])
-    got = [dict(zip(EVENT_COLUMNS, r)) for r in rows]
+    got = [dict(zip(EVENT_COLUMNS, r, strict=True)) for r in rows]
     shapes = assessor.shapes.shapes
     assert [(shapes[g["shape"]].decision, g["credits"]) for g in got] == [
-        ("debited", 5), ("not_billed_byok", 0), ("debited", 50), ("not_billed_failed", 0), ("rejected", 0),
+        ("debited", 5),
+        ("not_billed_byok", 0),
+        ("debited", 50),
+        ("not_billed_failed", 0),
+        ("rejected", 0),
         ("debited", 5),
     ]
     assert len(shapes) == 5 and got[5]["shape"] == got[0]["shape"]
@@ -247,7 +267,7 @@ def test_decide_depends_only_on_what_a_shape_is_made_of():
     holds it to that: events equal on those and different in everything else owe the same."""
     import itertools
 
-    from services.credits.policy import decide
+    from billing.policy import decide
 
     book = default_price_book()
     for status, feature, key_source, model in itertools.product(
@@ -256,20 +276,33 @@ def test_decide_depends_only_on_what_a_shape_is_made_of():
         base = dict(status=status, feature=feature, key_source=key_source, model=model)
         variants = [
             event(**base),
-            event(**base, user_id="someone-else", session_id="x", request_id="y", provider=Provider.GROQ,
-                  input_tokens=10**9, output_tokens=0, latency_ms=10**6, occurred_at=T2 + timedelta(days=3)),
+            event(
+                **base,
+                user_id="someone-else",
+                session_id="x",
+                request_id="y",
+                provider=Provider.GROQ,
+                input_tokens=10**9,
+                output_tokens=0,
+                latency_ms=10**6,
+                occurred_at=T2 + timedelta(days=3),
+            ),
         ]
         assert len({decide(v, book) for v in variants}) == 1, base
 
 
 def test_shapes_give_what_decide_gives():
-    from services.credits.policy import decide
-
+    from billing.policy import decide
     from services.finance.assessment import Shapes
 
     book = default_price_book()
     shapes = Shapes(book, Window(T1, T2))
-    events = [event(model=m, feature=f, key_source=k, status=st) for m in ("gpt-4o", "o1", "nope")
-              for f in Feature for k in KeySource for st in CallStatus] * 2
+    events = [
+        event(model=m, feature=f, key_source=k, status=st)
+        for m in ("gpt-4o", "o1", "nope")
+        for f in Feature
+        for k in KeySource
+        for st in CallStatus
+    ] * 2
     assert [shapes.charge(shapes.of(e)) for e in events] == [decide(e, book) for e in events]
     assert len(shapes.shapes) == len(events) // 2

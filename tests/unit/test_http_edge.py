@@ -16,8 +16,8 @@ from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
+from billing.pricing import default_price_book
 from schemas.events import Feature, Provider
-from schemas.pricing import default_price_book
 from services.chat.app import Wiring, create_app
 from services.chat.balances import FixedBalances, HttpBalanceReader
 from services.chat.bootstrap import key_sealer
@@ -46,9 +46,16 @@ class Chat:
         self.store, self.outbox = store or MemorySettingsStore(), MemoryOutbox()
         self.provider, self.checker = FakeProvider(), FakeChecker()
         balances = balances or FixedBalances({"alice": 1000})
-        self.service = ChatService(store=self.store, outbox=self.outbox, balances=balances, checker=self.checker,
-                                   call_model=self.provider, platform_keys={p: PLATFORM_KEY for p in Provider},
-                                   price_book=default_price_book(), feature_models=feature_models)
+        self.service = ChatService(
+            store=self.store,
+            outbox=self.outbox,
+            balances=balances,
+            checker=self.checker,
+            call_model=self.provider,
+            platform_keys={p: PLATFORM_KEY for p in Provider},
+            price_book=default_price_book(),
+            feature_models=feature_models,
+        )
 
         @contextlib.asynccontextmanager
         async def wire(_):
@@ -168,8 +175,11 @@ def test_settings_refuse_a_model_that_is_not_a_model_id(model):
 def test_settings_refuse_a_lone_surrogate_in_the_model():
     chat = Chat()
     with chat.client() as client:
-        r = client.post("/settings/model", content=b'{"provider": "openai", "model": "gpt-4o\\ud800"}',
-                        headers={"content-type": "application/json"})
+        r = client.post(
+            "/settings/model",
+            content=b'{"provider": "openai", "model": "gpt-4o\\ud800"}',
+            headers={"content-type": "application/json"},
+        )
         refused_with_a_sentence(r, 422, "body/model")
     assert chat.store.rows == {}
 
@@ -179,8 +189,11 @@ def test_chat_refuses_a_lone_surrogate_in_the_message_and_a_body_that_is_not_utf
     with chat.client() as client:
         r = client.post("/chat", content=b'{"message": "hi\\ud800"}', headers={"content-type": "application/json"})
         refused_with_a_sentence(r, 422, "not valid JSON")
-        r = client.post("/settings/model", content=b'{"provider": "openai", "model": "gpt\xff"}',
-                        headers={"content-type": "application/json"})
+        r = client.post(
+            "/settings/model",
+            content=b'{"provider": "openai", "model": "gpt\xff"}',
+            headers={"content-type": "application/json"},
+        )
         refused_with_a_sentence(r, 422, "UTF-8")
     assert chat.provider.calls == [] and chat.outbox.rows == {}
 
@@ -204,17 +217,22 @@ def test_the_platform_key_runs_no_unpriced_model_whatever_the_feature_costs(feat
     # price list does not know): at a flat feature price, either used to run.
     chat = Chat(feature_models={Feature(feature): (Provider.GEMINI, "my-own-finetune")} if feature != "chat" else None)
     with chat.client() as client:
-        assert client.post("/settings/model", json={"provider": "gemini", "model": "my-own-finetune"}).status_code == 200
-        body = refused_with_a_sentence(client.post("/chat", json={"feature": feature, "message": "fix"}), 402,
-                                       "no platform price")
+        assert (
+            client.post("/settings/model", json={"provider": "gemini", "model": "my-own-finetune"}).status_code == 200
+        )
+        body = refused_with_a_sentence(
+            client.post("/chat", json={"feature": feature, "message": "fix"}), 402, "no platform price"
+        )
         assert body["reason"] == "unpriced_model" and body["price_list_version"]
     assert chat.provider.calls == [] and chat.outbox.rows == {}
 
 
 def test_the_gemini_model_never_leaves_its_url_path_segment():
     settings = providers.ProviderSettings(gemini_base_url="https://gemini.example")
-    assert settings.chat_url(Provider.GEMINI, "gemini-2.5-pro") == \
-        "https://gemini.example/v1beta/models/gemini-2.5-pro:generateContent"
+    assert (
+        settings.chat_url(Provider.GEMINI, "gemini-2.5-pro")
+        == "https://gemini.example/v1beta/models/gemini-2.5-pro:generateContent"
+    )
     for model in [TRAVERSAL, "a/b", "a?b", "a#b", "a%2fb", "gemini\x00"]:
         with pytest.raises(providers.InvalidModelId):
             settings.chat_url(Provider.GEMINI, model)
@@ -225,41 +243,58 @@ async def test_a_gemini_call_with_a_bad_model_sends_nothing():
     client = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: sent.append(request)))
     settings = providers.ProviderSettings(gemini_base_url="https://gemini.example")
     with pytest.raises(providers.InvalidModelId):
-        await providers.chat_completion(client, settings, Provider.GEMINI, PLATFORM_KEY, TRAVERSAL,
-                                        [{"role": "user", "content": "hi"}])
+        await providers.chat_completion(
+            client, settings, Provider.GEMINI, PLATFORM_KEY, TRAVERSAL, [{"role": "user", "content": "hi"}]
+        )
     await client.aclose()
     assert sent == []
 
 
-@pytest.mark.parametrize("path", ["/api/credits/al%00ice", "/api/credits/al%07ice", "/api/credits/al%E2%80%8Bice",
-                                  "/api/credits/al%0Aice"])
+@pytest.mark.parametrize(
+    "path", ["/api/credits/al%00ice", "/api/credits/al%07ice", "/api/credits/al%E2%80%8Bice", "/api/credits/al%0Aice"]
+)
 def test_a_balance_read_refuses_an_id_with_control_characters(path):
     client, ledger = credits_app()
     refused_with_a_sentence(client.get(path, headers=admin()), 422, "path/user_id", "printable")
     assert ledger.calls == []
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"grant_key": "g1", "user_id": "al\\u0000ice", "plan": "free"}',
-    b'{"grant_key": "g\\ud800", "user_id": "alice", "plan": "free"}',
-    b'{"grant_key": "g1", "user_id": "alice\\udfff", "plan": "free"}',
-    b'{"grant_key": "g1", "user_id": "alice", "plan": "fr\\u0007ee"}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"grant_key": "g1", "user_id": "al\\u0000ice", "plan": "free"}',
+        b'{"grant_key": "g\\ud800", "user_id": "alice", "plan": "free"}',
+        b'{"grant_key": "g1", "user_id": "alice\\udfff", "plan": "free"}',
+        b'{"grant_key": "g1", "user_id": "alice", "plan": "fr\\u0007ee"}',
+    ],
+)
 def test_a_grant_refuses_ids_with_control_characters_or_lone_surrogates(raw):
     client, ledger = credits_app()
-    body = refused_with_a_sentence(client.post("/api/admin/grants", content=raw, headers={
-        **admin(), "content-type": "application/json"}), 422, "body/")
+    body = refused_with_a_sentence(
+        client.post("/api/admin/grants", content=raw, headers={**admin(), "content-type": "application/json"}),
+        422,
+        "body/",
+    )
     assert body["error"] == "invalid_request"
     assert ledger.calls == []
 
 
-@pytest.mark.parametrize("field, value", [("idempotency_key", "k\u0000"), ("idempotency_key", "k\u2028"),
-                                          ("model", "gpt-4o\u0007"), ("model", "gpt 4o"), ("model", TRAVERSAL)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("idempotency_key", "k\u0000"),
+        ("idempotency_key", "k\u2028"),
+        ("model", "gpt-4o\u0007"),
+        ("model", "gpt 4o"),
+        ("model", TRAVERSAL),
+    ],
+)
 def test_the_compatibility_deduct_refuses_bad_ids(field, value):
     client, ledger = credits_app(producer=FailingProducer())
     body = {"feature": "chat", "model": "gpt-4o", "key_source": "platform", "idempotency_key": "k1", field: value}
-    r = client.post("/api/user/deduct-credits", json=body,
-                    headers={"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"})
+    r = client.post(
+        "/api/user/deduct-credits", json=body, headers={"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"}
+    )
     refused_with_a_sentence(r, 422, f"body/{field}")
     assert ledger.calls == []
 
@@ -289,15 +324,22 @@ class DownStore(MemorySettingsStore):
         raise self.error
 
 
-@pytest.mark.parametrize("error", [ConnectionRefusedError(111, "Connect call failed"),
-                                   asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
-                                   asyncpg.exceptions.CannotConnectNowError("the database system is starting up")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(111, "Connect call failed"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+        asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
+    ],
+)
 def test_chat_answers_a_database_outage_with_503_and_a_sentence_on_every_route(error):
     chat = Chat(store=DownStore(error))
     with chat.client() as client:
-        for method, path, body in [("GET", "/api/model-settings", None),
-                                   ("POST", "/settings/model", {"provider": "openai", "model": "gpt-4o"}),
-                                   ("POST", "/chat", {"message": "hi"})]:
+        for method, path, body in [
+            ("GET", "/api/model-settings", None),
+            ("POST", "/settings/model", {"provider": "openai", "model": "gpt-4o"}),
+            ("POST", "/chat", {"message": "hi"}),
+        ]:
             r = client.request(method, path, json=body)
             refused_with_a_sentence(r, 503, "database")
             assert r.json()["error"] == "database_unavailable"
@@ -306,12 +348,17 @@ def test_chat_answers_a_database_outage_with_503_and_a_sentence_on_every_route(e
 
 def test_credits_answers_database_and_kafka_outages_with_503_and_a_sentence():
     client, _ = credits_app(ledger=FakeLedger(OSError(111, "Connect call failed")))
-    for r in [client.get("/api/credits/alice", headers=admin()),
-              client.post("/api/admin/grants", headers=admin(), json={"grant_key": "g", "user_id": "a", "plan": "free"})]:
+    for r in [
+        client.get("/api/credits/alice", headers=admin()),
+        client.post("/api/admin/grants", headers=admin(), json={"grant_key": "g", "user_id": "a", "plan": "free"}),
+    ]:
         assert refused_with_a_sentence(r, 503, "database")["error"] == "database_unavailable"
     client, ledger = credits_app(producer=FailingProducer())
-    r = client.post("/api/user/deduct-credits", headers={"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"},
-                    json={"feature": "chat", "model": "gpt-4o", "key_source": "platform", "idempotency_key": "k"})
+    r = client.post(
+        "/api/user/deduct-credits",
+        headers={"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"},
+        json={"feature": "chat", "model": "gpt-4o", "key_source": "platform", "idempotency_key": "k"},
+    )
     assert refused_with_a_sentence(r, 503, "Kafka")["error"] == "event_log_unavailable"
 
 
@@ -320,11 +367,15 @@ async def test_a_byok_chat_works_while_the_credit_service_is_down():
         nobody = HttpBalanceReader(http, f"http://127.0.0.1:{free_port()}")  # nothing listens there
         chat = Chat(balances=nobody)
         transport = httpx.ASGITransport(app=chat.app)
-        async with chat.app.router.lifespan_context(chat.app), \
-                httpx.AsyncClient(transport=transport, base_url="http://chat") as client:
+        async with (
+            chat.app.router.lifespan_context(chat.app),
+            httpx.AsyncClient(transport=transport, base_url="http://chat") as client,
+        ):
             client.headers["Authorization"] = f"Bearer {mint_token(SECRET, 'alice', ttl_s=600)}"
-            r = await client.post("/settings/model", json={"provider": "gemini", "model": "gemini-2.5-pro",
-                                                           "use_own_key": True, "api_key": USER_KEY})
+            r = await client.post(
+                "/settings/model",
+                json={"provider": "gemini", "model": "gemini-2.5-pro", "use_own_key": True, "api_key": USER_KEY},
+            )
             assert r.status_code == 200, r.text
             client.cookies.set("byok_key", r.cookies["byok_key"])
             r = await client.post("/chat", json={"message": "hello"})
@@ -344,27 +395,41 @@ def test_outside_development_default_secrets_are_refused_by_name(monkeypatch):
         refuse_default_secrets("The credit service", CreditSettings(database_url="postgresql://db/prod"))
     assert "AUTH_JWT_SECRET" in str(refused.value) and "DATABASE_URL" not in str(refused.value)
     with pytest.raises(DefaultSecret) as refused:
-        refuse_default_secrets("The chat service", ChatSettings(auth_jwt_secret=SECRET, database_url="postgresql://x/y",
-                                                                openai_api_key="", anthropic_api_key=None,
-                                                                groq_api_key="gsk_real"))
+        refuse_default_secrets(
+            "The chat service",
+            ChatSettings(
+                auth_jwt_secret=SECRET,
+                database_url="postgresql://x/y",
+                openai_api_key="",
+                anthropic_api_key=None,
+                groq_api_key="gsk_real",
+            ),
+        )
     assert str(refused.value).count("GEMINI_API_KEY") == 2 and "OPENAI" not in str(refused.value)
-    refuse_default_secrets("The credit service", CreditSettings(auth_jwt_secret=SECRET, database_url="postgresql://x/y"))
+    refuse_default_secrets(
+        "The credit service", CreditSettings(auth_jwt_secret=SECRET, database_url="postgresql://x/y")
+    )
     monkeypatch.setenv("BYOK_ENV", "development")
     refuse_default_secrets("The credit service", CreditSettings())
 
 
-@pytest.mark.parametrize("module, names", [
-    ("services.credits", ["AUTH_JWT_SECRET", "DATABASE_URL"]),
-    ("services.chat", ["AUTH_JWT_SECRET", "OPENAI_API_KEY", "KEY_SEAL_PUBLIC_KEYS"]),
-    ("services.validation", ["KEY_SEAL_PRIVATE_KEYS"]),
-])
+@pytest.mark.parametrize(
+    "module, names",
+    [
+        ("services.credits", ["AUTH_JWT_SECRET", "DATABASE_URL"]),
+        ("services.chat", ["AUTH_JWT_SECRET", "OPENAI_API_KEY", "KEY_SEAL_PUBLIC_KEYS"]),
+        ("services.validation", ["KEY_SEAL_PRIVATE_KEYS"]),
+    ],
+)
 def test_a_service_started_outside_development_with_default_secrets_refuses_to_start(module, names):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BYOK_ENV", "AUTH_JWT", "DATABASE_URL", "KEY_SEAL")) and not k.endswith("_API_KEY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BYOK_ENV", "AUTH_JWT", "DATABASE_URL", "KEY_SEAL")) and not k.endswith("_API_KEY")
+    }
     env["HTTP_PORT"] = str(free_port())
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0, done.stdout + done.stderr
     for name in names:
         assert name in done.stderr, done.stderr

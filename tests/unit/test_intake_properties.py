@@ -6,8 +6,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from schemas.events import EARLIEST_OCCURRED_AT, MAX_LATENCY_MS, MAX_TOKENS, ModelCallCompleted
 from services.shared.kafka import NotAnEvent, read_model_call
@@ -74,8 +73,19 @@ def test_the_generator_reaches_both_sides_of_the_bounds():
 
 
 def test_a_valid_event_still_reads():
-    event = {"event_id": str(uuid.uuid4()), "occurred_at": "2020-01-01T00:00:00Z", "user_id": "u", "session_id": "s",
-             "request_id": "r", "provider": "groq", "model": "llama3-8b-8192", "feature": "chat",
-             "key_source": "platform", "status": "succeeded", "input_tokens": MAX_TOKENS, "output_tokens": 0,
-             "latency_ms": MAX_LATENCY_MS}
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "occurred_at": "2020-01-01T00:00:00Z",
+        "user_id": "u",
+        "session_id": "s",
+        "request_id": "r",
+        "provider": "groq",
+        "model": "llama3-8b-8192",
+        "feature": "chat",
+        "key_source": "platform",
+        "status": "succeeded",
+        "input_tokens": MAX_TOKENS,
+        "output_tokens": 0,
+        "latency_ms": MAX_LATENCY_MS,
+    }
     assert isinstance(check_read(json.dumps(event).encode()), ModelCallCompleted)

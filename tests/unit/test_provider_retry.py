@@ -19,8 +19,11 @@ from services.validation.checks import KeyChecker, make_http_client
 
 pytestmark = pytest.mark.unit
 KEY = "sk-proj-retryTESTkey000000000000000000042"
-CHAT_ANSWER = {"model": "gpt-4o", "choices": [{"message": {"role": "assistant", "content": "hi"}}],
-               "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+CHAT_ANSWER = {
+    "model": "gpt-4o",
+    "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+}
 
 
 class ClosingServer:
@@ -56,8 +59,10 @@ class ClosingServer:
                     return  # closed without a byte of response: the request was never seen
                 served += 1
                 body = json.dumps(CHAT_ANSWER if line.startswith("POST") else {"data": []}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
                 await writer.drain()
                 self.answered += 1
         except (asyncio.IncompleteReadError, ConnectionError):

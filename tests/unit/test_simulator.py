@@ -57,9 +57,17 @@ async def test_model_list_answers_each_behaviour_as_the_provider_would(sim, prov
 async def test_chat_answers_carry_usage(sim, provider):
     _, settings, client = sim
     async with client:
-        reply = await p.chat_completion(client, settings, provider, key(provider, "valid"), "some-model",
-                                        [{"role": "system", "content": "be brief"},
-                                         {"role": "user", "content": "hello there, how many tokens is this?"}])
+        reply = await p.chat_completion(
+            client,
+            settings,
+            provider,
+            key(provider, "valid"),
+            "some-model",
+            [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hello there, how many tokens is this?"},
+            ],
+        )
     assert reply.input_tokens > 0 and reply.output_tokens > 0
     assert "hello there" in reply.text
 
@@ -70,8 +78,9 @@ async def test_chat_refusals_raise_provider_error_with_the_key_status(sim, provi
     _, settings, client = sim
     async with client:
         with pytest.raises(p.ProviderError) as caught:
-            await p.chat_completion(client, settings, provider, key(provider, behaviour), "m",
-                                    [{"role": "user", "content": "hi"}])
+            await p.chat_completion(
+                client, settings, provider, key(provider, behaviour), "m", [{"role": "user", "content": "hi"}]
+            )
     assert caught.value.verdict.status is EXPECTED[behaviour]
 
 
@@ -94,7 +103,9 @@ async def test_wire_formats_are_the_providers_own(sim):
         assert gemini.status_code == 400
         assert gemini.json()["error"]["status"] == "INVALID_ARGUMENT"
         assert gemini.json()["error"]["details"][0]["reason"] == "API_KEY_INVALID"
-        no_version = await client.get(settings.models_url("anthropic"), headers={"x-api-key": key(Provider.ANTHROPIC, "valid")})
+        no_version = await client.get(
+            settings.models_url("anthropic"), headers={"x-api-key": key(Provider.ANTHROPIC, "valid")}
+        )
         assert no_version.status_code == 400
         no_key = await client.get(settings.models_url("openai"))
         assert no_key.status_code == 401
@@ -142,12 +153,15 @@ async def test_reset_forgets_rules_and_counts(sim):
         assert (await p.list_models(client, settings, "openai", "sk-some-key-0000000000000")).status_code == 401
 
 
-@pytest.mark.parametrize("body", [
-    {"key": "k", "behaviour": "sometimes"},
-    {"behaviour": "valid"},
-    {"key": "k", "behaviour": "valid", "providers": ["mistral"]},
-    {"key": "k", "behaviour": "down", "status": 200},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"key": "k", "behaviour": "sometimes"},
+        {"behaviour": "valid"},
+        {"key": "k", "behaviour": "valid", "providers": ["mistral"]},
+        {"key": "k", "behaviour": "down", "status": 200},
+    ],
+)
 async def test_control_api_refuses_bad_rules_clearly(sim, body):
     _, _, client = sim
     async with client:
@@ -162,8 +176,9 @@ async def test_slow_key_makes_a_short_timeout_fire():
         settings = p.ProviderSettings(**{k.lower(): v for k, v in server.env().items()})
         async with httpx.AsyncClient(timeout=0.05) as client:
             with pytest.raises(p.ProviderError) as caught:
-                await p.chat_completion(client, settings, "openai", key(Provider.OPENAI, "slow"), "m",
-                                        [{"role": "user", "content": "hi"}])
+                await p.chat_completion(
+                    client, settings, "openai", key(Provider.OPENAI, "slow"), "m", [{"role": "user", "content": "hi"}]
+                )
     assert caught.value.verdict.status is KeyCheckStatus.PROVIDER_UNAVAILABLE
 
 

@@ -15,13 +15,13 @@ import pytest
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
 from services.shared.providers import KeyVerdict
+from services.shared.sealing import DEV_KEY_ID, KeyOpener, KeySealer, SealingError, SealingSettings, generate
 from services.validation.checks import KeyChecker
 from services.validation.guards import UserRateLimit, VerdictCache, too_many_checks
 from services.validation.handler import RequestHandler
-from services.validation.sealing import KeyOpener, KeySealer, SealingError, generate
 from services.validation.service import KeyCheckService
-from services.validation.settings import DEV_KEY_ID, SealingSettings, ValidationSettings
-from tests.support import SIM_KEY_SHAPES as KEYS, BEHAVIOUR_STATUS, sim_key as key
+from services.validation.settings import ValidationSettings
+from tests.support import BEHAVIOUR_STATUS, sim_key as key
 
 pytestmark = pytest.mark.unit
 
@@ -172,7 +172,9 @@ def test_cache_keeps_verdicts_on_the_key_for_its_ttl_only():
 
 
 def test_fingerprints_differ_between_processes():
-    assert VerdictCache(60, 10).fingerprint(Provider.OPENAI, "k") != VerdictCache(60, 10).fingerprint(Provider.OPENAI, "k")
+    assert VerdictCache(60, 10).fingerprint(Provider.OPENAI, "k") != VerdictCache(60, 10).fingerprint(
+        Provider.OPENAI, "k"
+    )
 
 
 def test_user_limit_is_a_sliding_minute_per_user():
@@ -238,24 +240,35 @@ REPLIES = "p.key_check_replies"
 
 
 def record(value: bytes | None, headers=None, key=b"alice", offset=7):
-    return SimpleNamespace(topic="p.key_check_requests", partition=1, offset=offset, key=key, value=value,
-                           headers=headers if headers is not None else [("reply_to", REPLIES.encode()),
-                                                                          ("correlation_id", b"corr-1")])
+    return SimpleNamespace(
+        topic="p.key_check_requests",
+        partition=1,
+        offset=offset,
+        key=key,
+        value=value,
+        headers=headers if headers is not None else [("reply_to", REPLIES.encode()), ("correlation_id", b"corr-1")],
+    )
 
 
 @pytest.fixture
 def handler_parts():
     public, private = two_key_pairs()
     checker = CountingChecker()
-    handler = RequestHandler(KeyCheckService(checker, VerdictCache(60, 10), UserRateLimit(10)),
-                             KeyOpener(private), REPLIES)
+    handler = RequestHandler(
+        KeyCheckService(checker, VerdictCache(60, 10), UserRateLimit(10)), KeyOpener(private), REPLIES
+    )
     return handler, KeySealer(public, "new"), checker
 
 
 def request_bytes(sealer: KeySealer, api_key: str, **overrides) -> bytes:
     sealed = sealer.seal(api_key)
-    fields = dict(request_id=uuid.uuid4(), user_id="alice", provider=Provider.OPENAI, sealed_key=sealed.sealed_key,
-                  key_id=sealed.key_id)
+    fields = dict(
+        request_id=uuid.uuid4(),
+        user_id="alice",
+        provider=Provider.OPENAI,
+        sealed_key=sealed.sealed_key,
+        key_id=sealed.key_id,
+    )
     fields.update(overrides)
     return KeyCheckRequest(**fields).to_json()
 
@@ -274,12 +287,15 @@ async def test_a_request_is_answered_on_reply_to_with_the_correlation_id(handler
     assert "verysecret" not in caplog.text and "sk-proj-…c0de" in caplog.text
 
 
-@pytest.mark.parametrize("value,reason", [
-    (b"{not json", "invalid_request"),
-    (b'{"request_id": "x"}', "invalid_request"),
-    (None, "bad_size"),
-    (b"x" * (64 * 1024 + 1), "bad_size"),
-])
+@pytest.mark.parametrize(
+    "value,reason",
+    [
+        (b"{not json", "invalid_request"),
+        (b'{"request_id": "x"}', "invalid_request"),
+        (None, "bad_size"),
+        (b"x" * (64 * 1024 + 1), "bad_size"),
+    ],
+)
 async def test_poison_requests_are_dead_lettered_with_the_reason(handler_parts, value, reason):
     handler, _, checker = handler_parts
     outcome = await handler.handle(record(value))
@@ -309,12 +325,17 @@ async def test_an_invalid_request_with_a_readable_id_still_gets_an_answer(handle
 
 async def test_replies_only_go_to_replies_topics(handler_parts):
     handler, sealer, checker = handler_parts
-    outcome = await handler.handle(record(request_bytes(sealer, "sk-" + "d" * 30),
-                                          headers=[("reply_to", b"model_call_completed"), ("correlation_id", b"c")]))
+    outcome = await handler.handle(
+        record(
+            request_bytes(sealer, "sk-" + "d" * 30),
+            headers=[("reply_to", b"model_call_completed"), ("correlation_id", b"c")],
+        )
+    )
     assert outcome.reply is None and outcome.dead_letter.error_type == "reply_to_not_allowed"
     assert checker.calls == 0
-    own = await handler.handle(record(request_bytes(sealer, "sk-" + "d" * 30),
-                                      headers=[("reply_to", (REPLIES + ".chat-7").encode())]))
+    own = await handler.handle(
+        record(request_bytes(sealer, "sk-" + "d" * 30), headers=[("reply_to", (REPLIES + ".chat-7").encode())])
+    )
     assert own.reply.topic == REPLIES + ".chat-7"
     # Without headers: the default replies topic, correlated by the request id.
     default = await handler.handle(record(request_bytes(sealer, "sk-" + "d" * 30), headers=[]))

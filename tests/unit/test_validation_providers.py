@@ -23,20 +23,23 @@ def test_well_formed_keys_pass(provider, api_key):
     assert p.key_shape_problem(provider, api_key) is None
 
 
-@pytest.mark.parametrize("provider,api_key,words", [
-    (Provider.OPENAI, "", "empty"),
-    (Provider.OPENAI, "hello", "start with"),
-    (Provider.OPENAI, "sk-short", "cut short"),
-    (Provider.OPENAI, "sk-abc def ghijklmnopqrstuvwxyz", "spaces"),
-    (Provider.OPENAI, "sk-ant-api03-" + "x" * 40, "Anthropic key"),
-    (Provider.ANTHROPIC, "sk-proj-" + "x" * 40, "an OpenAI key"),
-    (Provider.ANTHROPIC, "xx-" + "x" * 40, "start with"),
-    (Provider.GROQ, "gsk_" + "x" * 10 + "!" * 10, "characters"),
-    (Provider.GEMINI, "gsk_" + "x" * 40, "Groq key"),
-    (Provider.GEMINI, "AIza" + "x" * 10, "cut short"),
-    (Provider.GEMINI, "AIza" + "x" * 600, "too long"),
-    (Provider.ANTHROPIC, "sk-ant-" + "é" * 30, "characters"),
-])
+@pytest.mark.parametrize(
+    "provider,api_key,words",
+    [
+        (Provider.OPENAI, "", "empty"),
+        (Provider.OPENAI, "hello", "start with"),
+        (Provider.OPENAI, "sk-short", "cut short"),
+        (Provider.OPENAI, "sk-abc def ghijklmnopqrstuvwxyz", "spaces"),
+        (Provider.OPENAI, "sk-ant-api03-" + "x" * 40, "Anthropic key"),
+        (Provider.ANTHROPIC, "sk-proj-" + "x" * 40, "an OpenAI key"),
+        (Provider.ANTHROPIC, "xx-" + "x" * 40, "start with"),
+        (Provider.GROQ, "gsk_" + "x" * 10 + "!" * 10, "characters"),
+        (Provider.GEMINI, "gsk_" + "x" * 40, "Groq key"),
+        (Provider.GEMINI, "AIza" + "x" * 10, "cut short"),
+        (Provider.GEMINI, "AIza" + "x" * 600, "too long"),
+        (Provider.ANTHROPIC, "sk-ant-" + "é" * 30, "characters"),
+    ],
+)
 def test_malformed_keys_are_named_with_what_to_do(provider, api_key, words):
     problem = p.key_shape_problem(provider, api_key)
     assert problem is not None and words in problem
@@ -48,15 +51,18 @@ def test_normalize_strips_a_pasted_newline():
     assert p.normalize_key("  sk-" + "a" * 30 + "\n") == "sk-" + "a" * 30
 
 
-@pytest.mark.parametrize("api_key,hint", [
-    ("sk-proj-abcdefghijklmnopqrstuvwxyza1b2", "sk-proj-…a1b2"),
-    ("sk-" + "z" * 40 + "a1b2", "sk-…a1b2"),
-    ("sk-ant-api03-" + "x" * 30 + "9f9f", "sk-ant-…9f9f"),
-    ("gsk_" + "x" * 40 + "QQQQ", "gsk_…QQQQ"),
-    ("AIzaSy" + "x" * 30 + "wxyz", "AIza…wxyz"),
-    ("unknownkind-0123456789", "…6789"),
-    ("short", None),
-])
+@pytest.mark.parametrize(
+    "api_key,hint",
+    [
+        ("sk-proj-abcdefghijklmnopqrstuvwxyza1b2", "sk-proj-…a1b2"),
+        ("sk-" + "z" * 40 + "a1b2", "sk-…a1b2"),
+        ("sk-ant-api03-" + "x" * 30 + "9f9f", "sk-ant-…9f9f"),
+        ("gsk_" + "x" * 40 + "QQQQ", "gsk_…QQQQ"),
+        ("AIzaSy" + "x" * 30 + "wxyz", "AIza…wxyz"),
+        ("unknownkind-0123456789", "…6789"),
+        ("short", None),
+    ],
+)
 def test_key_hint_shows_only_prefix_and_last_four(api_key, hint):
     assert p.key_hint(api_key) == hint
 
@@ -81,31 +87,65 @@ def test_default_base_urls_are_the_real_providers(monkeypatch):
     assert p.ProviderSettings().models_url("groq") == "http://127.0.0.1:8090/groq/openai/v1/models"
 
 
-@pytest.mark.parametrize("provider,status,body,expected", [
-    ("openai", 502, b"<html>bad gateway</html>", KeyCheckStatus.PROVIDER_UNAVAILABLE),
-    ("openai", 404, b'{"error":{"message":"nope","type":"invalid_request_error","code":"unknown_url"}}',
-     KeyCheckStatus.PROVIDER_UNAVAILABLE),
-    ("openai", 401, b'{"error":{"message":"You have insufficient permissions for this operation. Missing scopes: '
-                    b'api.model.read.","type":"invalid_request_error","code":null}}', KeyCheckStatus.PERMISSION_DENIED),
-    ("groq", 429, b'{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}',
-     KeyCheckStatus.RATE_LIMITED),
-    ("anthropic", 500, b'{"type":"error","error":{"type":"api_error","message":"Internal"}}',
-     KeyCheckStatus.PROVIDER_UNAVAILABLE),
-    ("anthropic", 400, b'{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens required"}}',
-     KeyCheckStatus.PROVIDER_UNAVAILABLE),
-    ("gemini", 429, b'{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED"}}',
-     KeyCheckStatus.RATE_LIMITED),
-    ("gemini", 403, b'{"error":{"code":403,"message":"Billing","status":"PERMISSION_DENIED",'
-                    b'"details":[{"reason":"BILLING_DISABLED"}]}}', KeyCheckStatus.QUOTA_EXHAUSTED),
-    ("gemini", 400, None, KeyCheckStatus.PROVIDER_UNAVAILABLE),
-])
+@pytest.mark.parametrize(
+    "provider,status,body,expected",
+    [
+        ("openai", 502, b"<html>bad gateway</html>", KeyCheckStatus.PROVIDER_UNAVAILABLE),
+        (
+            "openai",
+            404,
+            b'{"error":{"message":"nope","type":"invalid_request_error","code":"unknown_url"}}',
+            KeyCheckStatus.PROVIDER_UNAVAILABLE,
+        ),
+        (
+            "openai",
+            401,
+            b'{"error":{"message":"You have insufficient permissions for this operation. Missing scopes: '
+            b'api.model.read.","type":"invalid_request_error","code":null}}',
+            KeyCheckStatus.PERMISSION_DENIED,
+        ),
+        (
+            "groq",
+            429,
+            b'{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}',
+            KeyCheckStatus.RATE_LIMITED,
+        ),
+        (
+            "anthropic",
+            500,
+            b'{"type":"error","error":{"type":"api_error","message":"Internal"}}',
+            KeyCheckStatus.PROVIDER_UNAVAILABLE,
+        ),
+        (
+            "anthropic",
+            400,
+            b'{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens required"}}',
+            KeyCheckStatus.PROVIDER_UNAVAILABLE,
+        ),
+        (
+            "gemini",
+            429,
+            b'{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED"}}',
+            KeyCheckStatus.RATE_LIMITED,
+        ),
+        (
+            "gemini",
+            403,
+            b'{"error":{"code":403,"message":"Billing","status":"PERMISSION_DENIED",'
+            b'"details":[{"reason":"BILLING_DISABLED"}]}}',
+            KeyCheckStatus.QUOTA_EXHAUSTED,
+        ),
+        ("gemini", 400, None, KeyCheckStatus.PROVIDER_UNAVAILABLE),
+    ],
+)
 def test_error_mapping_never_condemns_a_key_without_an_auth_refusal(provider, status, body, expected):
     assert p.classify_error(provider, status, body).status is expected
 
 
 def test_rate_limit_message_says_how_long_to_wait():
-    verdict = p.classify_error("openai", 429, b'{"error":{"code":"rate_limit_exceeded","message":"x"}}',
-                               {"Retry-After": "20"})
+    verdict = p.classify_error(
+        "openai", 429, b'{"error":{"code":"rate_limit_exceeded","message":"x"}}', {"Retry-After": "20"}
+    )
     assert verdict.retry_after_s == 20 and "20 seconds" in verdict.message
 
 
@@ -132,8 +172,9 @@ async def test_the_shared_provider_client_never_carries_one_users_cookie_to_anot
 
     def provider(request: httpx.Request) -> httpx.Response:
         seen.append(request.headers.get("cookie"))
-        return httpx.Response(200, json={"data": []},
-                              headers={"set-cookie": "lb_session=user-a-affinity; Path=/; Max-Age=3600"})
+        return httpx.Response(
+            200, json={"data": []}, headers={"set-cookie": "lb_session=user-a-affinity; Path=/; Max-Age=3600"}
+        )
 
     client = p.provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
     client._transport = httpx.MockTransport(provider)  # the client's own settings, a canned answer

@@ -1,4 +1,7 @@
-"""The requester side of key checks over Kafka request/reply (used by the chat service).
+"""Key checks over Kafka request/reply: the wire headers both sides use, and the requester (chat side).
+
+The worker (services/validation) answers; the chat service asks. Both import this module rather
+than each other.
 
     requester = KeyCheckRequester(settings)          # any CommonSettings: broker + topic prefix
     await requester.start()                          # at app start-up
@@ -6,7 +9,7 @@
     await requester.stop()                           # at shutdown
 
 `check` seals the key to the worker's current public key (`KEY_SEAL_*` settings, see
-services/validation/settings.py), publishes a `KeyCheckRequest` keyed by user id with the headers
+services/shared/sealing.py), publishes a `KeyCheckRequest` keyed by user id with the headers
 `reply_to` and `correlation_id`, and waits for the `KeyCheckResult` with that correlation id on the
 replies topic. It never raises for the check's outcome: a malformed key is answered locally (no
 round trip), and a timeout or a broker it cannot reach is a `provider_unavailable` result ("could
@@ -28,11 +31,14 @@ from pydantic import ValidationError
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.shared import providers
 from services.shared.kafka import make_producer
+from services.shared.sealing import KeySealer
 from services.shared.settings import CommonSettings
-from services.validation.handler import CORRELATION_ID, REPLY_TO
-from services.validation.sealing import KeySealer
 
 log = logging.getLogger(__name__)
+
+# The request's headers (FastStream's request/reply names, so a FastStream publisher can ask too).
+REPLY_TO = "reply_to"
+CORRELATION_ID = "correlation_id"
 
 
 class KeyCheckRequester:
@@ -118,19 +124,31 @@ class KeyCheckRequester:
         hint = providers.key_hint(api_key)
         request_id = uuid.uuid4()
         if problem := providers.key_shape_problem(provider, api_key):
-            return KeyCheckResult(request_id=request_id, provider=provider, status=KeyCheckStatus.MALFORMED,
-                                  message=problem, key_hint=hint)
+            return KeyCheckResult(
+                request_id=request_id,
+                provider=provider,
+                status=KeyCheckStatus.MALFORMED,
+                message=problem,
+                key_hint=hint,
+            )
         sealed = self.sealer.seal(api_key)
         del api_key
-        request = KeyCheckRequest(request_id=request_id, user_id=user_id, provider=provider,
-                                  sealed_key=sealed.sealed_key, key_id=sealed.key_id)
+        request = KeyCheckRequest(
+            request_id=request_id,
+            user_id=user_id,
+            provider=provider,
+            sealed_key=sealed.sealed_key,
+            key_id=sealed.key_id,
+        )
         correlation_id = str(request_id)
         future: asyncio.Future[KeyCheckResult] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         try:
             async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
                 await self._producer.send_and_wait(
-                    self.requests_topic, request.to_json(), key=user_id.encode(),
+                    self.requests_topic,
+                    request.to_json(),
+                    key=user_id.encode(),
                     headers=[(REPLY_TO, self.replies_topic.encode()), (CORRELATION_ID, correlation_id.encode())],
                 )
                 return await future
@@ -146,7 +164,10 @@ class KeyCheckRequester:
     @staticmethod
     def _unavailable(request_id: uuid.UUID, provider: Provider, hint: str | None, why: str) -> KeyCheckResult:
         return KeyCheckResult(
-            request_id=request_id, provider=provider, status=KeyCheckStatus.PROVIDER_UNAVAILABLE, key_hint=hint,
+            request_id=request_id,
+            provider=provider,
+            status=KeyCheckStatus.PROVIDER_UNAVAILABLE,
+            key_hint=hint,
             message=f"We could not verify your key: we {why}. The key may well be fine: try again in a minute.",
         )
 

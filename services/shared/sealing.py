@@ -5,7 +5,7 @@ the private key (`KeyOpener`), can open it, so Kafka's log on disk holds only ci
 key names the key id it was sealed to, and the opener holds several private keys at once, so keys
 rotate without a lost request.
 
-`python -m services.validation.sealing generate [KEY_ID]` prints a new key pair as env settings.
+`python -m services.shared.sealing generate [KEY_ID]` prints a new key pair as env settings.
 """
 
 from __future__ import annotations
@@ -20,8 +20,45 @@ from dataclasses import dataclass
 from nacl.encoding import Base64Encoder
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.validation.settings import SealingSettings
+# ---------------------------------------------------------------------------------------------
+# DEV ONLY, INSECURE: this key pair is public (it is in the repository), so anything sealed to it
+# can be opened by anyone who reads this file. It exists so `make run` works on a fresh machine.
+# Production sets KEY_SEAL_PUBLIC_KEYS / KEY_SEAL_PRIVATE_KEYS / KEY_SEAL_CURRENT_KEY_ID; make a
+# pair with `python -m services.shared.sealing generate`.
+DEV_KEY_ID = "dev-insecure-1"
+DEV_PUBLIC_KEY = "rMFoNE/duHUspeKxqUruwyhZeb4xJowz12wg4/6Y1hA="
+DEV_PRIVATE_KEY = "qarMwBlrCQIZ3y7rB+zqU3hwm1bOTRqZCxuajQu4unw="
+# ---------------------------------------------------------------------------------------------
+
+
+class SealingSettings(BaseSettings):
+    """Which worker public key seals a user's key on the request topic.
+
+    Env: `KEY_SEAL_CURRENT_KEY_ID` (the id the chat service seals with), `KEY_SEAL_PUBLIC_KEYS`
+    (JSON `{"key id": "base64 public key"}`, chat side), `KEY_SEAL_PRIVATE_KEYS` (JSON
+    `{"key id": "base64 private key"}`, worker side only). To rotate: give the worker both private
+    keys, add the new public key, switch `KEY_SEAL_CURRENT_KEY_ID`, and drop the old pair once no
+    request sealed to it can still be in flight (the request topic keeps one hour).
+    """
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", env_prefix="KEY_SEAL_")
+
+    current_key_id: str = DEV_KEY_ID
+    public_keys: dict[str, str] = Field(default_factory=lambda: {DEV_KEY_ID: DEV_PUBLIC_KEY})
+    private_keys: dict[str, SecretStr] = Field(default_factory=lambda: {DEV_KEY_ID: SecretStr(DEV_PRIVATE_KEY)})
+
+    @model_validator(mode="after")
+    def _current_key_is_known(self) -> SealingSettings:
+        if self.public_keys and self.current_key_id not in self.public_keys:
+            raise ValueError(f"KEY_SEAL_CURRENT_KEY_ID {self.current_key_id!r} is not in KEY_SEAL_PUBLIC_KEYS")
+        return self
+
+    @property
+    def uses_dev_key(self) -> bool:
+        return DEV_KEY_ID in self.private_keys or self.current_key_id == DEV_KEY_ID
 
 
 class SealingError(Exception):
@@ -94,7 +131,7 @@ def generate(key_id: str) -> dict[str, str]:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "generate":
-        print("usage: python -m services.validation.sealing generate [KEY_ID]", file=sys.stderr)
+        print("usage: python -m services.shared.sealing generate [KEY_ID]", file=sys.stderr)
         sys.exit(2)
     from datetime import date
 

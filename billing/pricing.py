@@ -75,6 +75,4 @@ class PriceBook:
 
 @cache
 def default_price_book(directory: Path = PRICE_LIST_DIR) -> PriceBook:
-    return PriceBook(
-        [PriceList.model_validate(json.loads(f.read_text())) for f in sorted(directory.glob("*.json"))]
-    )
+    return PriceBook([PriceList.model_validate(json.loads(f.read_text())) for f in sorted(directory.glob("*.json"))])

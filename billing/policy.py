@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from billing.pricing import PriceBook, PriceList
 from schemas.events import CallStatus, Decision, Feature, KeySource, ModelCallCompleted
-from schemas.pricing import PriceBook, PriceList
 
 # These run on the platform's models whatever the event says, so they are always billed.
 ALWAYS_PLATFORM = frozenset({Feature.DEEP_ANALYSIS, Feature.CODE_FIX, Feature.CODE_CANVAS})
