@@ -11,10 +11,14 @@ die() { log "error: $*"; exit 1; }
 # pid_alive PIDFILE: true when the file names a live process (a zombie, killed but not yet reaped,
 # is not alive).
 pid_alive() {
-  local pid
+  local pid stat
   [ -f "$1" ] || return 1
-  pid=$(cat "$1")
+  read -r pid <"$1" || [ -n "$pid" ] || return 1
   kill -0 "$pid" 2>/dev/null || return 1
+  # Without forking where /proc exists (the stack's supervisor asks this twice a second per part).
+  if read -r stat 2>/dev/null <"/proc/$pid/stat"; then
+    stat=${stat##*) }; [ "${stat%% *}" != Z ]; return
+  fi
   case "$(ps -o stat= -p "$pid" 2>/dev/null)" in Z*|"") return 1 ;; esac
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole stack on this machine: Kafka, PostgreSQL and every service, each as its own process.
-#   up      start every part that is not running (so it also brings back one that died); returns
-#           when every part answers its health check
+#   up      start every part that is not running (so it also brings back one that died) and the
+#           supervisor, which restarts a part that dies (logs/supervisor.log); returns when every part
+#           answers its health check. CREDITS_INSTANCES=N / CHAT_INSTANCES=N run N of those.
 #   down    stop everything `up` started, and nothing else
 #   run     up, print the page's address, stay in the foreground until Ctrl-C, then down
 #   status  what runs
@@ -13,31 +14,51 @@ LOG_DIR="$STATE_DIR/logs"
 mkdir -p "$SVC_DIR" "$LOG_DIR"
 
 export SIM_PORT="${SIM_PORT:-8090}"
-SIM="http://127.0.0.1:$SIM_PORT"
-# The LLM providers are unreachable here: locally, every provider URL points at the simulator (see
-# services/provider_simulator/app.py base_urls). Set these variables and the platform keys
-# (OPENAI_API_KEY, ...) to use the real providers.
-export OPENAI_BASE_URL="${OPENAI_BASE_URL:-$SIM/openai/v1}"
-export GROQ_BASE_URL="${GROQ_BASE_URL:-$SIM/groq}"
-export ANTHROPIC_BASE_URL="${ANTHROPIC_BASE_URL:-$SIM/anthropic}"
-export GEMINI_BASE_URL="${GEMINI_BASE_URL:-$SIM/gemini}"
-export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:${BYOK_KAFKA_PORT:-9092}}"
+# The LLM providers are unreachable here: locally, every provider URL points at the simulator, at the
+# paths the simulator itself names (services/provider_simulator/urls.py, the one source). Set these
+# variables (OPENAI_BASE_URL, ...) and the platform keys (OPENAI_API_KEY, ...) to use the real providers.
+provider_urls() {
+  local lines name url
+  lines=$("$PYTHON" -m services.provider_simulator --host 127.0.0.1 --port "$SIM_PORT" --print-urls) \
+    || die "could not ask the simulator for its base URLs"
+  while IFS='=' read -r name url; do
+    [ -n "${!name:-}" ] || export "$name=$url"
+  done <<<"$lines"
+}
+# Every node of the cluster when BYOK_KAFKA_BROKERS=3 (infra/kafka.sh says which).
+export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-$(bash "$ROOT/infra/kafka.sh" bootstrap)}"
 export CHAT_DEV_LOGIN="${CHAT_DEV_LOGIN:-true}"
 # A local stack: the services accept the repository's development secrets (elsewhere they refuse to start).
 export BYOK_ENV="${BYOK_ENV:-development}"
 export PYTHONUNBUFFERED=1
 
 CHAT_PORT="${CHAT_PORT:-8000}" CREDITS_PORT="${CREDITS_PORT:-8001}" VALIDATION_PORT="${VALIDATION_PORT:-8002}"
+CREDITS_INSTANCES="${CREDITS_INSTANCES:-1}" CHAT_INSTANCES="${CHAT_INSTANCES:-1}"
 export CREDITS_URL="${CREDITS_URL:-http://127.0.0.1:$CREDITS_PORT}"
-unset HTTP_PORT  # each service gets its own below
+unset HTTP_PORT CREDITS_INSTANCE VALIDATION_INSTANCE  # each service gets its own below
 
-# name       module                       port
-SERVICES=(
-  "simulator  services.provider_simulator  $SIM_PORT"
-  "credits    services.credits             $CREDITS_PORT"
-  "validation services.validation          $VALIDATION_PORT"
-  "chat       services.chat                $CHAT_PORT"
-)
+# One line per process: name, module, port, instance name ("-": none). Instance i > 1 of a service
+# is named <service>-<i> and listens on the service's port + i - 1; every credit and validation
+# instance is a static group member under its instance name (CREDITS_INSTANCE, VALIDATION_INSTANCE),
+# so when the supervisor restarts one it takes its partitions straight back.
+instance_name() { if [ "$2" = 1 ]; then echo "$1"; else echo "$1-$2"; fi; }
+SERVICES=("simulator services.provider_simulator $SIM_PORT -")
+for (( i=1; i<=CREDITS_INSTANCES; i++ )); do
+  SERVICES+=("$(instance_name credits $i) services.credits $((CREDITS_PORT + i - 1)) credits-$i")
+done
+SERVICES+=("validation services.validation $VALIDATION_PORT validation-1")
+for (( i=1; i<=CHAT_INSTANCES; i++ )); do
+  SERVICES+=("$(instance_name chat $i) services.chat $((CHAT_PORT + i - 1)) -")
+done
+
+check_ports() {
+  local s ports=() dup
+  for s in "${SERVICES[@]}"; do s=($s); ports+=("${s[2]}"); done
+  dup=$(printf '%s\n' "${ports[@]}" | sort | uniq -d | head -n1)
+  [ -z "$dup" ] || die "two parts would listen on port $dup: with CREDITS_INSTANCES=$CREDITS_INSTANCES and \
+CHAT_INSTANCES=$CHAT_INSTANCES, instances take consecutive ports from CHAT_PORT=$CHAT_PORT, CREDITS_PORT=$CREDITS_PORT \
+(VALIDATION_PORT=$VALIDATION_PORT, SIM_PORT=$SIM_PORT); set the ports apart, e.g. CREDITS_PORT=8101 VALIDATION_PORT=8201"
+}
 
 module_exists() { [ -f "$ROOT/$(echo "$1" | tr . /)/__main__.py" ]; }
 
@@ -48,14 +69,70 @@ PY
 }
 
 start_service() {
-  local name=$1 module=$2 port=$3 pidfile="$SVC_DIR/$1.pid"
+  local name=$1 module=$2 port=$3 instance=$4 pidfile="$SVC_DIR/$1.pid" named=()
   if ! module_exists "$module"; then log "$name: $module is not built yet; skipped"; return; fi
   if pid_alive "$pidfile"; then log "$name already running (pid $(cat "$pidfile"))"; return; fi
   port_open 127.0.0.1 "$port" && die "port $port (for $name) is taken by a process this script did not start"
-  # nohup and env exec into python, so $! is the service's own pid.
-  HTTP_PORT="$port" nohup env -C "$ROOT" "$PYTHON" -m "$module" >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
+  case "$module" in
+    services.credits) named=("CREDITS_INSTANCE=$instance") ;;
+    services.validation) named=("VALIDATION_INSTANCE=$instance") ;;
+  esac
+  # nohup and env exec into python, so $! is the service's own pid. CHAT_PORT would win over HTTP_PORT
+  # in the chat service's settings: every instance gets its own port here.
+  HTTP_PORT="$port" nohup env -C "$ROOT" -u CHAT_PORT "${named[@]}" "$PYTHON" -m "$module" \
+    >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   log "$name starting (pid $(cat "$pidfile"), log $LOG_DIR/$name.log)"
+}
+
+# The supervisor: a background loop (started by `up`, stopped first by `down`) that restarts a part
+# whose process has died, within a second, and says so in $LOG_DIR/supervisor.log. A part that dies
+# again within 10 s of its restart waits longer each time (1 s doubling to 30 s), so a part that cannot
+# start does not spin.
+SUPERVISOR_PID="$SVC_DIR/supervisor.pid"
+SUPERVISOR_LOG="$LOG_DIR/supervisor.log"
+
+supervise() {
+  local s name pidfile now
+  declare -A restarted_at=() backoff=() not_before=()
+  trap 'exit 0' TERM INT
+  slog() { printf '%s [supervisor] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)" "$*"; }
+  slog "watching ${#SERVICES[@]} parts"
+  local tick  # a pipe nobody writes to: `read -t` on it sleeps without forking a `sleep`
+  exec {tick}<> <(:)
+  while true; do
+    for s in "${SERVICES[@]}"; do
+      s=($s); name=${s[0]}; pidfile="$SVC_DIR/$name.pid"
+      module_exists "${s[1]}" || continue
+      pid_alive "$pidfile" && continue
+      printf -v now '%(%s)T' -1
+      if [ -z "${not_before[$name]:-}" ]; then  # just found dead: decide when to restart it
+        if (( now - ${restarted_at[$name]:-0} < 10 )); then
+          backoff[$name]=$(( ${backoff[$name]:-0} == 0 ? 1 : (backoff[$name] * 2 > 30 ? 30 : backoff[$name] * 2) ))
+        else
+          backoff[$name]=0
+        fi
+        not_before[$name]=$(( now + backoff[$name] ))
+        slog "$name died (pid $(cat "$pidfile" 2>/dev/null || echo '?')); restarting it$( (( backoff[$name] )) && echo " in ${backoff[$name]} s")"
+      fi
+      (( now >= not_before[$name] )) || continue
+      rm -f "$pidfile"
+      if ( start_service "${s[@]}" ); then
+        slog "$name restarted (pid $(cat "$pidfile"))"
+      else
+        slog "$name could not be restarted; trying again"
+      fi
+      restarted_at[$name]=$now; unset "not_before[$name]"
+    done
+    read -r -t 0.5 -u "$tick" _ || true
+  done
+}
+
+start_supervisor() {
+  if pid_alive "$SUPERVISOR_PID"; then log "supervisor already running (pid $(cat "$SUPERVISOR_PID"))"; return; fi
+  nohup bash "$ROOT/infra/stack.sh" supervise >>"$SUPERVISOR_LOG" 2>&1 </dev/null &
+  echo $! >"$SUPERVISOR_PID"
+  log "supervisor watching the parts (pid $(cat "$SUPERVISOR_PID"), log $SUPERVISOR_LOG)"
 }
 
 wait_healthy() {
@@ -63,13 +140,17 @@ wait_healthy() {
   module_exists "$module" || return 0
   until healthy "$url"; do
     pid_alive "$SVC_DIR/$name.pid" || { tail -n 20 "$LOG_DIR/$name.log" >&2; die "$name exited while starting"; }
-    (( SECONDS - t0 > 90 )) && die "$name did not answer $url in 90 s (log: $LOG_DIR/$name.log)"
+    if (( SECONDS - t0 > 90 )); then
+      tail -n 20 "$LOG_DIR/$name.log" >&2; die "$name did not answer $url in 90 s (log: $LOG_DIR/$name.log)"
+    fi
     sleep 0.3
   done
   log "$name healthy"
 }
 
 up() {
+  check_ports
+  provider_urls
   bash "$ROOT/infra/kafka.sh" up
   bash "$ROOT/infra/postgres.sh" up
   DATABASE_URL="$(bash "$ROOT/infra/postgres.sh" url)"
@@ -78,10 +159,12 @@ up() {
   local s
   for s in "${SERVICES[@]}"; do start_service $s; done
   for s in "${SERVICES[@]}"; do wait_healthy $s; done
+  start_supervisor
 }
 
 down() {
   local i s
+  stop_pid "$SUPERVISOR_PID" supervisor  # first: it would restart what is being stopped
   for (( i=${#SERVICES[@]}-1; i>=0; i-- )); do
     s=(${SERVICES[$i]}); stop_pid "$SVC_DIR/${s[0]}.pid" "${s[0]}"
   done
@@ -98,19 +181,24 @@ status() {
     if pid_alive "$SVC_DIR/${s[0]}.pid"; then echo "${s[0]}: running (pid $(cat "$SVC_DIR/${s[0]}.pid"))"
     else echo "${s[0]}: stopped"; fi
   done
+  if pid_alive "$SUPERVISOR_PID"; then echo "supervisor: running (pid $(cat "$SUPERVISOR_PID"))"
+  else echo "supervisor: stopped"; fi
 }
 
 run() {
-  trap 'echo; down; exit 0' INT TERM
+  local follower=
+  trap 'echo; [ -z "$follower" ] || kill "$follower" 2>/dev/null; down; exit 0' INT TERM
   up
   echo
   echo "  byok-credits is up:  http://127.0.0.1:$CHAT_PORT/   (Ctrl-C stops everything)"
-  echo "  logs: $LOG_DIR"
+  echo "  logs: $LOG_DIR   (a part that dies is restarted; the supervisor's lines follow)"
   echo
+  tail -n0 -F "$SUPERVISOR_LOG" 2>/dev/null &
+  follower=$!
   while true; do sleep 1; done
 }
 
 case "${1:-}" in
-  up) up ;; down) down ;; status) status ;; run) run ;;
+  up) up ;; down) down ;; status) status ;; run) run ;; supervise) supervise ;;
   *) echo "usage: $0 up|down|run|status" >&2; exit 2 ;;
 esac

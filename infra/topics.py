@@ -32,13 +32,21 @@ async def wait_for_broker(bootstrap: str, timeout_s: float) -> AIOKafkaAdminClie
             await asyncio.sleep(0.3)
 
 
+async def replication_factor(admin: AIOKafkaAdminClient) -> int:
+    """Three replicas on a cluster of three or more brokers (their min.insync.replicas is 2, see
+    infra/kafka.sh), else one per broker: the same code creates the topics on one broker and on three."""
+    cluster = await admin.describe_cluster()
+    return max(1, min(3, len(cluster["brokers"])))
+
+
 async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[str]:
     """Create the topics of `specs` that do not exist yet; return the names created."""
     existing = set(await admin.list_topics())
     missing = [s for s in specs if s.name not in existing]
     if missing:
+        rf = await replication_factor(admin)
         await admin.create_topics(
-            [NewTopic(s.name, s.partitions, 1, topic_configs=s.config()) for s in missing]
+            [NewTopic(s.name, s.partitions, rf, topic_configs=s.config()) for s in missing]
         )
     return [s.name for s in missing]
 

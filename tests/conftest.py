@@ -252,3 +252,30 @@ async def credit_service(stack, tmp_path):
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def private_kafka_cluster(private_state) -> Iterator[PrivateServer]:
+    """Three Kafka nodes of this test's own (`BYOK_KAFKA_BROKERS=3`: replication factor 3,
+    min.insync.replicas=2), started; `.bootstrap` names all three, `.kill(n)` SIGKILLs node n,
+    `.start()` brings back whatever is down. Stopped at the end whatever happened."""
+    from tests.support import free_ports
+
+    port, controller = free_ports(3), free_ports(3)
+    server = PrivateServer(
+        "kafka.sh",
+        private_state,
+        {
+            "BYOK_KAFKA_BROKERS": "3",
+            "BYOK_KAFKA_PORT": str(port),
+            "BYOK_KAFKA_CONTROLLER_PORT": str(controller),
+            "BYOK_KAFKA_HEAP": "512M",
+        },
+    )
+    server.bootstrap = ",".join(f"127.0.0.1:{port + i}" for i in range(3))
+    server.kill = lambda node: server.run("kill", str(node))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

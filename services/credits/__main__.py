@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import time
 
-import uvicorn
+_STARTED = time.perf_counter()
 
-from services.credits.bootstrap import running
-from services.credits.settings import CreditSettings
-from services.shared.http import GracefulServer
-from services.shared.logging import setup_logging
-from services.shared.settings import refuse_default_secrets
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from services.credits.settings import CreditSettings  # noqa: E402
+from services.shared.logging import setup_logging  # noqa: E402
+from services.shared.settings import refuse_default_secrets  # noqa: E402
+
+if TYPE_CHECKING:
+    from services.shared.http import GracefulServer
 
 log = logging.getLogger("services.credits")
 
 
-async def serve(settings: CreditSettings) -> None:
-    async with running(settings) as runtime:
-        server = GracefulServer(
-            uvicorn.Config(
-                runtime.api(), host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
-            )
+def _http_server(settings: CreditSettings, runtime) -> GracefulServer:
+    import uvicorn
+
+    from services.shared.http import GracefulServer
+
+    return GracefulServer(
+        uvicorn.Config(
+            runtime.api(), host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
         )
+    )
+
+
+async def serve(settings: CreditSettings) -> None:
+    # Imported here: the relay's child process imports this module again (multiprocessing's spawn),
+    # and needs none of it.
+    from services.credits.bootstrap import running
+
+    log.info("credit service starting (imports took %.2f s)", time.perf_counter() - _STARTED)
+    async with running(settings) as runtime:
+        # The consumer is debiting already. The HTTP side (FastAPI, uvicorn) takes about as long to
+        # import and build as the whole consumer did: in a thread, so the event loop keeps consuming.
+        server = await asyncio.to_thread(_http_server, settings, runtime)
         log.info(
             "credit service up: consuming %s, API on %s:%d",
             settings.model_call_completed_topic,

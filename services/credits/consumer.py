@@ -23,6 +23,7 @@ from services.credits import metrics
 from services.credits.service import CreditService, Prepared
 from services.credits.settings import CreditSettings
 from services.shared.db import database_unreachable
+from services.shared.kafka import leave_group_on_stop
 
 log = logging.getLogger(__name__)
 
@@ -247,17 +248,20 @@ class CreditConsumer:
         await self.broker.start()
 
     async def stop(self) -> None:
+        leave_group_on_stop(getattr(self.subscriber, "consumer", None))  # partitions move on at once
         await self.broker.stop()
         await self.pipeline.drain()  # the ledger write in flight completes; its records are redelivered
 
 
 def build_consumer(settings: CreditSettings, service: CreditService) -> CreditConsumer:
-    broker = KafkaBroker(settings.kafka_bootstrap_servers, client_id="credits", logger=log)
+    # A list: FastStream hands a string to aiokafka as one host, "a:9092,b:9092" included.
+    bootstrap = [h.strip() for h in settings.kafka_bootstrap_servers.split(",") if h.strip()]
+    broker = KafkaBroker(bootstrap, client_id="credits", logger=log)
 
     subscriber = broker.subscriber(
         settings.model_call_completed_topic,
         group_id=settings.topic(settings.consumer_group),  # a prefixed deployment has its own group
-        group_instance_id=settings.consumer_instance_id,
+        group_instance_id=settings.group_instance_id,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=max(settings.session_timeout_ms // 4, 500),
         batch=True,

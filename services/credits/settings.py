@@ -13,7 +13,10 @@ class CreditSettings(CommonSettings, HttpSettings):
     http_port: int = 8001
     consumer_group: str = "credits"
     # Static group membership (KIP-345): an instance restarted with the same id takes its partitions
-    # back at once instead of waiting out the session timeout. Unique per running instance.
+    # back at once instead of waiting out the session timeout. Unique per running instance: the
+    # instance's name (CREDITS_INSTANCE, e.g. credits-1 from the stack, a container's hostname under
+    # Docker), or CONSUMER_INSTANCE_ID to set the id itself. Neither: a dynamic member.
+    credits_instance: str | None = None
     consumer_instance_id: str | None = None
     session_timeout_ms: int = 10_000
     # Fetched batches are validated as they come and written by group commit (consumer.CommitPipeline):
@@ -26,6 +29,7 @@ class CreditSettings(CommonSettings, HttpSettings):
     # "process": the outcome relay runs in a child process, off the consumer's CPU; "task": in the
     # consumer's own event loop; "off": not here (another instance relays).
     relay_mode: Literal["process", "task", "off"] = "process"
+    relay_start_delay_s: float = 2.0  # "process" mode: the consumer starts first
     relay_batch: int = 5000
     relay_idle_poll_s: float = 0.2
     db_pool_size: int = 5
@@ -36,3 +40,9 @@ class CreditSettings(CommonSettings, HttpSettings):
     stall_after_s: float = 30.0
     # The compatibility route waits this long for its event's decision before answering 202.
     deduct_wait_s: float = 10.0
+
+    @property
+    def group_instance_id(self) -> str | None:
+        if self.consumer_instance_id:
+            return self.consumer_instance_id
+        return self.credits_instance or None

@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from services.provider_simulator.urls import base_urls  # noqa: F401  (re-exported)
+
 PROVIDERS = ("openai", "groq", "anthropic", "gemini")
 BEHAVIOURS = ("valid", "invalid", "revoked", "no_quota", "denied", "rate_limited", "slow", "down")
 # Marker words recognised in unregistered keys, first match wins ("invalid" before "valid").
@@ -41,17 +43,6 @@ MODELS = {
     "anthropic": ["claude-sonnet-4", "claude-3-7-sonnet", "claude-3-5-sonnet", "claude-3-5-haiku", "claude-opus-4"],
     "gemini": ["gemini-2.5-pro", "gemini-2.5-flash"],
 }
-
-
-def base_urls(root: str) -> dict[str, str]:
-    """The four base-URL settings (env names) that point the services at a simulator at `root`."""
-    root = root.rstrip("/")
-    return {
-        "OPENAI_BASE_URL": f"{root}/openai/v1",
-        "GROQ_BASE_URL": f"{root}/groq",
-        "ANTHROPIC_BASE_URL": f"{root}/anthropic",
-        "GEMINI_BASE_URL": f"{root}/gemini",
-    }
 
 
 def _fingerprint(key: str) -> str:

@@ -1,11 +1,11 @@
-"""Kafka helpers: a producer tuned for this system and the dead-letter publisher."""
+"""Kafka helpers: a producer tuned for this system, the dead-letter publisher, static membership."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import (
     CorruptRecordException,
     InvalidMessageError,
@@ -141,3 +141,24 @@ async def send_dead_letters(producer: AIOKafkaProducer, letters: list[DeadLetter
         await f
     for d in letters:
         log.warning("dead-lettered %s[%d]@%d: %s", d.topic, d.partition, d.offset, d.error_type)
+
+
+def leave_group_on_stop(consumer: AIOKafkaConsumer | None) -> None:
+    """Make `consumer.stop()` leave its group at once, also as a static member.
+
+    A static member (`group_instance_id`, KIP-345) keeps its partitions through a crash: restarted
+    under the same id, it takes them back without a rebalance. But aiokafka (like the Java client
+    before KIP-1092's `CloseOptions`) then sends no LeaveGroup on close either, so on a deliberate
+    shutdown the partitions would wait out the session timeout. The broker accepts a LeaveGroup by
+    member id for a static member and removes it (and its instance id) from the group; aiokafka sends
+    exactly that on close when it does not know the instance id. So forget the id just before closing,
+    after the last join: the coordinator commits, stops heartbeating, then leaves.
+    tests/integration/test_static_membership.py proves the group is empty right after a stop.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None:  # never started, or not in a group
+        return
+    if not hasattr(coordinator, "_group_instance_id"):
+        log.warning("this aiokafka has no _group_instance_id; a static member will not leave on close")
+        return
+    coordinator._group_instance_id = None

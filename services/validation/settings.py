@@ -29,8 +29,10 @@ class ValidationSettings(CommonSettings, ProviderSettings):
     fetch_max_wait_ms: int = 20
     # A dead worker's partitions move to a live one after this long (the broker's minimum is 6 s).
     session_timeout_ms: int = Field(default=10_000, ge=6_000)
-    # Static group membership (optional, e.g. the pod name): a restarted worker gets its partitions
-    # back at once instead of after a rebalance.
+    # Static group membership (KIP-345): a restarted worker gets its partitions back at once instead
+    # of after a rebalance. The instance's name (VALIDATION_INSTANCE, e.g. validation-1 from the stack,
+    # a container's hostname under Docker), or GROUP_INSTANCE_ID to set the id itself. Neither: dynamic.
+    validation_instance: str | None = None
     group_instance_id: str | None = None
     # A request older than this is answered "try again" without calling the provider: its requester
     # gave up long ago, and a backlog after an outage must not become a burst on the providers.
@@ -38,3 +40,9 @@ class ValidationSettings(CommonSettings, ProviderSettings):
     # Attempts to send one reply before the request is dead-lettered instead (each waits up to the
     # producer's 10 s request timeout); while the DLQ cannot be written either, it keeps trying.
     reply_attempts: int = Field(default=3, ge=1)
+
+    @property
+    def static_member_id(self) -> str | None:
+        if self.group_instance_id:
+            return self.group_instance_id
+        return self.validation_instance or None

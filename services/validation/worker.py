@@ -16,7 +16,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared.kafka import DeadLetter, make_producer, refused_for_content, send_dead_letters
+from services.shared.kafka import DeadLetter, leave_group_on_stop, make_producer, refused_for_content, send_dead_letters
 from services.validation import metrics
 from services.validation.handler import Outcome, RequestHandler
 from services.validation.settings import ValidationSettings
@@ -79,7 +79,7 @@ class ValidationWorker:
             bootstrap_servers=s.kafka_bootstrap_servers,
             # The topic prefix isolates groups too, so parallel stacks on one broker do not rebalance each other.
             group_id=s.topic(s.consumer_group),
-            group_instance_id=s.group_instance_id,
+            group_instance_id=s.static_member_id,
             client_id="validation",
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a request sent before the group's first start is still answered
@@ -105,6 +105,7 @@ class ValidationWorker:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         if self.consumer is not None:
             await self._finish_partitions(set(self._progress))
+            leave_group_on_stop(self.consumer)  # a static member too: its partitions move on at once
             await self.consumer.stop()
         if self.producer is not None:
             await self.producer.stop()

@@ -1,5 +1,6 @@
 """`make up` / `make down` (infra/stack.sh) on ports and a state folder of the test's own: up twice is
-harmless, up brings back a part that died, down leaves no process of ours."""
+harmless, two instances of credits and chat run side by side, the supervisor restarts a part that died
+and says so, down leaves no process of ours."""
 
 import os
 import signal
@@ -9,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.support import ROOT, free_port, processes_with_env
+from tests.support import ROOT, free_port, free_ports, processes_with_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -18,22 +19,70 @@ def processes_of(state_dir) -> set[int]:
     return processes_with_env("BYOK_STATE_DIR", str(state_dir))
 
 
-def test_up_twice_restart_a_dead_part_and_down(private_state):
+def settled(state_dir, quiet_s: float = 3, timeout_s: float = 60) -> set[int]:
+    """Our processes, once the set has not changed for `quiet_s`."""
+    deadline = time.monotonic() + timeout_s
+    last = processes_of(state_dir)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = processes_of(state_dir)
+        if now == last:
+            return now
+        last = now
+    raise TimeoutError(f"our processes kept changing for {timeout_s} s")
+
+
+def describe(pids: set[int]) -> dict[int, str]:
+    def cmdline(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:
+            return "(gone)"
+
+    return {pid: cmdline(pid) for pid in pids}
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not in {timeout_s} s")
+        time.sleep(0.1)
+    return value
+
+
+def pid_of(state_dir, name: str) -> int | None:
+    try:
+        return int((state_dir / "services" / f"{name}.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_up_twice_two_instances_a_dead_part_restarted_and_down(private_state):
     ports = {
         name: str(free_port())
-        for name in (
-            "BYOK_KAFKA_PORT",
-            "BYOK_KAFKA_CONTROLLER_PORT",
-            "BYOK_PG_PORT",
-            "SIM_PORT",
-            "CHAT_PORT",
-            "CREDITS_PORT",
-            "VALIDATION_PORT",
-        )
+        for name in ("BYOK_KAFKA_PORT", "BYOK_KAFKA_CONTROLLER_PORT", "BYOK_PG_PORT", "SIM_PORT", "VALIDATION_PORT")
     }
-    env = {**os.environ, **ports, "BYOK_STATE_DIR": str(private_state), "BYOK_KAFKA_HEAP": "512M"}
+    ports |= {"CHAT_PORT": str(free_ports(2)), "CREDITS_PORT": str(free_ports(2))}  # instance 2: port + 1
+    env = {
+        **os.environ,
+        **ports,
+        "BYOK_STATE_DIR": str(private_state),
+        "BYOK_KAFKA_HEAP": "512M",
+        "CREDITS_INSTANCES": "2",
+        "CHAT_INSTANCES": "2",
+    }
     for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BYOK_EXTERNAL_KAFKA", "HTTP_PORT", "CREDITS_URL"):
         env.pop(var, None)
+    chat, credits = int(ports["CHAT_PORT"]), int(ports["CREDITS_PORT"])
 
     def stack(cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -43,25 +92,56 @@ def test_up_twice_restart_a_dead_part_and_down(private_state):
     try:
         first = stack("up")
         assert first.returncode == 0, first.stderr[-3000:]
-        started = processes_of(private_state)
-        assert len(started) >= 6, "kafka, postgres and four services"
-        for port in ("CHAT_PORT", "CREDITS_PORT", "VALIDATION_PORT", "SIM_PORT"):
-            assert httpx.get(f"http://127.0.0.1:{ports[port]}/healthz", timeout=5).status_code == 200
-        page = httpx.get(f"http://127.0.0.1:{ports['CHAT_PORT']}/", timeout=5)
+        started = settled(private_state)  # each credit instance starts its relay child a little later
+        assert len(started) >= 9, "kafka, postgres, six services and the supervisor"
+        for port in (chat, chat + 1, credits, credits + 1, int(ports["VALIDATION_PORT"]), int(ports["SIM_PORT"])):
+            assert healthy(port), port
+        page = httpx.get(f"http://127.0.0.1:{chat + 1}/", timeout=5)
         assert page.status_code == 200 and "<html" in page.text.lower()
+        assert "supervisor: running" in stack("status").stdout
 
         second = stack("up")
         assert second.returncode == 0 and "already running" in second.stderr
-        assert processes_of(private_state) == started, "a second up starts nothing new"
+        assert processes_of(private_state) == started, (
+            f"a second up starts nothing new: {describe(processes_of(private_state) ^ started)}\n"
+            + (private_state / "logs" / "supervisor.log").read_text()
+        )
 
-        credits_pid = int((private_state / "services" / "credits.pid").read_text())
-        os.kill(credits_pid, signal.SIGKILL)
-        time.sleep(0.5)
-        third = stack("up")
-        assert third.returncode == 0 and "credits starting" in third.stderr
-        assert httpx.get(f"http://127.0.0.1:{ports['CREDITS_PORT']}/healthz", timeout=5).status_code == 200
+        # The supervisor brings back a part that died, without anyone running `up`.
+        dead = pid_of(private_state, "credits-2")
+        os.kill(dead, signal.SIGKILL)
+        killed_at = time.monotonic()
+        reborn = wait_until(
+            lambda: (pid := pid_of(private_state, "credits-2")) not in (None, dead) and pid,
+            30,
+            "a new credits-2 process",
+        )
+        print(f"credits-2 restarted {time.monotonic() - killed_at:.2f} s after the SIGKILL")  # not asserted
+        wait_until(lambda: healthy(credits + 1), 60, "credits-2 healthy again")
+        log = (private_state / "logs" / "supervisor.log").read_text()
+        assert f"credits-2 died (pid {dead}); restarting it" in log
+        assert f"credits-2 restarted (pid {reborn})" in log
+        # Under its instance name, a static member: it joined the group as credits-2 again.
+        assert "Consumer credits-2-" in (private_state / "logs" / "credits-2.log").read_text()
     finally:
         down = stack("down")
     assert down.returncode == 0, down.stderr[-2000:]
     time.sleep(0.5)
     assert processes_of(private_state) == set(), "down leaves no process of ours"
+
+
+def test_instances_on_clashing_ports_are_refused_before_anything_starts(private_state):
+    env = {
+        **os.environ,
+        "BYOK_STATE_DIR": str(private_state),
+        "CHAT_INSTANCES": "2",
+        "CHAT_PORT": "18000",
+        "CREDITS_PORT": "18001",
+        "VALIDATION_PORT": "18002",
+        "SIM_PORT": "18090",
+    }
+    done = subprocess.run(
+        ["bash", "infra/stack.sh", "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "two parts would listen on port 18001" in done.stderr
+    assert processes_of(private_state) == set()
