@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
-from billing.policy import UnpricedModel, decide, is_billable, price_of
+from billing.policy import decide, is_billable
 from billing.pricing import PriceBook
 from schemas.events import (
     MODEL_ID_PATTERN,
@@ -619,20 +619,12 @@ class ChatService:
 
     async def _reserve(self, who: Identity, pending: ModelCallCompleted) -> Reservation | None:
         """Reserve a billable call's price at the credit service (an admission hold keyed by the call's
-        event id), refusing (402) when the available credits cannot pay or the model has no price."""
+        event id), refusing (402) when the available credits cannot pay. An unpriced model never gets
+        here: `_refuse_unrunnable` refused it before the outbox row was written."""
         feature, model = pending.feature, pending.model
         if not is_billable(feature, pending.key_source):
             return None
         prices = self.book.in_force(self.clock())
-        try:
-            price_of(feature, model, prices)
-        except UnpricedModel:
-            raise PaymentRequired(
-                f"{model} has no platform price, so it cannot run on platform credits. Switch on “use my own "
-                "API key” to call it with your own key (no credits), or choose a priced model.",
-                reason="unpriced_model",
-                price_list_version=prices.version,
-            ) from None
         if not self.admission_holds:
             return None
         try:
