@@ -15,10 +15,6 @@ class Received(NamedTuple):  # a tuple: thousands are made per batch, and a froz
     record: ConsumerRecord
 
 
-def dead_letter(record: ConsumerRecord, error: str, error_type: str) -> DeadLetter:
-    return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, error, error_type)
-
-
 def read_batch(records: list[ConsumerRecord]) -> tuple[list[Received], list[DeadLetter]]:
     """Validate every record on its own; one bad record never spoils the others."""
     good: list[Received] = []
@@ -26,7 +22,7 @@ def read_batch(records: list[ConsumerRecord]) -> tuple[list[Received], list[Dead
     for record in records:
         read = read_model_call(record.value)
         if type(read) is NotAnEvent:
-            bad.append(dead_letter(record, read.message, read.kind))
+            bad.append(DeadLetter.of(record, read.message, read.kind))
         else:
             good.append(Received(read, record))
     return good, bad

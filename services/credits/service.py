@@ -17,7 +17,7 @@ from aiokafka.structs import ConsumerRecord
 from billing.policy import decide
 from billing.pricing import PriceBook
 from services.credits import metrics
-from services.credits.intake import dead_letter, read_batch
+from services.credits.intake import read_batch
 from services.credits.ledger import Decided, Ledger, Recorded
 from services.shared.kafka import DeadLetter
 
@@ -77,7 +77,7 @@ class CreditService:
                     )
                     one, letters = (
                         [],
-                        [dead_letter(record, f"the credit service failed on it: {exc!r}"[:2000], "internal_error")],
+                        [DeadLetter.of(record, f"the credit service failed on it: {exc!r}"[:2000], "internal_error")],
                     )
                 decided += one
                 bad += letters

@@ -124,6 +124,11 @@ class DeadLetter:
     error: str
     error_type: str
 
+    @classmethod
+    def of(cls, record, error: str, error_type: str) -> DeadLetter:
+        """The dead letter of a consumed record (anything with topic, partition, offset, key, value)."""
+        return cls(record.topic, record.partition, record.offset, record.key, record.value, error, error_type)
+
     def headers(self) -> list[tuple[str, bytes]]:
         return [
             ("dlq.error", self.error[:2000].encode(errors="replace")),

@@ -71,7 +71,7 @@ class RequestHandler:
 
         def dead(reason: str, error: str) -> DeadLetter:
             metrics.DEAD_LETTERS.labels(reason).inc()
-            return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, error, reason)
+            return DeadLetter.of(record, error, reason)
 
         def reply(
             request_id: UUID,

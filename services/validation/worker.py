@@ -141,14 +141,8 @@ class ValidationWorker:
                 log.exception("handling %s[%d]@%d failed; dead-lettering it", tp.topic, tp.partition, record.offset)
                 metrics.DEAD_LETTERS.labels("internal_error").inc()
                 outcome = Outcome(
-                    dead_letter=DeadLetter(
-                        record.topic,
-                        record.partition,
-                        record.offset,
-                        record.key,
-                        record.value,
-                        f"the worker failed on it: {type(exc).__name__}",
-                        "internal_error",
+                    dead_letter=DeadLetter.of(
+                        record, f"the worker failed on it: {type(exc).__name__}", "internal_error"
                     )
                 )
             delay, attempts = 0.2, 0
@@ -173,12 +167,8 @@ class ValidationWorker:
                         # park the request in the DLQ rather than hold its partition forever.
                         metrics.DEAD_LETTERS.labels("reply_failed").inc()
                         outcome = Outcome(
-                            dead_letter=DeadLetter(
-                                record.topic,
-                                record.partition,
-                                record.offset,
-                                record.key,
-                                record.value,
+                            dead_letter=DeadLetter.of(
+                                record,
                                 f"the reply to {outcome.reply.topic[:200]!r} could not be sent: {type(exc).__name__}",
                                 "reply_failed",
                             )
