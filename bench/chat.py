@@ -28,6 +28,7 @@ import asyncpg
 import httpx
 
 from bench import BenchEnv, Figure, percentile
+from bench.cpu import ProcessCpu
 from bench.loadgen import LeanClient, Run, steady
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.topics import topic_specs
@@ -201,14 +202,17 @@ async def measure(
             return send
 
         results: dict[str, Run] = {}
+        cpu: dict[str, tuple[float, float]] = {}  # phase -> CPU ms per call (chat process, credit service)
         if unheld is not None:
             # Holds: the platform path with and without them, back to back at the hold target's rate,
             # and the reserve round trip itself (place + release) against the credit service.
             await switch(False)
-            for name, origin in (("platform/no-holds", unheld.url), ("platform/holds", chat.url)):
-                async with LeanClient(origin) as client:
+            for name, proc in (("platform/no-holds", unheld), ("platform/holds", chat)):
+                async with LeanClient(proc.url) as client:
                     await steady(HOLD_RATE, warmup, chat_calls(client, False))
-                    results[name] = await steady(HOLD_RATE, seconds, chat_calls(client, False))
+                    with ProcessCpu(proc.proc.pid, credits.proc.pid) as used:
+                        results[name] = await steady(HOLD_RATE, seconds, chat_calls(client, False))
+                    cpu[name] = used.per_call(results[name].planned)
             async with LeanClient(credits.url) as client:
                 await steady(HOLD_RATE, warmup, hold_calls(client))
                 results["hold round trip"] = await steady(HOLD_RATE, seconds, hold_calls(client))
@@ -221,12 +225,22 @@ async def measure(
                 async with LeanClient(origin) as client:
                     send = direct_calls(client) if name.startswith("direct") else chat_calls(client, path == "byok")
                     await steady(RATE, warmup, send)  # warm connections and caches
-                    results[name] = await steady(RATE, seconds, send)
-    return figures_of(results)
+                    with ProcessCpu(chat.proc.pid, credits.proc.pid) as used:
+                        results[name] = await steady(RATE, seconds, send)
+                    cpu[name] = used.per_call(results[name].planned)
+    return figures_of(results, cpu)
 
 
-def figures_of(results: dict[str, Run]) -> list[Figure]:
+def figures_of(results: dict[str, Run], cpu: dict[str, tuple[float, float]] | None = None) -> list[Figure]:
     figures = []
+    cpu = cpu or {}
+    # CPU per call does not depend on whether the process keeps up, so it compares runs that saturate.
+    for name in ("platform/holds", "platform/no-holds", "platform", "byok"):
+        if name in cpu:
+            chat_ms, credits_ms = cpu[name]
+            figures.append(
+                Figure(NAME, f"{name}: chat process CPU per call", chat_ms, "ms", "credit service", credits_ms, "lower")
+            )
     held, unheld, trip = results.get("platform/holds"), results.get("platform/no-holds"), results.get("hold round trip")
     if held and unheld and held.latencies and unheld.latencies:
         label = f"platform path at {HOLD_RATE:.0f} req/s"
