@@ -109,6 +109,14 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE FUNCTION ledger_settle_holds() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM holds h USING new_rows n WHERE h.event_id = n.entry_id AND n.kind = 'decision';
+    RETURN NULL;
+END $$;
+
 CREATE FUNCTION place_hold(p_event uuid, p_user text, p_credits bigint, p_feature text, p_provider text, p_model text, p_version text, p_ttl_s double precision) RETURNS TABLE(created boolean, holder text, held_credits bigint, available bigint)
     LANGUAGE plpgsql
     AS $$
@@ -402,6 +410,8 @@ CREATE TRIGGER ledger_entries_append_only BEFORE DELETE OR UPDATE ON ledger_entr
 CREATE TRIGGER ledger_entries_apply AFTER INSERT ON ledger_entries REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_apply_entries();
 
 CREATE TRIGGER ledger_entries_no_truncate BEFORE TRUNCATE ON ledger_entries FOR EACH STATEMENT EXECUTE FUNCTION refuse_history_change();
+
+CREATE TRIGGER ledger_entries_settle_holds AFTER INSERT ON ledger_entries REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_settle_holds();
 
 ALTER TABLE ONLY grants
     ADD CONSTRAINT grants_user_id_fkey FOREIGN KEY (user_id) REFERENCES accounts(user_id);

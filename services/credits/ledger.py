@@ -173,13 +173,10 @@ class Ledger:
                             )
                         )
                     fresh.append(decision_row(e, c, balances[e.user_id]))
-                if fresh:  # its trigger also wakes the outcome relay at commit (migrations/0006)
+                if fresh:
+                    # Its triggers also wake the outcome relay at commit (migrations/0006) and release the
+                    # admission holds of the events decided, whatever the decision (migrations/0011).
                     await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
-                    # Deciding an event settles its admission hold, whatever the decision (migrations/0009).
-                    await conn.execute(
-                        "DELETE FROM holds h USING unnest($1::uuid[]) AS u(id) WHERE h.event_id = u.id",
-                        [row[0] for row in fresh],
-                    )
             all_letters = list(letters) + rejected_letters
             if all_letters:
                 await conn.executemany(

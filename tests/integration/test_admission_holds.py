@@ -99,6 +99,27 @@ async def test_a_hold_for_an_event_already_decided_is_refused_and_deciding_relea
         assert after.available == before.available + 5 - debit
 
 
+async def test_the_database_settles_a_hold_when_any_writer_decides_its_event_bypassing_python(pool):
+    """Settlement is the database's rule (migrations/0011), not the ledger writer's: a decision
+    inserted by plain SQL releases its hold, and a correction entry releases none."""
+    await grant(Ledger(pool), "bea")  # 50
+    decided, other = uuid.uuid4(), uuid.uuid4()
+    async with pool.acquire() as conn:
+        await conn.execute(*hold_sql(decided, "bea", 5))
+        await conn.execute(*hold_sql(other, "bea", 7))
+        assert await conn.fetchval("SELECT held FROM accounts WHERE user_id = 'bea'") == 12
+        await conn.execute(
+            """INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits, price_list_version)
+               VALUES ($1, $1, 'decision', 'bea', 'debited', 5, '2026-01'),
+                      ($2, NULL, 'correction', 'bea', 'correction', 0, NULL)""",
+            decided,
+            other,  # a correction that happens to share the other hold's id settles nothing
+        )
+        row = await conn.fetchrow("SELECT held, balance FROM accounts WHERE user_id = 'bea'")
+        assert (row["held"], row["balance"]) == (7, 45)
+        assert await conn.fetchval("SELECT array_agg(event_id) FROM holds WHERE user_id = 'bea'") == [other]
+
+
 async def test_expired_holds_are_released_never_debited_and_a_late_event_is_still_decided(pool):
     ledger, book = Ledger(pool), default_price_book()
     await grant(ledger, "cat")

@@ -650,18 +650,22 @@ async def test_reconcile_reports_leaking_holds_and_repair_releases_them_never_de
         await ledger.place_hold(
             uuid.uuid4(), "hal", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=0.01
         )
-        # A hold whose event was decided by a writer that did not settle it (bypassing the ledger code).
+        # A hold whose event was decided without settling it: the database settles holds itself
+        # (migrations/0011), so only a database with that trigger switched off can leak one.
         forgotten = event(user_id="hal", occurred_at=T1 + timedelta(minutes=1))
         await ledger.place_hold(
             forgotten.event_id, "hal", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=900
         )
-        await conn.execute(
-            """INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
-                                                         price_list_version, occurred_at)
-                              VALUES ($1, $1, 'decision', 'hal', 'not_billed_failed', 0, '2026-01', $2)""",
-            forgotten.event_id,
-            forgotten.occurred_at,
-        )
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_settle_holds")
+            await conn.execute(
+                """INSERT INTO ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
+                                                             price_list_version, occurred_at)
+                                  VALUES ($1, $1, 'decision', 'hal', 'not_billed_failed', 0, '2026-01', $2)""",
+                forgotten.event_id,
+                forgotten.occurred_at,
+            )
+            await conn.execute("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_settle_holds")
         await asyncio.sleep(0.05)
         report = await reconcile(settings_of(stack), WINDOW)
         assert not report.clean
