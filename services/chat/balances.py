@@ -12,9 +12,8 @@ import logging
 from dataclasses import dataclass
 from uuid import UUID
 
-import httpx
-
 from schemas.events import Feature, Provider
+from services.chat.credits_client import Answer, CreditsClient, CreditsUnreachable
 from services.chat.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -70,56 +69,53 @@ class BalanceReader:
 
 
 class HttpBalanceReader(BalanceReader):
-    def __init__(self, client: httpx.AsyncClient, credits_url: str):
-        self.client, self.credits_url = client, credits_url.rstrip("/")
+    """The credit service's routes, with the user's own token (`services.chat.credits_client`)."""
 
-    @staticmethod
-    def _auth(who: Identity) -> dict[str, str]:
-        return {"Authorization": f"Bearer {who.token}"}
+    def __init__(self, client: CreditsClient):
+        self.client = client
+
+    async def _ask(self, method: str, path: str, who: Identity, body: dict | None = None) -> Answer:
+        try:
+            return await self.client.request(method, path, who.token, json_body=body)
+        except CreditsUnreachable as exc:
+            raise CreditsUnavailable(str(exc)) from None
 
     async def funds(self, who: Identity) -> Funds:
-        try:
-            response = await self.client.get(f"{self.credits_url}/api/credits/{who.user_id}", headers=self._auth(who))
-        except httpx.HTTPError as exc:
-            raise CreditsUnavailable(f"the credit service did not answer ({type(exc).__name__})") from None
-        if response.status_code == 404:
+        answer = await self._ask("GET", f"/api/credits/{who.user_id}", who)
+        if answer.status == 404:
             return Funds(0)  # no account yet: nothing granted
-        if response.status_code != 200:
-            raise CreditsUnavailable(f"the credit service answered HTTP {response.status_code}")
+        if answer.status != 200:
+            raise CreditsUnavailable(f"the credit service answered HTTP {answer.status}")
         try:
-            body = response.json()
-            return Funds(int(body["balance"]), int(body.get("held", 0)))
-        except (ValueError, KeyError, TypeError):
+            return Funds(int(answer.body["balance"]), int(answer.body.get("held", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise CreditsUnavailable("the credit service sent an unreadable balance") from None
 
     async def reserve(
         self, who: Identity, event_id: UUID, feature: Feature, provider: Provider, model: str
     ) -> Reservation:
         body = {"event_id": str(event_id), "feature": feature.value, "provider": provider.value, "model": model}
+        answer = await self._ask("POST", "/api/holds", who, body)
+        found = answer.body if isinstance(answer.body, dict) else {}
         try:
-            response = await self.client.post(f"{self.credits_url}/api/holds", json=body, headers=self._auth(who))
-        except httpx.HTTPError as exc:
-            raise CreditsUnavailable(f"the credit service did not answer ({type(exc).__name__})") from None
-        try:
-            answer = response.json()
-            if response.status_code in (200, 201):
-                return Reservation(event_id, int(answer["credits"]), int(answer["available"]))
-            if response.status_code == 402:
-                raise HoldRefused(int(answer["needed"]), int(answer["available"]), int(answer.get("held", 0)))
+            if answer.status in (200, 201):
+                return Reservation(event_id, int(found["credits"]), int(found["available"]))
+            if answer.status == 402:
+                raise HoldRefused(int(found["needed"]), int(found["available"]), int(found.get("held", 0)))
         except (ValueError, KeyError, TypeError):
             raise CreditsUnavailable("the credit service sent an unreadable answer") from None
         raise CreditsUnavailable(
-            f"the credit service refused the hold (HTTP {response.status_code}: {str(answer.get('detail', ''))[:200]})"
+            f"the credit service refused the hold (HTTP {answer.status}: {str(found.get('detail', ''))[:200]})"
         )
 
     async def release(self, who: Identity, event_id: UUID) -> None:
         try:
-            response = await self.client.delete(f"{self.credits_url}/api/holds/{event_id}", headers=self._auth(who))
-        except httpx.HTTPError as exc:
-            log.warning("hold %s not released (%s); it expires on its own", event_id, type(exc).__name__)
+            answer = await self._ask("DELETE", f"/api/holds/{event_id}", who)
+        except CreditsUnavailable as exc:
+            log.warning("hold %s not released (%s); it expires on its own", event_id, exc)
             return
-        if response.status_code not in (200, 404):
-            log.warning("hold %s not released (HTTP %d); it expires on its own", event_id, response.status_code)
+        if answer.status not in (200, 404):
+            log.warning("hold %s not released (HTTP %d); it expires on its own", event_id, answer.status)
 
 
 class FixedBalances(BalanceReader):

@@ -13,6 +13,7 @@ from billing.pricing import default_price_book
 from schemas.events import KeyCheckResult, Provider
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
+from services.chat.credits_client import CreditsClient, CreditsUnreachable
 from services.chat.identity import mint_token
 from services.chat.key_session import KeySealer, derive_secret
 from services.chat.outbox import OutboxRelay, PgOutbox
@@ -91,7 +92,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     # httpcore scans its pool on every request: keep the idle part of it modest.
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
     provider_http = provider_http_client(timeout=settings.provider_timeout_s, limits=limits)
-    credits_http = httpx.AsyncClient(timeout=settings.credits_timeout_s, limits=limits)
+    credits = CreditsClient(settings.credits_url, settings.credits_timeout_s)
     providers = ProviderSettings()
 
     async def call_model(provider, api_key, model, messages):
@@ -99,7 +100,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
 
     own_checker = checker is None
     checker = checker or StartingKeyChecker(settings)
-    balances: BalanceReader = HttpBalanceReader(credits_http, settings.credits_url)
+    balances: BalanceReader = HttpBalanceReader(credits)
     service = ChatService(
         store=PgSettingsStore(pool),
         outbox=PgOutbox(pool, relay.wake),
@@ -123,13 +124,19 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
 
     async def grant_plan(user_id: str) -> dict:
         admin = mint_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
-        r = await credits_http.post(
-            f"{settings.credits_url.rstrip('/')}/api/admin/grants",
-            json={"grant_key": f"dev-welcome:{user_id}", "user_id": user_id, "plan": settings.dev_login_grant_plan},
-            headers={"Authorization": f"Bearer {admin}"},
+        answer = await credits.request(
+            "POST",
+            "/api/admin/grants",
+            admin,
+            json_body={
+                "grant_key": f"dev-welcome:{user_id}",
+                "user_id": user_id,
+                "plan": settings.dev_login_grant_plan,
+            },
         )
-        r.raise_for_status()
-        return {"plan": settings.dev_login_grant_plan, "created": r.json().get("created")}
+        if answer.status not in (200, 201):
+            raise CreditsUnreachable(f"the credit service refused the welcome grant (HTTP {answer.status})")
+        return {"plan": settings.dev_login_grant_plan, "created": answer.body.get("created")}
 
     async def healthy() -> dict:
         try:
@@ -147,7 +154,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
             balances,
             grant_plan if settings.dev_login and settings.dev_login_grant_plan else None,
             healthy,
-            usage=HttpUsageReader(credits_http, settings.credits_url),
+            usage=HttpUsageReader(credits),
         )
     finally:
         await relay.stop()
@@ -157,5 +164,5 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         if own_checker:
             await checker.stop()
         await provider_http.aclose()
-        await credits_http.aclose()
+        await credits.aclose()
         await pool.close()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
-
+from services.chat.credits_client import CreditsClient, CreditsUnreachable
 from services.chat.identity import Identity
 
 
@@ -19,24 +18,19 @@ class UsageReader:
 
 
 class HttpUsageReader(UsageReader):
-    def __init__(self, client: httpx.AsyncClient, credits_url: str):
-        self.client, self.credits_url = client, credits_url.rstrip("/")
+    def __init__(self, client: CreditsClient):
+        self.client = client
 
     async def usage(self, who: Identity, limit: int = 50) -> dict:
         try:
-            response = await self.client.get(
-                f"{self.credits_url}/api/usage/{who.user_id}",
-                params={"limit": limit},
-                headers={"Authorization": f"Bearer {who.token}"},
-            )
-        except httpx.HTTPError as exc:
-            raise UsageUnavailable(f"the credit service did not answer ({type(exc).__name__})") from None
-        if response.status_code != 200:
-            raise UsageUnavailable(f"the credit service answered HTTP {response.status_code}")
+            answer = await self.client.request("GET", f"/api/usage/{who.user_id}", who.token, params={"limit": limit})
+        except CreditsUnreachable as exc:
+            raise UsageUnavailable(str(exc)) from None
+        if answer.status != 200:
+            raise UsageUnavailable(f"the credit service answered HTTP {answer.status}")
         try:
-            body = response.json()
-            return {"calls": list(body["calls"]), "last_grant": body.get("last_grant")}
-        except (ValueError, KeyError, TypeError):
+            return {"calls": list(answer.body["calls"]), "last_grant": answer.body.get("last_grant")}
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise UsageUnavailable("the credit service sent an unreadable usage list") from None
 
 

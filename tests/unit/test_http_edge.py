@@ -21,6 +21,7 @@ from schemas.events import Feature, Provider
 from services.chat.app import Wiring, create_app
 from services.chat.balances import FixedBalances, HttpBalanceReader
 from services.chat.bootstrap import key_sealer
+from services.chat.credits_client import CreditsClient
 from services.chat.outbox import MemoryOutbox
 from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
@@ -363,9 +364,9 @@ def test_credits_answers_database_and_kafka_outages_with_503_and_a_sentence():
 
 
 async def test_a_byok_chat_works_while_the_credit_service_is_down():
-    async with httpx.AsyncClient(timeout=2) as http:
-        nobody = HttpBalanceReader(http, f"http://127.0.0.1:{free_port()}")  # nothing listens there
-        chat = Chat(balances=nobody)
+    credits = CreditsClient(f"http://127.0.0.1:{free_port()}", timeout_s=2)  # nothing listens there
+    try:
+        chat = Chat(balances=HttpBalanceReader(credits))
         transport = httpx.ASGITransport(app=chat.app)
         async with (
             chat.app.router.lifespan_context(chat.app),
@@ -383,6 +384,8 @@ async def test_a_byok_chat_works_while_the_credit_service_is_down():
             # Platform calls are paused, with the reason.
             r = await client.post("/chat", json={"feature": "code_fix", "message": "fix"})
             refused_with_a_sentence(r, 503, "platform calls are paused")
+    finally:
+        await credits.aclose()
     assert [c[1] for c in chat.provider.calls] == [USER_KEY]
 
 

@@ -105,3 +105,36 @@ async def test_the_retry_is_one_only_and_the_failure_is_reported_as_could_not_ve
     assert verdict.status is KeyCheckStatus.PROVIDER_UNAVAILABLE
     assert "RemoteProtocolError" in verdict.message
     assert len(server.requests) == 2  # the first attempt and one more, no loop
+
+
+async def test_a_credit_service_request_on_a_connection_it_closed_is_sent_once_more():
+    """The chat's client for the credit service (admission holds on every platform call): a kept-alive
+    connection the server closed costs no refusal, and a server that never answers is reported."""
+    from services.chat.credits_client import CreditsClient, CreditsUnreachable
+
+    async with ClosingServer() as server:
+        client = CreditsClient(server.url, timeout_s=5)
+        try:
+            first = await client.request("GET", "/api/credits/alice", "token")
+            second = await client.request("POST", "/api/holds", "token", json_body={"event_id": "e1"})
+        finally:
+            await client.aclose()
+    assert (first.status, first.body) == (200, {"data": []})
+    assert (second.status, second.body) == (200, CHAT_ANSWER)
+    # The second request found its kept-alive connection closed, and went out again on a new one.
+    assert server.requests == [
+        "GET /api/credits/alice HTTP/1.1",
+        "POST /api/holds HTTP/1.1",
+        "POST /api/holds HTTP/1.1",
+    ]
+    assert (server.connections, server.answered) == (2, 2)
+
+    for method in ("POST", "DELETE"):  # ours retries the POST, aiohttp the DELETE: each once only
+        async with ClosingServer(always_close=True) as server:
+            client = CreditsClient(server.url, timeout_s=5)
+            try:
+                with pytest.raises(CreditsUnreachable, match="did not answer"):
+                    await client.request(method, "/api/holds/e1", "token")
+            finally:
+                await client.aclose()
+        assert server.requests == [f"{method} /api/holds/e1 HTTP/1.1"] * 2
