@@ -9,6 +9,8 @@
 #   status     say whether each node runs
 #   bootstrap  the bootstrap servers (all nodes)
 #   kill N     SIGKILL node N (fault tests); `up` brings it back
+#   stop N     stop node N alone, gracefully; `up` brings it back
+#   roll       rolling restart of the cluster, one node at a time, each only once all replicas are in sync
 # With KAFKA_BOOTSTRAP_SERVERS pointing elsewhere and BYOK_EXTERNAL_KAFKA=1, nothing is started.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -199,6 +201,33 @@ kill_node() {
   log "kafka node $1 killed (pid $(cat "$pidfile"))"
 }
 
+# stop I: stop node I alone, gracefully (a controlled shutdown hands its leaderships to the others).
+stop_node() {
+  stop_pid "$(node_pid "${1:?node number}")" "kafka node $1"
+}
+
+# roll: a rolling restart, one node at a time; the next goes down only once every partition has all
+# its replicas in sync again, so with min.insync.replicas=2 writers with acks=all never stop.
+roll() {
+  local i t0
+  (( BROKERS > 1 )) || die "a rolling restart needs a cluster (BYOK_KAFKA_BROKERS=3)"
+  for i in $(nodes); do
+    KAFKA_BOOTSTRAP_SERVERS="$(bootstrap)" "$PYTHON" -m infra.topics --wait 120 --in-sync \
+      || die "not every replica is in sync: not taking node $i down"
+    t0=$(date +%s%N)
+    stop_node "$i"
+    start_node "$i"
+    until port_open 127.0.0.1 "$(node_port "$i")"; do
+      pid_alive "$(node_pid "$i")" || die "Kafka node $i exited while restarting (log: $(node_log "$i"))"
+      sleep 0.2
+    done
+    log "kafka node $i restarted in $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+  done
+  KAFKA_BOOTSTRAP_SERVERS="$(bootstrap)" "$PYTHON" -m infra.topics --wait 120 --in-sync \
+    || die "replicas did not get back in sync after the rolling restart"
+  log "rolling restart of $BROKERS nodes done; every replica in sync"
+}
+
 status() {
   local i rc=0
   for i in $(nodes); do
@@ -211,5 +240,6 @@ status() {
 case "${1:-}" in
   up) up ;; down) down ;; status) status ;; fetch) fetch_jars ;; data-dir) echo "$(node_dir 1)/data" ;;
   bootstrap) bootstrap ;; pid) cat "$(node_pid "${2:?node number}")" ;; kill) kill_node "${2:-}" ;;
-  *) echo "usage: $0 up|down|status|fetch|data-dir|bootstrap|pid N|kill N" >&2; exit 2 ;;
+  stop) stop_node "${2:-}" ;; roll) roll ;;
+  *) echo "usage: $0 up|down|status|fetch|data-dir|bootstrap|pid N|kill N|stop N|roll" >&2; exit 2 ;;
 esac

@@ -1,6 +1,9 @@
 """Waits for the broker to answer, then creates the system's topics (idempotent).
 
-`python -m infra.topics [--wait SECONDS] [--prefix P] [--partitions N]`
+`python -m infra.topics [--wait SECONDS] [--prefix P] [--partitions N] [--in-sync]`
+
+`--in-sync` then also waits until every partition of every topic has all its replicas in sync (a
+rolling restart takes the next node down only then, so min.insync.replicas=2 always holds).
 """
 
 from __future__ import annotations
@@ -51,16 +54,37 @@ async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> l
     return [s.name for s in missing]
 
 
+async def out_of_sync(admin: AIOKafkaAdminClient) -> list[str]:
+    """The partitions (as `topic/partition`) whose in-sync replicas are fewer than their replicas."""
+    lagging = []
+    for topic in await admin.describe_topics(await admin.list_topics()):
+        for p in topic["partitions"]:
+            if len(p["isr"]) < len(p["replicas"]) or p["leader"] < 0:
+                lagging.append(f"{topic['topic']}/{p['partition']}")
+    return lagging
+
+
+async def wait_in_sync(admin: AIOKafkaAdminClient, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while lagging := await out_of_sync(admin):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(lagging)} partitions not fully in sync after {timeout_s:.0f} s: {lagging[:5]}")
+        await asyncio.sleep(0.5)
+
+
 async def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--wait", type=float, default=60)
     ap.add_argument("--prefix", default="")
     ap.add_argument("--partitions", type=int, default=int(os.environ.get("KAFKA_PARTITIONS", DEFAULT_PARTITIONS)))
+    ap.add_argument("--in-sync", action="store_true", help="also wait until every replica is in sync")
     args = ap.parse_args(argv)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     admin = await wait_for_broker(bootstrap, args.wait)
     try:
         created = await ensure_topics(admin, topic_specs(args.partitions, args.prefix))
+        if args.in_sync:
+            await wait_in_sync(admin, args.wait)
     finally:
         await admin.close()
     if created:

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from prometheus_client import Counter
 
 from schemas.events import ModelCallCompleted
 from services.shared.kafka import park, refused_for_content
 
 log = logging.getLogger(__name__)
+# Several chat instances share one outbox (SKIP LOCKED): each says how many events it relayed.
+PUBLISHED = Counter("chat_outbox_published_total", "ModelCallCompleted events this instance relayed to Kafka")
 
 
 class Outbox:
@@ -214,6 +217,7 @@ class OutboxRelay:
             rows = sorted(rows, key=lambda r: r["id"])  # RETURNING has no order; a user's events keep theirs
             await asyncio.wait_for(self._publish(conn, rows), self.send_timeout_s)
         self.published += len(rows)
+        PUBLISHED.inc(len(rows))
         return len(rows)
 
     async def _publish(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
