@@ -104,7 +104,8 @@ def build_api(ctx: ApiContext) -> FastAPI:
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(detail_body("invalid_request", describe(exc.errors())), status_code=422)
 
-    def identity(authorization: Annotated[str | None, Header()] = None) -> Identity:
+    # async: a plain `def` dependency would run in a worker thread, one thread hop per request.
+    async def identity(authorization: Annotated[str | None, Header()] = None) -> Identity:
         if not authorization or not authorization.lower().startswith("bearer "):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "send a bearer token", headers={"WWW-Authenticate": "Bearer"}
