@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict on schemas/ and billing/
+lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict on schemas/, billing/ and providers/
 	@.venv/bin/ruff check .
 	@.venv/bin/ruff format --check .
 	@.venv/bin/lint-imports --no-cache
-	@.venv/bin/mypy --strict schemas billing
+	@.venv/bin/mypy --strict schemas billing providers
 
 up: install           ## start Kafka, PostgreSQL and every service in the background
 	@bash infra/stack.sh up

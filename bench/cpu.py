@@ -1,5 +1,7 @@
 """CPU time a process spends over a measured phase, from /proc (Linux), as milliseconds per call.
 
+Usage:
+
     with ProcessCpu(chat_pid, credits_pid) as used:
         run = await steady(...)
     chat_ms, credits_ms = used.per_call(run.planned)

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from billing.pricing import default_price_book
+from providers import ChatReply, KeyVerdict, ProviderError, key_hint
 from schemas.events import CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, Provider
 from services.chat.balances import CreditsUnavailable, FixedBalances
 from services.chat.identity import Identity
@@ -24,7 +25,6 @@ from services.chat.service import (
     ProviderFailed,
 )
 from services.chat.store import MemorySettingsStore, ModelSettings
-from services.shared.providers import ChatReply, KeyVerdict, ProviderError, key_hint
 
 pytestmark = pytest.mark.unit
 

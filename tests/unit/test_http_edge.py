@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
+import providers
 from billing.pricing import default_price_book
 from schemas.events import Feature, Provider
 from services.chat.app import Wiring, create_app
@@ -27,7 +28,6 @@ from services.chat.settings import ChatSettings
 from services.chat.store import MemorySettingsStore, ModelSettings
 from services.credits.api import ApiContext, build_api
 from services.credits.settings import CreditSettings
-from services.shared import providers
 from services.shared.auth import mint_token
 from services.shared.settings import DefaultSecret, refuse_default_secrets
 from tests.support import ROOT, free_port
