@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 import providers
-from billing.policy import decide, is_billable
+from billing.policy import decide, is_billable, platform_price
 from billing.pricing import PriceBook
 from providers import ChatReply, ProviderError, key_hint, normalize_key
 from schemas.events import (
@@ -346,11 +346,11 @@ class ChatService:
                 KeySource.PLATFORM,
                 provider,
                 model,
-                prices.feature_prices[feature],
+                platform_price(feature, model, prices),
                 note=f"{FEATURE_NAMES[feature]} always runs on the platform's {model} and uses credits.",
             )
         provider, model, name = s.provider, s.model, providers.of(s.provider).name
-        price = prices.model_price(model)
+        price = platform_price(feature, model, prices)
         if not s.use_own_key:
             return Route(
                 feature,
