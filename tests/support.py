@@ -161,6 +161,9 @@ async def wait_for(predicate, timeout_s: float = 30, every_s: float = 0.1, what:
         await asyncio.sleep(every_s)
 
 
+# The platform's OpenAI key in unit tests that wire the chat service with fakes (tests/fakes.py).
+PLATFORM_KEY = "sk-platform-key-0000000000000000000001"
+
 # Keys of each provider's real shape, with a behaviour marker the provider simulator reacts to
 # (see services/provider_simulator): sim_key(Provider.GROQ, "revoked").
 SIM_KEY_SHAPES = {
