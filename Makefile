@@ -3,20 +3,27 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install lint schema up down status run test unit integration e2e fuzz bench demo asyncapi migrate clean
+.PHONY: install lock lint schema up down status run test unit integration e2e fuzz bench demo asyncapi migrate clean
 
 install: $(STAMP)
-$(STAMP): pyproject.toml
+# The exact versions (with their hashes) come from requirements.lock, so two installs are the same;
+# then the project itself, without letting pip resolve anything else.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv .venv
 	@$(PY) -m pip install -q -U pip
-	@$(PY) -m pip install -q -e ".[dev]"
+	@$(PY) -m pip install -q -r requirements.lock
+	@$(PY) -m pip install -q -e . --no-deps
 	@touch $(STAMP)
 
-lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict on schemas/ and billing/
+lock: install         ## regenerate requirements.lock after changing a dependency in pyproject.toml (uses uv, fetched into .venv)
+	@$(PY) -m pip install -q "uv==0.13.9"
+	@.venv/bin/uv pip compile pyproject.toml --extra dev --universal --generate-hashes --python-version 3.11 -q -o requirements.lock
+
+lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict on schemas/, billing/ and providers/
 	@.venv/bin/ruff check .
 	@.venv/bin/ruff format --check .
 	@.venv/bin/lint-imports --no-cache
-	@.venv/bin/mypy --strict schemas billing
+	@.venv/bin/mypy --strict schemas billing providers
 
 up: install           ## start Kafka, PostgreSQL and every service in the background
 	@bash infra/stack.sh up

@@ -30,9 +30,9 @@ import httpx
 from bench import BenchEnv, Figure, percentile
 from bench.cpu import ProcessCpu
 from bench.loadgen import LeanClient, Run, steady
+from infra.harness import ServiceProcess
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.topics import topic_specs
-from services.chat.harness import ServiceProcess
 from services.chat.identity import mint_token
 from services.provider_simulator.app import base_urls
 from services.shared.db import migrate

@@ -1,8 +1,10 @@
 """CPU time a process spends over a measured phase, from /proc (Linux), as milliseconds per call.
 
-with ProcessCpu(chat_pid, credits_pid) as used:
-    run = await steady(...)
-chat_ms, credits_ms = used.per_call(run.planned)
+Usage:
+
+    with ProcessCpu(chat_pid, credits_pid) as used:
+        run = await steady(...)
+    chat_ms, credits_ms = used.per_call(run.planned)
 """
 
 from __future__ import annotations

@@ -46,11 +46,17 @@ def is_billable(feature: Feature, key_source: KeySource) -> bool:
     return key_source is KeySource.PLATFORM or feature in ALWAYS_PLATFORM
 
 
-def price_of(feature: Feature, model: str, prices: PriceList) -> int:
-    """Credits for one successful billable call; raises UnpricedModel rather than guess."""
+def platform_price(feature: Feature, model: str, prices: PriceList) -> int | None:
+    """Credits one successful call of `feature` on `model` costs on the platform's key: the feature's
+    flat price for the always-platform features, else the model's; None when the model is unpriced."""
     if feature in ALWAYS_PLATFORM:
         return prices.feature_prices[feature]
-    credits = prices.model_price(model)
+    return prices.model_price(model)
+
+
+def price_of(feature: Feature, model: str, prices: PriceList) -> int:
+    """Credits for one successful billable call; raises UnpricedModel rather than guess."""
+    credits = platform_price(feature, model, prices)
     if credits is None:
         raise UnpricedModel(model, prices.version)
     return credits

@@ -237,16 +237,9 @@ def private_postgres(private_state) -> Iterator[PrivateServer]:
 async def credit_service(stack, tmp_path):
     """The credit service as its own process (`python -m services.credits`) on this test's stack;
     `.port` is its HTTP port."""
-    from tests.support import ServiceProcess, free_port
+    from infra.harness import ServiceProcess
 
-    port = free_port()
-    proc = ServiceProcess(
-        "services.credits",
-        {**stack.env(), "HTTP_PORT": str(port)},
-        tmp_path / "credits.log",
-        health_url=f"http://127.0.0.1:{port}/healthz",
-    ).start()
-    proc.port = port
+    proc = ServiceProcess("credits", "services.credits", stack.env(), tmp_path).launch()
     try:
         await proc.wait_healthy()
         yield proc

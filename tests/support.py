@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 from aiokafka import AIOKafkaProducer
 
+from infra.harness import free_port, free_ports  # noqa: F401  (tests import them from here)
 from schemas.events import CallStatus, Feature, KeyCheckStatus, KeySource, ModelCallCompleted, Provider
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,31 +31,6 @@ def processes_with_env(name: str, value: str) -> set[int]:
         except OSError:
             continue
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int) -> int:
-    """A port p with p .. p + n - 1 all free, below the ephemeral range (so that no outgoing
-    connection takes one of them before the process meant for it binds it)."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20_000, 32_000 - n)
-        socks = [socket.socket() for _ in range(n)]
-        try:
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def make_event(**overrides) -> ModelCallCompleted:
@@ -99,56 +69,6 @@ async def publish(bootstrap: str, topic: str, values: list[bytes | ModelCallComp
         await producer.stop()
 
 
-class ServiceProcess:
-    """One service run as `python -m <module>`, with its output kept in a log file."""
-
-    def __init__(self, module: str, env: dict[str, str], log_path: Path, health_url: str | None = None):
-        self.module, self.log_path, self.health_url = module, log_path, health_url
-        # Tests run services locally, on development defaults (see refuse_default_secrets).
-        self.env = {"BYOK_ENV": "development", **os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> ServiceProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        return self
-
-    async def wait_healthy(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient() as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.module} exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-                try:
-                    if (await client.get(self.health_url, timeout=1)).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise TimeoutError(f"{self.module} not healthy in {timeout_s} s:\n{self.logs()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout_s: float = 20) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode if self.proc else None
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
 async def wait_for(predicate, timeout_s: float = 30, every_s: float = 0.1, what: str = "condition"):
     """Poll an async predicate until it returns a truthy value."""
     deadline = time.monotonic() + timeout_s
@@ -160,6 +80,9 @@ async def wait_for(predicate, timeout_s: float = 30, every_s: float = 0.1, what:
             raise TimeoutError(f"{what} not reached in {timeout_s} s (last: {value!r})")
         await asyncio.sleep(every_s)
 
+
+# The platform's OpenAI key in unit tests that wire the chat service with fakes (tests/fakes.py).
+PLATFORM_KEY = "sk-platform-key-0000000000000000000001"
 
 # Keys of each provider's real shape, with a behaviour marker the provider simulator reacts to
 # (see services/provider_simulator): sim_key(Provider.GROQ, "revoked").

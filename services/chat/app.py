@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import providers
 from billing.pricing import default_price_book
 from schemas.events import Feature, ModelId, Provider, utc_now
 from services.chat.balances import BalanceReader, CreditsUnavailable
@@ -48,7 +49,6 @@ from services.shared.edge import (
     install_http_error_handler,
     install_outage_handlers,
 )
-from services.shared.providers import INFO
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -300,7 +300,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         removed = await w.service.remove_key(who, provider)
         view = await w.service.view(who, {p: k for p, k in ring.items() if p is not provider})
         keep_keys(response, w, who, {p: held.key for p, held in view.keys.items()})
-        name = INFO[provider].name
+        name = providers.of(provider).name
         message = (
             f"Your {name} key was removed from this session; a saved copy of it no longer works here."
             if removed

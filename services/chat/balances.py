@@ -116,36 +116,3 @@ class HttpBalanceReader(BalanceReader):
             return
         if answer.status not in (200, 404):
             log.warning("hold %s not released (HTTP %d); it expires on its own", event_id, answer.status)
-
-
-class FixedBalances(BalanceReader):
-    """For unit tests: balances from a dict, holds kept in memory like the credit service keeps them."""
-
-    def __init__(self, balances: dict[str, int] | None = None):
-        self.balances = balances or {}
-        self.holds: dict[UUID, tuple[str, int]] = {}
-
-    async def funds(self, who: Identity) -> Funds:
-        held = sum(c for user, c in self.holds.values() if user == who.user_id)
-        return Funds(self.balances.get(who.user_id, 0), held)
-
-    async def reserve(self, who, event_id, feature, provider, model) -> Reservation:
-        from billing.policy import price_of
-        from billing.pricing import default_price_book
-        from schemas.events import utc_now
-
-        credits = price_of(feature, model, default_price_book().in_force(utc_now()))
-        funds = await self.funds(who)
-        if event_id not in self.holds:
-            if funds.available < credits:
-                raise HoldRefused(credits, funds.available, funds.held)
-            self.holds[event_id] = (who.user_id, credits)
-        return Reservation(event_id, credits, (await self.funds(who)).available)
-
-    async def release(self, who, event_id) -> None:
-        self.holds.pop(event_id, None)
-
-    def settle(self, event_id: UUID, debited: int) -> None:
-        """What the ledger does when the call's event is decided."""
-        user, _ = self.holds.pop(event_id)
-        self.balances[user] = self.balances.get(user, 0) - debited

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from billing.pricing import default_price_book
+from providers import ProviderSettings, chat_completion
 from schemas.events import KeyCheckResult, Provider
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
@@ -23,7 +24,7 @@ from services.chat.store import PgSettingsStore
 from services.chat.usage import HttpUsageReader
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
-from services.shared.providers import ProviderSettings, chat_completion, provider_http_client
+from services.shared.provider_http import provider_http_client
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -71,29 +70,6 @@ class PgOutbox(Outbox):
 
     async def discard(self, handle: int) -> None:
         await self.pool.execute("DELETE FROM chat_outbox WHERE id = $1 AND NOT ready", handle)
-
-
-@dataclass
-class MemoryOutbox(Outbox):
-    """For unit tests: what would be published, in order."""
-
-    rows: dict[int, tuple[ModelCallCompleted, bool]] = field(default_factory=dict)
-
-    async def begin(self, pending: ModelCallCompleted) -> int:
-        handle = len(self.rows) + 1
-        self.rows[handle] = (pending, False)
-        return handle
-
-    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
-        self.rows[handle] = (event, True)
-        return True
-
-    async def discard(self, handle: int) -> None:
-        del self.rows[handle]
-
-    @property
-    def events(self) -> list[ModelCallCompleted]:
-        return [e for e, _ in self.rows.values()]
 
 
 class OutboxRelay:

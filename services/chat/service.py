@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
-from billing.policy import decide, is_billable
+import providers
+from billing.policy import decide, is_billable, platform_price
 from billing.pricing import PriceBook
+from providers import ChatReply, ProviderError, key_hint, normalize_key
 from schemas.events import (
     MODEL_ID_PATTERN,
     CallStatus,
@@ -44,7 +46,6 @@ from services.chat.store import (
     ModelSettings,
     SettingsStore,
 )
-from services.shared.providers import INFO, ChatReply, ProviderError, key_hint, normalize_key
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class HeldKey:
         r = self.record
         return {
             "provider": r.provider.value,
-            "name": INFO[r.provider].name,
+            "name": providers.of(r.provider).name,
             "key_hint": r.hint,
             "key_status": r.status,
             "key_message": r.message,
@@ -345,11 +346,11 @@ class ChatService:
                 KeySource.PLATFORM,
                 provider,
                 model,
-                prices.feature_prices[feature],
+                platform_price(feature, model, prices),
                 note=f"{FEATURE_NAMES[feature]} always runs on the platform's {model} and uses credits.",
             )
-        provider, model, name = s.provider, s.model, INFO[s.provider].name
-        price = prices.model_price(model)
+        provider, model, name = s.provider, s.model, providers.of(s.provider).name
+        price = platform_price(feature, model, prices)
         if not s.use_own_key:
             return Route(
                 feature,
@@ -429,12 +430,12 @@ class ChatService:
         current, held = await self.state(who, ring)
         fallback = current.fallback_to_platform if fallback_to_platform is None else fallback_to_platform
         new = ModelSettings(who.user_id, provider, model, use_own_key, fallback)
-        name = INFO[provider].name
+        name = providers.of(provider).name
         if not use_own_key:
             await self.store.put(new)
             # Every key of the user goes, on the server too: a saved copy of the cookie opens nothing.
             revoked = await self.store.revoke_keys(who.user_id, REVOKED_BYOK_OFF)
-            gone = ", ".join(f"{INFO[p].name} {k.record.hint}" for p, k in held.items())
+            gone = ", ".join(f"{providers.of(p).name} {k.record.hint}" for p, k in held.items())
             return SettingsChange(
                 True,
                 new,
@@ -521,7 +522,7 @@ class ChatService:
             api_key = self.platform_keys.get(provider)
             if not api_key:
                 raise PlatformKeyMissing(
-                    f"The platform has no {INFO[provider].name} key configured. "
+                    f"The platform has no {providers.of(provider).name} key configured. "
                     "Use your own key for chat, or choose another provider."
                 )
         self._refuse_unrunnable(model, key_source)
@@ -571,7 +572,7 @@ class ChatService:
             raise ProviderFailed(
                 exc.verdict.message
                 if key_source is KeySource.BYOK
-                else f"{INFO[provider].name} could not answer this call ({exc.verdict.status.value}). No credits were used; "
+                else f"{providers.of(provider).name} could not answer this call ({exc.verdict.status.value}). No credits were used; "
                 "try again in a minute.",
                 key_status=exc.verdict.status.value,
                 key_source=key_source.value,
@@ -587,7 +588,7 @@ class ChatService:
         await self.outbox.complete(handle, event)
         billing = self._billing(event, None if reservation is None else reservation.available + reservation.credits)
         if key is not None and route.held.record.status != KeyCheckStatus.VALID.value:
-            name = INFO[provider].name
+            name = providers.of(provider).name
             await self.store.mark_key(key.key_id, KeyCheckStatus.VALID.value, f"Your {name} key works.")
         notice = None
         if route.fallback:

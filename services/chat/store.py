@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -167,59 +167,3 @@ class PgSettingsStore(SettingsStore):
             provider.value if provider else None,
         )
         return int(done.split()[-1])
-
-
-@dataclass
-class _Row:
-    user_id: str
-    session_id: str
-    record: KeyRecord
-    revoked: str | None = None
-
-
-class MemorySettingsStore(SettingsStore):
-    """For unit tests and the benchmark's in-process wiring."""
-
-    def __init__(self, clock=lambda: datetime.now(timezone.utc)):
-        self.rows: dict[str, ModelSettings] = {}
-        self.keys: dict[UUID, _Row] = {}
-        self.clock = clock
-
-    async def get(self, user_id: str) -> ModelSettings | None:
-        return self.rows.get(user_id)
-
-    async def put(self, settings: ModelSettings) -> None:
-        self.rows[settings.user_id] = settings
-
-    def _live(self, row: _Row) -> bool:
-        return row.revoked is None and row.record.expires_at > self.clock()
-
-    async def load(self, user_id, session_id, key_ids):
-        keys = {}
-        for key_id in key_ids:
-            row = self.keys.get(key_id)
-            if row and row.user_id == user_id and row.session_id == session_id and self._live(row):
-                keys[row.record.provider] = row.record
-        return self.rows.get(user_id), keys
-
-    async def add_key(self, user_id, session_id, record):
-        await self.revoke_keys(user_id, REVOKED_REPLACED, session_id=session_id, provider=record.provider)
-        self.keys[record.key_id] = _Row(user_id, session_id, record)
-
-    async def mark_key(self, key_id, status, message):
-        row = self.keys.get(key_id)
-        if row and row.revoked is None:
-            row.record = replace(row.record, status=status, message=message)
-
-    async def revoke_keys(self, user_id, reason, *, session_id=None, provider=None):
-        count = 0
-        for row in self.keys.values():
-            if (
-                row.user_id == user_id
-                and row.revoked is None
-                and session_id in (None, row.session_id)
-                and provider in (None, row.record.provider)
-            ):
-                row.revoked = reason
-                count += 1
-        return count

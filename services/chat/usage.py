@@ -32,14 +32,3 @@ class HttpUsageReader(UsageReader):
             return {"calls": list(answer.body["calls"]), "last_grant": answer.body.get("last_grant")}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UsageUnavailable("the credit service sent an unreadable usage list") from None
-
-
-class FixedUsage(UsageReader):
-    """For unit tests: usage from a dict."""
-
-    def __init__(self, usage: dict[str, dict] | None = None):
-        self.by_user = usage or {}
-
-    async def usage(self, who: Identity, limit: int = 50) -> dict:
-        found = self.by_user.get(who.user_id, {"calls": [], "last_grant": None})
-        return {"calls": found["calls"][:limit], "last_grant": found.get("last_grant")}

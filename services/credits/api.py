@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from billing.policy import UnpricedModel, price_of
 from billing.pricing import PriceBook
+from providers import provider_of_model
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
 from services.credits.consumer import StallWatch
 from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger
@@ -35,20 +36,6 @@ from services.shared.edge import (
 
 # Namespace of the event ids the compatibility route derives from (user, idempotency key).
 DEDUCT_NAMESPACE = uuid.UUID("5b0c8a52-4f8e-4d7e-9d0c-3f5f2b7c1e01")
-
-_PROVIDER_PREFIXES = [
-    (("gpt-", "o1", "o3", "o4", "chatgpt"), Provider.OPENAI),
-    (("claude",), Provider.ANTHROPIC),
-    (("gemini",), Provider.GEMINI),
-    (("llama", "gemma", "qwen", "deepseek", "mistral", "mixtral"), Provider.GROQ),
-]
-
-
-def infer_provider(model: str) -> Provider | None:
-    for prefixes, provider in _PROVIDER_PREFIXES:
-        if model.startswith(prefixes):
-            return provider
-    return None
 
 
 class GrantIn(BaseModel):
@@ -288,7 +275,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
     async def deduct(body: DeductIn, caller: Caller, response: Response) -> dict:
         """Publishes the call as a `model_call_completed` event (so the log stays the source of
         truth) and answers with the decision the credit consumer made for it."""
-        provider = body.provider or infer_provider(body.model)
+        provider = body.provider or provider_of_model(body.model)
         if provider is None:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,

@@ -43,6 +43,13 @@ An outage (`POST /_sim/outage`) makes every call to a provider answer 5xx whatev
 - `POST /_sim/reset`: forget keys, counts, outages and the default.
 - `GET /healthz`.
 
+## Layout
+
+`app.py` builds the app (control API, and each provider's routes under its mount); each provider's
+paths, auth and answers are in its own module (`openai.py`, `groq.py`, `anthropic.py`, `gemini.py`,
+each a `base.SimulatedProvider`), listed in `registry.py`; `state.py` holds key rules and counts;
+`urls.py` the base URLs.
+
 In-process (tests): `build_app(state)` gives the ASGI app; `SimulatorServer` runs it with uvicorn
 on a free port in a background thread (`with SimulatorServer() as sim: sim.base_url`), and its
 `state` (`SimulatorState`) can be driven directly (`sim.state.register(key, "revoked")`,

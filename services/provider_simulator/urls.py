@@ -7,13 +7,10 @@ reads them); docker-compose.yml spells out the same URLs for its `simulator` ser
 
 from __future__ import annotations
 
+from services.provider_simulator.registry import SIMULATED
+
 
 def base_urls(root: str) -> dict[str, str]:
-    """The four base-URL settings (env names) that point the services at a simulator at `root`."""
+    """The base-URL settings (env names) that point the services at a simulator at `root`."""
     root = root.rstrip("/")
-    return {
-        "OPENAI_BASE_URL": f"{root}/openai/v1",
-        "GROQ_BASE_URL": f"{root}/groq",
-        "ANTHROPIC_BASE_URL": f"{root}/anthropic",
-        "GEMINI_BASE_URL": f"{root}/gemini",
-    }
+    return {p.base_url_env: root + p.base_url_path for p in SIMULATED.values()}

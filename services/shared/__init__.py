@@ -1,1 +1,1 @@
-"""Plumbing shared by the services (settings, database, Kafka, logging). No business rules here."""
+"""Plumbing shared by the services (settings, database, Kafka, the provider HTTP client, logging, the key-check wire, sealing). No business rules here: money rules are in `billing/`, each provider's API in `providers/`."""

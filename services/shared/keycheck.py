@@ -28,8 +28,8 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
+import providers
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
-from services.shared import providers
 from services.shared.kafka import make_producer
 from services.shared.sealing import KeySealer
 from services.shared.settings import CommonSettings

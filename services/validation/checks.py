@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import httpx
 
+import providers
+from providers import KeyVerdict, ProviderSettings
 from schemas.events import Provider
-from services.shared import providers
-from services.shared.providers import KeyVerdict, ProviderSettings
+from services.shared.provider_http import provider_http_client
 
 
 def make_http_client(timeout_s: float, connect_timeout_s: float, max_connections: int = 100) -> httpx.AsyncClient:
-    """The provider client: short timeouts; the one retry is `providers.FreshConnectionRetry`'s."""
-    return providers.provider_http_client(
+    """The provider client: short timeouts; the one retry is `services.shared.provider_http.FreshConnectionRetry`'s."""
+    return provider_http_client(
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
         # Keep every connection alive: a burst of checks should not pay for new TCP connections.
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),

@@ -10,8 +10,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+import providers
+from providers import KeyVerdict
 from schemas.events import KeyCheckStatus, Provider
-from services.shared.providers import INFO, KeyVerdict
 
 # Answers about the key itself; "rate limited" and "unavailable" say nothing lasting about it.
 CACHEABLE = frozenset(
@@ -100,7 +101,7 @@ def too_many_checks(wait_s: float, provider: Provider | None = None, per_minute:
             f"You have checked several keys in the last minute. Wait about {seconds} seconds and try again.",
             wait_s,
         )
-    name = INFO[provider].name
+    name = providers.of(provider).name
     many = f"{per_minute} {name} keys" if per_minute else f"several {name} keys"
     return KeyVerdict(
         KeyCheckStatus.RATE_LIMITED,

@@ -17,8 +17,8 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
+import providers
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
-from services.shared import providers
 from services.shared.kafka import MAX_EVENT_BYTES, DeadLetter
 from services.shared.keycheck import CORRELATION_ID, REPLY_TO
 from services.shared.sealing import KeyOpener, SealingError

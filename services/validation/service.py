@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+import providers
+from providers import KeyVerdict
 from schemas.events import Provider
-from services.shared import providers
-from services.shared.providers import KeyVerdict
 from services.validation import metrics
 from services.validation.guards import UserRateLimit, VerdictCache, too_many_checks
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from services.shared.providers import ProviderSettings
+from providers import ProviderSettings
 from services.shared.settings import CommonSettings
 
 

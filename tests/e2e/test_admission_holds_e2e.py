@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.chat.harness import ServiceProcess
+from infra.harness import ServiceProcess
 from services.chat.settings import ChatSettings
 from tests.conftest import Stack
 from tests.e2e.test_chat_flow import ChatSystem, start_system

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.chat.harness import ServiceProcess
+from infra.harness import ServiceProcess
 from services.provider_simulator import SimulatorServer
 from services.shared.auth import mint_token
 from tests.conftest import Stack

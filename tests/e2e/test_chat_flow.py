@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.chat.harness import ServiceProcess
+from infra.harness import ServiceProcess
 from services.chat.identity import mint_token
 from services.provider_simulator import SimulatorServer
 from tests.conftest import Stack

@@ -4,15 +4,17 @@ SIGKILL at random points under load, a PostgreSQL restart, a Kafka broker restar
 import asyncio
 import random
 from collections import Counter
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from infra.harness import ServiceProcess
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import KeySource
 from schemas.topics import topic_specs
 from services.shared.db import migrate
-from tests.support import ServiceProcess, free_port, make_event, processes_with_env, publish, wait_for
+from tests.support import make_event, processes_with_env, publish, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,14 +36,8 @@ def workload(n: int, users: int = 50):
     return events, expected
 
 
-def credit_process(env: dict, log_path) -> ServiceProcess:
-    port = free_port()
-    return ServiceProcess(
-        "services.credits",
-        {**env, "HTTP_PORT": str(port), "BATCH_MAX_RECORDS": "500"},
-        log_path,
-        health_url=f"http://127.0.0.1:{port}/healthz",
-    )
+def credit_process(env: dict, log_path: Path) -> ServiceProcess:
+    return ServiceProcess(log_path.stem, "services.credits", {**env, "BATCH_MAX_RECORDS": "500"}, log_path.parent)
 
 
 async def ledger_state(url: str, schema: str):
@@ -105,7 +101,7 @@ async def test_sigkill_at_random_points_under_load_loses_and_doubles_nothing(sta
     try:
         while kills < 12:
             before = decided_at_kill[-1] if decided_at_kill else 0
-            proc.start()
+            proc.launch()
             if kills % 3 != 2:  # most kills land once work is flowing; some during start-up
                 await wait_for(
                     lambda before=before: progressed_past(before), timeout_s=60, every_s=0.05, what="progress"
@@ -116,7 +112,7 @@ async def test_sigkill_at_random_points_under_load_loses_and_doubles_nothing(sta
             decided_at_kill.append((await ledger_state(stack.database_url, stack.database_schema))[0])
             kills_under_load += not feeder.done()
         await feeder
-        proc.start()
+        proc.launch()
         await assert_exact(stack.database_url, stack.database_schema, events, expected)
     finally:
         proc.stop()
@@ -142,7 +138,7 @@ async def test_a_postgresql_restart_mid_load_loses_and_doubles_nothing(
     }
     topic = kafka_topics + "model_call_completed"
     events, expected = workload(3000)
-    proc = credit_process(env, tmp_path / "credits.log").start()
+    proc = credit_process(env, tmp_path / "credits.log").launch()
     try:
         await proc.wait_healthy()
         await publish(kafka_bootstrap, topic, events[:1000])
@@ -171,7 +167,7 @@ async def test_a_kafka_broker_restart_mid_load_loses_and_doubles_nothing(
         "DATABASE_SCHEMA": db_schema,
     }
     events, expected = workload(3000)
-    proc = credit_process(env, tmp_path / "credits.log").start()
+    proc = credit_process(env, tmp_path / "credits.log").launch()
     try:
         await proc.wait_healthy()
         await publish(private_kafka.bootstrap, "model_call_completed", events[:1500])

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.chat.harness import ServiceProcess
+from infra.harness import ServiceProcess
 from services.shared.kafka import make_producer
 from tests.e2e.test_chat_flow import start_system
 from tests.e2e.test_credit_faults import MODELS, assert_exact

@@ -38,13 +38,13 @@ async def test_a_sigkilled_static_member_resumes_on_restart_before_its_session_c
     events, expected = workload(3000)
     topic = stack.settings().model_call_completed_topic
     env = stack.env() | {"CREDITS_INSTANCE": "credits-1", "SESSION_TIMEOUT_MS": "60000"}
-    proc = credit_process(env, tmp_path / "credits.log").start()
+    proc = credit_process(env, tmp_path / "credits.log").launch()
     feeder = asyncio.create_task(feed(stack.kafka_bootstrap, topic, events))
     try:
         await progress_beyond(stack, 0, 60, "first decisions")
         proc.kill()
         at_kill = await decided(stack)
-        proc.start()
+        proc.launch()
         await progress_beyond(stack, at_kill, 40, "decisions after the restart")
         await feeder
         await assert_exact(stack.database_url, stack.database_schema, events, expected)
@@ -57,15 +57,15 @@ async def test_two_instances_under_load_survive_a_sigkill_of_each(stack, tmp_pat
     events, expected = workload(4000)  # fed over about 25 s, so that both kills land under load
     topic = stack.settings().model_call_completed_topic
     env = stack.env() | {"SESSION_TIMEOUT_MS": "6000"}  # the broker's minimum: dead members go fast
-    a = credit_process(env | {"CREDITS_INSTANCE": "credits-1"}, tmp_path / "credits-1.log").start()
-    b = credit_process(env | {"CREDITS_INSTANCE": "credits-2"}, tmp_path / "credits-2.log").start()
+    a = credit_process(env | {"CREDITS_INSTANCE": "credits-1"}, tmp_path / "credits-1.log").launch()
+    b = credit_process(env | {"CREDITS_INSTANCE": "credits-2"}, tmp_path / "credits-2.log").launch()
     feeder = asyncio.create_task(feed(stack.kafka_bootstrap, topic, events, chunk=100, every_s=0.6))
     try:
         await asyncio.gather(a.wait_healthy(), b.wait_healthy())
         await progress_beyond(stack, 0, 60, "first decisions")
         a.kill()  # b goes on with its partitions, and takes a's once a's session expires
         await progress_beyond(stack, await decided(stack), 60, "decisions by the survivor")
-        a.start()
+        a.launch()
         await a.wait_healthy()
         await progress_beyond(stack, await decided(stack), 60, "decisions with both")
         b.kill()  # now a alone

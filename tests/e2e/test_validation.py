@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.harness import ServiceProcess
 from schemas.events import KeyCheckStatus
 from services.provider_simulator import SimulatorServer
 from services.shared.keycheck import KeyCheckRequester
 from services.shared.settings import CommonSettings
-from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -20,19 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_worker(bootstrap: str, prefix: str, sim: SimulatorServer, log_path: Path, **env) -> ServiceProcess:
-    port = free_port()
     worker_env = {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "TOPIC_PREFIX": prefix,
-        "HTTP_PORT": str(port),
         "SESSION_TIMEOUT_MS": "6000",
         "LOG_LEVEL": "DEBUG",
         **sim.env(),
         **env,
     }
-    return ServiceProcess(
-        "services.validation", worker_env, log_path, health_url=f"http://127.0.0.1:{port}/healthz"
-    ).start()
+    return ServiceProcess(log_path.stem, "services.validation", worker_env, log_path.parent).launch()
 
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:

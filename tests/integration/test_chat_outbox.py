@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from infra.harness import ServiceProcess
 from schemas.events import ModelCallCompleted
 from schemas.topics import MODEL_CALL_COMPLETED
-from services.chat.harness import ServiceProcess
 from tests.e2e.test_chat_flow import start_system, use_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

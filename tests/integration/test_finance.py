@@ -173,7 +173,8 @@ async def plant_every_kind(stack) -> Planted:
         missing = event(user_id="dave")
         double = event(user_id="dave")
         await entry(conn, event_id=double.event_id, user_id="dave", e=double)
-        # a second, debit-like entry for an event already debited (the unique decision index holds)
+        # a second, debit-like entry for an event already debited (only decisions are unique per event: a
+        # decision's entry_id is its event id, the primary key)
         await entry(
             conn,
             event_id=double.event_id,

@@ -12,8 +12,8 @@ from services.chat.settings import ChatSettings
 from services.credits.bootstrap import running
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
+from tests.fakes import FakeChecker
 from tests.support import free_port
-from tests.unit.test_chat_service import FakeChecker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SECRET = "outage-test-secret-0123456789abcdef"

@@ -10,15 +10,12 @@ from fastapi.testclient import TestClient
 from billing.pricing import default_price_book
 from schemas.events import KeyCheckStatus, Provider
 from services.chat.app import Wiring, create_app
-from services.chat.balances import FixedBalances
 from services.chat.bootstrap import key_sealer
 from services.chat.identity import mint_token
-from services.chat.outbox import MemoryOutbox
 from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
-from services.chat.store import MemorySettingsStore
-from services.chat.usage import FixedUsage
-from tests.unit.test_chat_service import PLATFORM_KEY, FakeChecker, FakeProvider
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, FixedUsage, MemoryOutbox, MemorySettingsStore
+from tests.support import PLATFORM_KEY
 
 pytestmark = pytest.mark.unit
 SECRET = "unit-test-secret-0123456789abcdef"

@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 
 from billing.pricing import default_price_book
-from schemas.events import CallStatus, Decision, Feature, KeyCheckResult, KeyCheckStatus, KeySource, Provider
-from services.chat.balances import CreditsUnavailable, FixedBalances
+from providers import KeyVerdict, ProviderError, key_hint
+from schemas.events import CallStatus, Decision, Feature, KeyCheckStatus, KeySource, Provider
+from services.chat.balances import CreditsUnavailable
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
-from services.chat.outbox import MemoryOutbox
 from services.chat.service import (
     BalanceUnknown,
     ChatService,
@@ -23,43 +23,14 @@ from services.chat.service import (
     PlatformKeyMissing,
     ProviderFailed,
 )
-from services.chat.store import MemorySettingsStore, ModelSettings
-from services.shared.providers import ChatReply, KeyVerdict, ProviderError, key_hint
+from services.chat.store import ModelSettings
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryOutbox, MemorySettingsStore
+from tests.support import PLATFORM_KEY
 
 pytestmark = pytest.mark.unit
 
 USER_KEY = "sk-proj-userOWNkey000000000000000001"
-PLATFORM_KEY = "sk-platform-key-0000000000000000000001"
 ALICE = Identity("alice", "user", "sess-1", "token-a")
-
-
-class FakeChecker:
-    def __init__(self, status: KeyCheckStatus = KeyCheckStatus.VALID):
-        self.status, self.calls = status, []
-
-    async def check(self, user_id, provider, api_key, timeout_s):
-        self.calls.append((user_id, provider, api_key))
-        return KeyCheckResult(
-            request_id=uuid.uuid4(),
-            provider=provider,
-            status=self.status,
-            message=f"checked: {self.status.value}",
-            key_hint=key_hint(api_key),
-        )
-
-
-class FakeProvider:
-    """Answers with usage, or raises the given provider error; records which key each call used."""
-
-    def __init__(self):
-        self.calls: list[tuple[Provider, str, str]] = []
-        self.error: ProviderError | None = None
-
-    async def __call__(self, provider, api_key, model, messages):
-        self.calls.append((provider, api_key, model))
-        if self.error:
-            raise self.error
-        return ChatReply("an answer", 11, 7, model)
 
 
 def make(balance: int = 100, checker=None, platform_keys=None):

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import yaml
 
+import providers as p
 from schemas.events import Provider
 from services.provider_simulator import SimulatorState, base_urls, build_app
-from services.shared import providers as p
 from tests.support import SIM_KEY_SHAPES as KEYS
 
 pytestmark = pytest.mark.unit

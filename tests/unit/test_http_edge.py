@@ -16,23 +16,22 @@ from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
+import providers
 from billing.pricing import default_price_book
 from schemas.events import Feature, Provider
 from services.chat.app import Wiring, create_app
-from services.chat.balances import FixedBalances, HttpBalanceReader
+from services.chat.balances import HttpBalanceReader
 from services.chat.bootstrap import key_sealer
 from services.chat.credits_client import CreditsClient
-from services.chat.outbox import MemoryOutbox
 from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
-from services.chat.store import MemorySettingsStore, ModelSettings
+from services.chat.store import ModelSettings
 from services.credits.api import ApiContext, build_api
 from services.credits.settings import CreditSettings
-from services.shared import providers
 from services.shared.auth import mint_token
 from services.shared.settings import DefaultSecret, refuse_default_secrets
-from tests.support import ROOT, free_port
-from tests.unit.test_chat_service import PLATFORM_KEY, FakeChecker, FakeProvider
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryOutbox, MemorySettingsStore
+from tests.support import PLATFORM_KEY, ROOT, free_port
 
 pytestmark = pytest.mark.unit
 SECRET = "unit-test-secret-0123456789abcdef"

@@ -13,8 +13,9 @@ import json
 import httpx
 import pytest
 
+import providers
 from schemas.events import KeyCheckStatus, Provider
-from services.shared import providers
+from services.shared.provider_http import provider_http_client
 from services.validation.checks import KeyChecker, make_http_client
 
 pytestmark = pytest.mark.unit
@@ -87,7 +88,7 @@ async def test_a_key_check_on_a_connection_the_provider_closed_is_retried_on_a_f
 
 
 async def test_a_chat_call_on_a_connection_the_provider_closed_is_retried_on_a_fresh_one():
-    client = providers.provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
+    client = provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
     messages = [{"role": "user", "content": "hello"}]
     async with ClosingServer() as server, client:
         settings = settings_for(server.url)

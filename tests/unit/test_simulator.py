@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+import providers as p
 from schemas.events import KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
-from services.shared import providers as p
 from tests.support import SIM_KEY_SHAPES as KEYS
 
 pytestmark = pytest.mark.unit

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from providers import KeyVerdict
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
-from services.shared.providers import KeyVerdict
 from services.shared.sealing import DEV_KEY_ID, KeyOpener, KeySealer, SealingError, SealingSettings, generate
 from services.validation.checks import KeyChecker
 from services.validation.guards import UserRateLimit, VerdictCache, too_many_checks

@@ -1,12 +1,13 @@
-"""Key shapes, hints, auth headers and error mapping of services/shared/providers.py."""
+"""Key shapes, hints, auth headers and error mapping of the `providers` package."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
+import providers as p
 from schemas.events import KeyCheckStatus, Provider
-from services.shared import providers as p
+from services.shared.provider_http import provider_http_client
 
 pytestmark = pytest.mark.unit
 
@@ -176,7 +177,7 @@ async def test_the_shared_provider_client_never_carries_one_users_cookie_to_anot
             200, json={"data": []}, headers={"set-cookie": "lb_session=user-a-affinity; Path=/; Max-Age=3600"}
         )
 
-    client = p.provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
+    client = provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
     client._transport = httpx.MockTransport(provider)  # the client's own settings, a canned answer
     try:
         await client.get("https://api.openai.com/v1/models", headers={"authorization": "Bearer sk-user-a"})

@@ -1,0 +1,82 @@
+"""Anthropic: `x-api-key` plus a required `anthropic-version`, `/v1/messages`, and Anthropic's error
+format (`{"type": "error", "error": {"type", "message"}}`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from providers.base import REVOKED_WORDS, ChatReply, ErrorFields, KeyVerdict, Messages, ProviderBase
+from schemas.events import Provider
+
+ANTHROPIC_VERSION = "2023-06-01"
+# Anthropic refuses a call of an account without credit with 400 invalid_request_error "Your credit
+# balance is too low ...": only the words tell it from a malformed request.
+QUOTA_WORDS = re.compile(r"quota|credit balance|billing|insufficient funds", re.I)
+
+
+class AnthropicSettings(BaseSettings):
+    """`ANTHROPIC_BASE_URL` (the bare host, as in Anthropic's SDK) and `ANTHROPIC_VERSION`."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_version: str = ANTHROPIC_VERSION
+
+
+class Anthropic(ProviderBase):
+    provider = Provider.ANTHROPIC
+    name = "Anthropic"
+    key_prefixes = ("sk-ant-",)
+    key_charset = r"[A-Za-z0-9_\-]"
+    key_min_length = 20
+    model_prefixes = ("claude",)
+    keys_url = "https://console.anthropic.com/settings/keys"
+    billing_url = "https://console.anthropic.com/settings/billing"
+    base_url_setting = "anthropic_base_url"
+
+    def models_path(self) -> str:
+        return "/v1/models"
+
+    def chat_path(self, model: str) -> str:
+        return "/v1/messages"
+
+    def auth_headers(self, api_key: str, settings: BaseSettings | None = None) -> dict[str, str]:
+        version = settings.anthropic_version if isinstance(settings, AnthropicSettings) else ANTHROPIC_VERSION
+        return {"x-api-key": api_key, "anthropic-version": version}
+
+    def chat_body(self, model: str, messages: Messages, max_tokens: int) -> dict[str, Any]:
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"],
+        }
+        if system:
+            body["system"] = system
+        return body
+
+    def parse_chat_reply(self, model: str, body: Mapping[str, Any]) -> ChatReply:
+        usage = body.get("usage") or {}
+        text = "".join(part.get("text", "") for part in body.get("content", []) if part.get("type") == "text")
+        return ChatReply(
+            text, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)), body.get("model", model)
+        )
+
+    def classify_refusal(self, http_status: int, error: ErrorFields, retry_after_s: float | None) -> KeyVerdict | None:
+        kind, message = error.kind, error.message
+        if http_status == 401 or kind == "authentication_error":
+            return self.revoked() if REVOKED_WORDS.search(message) else self.invalid()
+        if http_status == 403 or kind == "permission_error":
+            return self.denied()
+        if http_status == 429 or kind == "rate_limit_error":
+            return self.rate_limited(retry_after_s)
+        if http_status in (400, 402) and QUOTA_WORDS.search(message):
+            return self.quota_exhausted()
+        return None
+
+
+API = Anthropic()

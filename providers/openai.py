@@ -1,0 +1,77 @@
+"""OpenAI: `Authorization: Bearer`, `/v1/chat/completions`, and OpenAI's error format
+(`{"error": {"message", "type", "param", "code"}}`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from providers.base import REVOKED_WORDS, ChatReply, ErrorFields, KeyVerdict, Messages, ProviderBase
+from schemas.events import Provider
+
+# A restricted key lacking a scope answers 401 "You have insufficient permissions ... Missing scopes".
+PERMISSION_WORDS = re.compile(r"permission|not allowed|missing scopes", re.I)
+
+
+class OpenAISettings(BaseSettings):
+    """`OPENAI_BASE_URL`: as in OpenAI's SDK, it includes `/v1`."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    openai_base_url: str = "https://api.openai.com/v1"
+
+
+class OpenAI(ProviderBase):
+    """OpenAI's API; also the format other providers copy (see `providers/groq.py`)."""
+
+    provider = Provider.OPENAI
+    name = "OpenAI"
+    # Annotated: Groq (a subclass) has other prefixes.
+    key_prefixes: ClassVar[tuple[str, ...]] = ("sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
+    key_charset = r"[A-Za-z0-9_\-]"
+    key_min_length = 20
+    model_prefixes: ClassVar[tuple[str, ...]] = ("gpt-", "o1", "o3", "o4", "chatgpt")
+    keys_url = "https://platform.openai.com/api-keys"
+    billing_url = "https://platform.openai.com/settings/organization/billing"
+    base_url_setting = "openai_base_url"
+
+    def models_path(self) -> str:
+        return "/models"
+
+    def chat_path(self, model: str) -> str:
+        return "/chat/completions"
+
+    def auth_headers(self, api_key: str, settings: BaseSettings | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    def chat_body(self, model: str, messages: Messages, max_tokens: int) -> dict[str, Any]:
+        return {"model": model, "messages": [dict(m) for m in messages], "max_tokens": max_tokens}
+
+    def parse_chat_reply(self, model: str, body: Mapping[str, Any]) -> ChatReply:
+        usage = body.get("usage") or {}
+        text = body["choices"][0]["message"].get("content") or ""
+        return ChatReply(
+            text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), body.get("model", model)
+        )
+
+    def classify_refusal(self, http_status: int, error: ErrorFields, retry_after_s: float | None) -> KeyVerdict | None:
+        code, kind, message = error.code, error.kind, error.message
+        if code == "insufficient_quota" or kind == "insufficient_quota":
+            return self.quota_exhausted()
+        if http_status == 429 or code == "rate_limit_exceeded":
+            return self.rate_limited(retry_after_s)
+        if http_status == 401 and PERMISSION_WORDS.search(message):
+            return self.denied()  # a restricted key lacking a scope answers 401 "insufficient permissions"
+        if code == "account_deactivated" or (http_status == 401 and REVOKED_WORDS.search(message)):
+            return self.revoked()
+        if http_status == 401 or code == "invalid_api_key":
+            return self.invalid()
+        if http_status == 403:
+            return self.denied()
+        return None
+
+
+API = OpenAI()

@@ -1,0 +1,122 @@
+"""The simulator's state: key rules (registered or read from marker words), outages and call counts."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+BEHAVIOURS = ("valid", "invalid", "revoked", "no_quota", "denied", "rate_limited", "slow", "down")
+# Marker words recognised in unregistered keys, first match wins ("invalid" before "valid").
+_MARKERS = (
+    ("revoked", "revoked"),
+    ("noquota", "no_quota"),
+    ("denied", "denied"),
+    ("ratelimited", "rate_limited"),
+    ("slow", "slow"),
+    ("down", "down"),
+    ("invalid", "invalid"),
+    ("valid", "valid"),
+)
+DEFAULT_SLOW_MS = 5000
+
+
+def _fingerprint(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Rule:
+    behaviour: str
+    delay_ms: int = 0
+    status: int | None = None
+    providers: frozenset[str] | None = None
+
+
+@dataclass
+class SimulatorState:
+    """Key rules and call counts. Thread-safe: tests read it while the server thread serves."""
+
+    default_behaviour: str = "invalid"
+    _rules: dict[str, Rule] = field(default_factory=dict)  # by key fingerprint
+    _outages: dict[str, int] = field(default_factory=dict)
+    _calls: Counter = field(default_factory=Counter)  # (fingerprint, provider) -> n
+    _endpoints: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def register(
+        self,
+        key: str,
+        behaviour: str,
+        *,
+        delay_ms: int = 0,
+        status: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(f"unknown behaviour {behaviour!r}; one of {BEHAVIOURS}")
+        with self._lock:
+            self._rules[_fingerprint(key)] = Rule(
+                behaviour, delay_ms, status, frozenset(providers) if providers else None
+            )
+
+    def set_outage(self, provider: str, status: int = 503) -> None:
+        with self._lock:
+            self._outages[provider] = status
+
+    def clear_outages(self) -> None:
+        with self._lock:
+            self._outages.clear()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._rules.clear()
+            self._outages.clear()
+            self._calls.clear()
+            self._endpoints.clear()
+            self.default_behaviour = "invalid"
+
+    def calls(self, key: str, provider: str | None = None) -> int:
+        """How many provider calls were made with `key` (on `provider`, or on any)."""
+        fp = _fingerprint(key)
+        with self._lock:
+            return sum(n for (f, p), n in self._calls.items() if f == fp and provider in (None, p))
+
+    def calls_by_provider(self, key: str | None = None) -> dict[str, int]:
+        fp = _fingerprint(key) if key is not None else None
+        out: Counter = Counter()
+        with self._lock:
+            for (f, p), n in self._calls.items():
+                if fp in (None, f):
+                    out[p] += n
+        return dict(out)
+
+    def total_calls(self) -> int:
+        with self._lock:
+            return sum(self._calls.values())
+
+    def endpoints(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._endpoints)
+
+    def _count(self, key: str | None, provider: str, endpoint: str) -> None:
+        with self._lock:
+            self._calls[(_fingerprint(key or ""), provider)] += 1
+            self._endpoints[f"{provider} {endpoint}"] += 1
+
+    def decide(self, key: str, provider: str) -> tuple[Rule, int | None]:
+        """The rule for `key` on `provider`, and the provider's outage status if any."""
+        with self._lock:
+            outage = self._outages.get(provider)
+            rule = self._rules.get(_fingerprint(key))
+            default = self.default_behaviour
+        if rule is not None:
+            if rule.providers is not None and provider not in rule.providers:
+                return Rule("invalid"), outage
+            return rule, outage
+        lowered = key.lower()
+        for marker, behaviour in _MARKERS:
+            if marker in lowered:
+                return Rule(behaviour, DEFAULT_SLOW_MS if behaviour == "slow" else 0), outage
+        return Rule(default), outage

@@ -1,0 +1,168 @@
+"""Fakes of the services' ports for unit tests (the provider simulator is the only fake of something
+outside; these stand in for our own adapters: the credit service's HTTP API, PostgreSQL, the
+key-check worker and the model call)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from uuid import UUID
+
+from billing.policy import price_of
+from billing.pricing import default_price_book
+from providers import ChatReply, ProviderError, key_hint
+from schemas.events import KeyCheckResult, KeyCheckStatus, ModelCallCompleted, Provider, utc_now
+from services.chat.balances import BalanceReader, Funds, HoldRefused, Reservation
+from services.chat.identity import Identity
+from services.chat.outbox import Outbox
+from services.chat.store import REVOKED_REPLACED, KeyRecord, ModelSettings, SettingsStore
+from services.chat.usage import UsageReader
+
+
+class FixedBalances(BalanceReader):
+    """Balances from a dict, holds kept in memory like the credit service keeps them."""
+
+    def __init__(self, balances: dict[str, int] | None = None):
+        self.balances = balances or {}
+        self.holds: dict[UUID, tuple[str, int]] = {}
+
+    async def funds(self, who: Identity) -> Funds:
+        held = sum(c for user, c in self.holds.values() if user == who.user_id)
+        return Funds(self.balances.get(who.user_id, 0), held)
+
+    async def reserve(self, who, event_id, feature, provider, model) -> Reservation:
+        credits = price_of(feature, model, default_price_book().in_force(utc_now()))
+        funds = await self.funds(who)
+        if event_id not in self.holds:
+            if funds.available < credits:
+                raise HoldRefused(credits, funds.available, funds.held)
+            self.holds[event_id] = (who.user_id, credits)
+        return Reservation(event_id, credits, (await self.funds(who)).available)
+
+    async def release(self, who, event_id) -> None:
+        self.holds.pop(event_id, None)
+
+    def settle(self, event_id: UUID, debited: int) -> None:
+        """What the ledger does when the call's event is decided."""
+        user, _ = self.holds.pop(event_id)
+        self.balances[user] = self.balances.get(user, 0) - debited
+
+
+class FixedUsage(UsageReader):
+    """Usage from a dict."""
+
+    def __init__(self, usage: dict[str, dict] | None = None):
+        self.by_user = usage or {}
+
+    async def usage(self, who: Identity, limit: int = 50) -> dict:
+        found = self.by_user.get(who.user_id, {"calls": [], "last_grant": None})
+        return {"calls": found["calls"][:limit], "last_grant": found.get("last_grant")}
+
+
+@dataclass
+class MemoryOutbox(Outbox):
+    """What would be published, in order."""
+
+    rows: dict[int, tuple[ModelCallCompleted, bool]] = field(default_factory=dict)
+
+    async def begin(self, pending: ModelCallCompleted) -> int:
+        handle = len(self.rows) + 1
+        self.rows[handle] = (pending, False)
+        return handle
+
+    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
+        self.rows[handle] = (event, True)
+        return True
+
+    async def discard(self, handle: int) -> None:
+        del self.rows[handle]
+
+    @property
+    def events(self) -> list[ModelCallCompleted]:
+        return [e for e, _ in self.rows.values()]
+
+
+@dataclass
+class _Row:
+    user_id: str
+    session_id: str
+    record: KeyRecord
+    revoked: str | None = None
+
+
+class MemorySettingsStore(SettingsStore):
+    """Model settings and key records in memory, with the PostgreSQL store's rules (a replaced key is revoked)."""
+
+    def __init__(self, clock=lambda: datetime.now(timezone.utc)):
+        self.rows: dict[str, ModelSettings] = {}
+        self.keys: dict[UUID, _Row] = {}
+        self.clock = clock
+
+    async def get(self, user_id: str) -> ModelSettings | None:
+        return self.rows.get(user_id)
+
+    async def put(self, settings: ModelSettings) -> None:
+        self.rows[settings.user_id] = settings
+
+    def _live(self, row: _Row) -> bool:
+        return row.revoked is None and row.record.expires_at > self.clock()
+
+    async def load(self, user_id, session_id, key_ids):
+        keys = {}
+        for key_id in key_ids:
+            row = self.keys.get(key_id)
+            if row and row.user_id == user_id and row.session_id == session_id and self._live(row):
+                keys[row.record.provider] = row.record
+        return self.rows.get(user_id), keys
+
+    async def add_key(self, user_id, session_id, record):
+        await self.revoke_keys(user_id, REVOKED_REPLACED, session_id=session_id, provider=record.provider)
+        self.keys[record.key_id] = _Row(user_id, session_id, record)
+
+    async def mark_key(self, key_id, status, message):
+        row = self.keys.get(key_id)
+        if row and row.revoked is None:
+            row.record = replace(row.record, status=status, message=message)
+
+    async def revoke_keys(self, user_id, reason, *, session_id=None, provider=None):
+        count = 0
+        for row in self.keys.values():
+            if (
+                row.user_id == user_id
+                and row.revoked is None
+                and session_id in (None, row.session_id)
+                and provider in (None, row.record.provider)
+            ):
+                row.revoked = reason
+                count += 1
+        return count
+
+
+class FakeChecker:
+    def __init__(self, status: KeyCheckStatus = KeyCheckStatus.VALID):
+        self.status, self.calls = status, []
+
+    async def check(self, user_id, provider, api_key, timeout_s):
+        self.calls.append((user_id, provider, api_key))
+        return KeyCheckResult(
+            request_id=uuid.uuid4(),
+            provider=provider,
+            status=self.status,
+            message=f"checked: {self.status.value}",
+            key_hint=key_hint(api_key),
+        )
+
+
+class FakeProvider:
+    """Answers with usage, or raises the given provider error; records which key each call used."""
+
+    def __init__(self):
+        self.calls: list[tuple[Provider, str, str]] = []
+        self.error: ProviderError | None = None
+
+    async def __call__(self, provider, api_key, model, messages):
+        self.calls.append((provider, api_key, model))
+        if self.error:
+            raise self.error
+        return ChatReply("an answer", 11, 7, model)
