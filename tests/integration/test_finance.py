@@ -25,6 +25,7 @@ from services.finance.event_log import EventLogError
 from services.finance.reconciliation import ReplayRefused, reconcile, repair, replay
 from services.finance.settings import FinanceSettings
 from services.finance.window import Window, to_ms
+from tests.support import make_event
 
 pytestmark = pytest.mark.integration
 
@@ -38,22 +39,8 @@ BOOK = default_price_book()
 
 
 def event(**overrides) -> ModelCallCompleted:
-    fields = dict(
-        event_id=uuid.uuid4(),
-        occurred_at=T1 + timedelta(hours=1),
-        user_id="alice",
-        session_id="s",
-        request_id=uuid.uuid4().hex,
-        provider=Provider.OPENAI,
-        model="gpt-4o",
-        feature=Feature.CHAT,
-        key_source=KeySource.PLATFORM,
-        status=CallStatus.SUCCEEDED,
-        input_tokens=10,
-        output_tokens=20,
-        latency_ms=5,
-    )
-    return ModelCallCompleted(**(fields | overrides))
+    """A succeeded platform call by alice, an hour into the window."""
+    return make_event(**({"occurred_at": T1 + timedelta(hours=1)} | overrides))
 
 
 @dataclass

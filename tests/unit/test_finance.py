@@ -18,6 +18,7 @@ from services.finance.differences import Difference, Kind, classify, correction_
 from services.finance.reconciliation import ReconcileReport
 from services.finance.report import write_report
 from services.finance.window import Window, to_ms
+from tests.support import make_event
 
 pytestmark = pytest.mark.unit
 
@@ -27,22 +28,8 @@ US = timedelta(microseconds=1)
 
 
 def event(**overrides) -> ModelCallCompleted:
-    fields = dict(
-        event_id=uuid.uuid4(),
-        occurred_at=T1 + timedelta(hours=1),
-        user_id="alice",
-        session_id="s",
-        request_id="r",
-        provider=Provider.OPENAI,
-        model="gpt-4o",
-        feature=Feature.CHAT,
-        key_source=KeySource.PLATFORM,
-        status=CallStatus.SUCCEEDED,
-        input_tokens=1,
-        output_tokens=1,
-        latency_ms=1,
-    )
-    return ModelCallCompleted(**(fields | overrides))
+    """A succeeded platform call by alice, an hour into the window."""
+    return make_event(**({"occurred_at": T1 + timedelta(hours=1)} | overrides))
 
 
 def record(value: bytes | None, ts: datetime = T1 + timedelta(hours=1), partition: int = 0, offset: int = 0):
