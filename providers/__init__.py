@@ -6,7 +6,7 @@ protocol (`base.ProviderApi`), found through `registry.REGISTRY` by `schemas.eve
 | `base.py` | the protocol, `ProviderBase` (key-shape check and user messages), `KeyVerdict`, `ChatReply`, `ProviderError`, pure helpers |
 | `openai.py`, `anthropic.py`, `groq.py`, `gemini.py` | each provider: key shape, base-URL setting, paths, auth headers, chat body and reply, error classification |
 | `registry.py` | `REGISTRY`, `of(provider)`, `owner_of(key)`, `provider_of_model(model)`, `ProviderSettings` |
-| `client.py` | `list_models` and `chat_completion` over the caller's httpx client |
+| `client.py` | `list_models` and `chat_completion` over the caller's HTTP client (the `ProviderHttp` port) |
 
 The functions below take a `Provider` (or its value) and ask its module; the services use them.
 Everything is pure except the two calls of `client.py`. It imports `schemas` only (the import rule in

@@ -5,9 +5,12 @@ key-check worker and the model call)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from uuid import UUID
+
+import httpx
 
 from billing.policy import price_of
 from billing.pricing import default_price_book
@@ -166,3 +169,12 @@ class FakeProvider:
         if self.error:
             raise self.error
         return ChatReply("an answer", 11, 7, model)
+
+
+class InProcessHttp(httpx.AsyncClient):
+    """The providers' HTTP port (`providers.client.ProviderHttp`) over httpx, for tests that run the
+    simulator's ASGI app in-process or capture requests with a MockTransport. The services use
+    `services.shared.provider_http.ProviderClient` (aiohttp, real sockets)."""
+
+    async def post_json(self, url: str, headers: Mapping[str, str], body: object) -> httpx.Response:
+        return await self.post(url, headers=headers, json=body)

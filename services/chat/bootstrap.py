@@ -7,8 +7,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
-
 from billing.pricing import default_price_book
 from providers import ProviderSettings, chat_completion
 from schemas.events import KeyCheckResult, Provider
@@ -24,7 +22,7 @@ from services.chat.store import PgSettingsStore
 from services.chat.usage import HttpUsageReader
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
-from services.shared.provider_http import provider_http_client
+from services.shared.provider_http import ProviderClient
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +89,9 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         stale_after_s=settings.outbox_stale_after_s,
     )
     # httpcore scans its pool on every request: keep the idle part of it modest.
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-    provider_http = provider_http_client(timeout=settings.provider_timeout_s, limits=limits)
+    provider_http = ProviderClient(
+        timeout_s=settings.provider_timeout_s, max_connections=settings.provider_max_connections
+    )
     credits = CreditsClient(settings.credits_url, settings.credits_timeout_s)
     providers = ProviderSettings()
 

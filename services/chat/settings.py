@@ -61,6 +61,8 @@ class ChatSettings(CommonSettings, HttpSettings):
 
     key_check_timeout_s: float = 15.0
     provider_timeout_s: float = 60.0
+    # Calls in flight to providers at once (real calls take seconds, so this caps calls per second).
+    provider_max_connections: int = 256
     default_provider: Provider = Provider.OPENAI
     default_model: str = "gpt-4o-mini"
     # The platform's model for each always-platform feature, as "provider:model" (env DEEP_ANALYSIS_MODEL,

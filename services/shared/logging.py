@@ -40,3 +40,5 @@ def setup_logging(level: str = "INFO", service: str = "byok") -> None:
     # httpx logs every request URL at INFO; a provider URL may carry a key (Gemini accepts ?key=).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # The provider and credit-service clients are aiohttp's: none of its loggers may print a URL either.
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)

@@ -6,6 +6,6 @@
   sealed box that keeps keys out of Kafka's log in the clear; two key ids at once for rotation.
 - The worker (`python -m services.validation`): `worker.ValidationWorker` (Kafka) -> `handler`
   (one record -> reply / dead letter) -> `service.KeyCheckService` (shape, HMAC-fingerprint cache,
-  per-user limit) -> `checks.KeyChecker` (the provider's model list via httpx).
+  per-user limit) -> `checks.KeyChecker` (the provider's model list, through `services.shared.provider_http`).
   Wired in `bootstrap.build`; settings in `settings.ValidationSettings`.
 """

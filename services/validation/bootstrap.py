@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
-
+from providers.client import ProviderHttp
+from services.shared.provider_http import ProviderClient
 from services.shared.sealing import KeyOpener, SealingSettings
 from services.validation.checks import KeyChecker, make_http_client
 from services.validation.guards import UserRateLimit, VerdictCache
@@ -18,7 +18,7 @@ from services.validation.worker import ValidationWorker
 @dataclass
 class Validation:
     settings: ValidationSettings
-    http: httpx.AsyncClient
+    http: ProviderClient
     service: KeyCheckService
     worker: ValidationWorker
 
@@ -32,7 +32,7 @@ class Validation:
             await self.http.aclose()
 
 
-def build_service(settings: ValidationSettings, http: httpx.AsyncClient) -> KeyCheckService:
+def build_service(settings: ValidationSettings, http: ProviderHttp) -> KeyCheckService:
     """The check use case alone (the benchmark's in-process baseline uses it too)."""
     return KeyCheckService(
         KeyChecker(settings, http),

@@ -30,7 +30,7 @@ from services.credits.api import ApiContext, build_api
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
 from services.shared.settings import DefaultSecret, refuse_default_secrets
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryOutbox, MemorySettingsStore
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, InProcessHttp, MemoryOutbox, MemorySettingsStore
 from tests.support import PLATFORM_KEY, ROOT, free_port
 
 pytestmark = pytest.mark.unit
@@ -240,7 +240,7 @@ def test_the_gemini_model_never_leaves_its_url_path_segment():
 
 async def test_a_gemini_call_with_a_bad_model_sends_nothing():
     sent = []
-    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: sent.append(request)))
+    client = InProcessHttp(transport=httpx.MockTransport(lambda request: sent.append(request)))
     settings = providers.ProviderSettings(gemini_base_url="https://gemini.example")
     with pytest.raises(providers.InvalidModelId):
         await providers.chat_completion(

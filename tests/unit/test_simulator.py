@@ -8,6 +8,8 @@ import pytest
 import providers as p
 from schemas.events import KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
+from services.shared.provider_http import ProviderClient
+from tests.fakes import InProcessHttp
 from tests.support import SIM_KEY_SHAPES as KEYS
 
 pytestmark = pytest.mark.unit
@@ -31,7 +33,7 @@ def key(provider: Provider, marker: str) -> str:
 def sim():
     state = SimulatorState()
     settings = p.ProviderSettings(**{k.lower(): v for k, v in base_urls("http://sim").items()})
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(state)), base_url="http://sim", timeout=5)
+    client = InProcessHttp(transport=httpx.ASGITransport(app=build_app(state)), base_url="http://sim", timeout=5)
     return state, settings, client
 
 
@@ -170,11 +172,11 @@ async def test_control_api_refuses_bad_rules_clearly(sim, body):
 
 
 async def test_slow_key_makes_a_short_timeout_fire():
-    # ASGITransport enforces no timeouts, so this one goes over a real socket.
+    # ASGITransport enforces no timeouts, so this one goes over a real socket, with the services' client.
     with SimulatorServer() as server:
         server.state.register(key(Provider.OPENAI, "slow"), "slow", delay_ms=3000)
         settings = p.ProviderSettings(**{k.lower(): v for k, v in server.env().items()})
-        async with httpx.AsyncClient(timeout=0.05) as client:
+        async with ProviderClient(timeout_s=0.05) as client:
             with pytest.raises(p.ProviderError) as caught:
                 await p.chat_completion(
                     client, settings, "openai", key(Provider.OPENAI, "slow"), "m", [{"role": "user", "content": "hi"}]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+
 import pytest
 
 import providers as p
 from schemas.events import KeyCheckStatus, Provider
-from services.shared.provider_http import provider_http_client
+from services.shared.provider_http import ProviderClient
 
 pytestmark = pytest.mark.unit
 
@@ -169,20 +170,37 @@ def test_chat_body_round_trips_through_each_format(provider):
 
 
 async def test_the_shared_provider_client_never_carries_one_users_cookie_to_another_call():
+    """One client serves every user's calls: a cookie a provider sets on one user's call (a session or
+    load-balancer cookie) must not ride along on the next user's call. A real socket, by host name
+    (a cookie jar may refuse cookies of bare IP addresses, which would hide the fault)."""
     seen: list[str | None] = []
 
-    def provider(request: httpx.Request) -> httpx.Response:
-        seen.append(request.headers.get("cookie"))
-        return httpx.Response(
-            200, json={"data": []}, headers={"set-cookie": "lb_session=user-a-affinity; Path=/; Max-Age=3600"}
-        )
+    async def provider(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                fields = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+                seen.append({k.lower(): v for k, v in fields.items()}.get("cookie"))
+                body = b'{"data": []}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Set-Cookie: lb_session=user-a-affinity; Path=/; Max-Age=3600\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
 
-    client = provider_http_client(timeout=5, limits=httpx.Limits(max_connections=4))
-    client._transport = httpx.MockTransport(provider)  # the client's own settings, a canned answer
+    server = await asyncio.start_server(provider, "localhost", 0)
+    url = f"http://localhost:{server.sockets[0].getsockname()[1]}/v1/models"
     try:
-        await client.get("https://api.openai.com/v1/models", headers={"authorization": "Bearer sk-user-a"})
-        await client.get("https://api.openai.com/v1/models", headers={"authorization": "Bearer sk-user-b"})
+        async with ProviderClient(timeout_s=5) as client:
+            first = await client.get(url, headers={"authorization": "Bearer sk-user-a"})
+            await client.get(url, headers={"authorization": "Bearer sk-user-b"})
     finally:
-        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert "lb_session" in first.headers.get("set-cookie", "")
     assert seen == [None, None]
-    assert not client.cookies
