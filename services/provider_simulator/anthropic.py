@@ -100,9 +100,10 @@ class Anthropic:
                 body = await request.json()
                 model, messages, max_tokens = body["model"], body["messages"], int(body["max_tokens"])
                 prompt = " ".join(str(m.get("content", "")) for m in messages) + " " + str(body.get("system", ""))
+                said = str(messages[-1].get("content", "")) if messages else ""
             except Exception:
                 return error(400, "invalid_request_error", "model, messages and max_tokens are required")
-            text = reply_text(model, prompt)
+            text = reply_text(model, said)
             return {
                 "id": f"msg_{uuid.uuid4().hex[:24]}",
                 "type": "message",

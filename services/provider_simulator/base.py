@@ -41,7 +41,8 @@ def tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def reply_text(model: str, prompt: str) -> str:
-    words = prompt.split()
+def reply_text(model: str, said: str) -> str:
+    """The simulated answer: it repeats the gist of the user's last message."""
+    words = said.split()
     gist = " ".join(words[:8]) + ("…" if len(words) > 8 else "")
     return f"[{model} simulated] You said: {gist}"

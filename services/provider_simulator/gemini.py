@@ -147,9 +147,11 @@ class Gemini:
             try:
                 body = await request.json()
                 prompt = " ".join(p.get("text", "") for c in body["contents"] for p in c.get("parts", []))
+                last = body["contents"][-1].get("parts", []) if body["contents"] else []
+                said = " ".join(p.get("text", "") for p in last)
             except Exception:
                 return error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
-            text = reply_text(model, prompt)
+            text = reply_text(model, said)
             usage = {"promptTokenCount": tokens(prompt), "candidatesTokenCount": tokens(text)}
             usage["totalTokenCount"] = usage["promptTokenCount"] + usage["candidatesTokenCount"]
             return {

@@ -124,9 +124,10 @@ class OpenAI:
                 body = await request.json()
                 model, messages = body["model"], body["messages"]
                 prompt = " ".join(str(m.get("content", "")) for m in messages)
+                said = str(messages[-1].get("content", "")) if messages else ""
             except Exception:
                 return error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
-            text = reply_text(model, prompt)
+            text = reply_text(model, said)
             usage = {"prompt_tokens": tokens(prompt), "completion_tokens": tokens(text)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             return {
