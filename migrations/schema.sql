@@ -373,6 +373,8 @@ CREATE INDEX chat_outbox_in_flight_idx ON chat_outbox USING btree (created_at) W
 
 CREATE INDEX chat_outbox_ready_idx ON chat_outbox USING btree (id) WHERE ready;
 
+CREATE INDEX chat_session_keys_expires_at_idx ON chat_session_keys USING btree (expires_at);
+
 CREATE UNIQUE INDEX chat_session_keys_one_live_per_provider ON chat_session_keys USING btree (user_id, session_id, provider) WHERE (revoked_at IS NULL);
 
 CREATE INDEX chat_session_keys_user_live_idx ON chat_session_keys USING btree (user_id) WHERE (revoked_at IS NULL);

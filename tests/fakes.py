@@ -141,6 +141,12 @@ class MemorySettingsStore(SettingsStore):
                 count += 1
         return count
 
+    async def purge_keys(self, expired_before):
+        gone = [k for k, row in self.keys.items() if row.record.expires_at < expired_before]
+        for k in gone:
+            del self.keys[k]
+        return len(gone)
+
 
 class FakeChecker:
     def __init__(self, status: KeyCheckStatus = KeyCheckStatus.VALID):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 
 from billing.pricing import default_price_book
 from providers import ProviderSettings, chat_completion
@@ -18,7 +19,7 @@ from services.chat.key_session import KeySealer, derive_secret
 from services.chat.outbox import OutboxRelay, PgOutbox
 from services.chat.service import ChatService, KeyChecker
 from services.chat.settings import ChatSettings
-from services.chat.store import PgSettingsStore
+from services.chat.store import PgSettingsStore, SettingsStore
 from services.chat.usage import HttpUsageReader
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
@@ -72,6 +73,19 @@ class StartingKeyChecker:
             await self._requester.stop()
 
 
+async def purge_key_records(store: SettingsStore, retention_s: float, every_s: float) -> None:
+    """Delete key records `retention_s` after their key expired, every `every_s` (each instance does it;
+    the delete is the same whoever runs it). A failed round is logged and tried again next time."""
+    while True:
+        try:
+            gone = await store.purge_keys(datetime.now(timezone.utc) - timedelta(seconds=retention_s))
+            if gone:
+                log.info("purged %d expired key records", gone)
+        except Exception as exc:  # the database may be away for a while: next round
+            log.warning("could not purge expired key records (%s)", type(exc).__name__)
+        await asyncio.sleep(every_s)
+
+
 @contextlib.asynccontextmanager
 async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> AsyncIterator[Wiring]:
     await migrate(settings.database_url, settings.database_schema)
@@ -98,11 +112,12 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     async def call_model(provider, api_key, model, messages):
         return await chat_completion(provider_http, providers, provider, api_key, model, messages)
 
+    store = PgSettingsStore(pool)
     own_checker = checker is None
     checker = checker or StartingKeyChecker(settings)
     balances: BalanceReader = HttpBalanceReader(credits)
     service = ChatService(
-        store=PgSettingsStore(pool),
+        store=store,
         outbox=PgOutbox(pool, relay.wake),
         balances=balances,
         checker=checker,
@@ -147,6 +162,9 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
 
     await relay.start()
     warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
+    purging = asyncio.create_task(
+        purge_key_records(store, settings.key_record_retention_s, settings.key_record_purge_every_s)
+    )
     try:
         yield Wiring(
             service,
@@ -157,6 +175,8 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
             usage=HttpUsageReader(credits),
         )
     finally:
+        purging.cancel()
+        await asyncio.gather(purging, return_exceptions=True)
         await relay.stop()
         if warming is not None:
             warming.cancel()

@@ -61,6 +61,9 @@ class ChatSettings(CommonSettings, HttpSettings):
 
     key_check_timeout_s: float = 15.0
     provider_timeout_s: float = 60.0
+    # Key records (hints, never keys) are deleted this long after their key expired, checked this often.
+    key_record_retention_s: float = 86_400.0
+    key_record_purge_every_s: float = 3_600.0
     # Calls in flight to providers at once (real calls take seconds, so this caps calls per second).
     provider_max_connections: int = 256
     default_provider: Provider = Provider.OPENAI

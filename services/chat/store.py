@@ -72,6 +72,10 @@ class SettingsStore:
         """Revoke the user's live keys (of one session and/or one provider when given); how many."""
         raise NotImplementedError
 
+    async def purge_keys(self, expired_before: datetime) -> int:
+        """Delete the key records whose key expired before `expired_before` (revoked or not); how many."""
+        raise NotImplementedError
+
 
 _LOAD = """
 SELECT s.provider, s.model, s.use_own_key, s.fallback_to_platform,
@@ -166,4 +170,8 @@ class PgSettingsStore(SettingsStore):
             session_id,
             provider.value if provider else None,
         )
+        return int(done.split()[-1])
+
+    async def purge_keys(self, expired_before: datetime) -> int:
+        done = await self.pool.execute("DELETE FROM chat_session_keys WHERE expires_at < $1", expired_before)
         return int(done.split()[-1])

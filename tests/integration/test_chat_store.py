@@ -62,3 +62,16 @@ async def test_the_database_refuses_two_live_keys_of_one_provider_in_a_session_a
         await store.pool.execute(insert.replace("'s1'", "'s2'"), uuid.uuid4(), "sk-proj-" + "k" * 40)
     with pytest.raises(asyncpg.CheckViolationError):  # revoked needs a reason from the list
         await store.pool.execute("UPDATE chat_session_keys SET revoked_at = now(), revoked_reason = 'whim'")
+
+
+async def test_key_records_are_purged_a_retention_period_after_their_key_expired(store: PgSettingsStore):
+    now = datetime.now(timezone.utc)
+    live, just_expired, long_expired = record(), record(Provider.GROQ, hours=-1), record(Provider.GEMINI, hours=-30)
+    revoked_long_ago = record(Provider.ANTHROPIC, hours=-48)
+    for r in (live, just_expired, long_expired, revoked_long_ago):
+        await store.add_key("dee", "s1", r)
+    await store.revoke_keys("dee", "removed", provider=Provider.ANTHROPIC)
+    assert await store.purge_keys(now - timedelta(days=1)) == 2  # expired over a day ago, revoked or not
+    left = {r["key_id"] for r in await store.pool.fetch("SELECT key_id FROM chat_session_keys WHERE user_id = 'dee'")}
+    assert left == {live.key_id, just_expired.key_id}
+    assert await store.purge_keys(now - timedelta(days=1)) == 0
