@@ -38,6 +38,7 @@ class Publisher:
         self._stop = asyncio.Event()
 
     async def _send(self, event) -> None:
+        first = time.monotonic()
         while True:
             started = time.monotonic()
             try:
@@ -46,6 +47,8 @@ class Publisher:
                 return
             except Exception as exc:  # noqa: BLE001 - what the sender saw is the point
                 self.errors.append((started, type(exc).__name__))
+                if started - first > 60:  # fail, never hang, when the cluster does not come back
+                    raise AssertionError(f"an event could not be sent for 60 s: {type(exc).__name__}") from exc
                 await asyncio.sleep(0.2)
 
     async def run(self, per_tick: int = 20, tick_s: float = 0.1) -> None:
