@@ -26,8 +26,7 @@ import time
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench import BenchEnv, Figure, percentile
-from bench.resume import ROOT
-from infra.harness import free_ports
+from infra.harness import ROOT, free_ports
 from schemas.topics import MODEL_CALL_COMPLETED
 from services.shared.kafka import make_producer
 

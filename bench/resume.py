@@ -8,10 +8,7 @@ successor waits for the dead member's session (10 s) to time out before the grou
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -22,19 +19,11 @@ from aiokafka import AIOKafkaProducer
 
 from bench import BenchEnv, Figure, percentile
 from bench.credits import drop_schema, event, fresh_schema
+from infra.harness import ROOT, ServiceProcess
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.topics import MODEL_CALL_COMPLETED, topic_specs
 
-ROOT = Path(__file__).resolve().parents[1]
 RATE = 200  # events/s, steady
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def feed(bootstrap: str, topic: str, stop: asyncio.Event) -> None:
@@ -50,13 +39,6 @@ async def feed(bootstrap: str, topic: str, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.05)
     finally:
         await producer.stop()
-
-
-def start_service(env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.credits"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
 
 
 async def debits(conn: asyncpg.Connection) -> int:
@@ -79,25 +61,26 @@ async def resume_times(env: BenchEnv, kills: int, instance: str | None, log: Pat
     finally:
         await admin.close()
     schema = await fresh_schema(env.database_url)
-    service_env = {
-        "BYOK_ENV": "development",
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
-        "DATABASE_URL": env.database_url,
-        "DATABASE_SCHEMA": schema,
-        "TOPIC_PREFIX": prefix,
-        "HTTP_PORT": str(free_port()),
-        "LOG_LEVEL": "INFO",
-    }  # INFO: the log shows the import time
-    service_env.pop("CREDITS_INSTANCE", None)
-    service_env.pop("CONSUMER_INSTANCE_ID", None)
+    service = ServiceProcess(
+        log.stem,
+        "services.credits",
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
+            "DATABASE_URL": env.database_url,
+            "DATABASE_SCHEMA": schema,
+            "TOPIC_PREFIX": prefix,
+            "LOG_LEVEL": "INFO",  # the log shows the import time
+        },
+        log.parent,
+    )
+    service.env.pop("CONSUMER_INSTANCE_ID", None)
+    service.env.pop("CREDITS_INSTANCE", None)
     if instance:
-        service_env["CREDITS_INSTANCE"] = instance
+        service.env["CREDITS_INSTANCE"] = instance
     conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})
     stop = asyncio.Event()
     feeder = asyncio.create_task(feed(env.kafka_bootstrap, prefix + MODEL_CALL_COMPLETED, stop))
-    proc = start_service(service_env, log)
+    service.launch()
     times = []
     try:
         await wait_for_debit_beyond(conn, 0)
@@ -105,18 +88,15 @@ async def resume_times(env: BenchEnv, kills: int, instance: str | None, log: Pat
         for _ in range(kills):
             await asyncio.sleep(rng.uniform(1.0, 4.0))  # a crash comes at no particular moment
             await wait_for_debit_beyond(conn, await debits(conn))
-            proc.send_signal(signal.SIGKILL)
             t_kill = time.monotonic()
-            await asyncio.to_thread(proc.wait)
+            await asyncio.to_thread(service.kill)  # SIGKILL, then reaped
             await asyncio.sleep(0.1)  # a commit the dead process had sent lands now, not as "resumed"
             seen = await debits(conn)
-            proc = start_service(service_env, log)
+            service.launch()
             await wait_for_debit_beyond(conn, seen)
             times.append(time.monotonic() - t_kill)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(proc.wait, 30)
+        await asyncio.to_thread(service.stop, 30)
         stop.set()
         await feeder
         await conn.close()

@@ -8,8 +8,6 @@ competes for the same CPU: the figure says what is measured, not what more cores
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 import uuid
 
@@ -17,16 +15,13 @@ import asyncpg
 
 from bench import BenchEnv, Figure
 from bench.credits import drop_schema, fresh_schema, prefill
-from bench.resume import ROOT, free_port, start_service
+from infra.harness import ROOT, ServiceProcess
 
 
 async def drain(env: BenchEnv, prefix: str, n: int, processes: int) -> float:
     schema = await fresh_schema(env.database_url)
     group = "bench-scale-" + uuid.uuid4().hex[:8]
     base = {
-        "BYOK_ENV": "development",
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
         "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
         "DATABASE_URL": env.database_url,
         "DATABASE_SCHEMA": schema,
@@ -35,11 +30,15 @@ async def drain(env: BenchEnv, prefix: str, n: int, processes: int) -> float:
         "LOG_LEVEL": "WARNING",
     }
     conn = await asyncpg.connect(env.database_url, server_settings={"search_path": schema})
-    log = ROOT / ".run" / "bench-scale.log"
     procs = [
-        start_service({**base, "HTTP_PORT": str(free_port()), "CREDITS_INSTANCE": f"scale-{i}"}, log)
+        ServiceProcess(
+            f"bench-scale-{i}", "services.credits", {**base, "CREDITS_INSTANCE": f"scale-{i}"}, ROOT / ".run"
+        )
         for i in range(processes)
     ]
+    for p in procs:
+        p.env.pop("CONSUMER_INSTANCE_ID", None)
+        p.launch()
     try:
         count = 0
         while count == 0:
@@ -54,10 +53,7 @@ async def drain(env: BenchEnv, prefix: str, n: int, processes: int) -> float:
             count = await conn.fetchval("SELECT count(*) FROM ledger_entries")
         return count / (time.perf_counter() - t0)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            await asyncio.to_thread(p.wait, 30)
+        await asyncio.gather(*(asyncio.to_thread(p.stop, 30) for p in procs))
         await conn.close()
         await drop_schema(env.database_url, schema)
 
