@@ -9,12 +9,13 @@ with 32 (httpcore walks and polls every pooled connection on each request); aioh
 - No cookie jar: one client serves all users, so a cookie a provider set on one user's call (a
   session or load-balancer cookie) must not ride along on another user's call.
 - No redirects followed: a key is sent only to the URL it was meant for.
-- A request that failed before any answer came back (a kept-alive connection the provider had just
-  closed) is sent once more, on a new connection: aiohttp does so itself for GET (RFC 9112, 9.3.1),
-  this client for POST. A timeout is not retried (the provider may be working on the call), nor a
-  refused connection, nor anything after the answer's status line arrived.
-- Idle connections are dropped after `keepalive_s` (4 s by default: before the 5 s of uvicorn, the
-  simulator's server, so tests do not lean on the retry).
+- A chat completion (POST) is never sent twice. A connection that drops without an answer may
+  drop after the provider received the whole request and worked on it, and a second attempt would
+  then be paid twice (by the platform, or by the user's own provider account). Only aiohttp's own
+  retry remains, for GET on a kept-alive connection (RFC 9112, 9.3.1): the key check's model list.
+- Idle connections are dropped after `keepalive_s` (4 s by default), well before providers close
+  idle connections (uvicorn, the simulator's server, after 5 s; real providers after a minute or
+  more), so a request rarely meets a connection the provider has just closed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ from typing import Any
 import aiohttp
 
 from providers.client import HttpAnswer, ProviderUnreachable
-
-# No answer came back on a connection that was open: worth one more attempt on a new connection.
-_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 class ProviderClient:
@@ -44,46 +42,25 @@ class ProviderClient:
         # connect alone against `connect_timeout_s`; each read of the answer against `timeout_s`.
         self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=connect, sock_read=timeout_s)
         self.max_connections, self.keepalive_s = max_connections, keepalive_s
-        self._pooled: aiohttp.ClientSession | None = None
-        self._fresh: aiohttp.ClientSession | None = None
-        self.retries = 0  # how many requests needed the second attempt (for tests and metrics)
+        self._session: aiohttp.ClientSession | None = None
 
-    def _session(self, fresh: bool = False) -> aiohttp.ClientSession:
+    def _open(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running event loop (aiohttp binds a session to its loop).
-        current = self._fresh if fresh else self._pooled
-        if current is None or current.closed:
-            connector = (
-                aiohttp.TCPConnector(limit=self.max_connections, force_close=True)
-                if fresh
-                else aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive_s)
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive_s),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=self.timeout,
             )
-            current = aiohttp.ClientSession(
-                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=self.timeout
-            )
-            if fresh:
-                self._fresh = current
-            else:
-                self._pooled = current
-        return current
-
-    async def _send(self, session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> HttpAnswer:
-        async with session.request(method, url, allow_redirects=False, **kw) as r:
-            return HttpAnswer(r.status, await r.read(), r.headers)
+        return self._session
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], body: Any = None) -> HttpAnswer:
         kw: dict[str, Any] = {"headers": dict(headers)}
         if body is not None:
             kw["json"] = body
         try:
-            try:
-                return await self._send(self._session(), method, url, **kw)
-            except aiohttp.ClientConnectorError:
-                raise
-            except _STALE:
-                if method == "GET":
-                    raise  # aiohttp already sent it once more
-                self.retries += 1
-                return await self._send(self._session(fresh=True), method, url, **kw)
+            async with self._open().request(method, url, allow_redirects=False, **kw) as r:
+                return HttpAnswer(r.status, await r.read(), r.headers)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise ProviderUnreachable(type(exc).__name__, timed_out=True) from None
         except aiohttp.ClientError as exc:
@@ -97,9 +74,8 @@ class ProviderClient:
         return await self.request("POST", url, headers, body)
 
     async def aclose(self) -> None:
-        for session in (self._pooled, self._fresh):
-            if session is not None:
-                await session.close()
+        if self._session is not None:
+            await self._session.close()
 
     async def __aenter__(self) -> ProviderClient:
         return self

@@ -1,5 +1,7 @@
-"""A provider call that fails before any response byte (a kept-alive connection the provider closed
-just as the request went out) is sent once more on a fresh connection: in chat calls and key checks.
+"""Connections that close without an answer: a key check (GET of the model list) is sent once more
+on a fresh connection; a chat completion (POST) is never sent twice, since the provider may have
+received it and worked on it, and would be paid twice. The credit service's idempotent requests are
+sent once more.
 
 The provider here is a plain local HTTP/1.1 server that closes connections exactly as an idle
 timeout racing a request does; no provider behaviour is faked beyond that.
@@ -86,18 +88,34 @@ async def test_a_key_check_on_a_connection_the_provider_closed_is_retried_on_a_f
     assert server.requests == ["GET /v1/models HTTP/1.1"] * 3 and server.connections == 2
 
 
-async def test_a_chat_call_on_a_connection_the_provider_closed_is_retried_on_a_fresh_one():
+async def test_a_chat_call_is_never_sent_twice_even_when_its_connection_drops_without_an_answer():
     client = ProviderClient(timeout_s=5, max_connections=4)
     messages = [{"role": "user", "content": "hello"}]
     async with ClosingServer() as server, client:
         settings = settings_for(server.url)
-        for _ in range(3):
-            reply = await providers.chat_completion(client, settings, Provider.OPENAI, KEY, "gpt-4o", messages)
-            assert reply.text == "hi"
-    # The second call met the closed connection and was answered on a new one; the third found no
-    # idle connection left (the retry keeps none) and opened its own.
-    assert server.answered == 3 and len(server.requests) == 4 and server.connections == 3
-    assert client.retries == 1
+        reply = await providers.chat_completion(client, settings, Provider.OPENAI, KEY, "gpt-4o", messages)
+        assert reply.text == "hi"
+        # The next call goes out on the kept-alive connection, which the server drops after reading it:
+        # the provider may have worked on it, so it is reported, not sent again.
+        with pytest.raises(providers.ProviderError) as failed:
+            await providers.chat_completion(client, settings, Provider.OPENAI, KEY, "gpt-4o", messages)
+        assert failed.value.verdict.status is KeyCheckStatus.PROVIDER_UNAVAILABLE
+        assert "ServerDisconnectedError" in failed.value.verdict.message
+        reply = await providers.chat_completion(client, settings, Provider.OPENAI, KEY, "gpt-4o", messages)
+        assert reply.text == "hi"
+    assert server.requests == ["POST /v1/chat/completions HTTP/1.1"] * 3  # each call once
+    assert (server.answered, server.connections) == (2, 2)
+
+
+async def test_a_chat_call_the_provider_read_and_then_dropped_is_not_sent_again():
+    """A fresh connection that the provider drops after reading the whole request (and working on it):
+    the case a retry would pay twice for."""
+    async with ClosingServer(always_close=True) as server, ProviderClient(timeout_s=5) as client:
+        with pytest.raises(providers.ProviderError):
+            await providers.chat_completion(
+                client, settings_for(server.url), Provider.OPENAI, KEY, "gpt-4o", [{"role": "user", "content": "hi"}]
+            )
+    assert server.requests == ["POST /v1/chat/completions HTTP/1.1"]
 
 
 async def test_the_retry_is_one_only_and_the_failure_is_reported_as_could_not_verify():
