@@ -15,6 +15,7 @@ import pytest
 from providers import KeyVerdict
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
 from services.provider_simulator import SimulatorServer, SimulatorState, base_urls, build_app
+from services.shared.provider_http import ProviderClient
 from services.shared.sealing import DEV_KEY_ID, KeyOpener, KeySealer, SealingError, SealingSettings, generate
 from services.validation.checks import KeyChecker
 from services.validation.guards import UserRateLimit, VerdictCache, too_many_checks
@@ -138,13 +139,13 @@ async def test_timeout_and_network_failure_are_unavailable_never_invalid(provide
     with SimulatorServer() as server:
         server.state.register(key(provider, "valid"), "slow", delay_ms=3000)
         settings = ValidationSettings(**{k.lower(): v for k, v in server.env().items()})
-        async with httpx.AsyncClient(timeout=0.05) as client:
+        async with ProviderClient(timeout_s=0.05) as client:
             slow = await KeyChecker(settings, client).check(provider, key(provider, "valid"))
         dead_url = server.base_url
     assert slow.status is KeyCheckStatus.PROVIDER_UNAVAILABLE and "in time" in slow.message
     # The server is gone now: nothing listens on its port.
     settings = ValidationSettings(**{k.lower(): v for k, v in base_urls(dead_url).items()})
-    async with httpx.AsyncClient(timeout=2) as client:
+    async with ProviderClient(timeout_s=2) as client:
         gone = await KeyChecker(settings, client).check(provider, key(provider, "valid"))
     assert gone.status is KeyCheckStatus.PROVIDER_UNAVAILABLE and "could not be reached" in gone.message
 
