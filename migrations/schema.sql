@@ -119,6 +119,7 @@ END $$;
 
 CREATE FUNCTION place_hold(p_event uuid, p_user text, p_credits bigint, p_feature text, p_provider text, p_model text, p_version text, p_ttl_s double precision) RETURNS TABLE(created boolean, holder text, held_credits bigint, available bigint)
     LANGUAGE plpgsql
+    SET lock_timeout TO '3s'
     AS $$
 BEGIN
     created := false;

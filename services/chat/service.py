@@ -307,6 +307,7 @@ class ChatService:
         key_check_timeout_s: float = 15.0,
         clock: Callable[[], datetime] = utc_now,
         admission_holds: bool = True,
+        release_again_s: float = 10.0,
     ):
         self.store, self.outbox, self.balances, self.checker = store, outbox, balances, checker
         self.call_model, self.platform_keys, self.book = call_model, dict(platform_keys), price_book
@@ -314,6 +315,8 @@ class ChatService:
         self.feature_models = {**DEFAULT_FEATURE_MODELS, **(feature_models or {})}
         self.key_ttl_s, self.key_check_timeout_s, self.clock = key_ttl_s, key_check_timeout_s, clock
         self.admission_holds = admission_holds  # off only for the benchmark's baseline (see ChatSettings)
+        self.release_again_s = release_again_s
+        self._releasing: set[asyncio.Future] = set()
 
     # --- settings and keys ------------------------------------------------------------------------
 
@@ -631,6 +634,9 @@ class ChatService:
         try:
             return await self.balances.reserve(who, pending.event_id, feature, pending.provider, model)
         except CreditsUnavailable as exc:
+            # The answer is lost, not necessarily the hold: it may have been placed (or be placed a
+            # moment later) for a call that will not start. Release it now and once more later.
+            self._release_soon(who, pending.event_id)
             raise BalanceUnknown(
                 "We cannot reserve credits for this call right now, so platform calls are paused. "
                 "Try again in a minute, or use your own key for chat.",
@@ -643,16 +649,31 @@ class ChatService:
             else:
                 advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
             raise PaymentRequired(
-                f"{what} with {model} costs {exc.needed} credits and you have {max(exc.available, 0)} available"
+                f"{what} with {model} costs {exc.needed} credit{'s' if exc.needed != 1 else ''} and you have "
+                f"{max(exc.available, 0)} available"
                 f"{f' ({exc.held} more are held by calls still running)' if exc.held else ''}. {advice}",
                 reason="insufficient_credits",
                 needed=exc.needed,
                 available=exc.available,
                 held=exc.held,
-                balance=exc.available,
+                balance=exc.available + exc.held,
                 price_list_version=prices.version,
                 suggest_byok=feature is Feature.CHAT,
             ) from None
+
+    def _release_soon(self, who: Identity, event_id: uuid.UUID) -> None:
+        """Release the hold of a call that will not start, now and again after `release_again_s` (a
+        placement the credit service had queued may land after the first release); best effort,
+        in the background: a hold nobody releases expires on its own."""
+
+        async def release() -> None:
+            await self.balances.release(who, event_id)
+            await asyncio.sleep(self.release_again_s)
+            await self.balances.release(who, event_id)
+
+        task = asyncio.ensure_future(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def _finished(
         self, pending: ModelCallCompleted, started: float, status: CallStatus, reply: ChatReply | None = None

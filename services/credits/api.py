@@ -19,7 +19,7 @@ from billing.pricing import PriceBook
 from providers import provider_of_model
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
 from services.credits.consumer import StallWatch
-from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger
+from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger, LedgerBusy
 from services.credits.settings import CreditSettings
 from services.shared.auth import AuthError, Identity, read_token
 from services.shared.edge import (
@@ -187,6 +187,12 @@ def build_api(ctx: ApiContext) -> FastAPI:
             )
         except HoldConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        except LedgerBusy:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "The credit ledger is busy with this account right now; nothing was held. Try again in a moment.",
+                headers={"Retry-After": "2"},
+            ) from None
         if not hold.created:
             response.status_code = status.HTTP_200_OK
         return {

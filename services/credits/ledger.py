@@ -119,6 +119,10 @@ class HoldConflict(CreditError):
     """The event is already decided, or its id is held for another user or another price."""
 
 
+class LedgerBusy(CreditError):
+    """The account stayed locked longer than a hold may wait (migrations/0013); nothing was held."""
+
+
 class GrantConflict(CreditError):
     """A grant key already used for a different grant."""
 
@@ -248,6 +252,8 @@ class Ledger:
             raise self._refusal(exc, credits) from None
         except asyncpg.ForeignKeyViolationError:
             raise InsufficientAvailable(credits, 0) from None
+        except asyncpg.LockNotAvailableError:
+            raise LedgerBusy(f"the account of {user_id} stayed locked; no hold was placed") from None
         if row["holder"] is None:  # placed and released again in between
             raise HoldConflict(f"the hold of event {event_id} was released while it was being placed")
         if row["holder"] != user_id or row["held_credits"] != credits:

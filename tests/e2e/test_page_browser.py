@@ -180,7 +180,7 @@ def test_finding_1_byok_on_with_a_refused_key_never_runs_on_credits(system: Chat
     expect(page.locator("#badge")).to_contain_text("Chat paused")
     entry = send(page, "chat", "Summarise my sales data")
     expect(entry.locator(".answer")).to_contain_text("no OpenAI key")
-    expect(entry.locator(".billing")).to_have_text("Not sent: no credits")
+    expect(entry.locator(".billing")).to_have_text("Not sent: nothing charged")
     expect(page.get_by_role("switch", name="Use my own API key")).to_have_attribute("aria-checked", "true")
     shot(page, f"finding-1-refused-key-no-charge-{viewport}")
     assert system.wait_balance(user, 50, within_s=3) == 50  # nothing was charged, then or later
@@ -202,7 +202,7 @@ def test_finding_2_a_key_is_bound_to_its_provider(system: ChatSystem, page: Page
     expect(page.locator("#keys li").first).to_contain_text("OpenAI sk-proj-…")
     expect(page.locator("#feature-status")).to_contain_text("no Anthropic key")
     entry = send(page, "chat", "Which model answers?")
-    expect(entry.locator(".billing")).to_have_text("Not sent: no credits")
+    expect(entry.locator(".billing")).to_have_text("Not sent: nothing charged")
     assert system.sim.state.calls(key) == 1  # only the check: no chat ran on the OpenAI key
     shot(page, f"finding-2-key-bound-to-provider-{viewport}")
 
@@ -257,7 +257,7 @@ def test_finding_4_the_status_line_is_true_per_feature_before_sending(system: Ch
     expect(status).to_contain_text("You have 49 credits. Not enough for this call.")
     entry = send(page, "deep_analysis", "Analyse everything")
     expect(entry.locator(".answer")).to_contain_text("needs credits")
-    expect(entry.locator(".billing")).to_have_text("Not sent: no credits")
+    expect(entry.locator(".billing")).to_have_text("Not sent: not enough credits")
     no_sideways_scroll(page)
     shot(page, f"finding-4-status-per-feature-{viewport}")
 

@@ -195,3 +195,18 @@ async def test_the_compatibility_route_refuses_a_reused_key_with_a_different_bod
             )
             assert other.status_code == 409 and "already used for a different call" in other.json()["detail"]
             assert (await runtime.ledger.balance("gus")).balance == 45
+
+
+async def test_a_hold_waits_for_a_locked_account_at_most_three_seconds_then_nothing_is_held(api, pool):
+    """The chat gives up on the credit service after 5 s: a placement still waiting for the account's
+    lock after that would hold credits for a call that never starts (migrations/0013)."""
+    await grant(Ledger(pool), "gil")
+    body = {"event_id": str(uuid.uuid4()), "feature": "chat", "provider": "openai", "model": "gpt-4o"}
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM accounts WHERE user_id = 'gil' FOR UPDATE")  # e.g. a stuck writer
+        busy = await api.post("/api/holds", json=body, headers=auth("gil"))
+    assert busy.status_code == 503 and "nothing was held" in busy.json()["detail"], busy.text
+    credits = (await api.get("/api/credits/gil", headers=auth("gil"))).json()
+    assert (credits["held"], credits["available"]) == (0, 50)
+    placed = await api.post("/api/holds", json=body, headers=auth("gil"))  # the lock gone: placed at once
+    assert placed.status_code == 201

@@ -422,3 +422,37 @@ async def test_a_hold_is_released_when_the_provider_is_never_asked():
     with pytest.raises(ConnectionError):
         await service.call(ALICE, None, Feature.CHAT, "hello")
     assert service.balances.holds == {} and provider.calls == []
+
+
+async def test_a_hold_whose_answer_was_lost_is_released_now_and_once_more_later():
+    """The credit service placed the hold, but its answer never came back (timeout), or the placement
+    lands after the chat gave up: the call is refused (503) and the hold is released, then released
+    again a moment later, instead of locking the user's credits until it expires."""
+
+    class LostAnswer(FixedBalances):
+        placed: list = []
+        releases = 0
+
+        async def reserve(self, who, event_id, feature, provider, model):
+            self.placed.append(await super().reserve(who, event_id, feature, provider, model))
+            raise CreditsUnavailable("the credit service did not answer (TimeoutError)")  # answer lost
+
+        async def release(self, who, event_id):
+            LostAnswer.releases += 1
+            await super().release(who, event_id)
+
+    service, _, outbox, provider = make(balance=50)
+    service.balances = credits = LostAnswer({"alice": 50})
+    service.release_again_s = 0.05
+    with pytest.raises(BalanceUnknown):
+        await service.call(ALICE, None, Feature.DEEP_ANALYSIS, "everything")
+    assert provider.calls == [] and outbox.rows == {}
+    await asyncio.sleep(0)  # the first release runs as soon as the refusal is out
+    assert credits.holds == {} and LostAnswer.releases == 1
+    # A placement the credit service had queued lands after the first release...
+    [hold] = credits.placed
+    credits.holds[hold.event_id] = ("alice", hold.credits)
+    assert (await credits.funds(ALICE)).available == 0
+    await asyncio.sleep(0.1)
+    assert LostAnswer.releases == 2 and credits.holds == {}  # ...and the second release takes it away
+    assert (await credits.funds(ALICE)).available == 50

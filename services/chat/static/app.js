@@ -370,7 +370,9 @@ async function onSend(event) {
     } else {
       setText(entry.answer, r.body.message || `Error ${r.status}`);
       entry.billing.className = "billing error";
-      entry.billing.textContent = r.body.billing ? "Failed call: no credits" : "Not sent: no credits";
+      // Refused before the provider was asked: nothing charged, and only a 402 is about credits.
+      entry.billing.textContent = r.body.billing ? "Failed call: no credits"
+        : r.status === 402 ? "Not sent: not enough credits" : "Not sent: nothing charged";
       if (r.body.key_status || r.status === 409) {
         delete state.keyNotes[$("provider").value]; // the server's word on the key is newer
         await loadSettings();
