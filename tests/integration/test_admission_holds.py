@@ -204,7 +204,8 @@ async def test_a_hold_waits_for_a_locked_account_at_most_three_seconds_then_noth
     body = {"event_id": str(uuid.uuid4()), "feature": "chat", "provider": "openai", "model": "gpt-4o"}
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("SELECT 1 FROM accounts WHERE user_id = 'gil' FOR UPDATE")  # e.g. a stuck writer
-        busy = await api.post("/api/holds", json=body, headers=auth("gil"))
+        # Bounded here too: without the database's bound this would wait for the blocker, which waits for it.
+        busy = await asyncio.wait_for(api.post("/api/holds", json=body, headers=auth("gil")), 15)
     assert busy.status_code == 503 and "nothing was held" in busy.json()["detail"], busy.text
     credits = (await api.get("/api/credits/gil", headers=auth("gil"))).json()
     assert (credits["held"], credits["available"]) == (0, 50)
