@@ -151,6 +151,11 @@ wait_healthy() {
 up() {
   check_ports
   provider_urls
+  # Kafka and PostgreSQL may already run (started by `make test`, or by hand): `down` stops them only
+  # if this `up` started them (DESIGN "Commands": down stops everything up started and nothing else).
+  mkdir -p "$SVC_DIR"
+  bash "$ROOT/infra/kafka.sh" status >/dev/null 2>&1 || touch "$SVC_DIR/up-started-kafka"
+  bash "$ROOT/infra/postgres.sh" status >/dev/null 2>&1 || touch "$SVC_DIR/up-started-postgres"
   bash "$ROOT/infra/kafka.sh" up
   bash "$ROOT/infra/postgres.sh" up
   DATABASE_URL="$(bash "$ROOT/infra/postgres.sh" url)"
@@ -168,8 +173,10 @@ down() {
   for (( i=${#SERVICES[@]}-1; i>=0; i-- )); do
     s=(${SERVICES[$i]}); stop_pid "$SVC_DIR/${s[0]}.pid" "${s[0]}"
   done
-  bash "$ROOT/infra/kafka.sh" down
-  bash "$ROOT/infra/postgres.sh" down
+  if [ -f "$SVC_DIR/up-started-kafka" ]; then bash "$ROOT/infra/kafka.sh" down; rm -f "$SVC_DIR/up-started-kafka"
+  else log "kafka left running: up did not start it"; fi
+  if [ -f "$SVC_DIR/up-started-postgres" ]; then bash "$ROOT/infra/postgres.sh" down; rm -f "$SVC_DIR/up-started-postgres"
+  else log "postgres left running: up did not start it"; fi
 }
 
 status() {

@@ -145,3 +145,38 @@ def test_instances_on_clashing_ports_are_refused_before_anything_starts(private_
     )
     assert done.returncode != 0 and "two parts would listen on port 18001" in done.stderr
     assert processes_of(private_state) == set()
+
+
+def test_down_leaves_running_the_broker_and_database_that_up_did_not_start(private_state):
+    """`make test` (or a developer) may have started Kafka and PostgreSQL; `make up` then only adds the
+    services, and `make down` stops those and nothing else (DESIGN "Commands")."""
+    ports = {
+        name: str(free_port())
+        for name in ("BYOK_KAFKA_PORT", "BYOK_KAFKA_CONTROLLER_PORT", "BYOK_PG_PORT", "SIM_PORT", "VALIDATION_PORT")
+    }
+    ports |= {"CHAT_PORT": str(free_port()), "CREDITS_PORT": str(free_port())}
+    env = {**os.environ, **ports, "BYOK_STATE_DIR": str(private_state), "BYOK_KAFKA_HEAP": "512M"}
+    for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BYOK_EXTERNAL_KAFKA", "HTTP_PORT", "CREDITS_URL"):
+        env.pop(var, None)
+
+    def run(script: str, cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", f"infra/{script}", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    try:
+        for script in ("kafka.sh", "postgres.sh"):
+            assert run(script, "up").returncode == 0
+        assert run("stack.sh", "up").returncode == 0
+        down = run("stack.sh", "down")
+        assert down.returncode == 0, down.stderr[-2000:]
+        assert "kafka left running" in down.stderr and "postgres left running" in down.stderr
+        assert run("kafka.sh", "status").returncode == 0, "the broker up did not start still runs"
+        assert run("postgres.sh", "status").returncode == 0, "the database up did not start still runs"
+        assert not any("services." in cmd for cmd in describe(processes_of(private_state)).values())
+    finally:
+        run("stack.sh", "down")
+        run("kafka.sh", "down")
+        run("postgres.sh", "down")
+    time.sleep(0.5)
+    assert processes_of(private_state) == set()
