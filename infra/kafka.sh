@@ -193,9 +193,18 @@ down() {
 }
 
 # kill I: SIGKILL node I (fault tests); `up` starts it again.
+# check_node N: N names one node of this cluster (a typo, or a forgotten BYOK_KAFKA_BROKERS=3, must not
+# stop the one broker a developer's stack runs on)
+check_node() {
+  local n=${1:-}
+  (( BROKERS > 1 )) || die "one Kafka node runs here (BYOK_KAFKA_BROKERS=1); 'down' stops it. Node commands are for BYOK_KAFKA_BROKERS=3"
+  [[ "$n" =~ ^[0-9]+$ ]] && (( n >= 1 && n <= BROKERS )) || die "name a node from 1 to $BROKERS, not '$n'"
+}
+
 kill_node() {
   local pidfile
-  pidfile=$(node_pid "${1:?node number}")
+  check_node "${1:-}"
+  pidfile=$(node_pid "$1")
   pid_alive "$pidfile" || die "kafka node $1 is not running"
   kill -KILL "$(cat "$pidfile")"
   log "kafka node $1 killed (pid $(cat "$pidfile"))"
@@ -203,7 +212,9 @@ kill_node() {
 
 # stop I: stop node I alone, gracefully (a controlled shutdown hands its leaderships to the others).
 stop_node() {
-  stop_pid "$(node_pid "${1:?node number}")" "kafka node $1"
+  check_node "${1:-}"
+  pid_alive "$(node_pid "$1")" || die "kafka node $1 is not running"
+  stop_pid "$(node_pid "$1")" "kafka node $1"
 }
 
 # roll: a rolling restart, one node at a time; the next goes down only once every partition has all
@@ -211,6 +222,9 @@ stop_node() {
 roll() {
   local i t0
   (( BROKERS > 1 )) || die "a rolling restart needs a cluster (BYOK_KAFKA_BROKERS=3)"
+  for i in $(nodes); do
+    pid_alive "$(node_pid "$i")" || die "kafka node $i is not running: start it with 'bash infra/kafka.sh up' first, then roll"
+  done
   for i in $(nodes); do
     KAFKA_BOOTSTRAP_SERVERS="$(bootstrap)" "$PYTHON" -m infra.topics --wait 120 --in-sync \
       || die "not every replica is in sync: not taking node $i down"

@@ -1,5 +1,6 @@
 """The project's own infrastructure scripts: idempotent up, clean down, the topics of the design."""
 
+import os
 import subprocess
 
 import asyncpg
@@ -8,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas.topics import FOREVER, ONE_HOUR, topic_specs
+from tests.support import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +63,22 @@ async def test_private_postgres_survives_a_restart_with_its_data(private_postgre
     conn = await asyncpg.connect(private_postgres.url)
     assert await conn.fetchval("SELECT v FROM kept") == 42
     await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("brokers", "args", "said"),
+    [
+        ("1", ["stop", "3"], "one Kafka node runs here"),  # a forgotten BYOK_KAFKA_BROKERS=3
+        ("1", ["kill", "1"], "one Kafka node runs here"),
+        ("3", ["stop", "4"], "name a node from 1 to 3, not '4'"),
+        ("3", ["kill", "x"], "name a node from 1 to 3, not 'x'"),
+        ("3", ["stop"], "name a node from 1 to 3, not ''"),
+        ("3", ["stop", "2"], "kafka node 2 is not running"),
+        ("3", ["roll"], "kafka node 1 is not running: start it with 'bash infra/kafka.sh up' first"),
+    ],
+)
+def test_node_commands_refuse_what_names_no_running_node_of_the_cluster(tmp_path, brokers, args, said):
+    """Nothing runs in this state folder: each command must refuse with a sentence, and stop nothing."""
+    env = {**os.environ, "BYOK_STATE_DIR": str(tmp_path), "BYOK_KAFKA_BROKERS": brokers, "BYOK_KAFKA_PORT": "29392"}
+    done = subprocess.run(["bash", "infra/kafka.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and said in done.stderr, done.stderr
