@@ -44,10 +44,14 @@ class CreditsClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _open(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the running event loop (aiohttp binds a session to its loop).
-        if self._session is None or self._session.closed:
+        # Created on first use, inside the running event loop (aiohttp binds a session to its loop);
+        # never again once closed (a request still running at shutdown must not leave one open).
+        if self._closed:
+            raise CreditsUnreachable("the chat is shutting down")
+        if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=2.0),
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -89,5 +93,6 @@ class CreditsClient:
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()

@@ -43,10 +43,14 @@ class ProviderClient:
         self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=connect, sock_read=timeout_s)
         self.max_connections, self.keepalive_s = max_connections, keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _open(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the running event loop (aiohttp binds a session to its loop).
-        if self._session is None or self._session.closed:
+        # Created on first use, inside the running event loop (aiohttp binds a session to its loop);
+        # never again once closed (a call still running at shutdown must not open a session nobody closes).
+        if self._closed:
+            raise ProviderUnreachable("ClientClosed")
+        if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive_s),
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -74,6 +78,7 @@ class ProviderClient:
         return await self.request("POST", url, headers, body)
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 

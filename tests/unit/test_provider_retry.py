@@ -157,3 +157,20 @@ async def test_a_credit_service_request_on_a_connection_it_closed_is_sent_once_m
             finally:
                 await client.aclose()
         assert server.requests == [f"{method} /api/holds/e1 HTTP/1.1"] * 2
+
+
+async def test_a_closed_client_opens_no_new_connection_for_a_call_still_running_at_shutdown():
+    """A call that reaches the client after shutdown closed it must not open a session nobody closes."""
+    from providers.client import ProviderUnreachable
+    from services.chat.credits_client import CreditsClient, CreditsUnreachable
+
+    async with ClosingServer() as server:
+        provider = ProviderClient(timeout_s=5)
+        await provider.aclose()
+        with pytest.raises(ProviderUnreachable):
+            await provider.get(server.url + "/v1/models", headers={})
+        credits = CreditsClient(server.url, timeout_s=5)
+        await credits.aclose()
+        with pytest.raises(CreditsUnreachable, match="shutting down"):
+            await credits.request("GET", "/api/credits/alice", "token")
+    assert server.requests == [] and provider._session is None and credits._session is None
