@@ -102,7 +102,6 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         linger_s=settings.relay_linger_s,
         stale_after_s=settings.outbox_stale_after_s,
     )
-    # httpcore scans its pool on every request: keep the idle part of it modest.
     provider_http = ProviderClient(
         timeout_s=settings.provider_timeout_s, max_connections=settings.provider_max_connections
     )

@@ -24,6 +24,8 @@ from typing import Any
 import aiohttp
 from aiohttp.client import IDEMPOTENT_METHODS
 
+from services.shared.client_session import LazySession, SessionClosed
+
 # No answer came back on a connection that was open: worth one more attempt on a new connection.
 _RETRIED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
@@ -42,23 +44,14 @@ class CreditsClient:
     def __init__(self, base_url: str, timeout_s: float, *, max_connections: int = 64):
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
-
-    def _open(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the running event loop (aiohttp binds a session to its loop);
-        # never again once closed (a request still running at shutdown must not leave one open).
-        if self._closed:
-            raise CreditsUnreachable("the chat is shutting down")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=2.0),
+        self._session = LazySession(
+            lambda: aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=2.0),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=self.timeout,
                 json_serialize=json.dumps,
             )
-        return self._session
+        )
 
     async def request(
         self,
@@ -76,23 +69,24 @@ class CreditsClient:
         attempts = (1,) if method in IDEMPOTENT_METHODS else (1, 2)
         for attempt in attempts:
             try:
-                async with self._open().request(method, url, json=json_body, params=params, headers=headers) as r:
+                session = self._session.open()
+            except SessionClosed:
+                raise CreditsUnreachable("the chat is shutting down") from None
+            try:
+                async with session.request(method, url, json=json_body, params=params, headers=headers) as r:
                     raw = await r.read()
                     try:
                         body = json.loads(raw) if raw else None
                     except ValueError:
                         body = None
                     return Answer(r.status, body)
-            except aiohttp.ClientConnectorError as exc:  # nothing listens: a second try changes nothing
-                raise CreditsUnreachable(f"the credit service did not answer ({type(exc).__name__})") from None
-            except _RETRIED as exc:
-                if attempt == attempts[-1]:
-                    raise CreditsUnreachable(f"the credit service did not answer ({type(exc).__name__})") from None
             except (TimeoutError, aiohttp.ClientError) as exc:
-                raise CreditsUnreachable(f"the credit service did not answer ({type(exc).__name__})") from None
+                # Once more only for a connection that dropped without an answer; a refused connection
+                # (nothing listens) would be refused again.
+                stale = isinstance(exc, _RETRIED) and not isinstance(exc, aiohttp.ClientConnectorError)
+                if not stale or attempt == attempts[-1]:
+                    raise CreditsUnreachable(f"the credit service did not answer ({type(exc).__name__})") from None
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
+        await self._session.close()

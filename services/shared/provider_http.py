@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from providers.client import HttpAnswer, ProviderUnreachable
+from services.shared.client_session import LazySession, SessionClosed
 
 
 class ProviderClient:
@@ -41,30 +42,23 @@ class ProviderClient:
         # Waiting for a pooled connection and connecting count against `timeout_s`; the TCP (and TLS)
         # connect alone against `connect_timeout_s`; each read of the answer against `timeout_s`.
         self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=connect, sock_read=timeout_s)
-        self.max_connections, self.keepalive_s = max_connections, keepalive_s
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
-
-    def _open(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the running event loop (aiohttp binds a session to its loop);
-        # never again once closed (a call still running at shutdown must not open a session nobody closes).
-        if self._closed:
-            raise ProviderUnreachable("ClientClosed")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive_s),
+        self._session = LazySession(
+            lambda: aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=keepalive_s),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=self.timeout,
             )
-        return self._session
+        )
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], body: Any = None) -> HttpAnswer:
         kw: dict[str, Any] = {"headers": dict(headers)}
         if body is not None:
             kw["json"] = body
         try:
-            async with self._open().request(method, url, allow_redirects=False, **kw) as r:
+            async with self._session.open().request(method, url, allow_redirects=False, **kw) as r:
                 return HttpAnswer(r.status, await r.read(), r.headers)
+        except SessionClosed:
+            raise ProviderUnreachable("ClientClosed") from None
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise ProviderUnreachable(type(exc).__name__, timed_out=True) from None
         except aiohttp.ClientError as exc:
@@ -78,9 +72,7 @@ class ProviderClient:
         return await self.request("POST", url, headers, body)
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
+        await self._session.close()
 
     async def __aenter__(self) -> ProviderClient:
         return self

@@ -173,4 +173,4 @@ async def test_a_closed_client_opens_no_new_connection_for_a_call_still_running_
         await credits.aclose()
         with pytest.raises(CreditsUnreachable, match="shutting down"):
             await credits.request("GET", "/api/credits/alice", "token")
-    assert server.requests == [] and provider._session is None and credits._session is None
+    assert server.requests == [] and not provider._session.opened and not credits._session.opened
