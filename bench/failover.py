@@ -20,13 +20,13 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench import BenchEnv, Figure, percentile
 from infra.harness import ROOT, free_ports
+from infra.topics import wait_in_sync
 from schemas.topics import MODEL_CALL_COMPLETED
 from services.shared.kafka import make_producer
 
@@ -56,6 +56,14 @@ class Cluster:
         )
         if done.returncode:
             raise RuntimeError(f"kafka.sh {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+
+    async def wait_in_sync(self, timeout_s: float) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        await admin.start()
+        try:
+            await wait_in_sync(admin, timeout_s)
+        finally:
+            await admin.close()
 
     async def describe(self) -> list[dict]:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
@@ -157,14 +165,7 @@ async def run(env: BenchEnv) -> list[Figure]:
             await asyncio.sleep(8)  # sends go on to the nodes left
             failovers.append(sender.longest_wait_past(killed, killed + 8))
             await asyncio.to_thread(cluster.run, "up")  # back, then every replica in sync before the next kill
-            await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "infra.topics", "--wait", "120", "--in-sync"],
-                cwd=ROOT,
-                env={**cluster.env, "KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap},
-                check=True,
-                capture_output=True,
-            )
+            await cluster.wait_in_sync(120)
         sender.stop()
         await sending
     finally:

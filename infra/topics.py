@@ -82,18 +82,15 @@ async def main(argv: list[str] | None = None) -> int:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     try:
         admin = await wait_for_broker(bootstrap, args.wait)
+        try:
+            created = await ensure_topics(admin, topic_specs(args.partitions, args.prefix))
+            if args.in_sync:
+                await wait_in_sync(admin, args.wait)
+        finally:
+            await admin.close()
     except TimeoutError as exc:
         print(exc, file=sys.stderr)  # a sentence, not a traceback
         return 1
-    try:
-        created = await ensure_topics(admin, topic_specs(args.partitions, args.prefix))
-        if args.in_sync:
-            await wait_in_sync(admin, args.wait)
-    except TimeoutError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    finally:
-        await admin.close()
     if created:
         print(f"created topics: {', '.join(created)}", file=sys.stderr)
     return 0
