@@ -82,6 +82,17 @@ class CallStatus(StrEnum):
     FAILED = "failed"
 
 
+class Ending(StrEnum):
+    """How a call ended (DESIGN "The call lifecycle"); the policy still bills by `status`."""
+
+    COMPLETED = "completed"  # succeeded: the provider answered in full
+    PROVIDER_ERROR = "provider_error"  # failed: the provider refused or failed the call
+    TIMEOUT = "timeout"  # failed: the provider did not answer (or finish) in time
+    STOPPED = "stopped"  # by the user or the client going away: failed before the first token, succeeded after
+    INTERRUPTED = "interrupted"  # failed: the instance running the call went away (its lease lapsed)
+    NOT_STARTED = "not_started"  # failed: the provider was never asked (published only to settle a hold)
+
+
 class Decision(StrEnum):
     DEBITED = "debited"
     NOT_BILLED_BYOK = "not_billed_byok"
@@ -137,6 +148,8 @@ class ModelCallCompleted(Contract):
     input_tokens: TokenCount
     output_tokens: TokenCount
     latency_ms: LatencyMs
+    # Added in the third round (optional: older emitters omit it, older consumers ignore it).
+    ending: Ending | None = None
 
 
 class CreditOutcome(Contract):
