@@ -117,7 +117,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION place_hold(p_event uuid, p_user text, p_credits bigint, p_feature text, p_provider text, p_model text, p_version text, p_ttl_s double precision) RETURNS TABLE(created boolean, holder text, held_credits bigint, available bigint)
+CREATE FUNCTION place_hold(p_event uuid, p_user text, p_credits bigint, p_feature text, p_provider text, p_model text, p_version text) RETURNS TABLE(created boolean, holder text, held_credits bigint, available bigint)
     LANGUAGE plpgsql
     SET lock_timeout TO '3s'
     AS $$
@@ -125,9 +125,8 @@ BEGIN
     created := false;
     IF NOT EXISTS (SELECT 1 FROM holds WHERE event_id = p_event) THEN
         -- No row back: the trigger found the same hold placed meanwhile.
-        INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version, expires_at)
-        VALUES (p_event, p_user, p_credits, p_feature, p_provider, p_model, p_version,
-                now() + make_interval(secs => p_ttl_s))
+        INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version)
+        VALUES (p_event, p_user, p_credits, p_feature, p_provider, p_model, p_version)
         RETURNING true INTO created;
         created := coalesce(created, false);
     END IF;
@@ -251,7 +250,6 @@ CREATE TABLE holds (
     model text NOT NULL,
     price_list_version text NOT NULL,
     placed_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
     CONSTRAINT holds_credits_check CHECK ((credits > 0))
 );
 
@@ -382,7 +380,7 @@ CREATE INDEX chat_session_keys_user_live_idx ON chat_session_keys USING btree (u
 
 CREATE INDEX grants_user_idx ON grants USING btree (user_id);
 
-CREATE INDEX holds_expires_at_idx ON holds USING btree (expires_at);
+CREATE INDEX holds_placed_at_idx ON holds USING btree (placed_at);
 
 CREATE INDEX holds_user_idx ON holds USING btree (user_id);
 

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from aiokafka import AIOKafkaProducer
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,6 +18,7 @@ from billing.policy import UnpricedModel, price_of
 from billing.pricing import PriceBook
 from providers import provider_of_model
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
+from services.credits import metrics as credit_metrics
 from services.credits.consumer import StallWatch
 from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger, LedgerBusy
 from services.credits.settings import CreditSettings
@@ -129,6 +130,13 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        try:  # holds never lapse: how many are open and how old the oldest is, as the database has them now
+            stats = await asyncio.wait_for(ctx.ledger.hold_stats(), 2.0)
+            credit_metrics.HOLDS_OPEN.set(stats.open)
+            credit_metrics.HOLDS_CREDITS.set(stats.credits)
+            credit_metrics.OLDEST_HOLD_AGE.set(stats.oldest_age_s)
+        except Exception:  # the database away: the rest of the metrics still answer (holds keep their last value)
+            pass
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/credits/{user_id}", responses=error_responses(401, 403, 422, 503, model=DetailOut))
@@ -155,7 +163,10 @@ def build_api(ctx: ApiContext) -> FastAPI:
         },
     )
     async def place_hold(body: HoldIn, caller: Caller, response: Response) -> dict:
-        """Reserve the price of one billable call before it starts (admission hold)."""
+        """Reserve the price of one billable call before it starts (admission hold).
+
+        The hold has no expiry: it lasts until the call's event is decided (whatever the decision) or
+        the caller releases it with DELETE /api/holds/{event_id} (the provider was never called)."""
         prices = ctx.book.in_force(datetime.now(timezone.utc))
         try:
             credits = price_of(body.feature, body.model, prices)
@@ -170,7 +181,6 @@ def build_api(ctx: ApiContext) -> FastAPI:
                 feature=body.feature.value,
                 provider=body.provider.value,
                 model=body.model,
-                ttl_s=ctx.settings.hold_ttl_s,
             )
         except InsufficientAvailable as exc:
             held = (await ctx.ledger.balance(caller.user_id)).held
@@ -200,7 +210,6 @@ def build_api(ctx: ApiContext) -> FastAPI:
             "credits": hold.credits,
             "available": hold.available,
             "price_list_version": hold.price_list_version,
-            "expires_in_s": ctx.settings.hold_ttl_s,
             "created": hold.created,
         }
 
@@ -209,9 +218,42 @@ def build_api(ctx: ApiContext) -> FastAPI:
         """Release the hold of a call that never reached the provider."""
         released = await ctx.ledger.release_hold(event_id, None if caller.is_admin else caller.user_id)
         if released is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such hold (it may already be settled or expired)")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such hold (it may already be settled or released)")
         b = await ctx.ledger.balance(caller.user_id)
         return {"event_id": str(event_id), "released": released, "available": b.available}
+
+    @app.get("/api/admin/holds", responses=error_responses(401, 403, 422, 503, model=DetailOut))
+    async def old_holds(
+        caller: Caller,
+        older_than_s: Annotated[float | None, Query(ge=0, le=10 * 365 * 86400)] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> dict:
+        """Admission holds placed more than `older_than_s` seconds ago (default HOLD_REPORT_AFTER_S), oldest
+        first. A hold never expires: one listed here waits for its event's decision. If the call
+        provably never reached the provider, DELETE /api/holds/{event_id} (admin token) releases it."""
+        if not caller.is_admin:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin may list holds")
+        age = ctx.settings.hold_report_after_s if older_than_s is None else older_than_s
+        total, rows = await ctx.ledger.old_holds(age, limit)
+        return {
+            "older_than_s": age,
+            "count": total,
+            "holds": [
+                {
+                    "event_id": str(r["event_id"]),
+                    "user_id": r["user_id"],
+                    "credits": r["credits"],
+                    "feature": r["feature"],
+                    "provider": r["provider"],
+                    "model": r["model"],
+                    "price_list_version": r["price_list_version"],
+                    "placed_at": r["placed_at"].isoformat(),
+                    "age_s": round(r["age_s"], 1),
+                    "decided": r["decided"],
+                }
+                for r in rows
+            ],
+        }
 
     @app.get("/api/usage/{user_id}", responses=error_responses(401, 403, 422, 503, model=DetailOut))
     async def usage(user_id: Annotated[PrintableId, Path()], caller: Caller, limit: int = 50) -> dict:

@@ -52,20 +52,6 @@ class CreditRuntime:
         )
 
 
-async def expire_holds(ledger: Ledger, every_s: float) -> None:
-    """Release holds past their expiry (their calls never reported back), until cancelled."""
-    while True:
-        try:
-            released = await ledger.expire_holds()
-            if released:
-                log.warning("released %d admission holds past their expiry (their events never came)", released)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the database away: try again next round
-            log.debug("hold expiry skipped: %s", exc)
-        await asyncio.sleep(every_s)
-
-
 @contextlib.asynccontextmanager
 async def running(
     settings: CreditSettings, book: PriceBook | None = None, ledger_factory: type[Ledger] = Ledger
@@ -90,7 +76,6 @@ async def running(
         background.append(asyncio.create_task(supervise_relay_process(settings)))
     elif settings.relay_mode == "task":
         background.append(asyncio.create_task(run_relay(settings)))
-    background.append(asyncio.create_task(expire_holds(ledger, settings.hold_sweep_s)))
     try:
         yield CreditRuntime(settings, pool, producer, ledger, consumer, book)
     finally:

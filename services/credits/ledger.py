@@ -77,6 +77,35 @@ def decision_row(e: ModelCallCompleted, c: Charge, balance_after: int) -> tuple:
     )
 
 
+# What makes two events with one id the same call (DESIGN.md "Same id, other content"): whose account,
+# what ran, on whose key, and whether it succeeded, i.e. everything the policy charges by and whom it
+# charges. An event re-sent with the same identity is a duplicate even if its occurred_at, latency,
+# tokens, session/request ids or ending differ (a retry re-stamps those; the policy does not charge by
+# them); one with another identity is a conflict: the first decision stands, the other goes to the DLQ.
+IDENTITY_FIELDS = ("user_id", "feature", "model", "key_source", "provider", "status")
+CONFLICT = "conflict"  # the dead letters' dlq.error_type
+
+
+def conflicting(prior: ModelCallCompleted | asyncpg.Record, event: ModelCallCompleted) -> str:
+    """'' when `event` is the same call as `prior` (an earlier event, or its ledger row), else what differs.
+
+    A ledger row's field that is NULL (a row written without it, e.g. by hand) is not held against the
+    event, and neither is an entry that is not a decision (its id is not an event's).
+    """
+    if isinstance(prior, ModelCallCompleted):
+        before = {f: getattr(prior, f) for f in IDENTITY_FIELDS}
+    elif prior["kind"] != "decision":
+        return ""
+    else:
+        before = {f: prior[f] for f in IDENTITY_FIELDS}
+    # The enums are str subclasses: a member equals its stored value.
+    return ", ".join(
+        f"{f} {before[f]!s} (decided) vs {getattr(event, f)!s}"
+        for f in IDENTITY_FIELDS
+        if before[f] is not None and before[f] != getattr(event, f)
+    )
+
+
 @dataclass(frozen=True)
 class Recorded:
     new: int
@@ -84,6 +113,7 @@ class Recorded:
     debited: int
     credits: int
     rejected: int
+    conflicts: int = 0  # same event id, another identity: dead-lettered as `conflict`
 
 
 @dataclass(frozen=True)
@@ -107,6 +137,13 @@ class Hold:
     price_list_version: str
     created: bool  # False: the same hold was placed before
     available: int  # after this hold
+
+
+@dataclass(frozen=True)
+class HoldStats:
+    open: int
+    credits: int
+    oldest_age_s: float  # 0 when no hold is open
 
 
 class InsufficientAvailable(CreditError):
@@ -138,28 +175,51 @@ class Ledger:
         self.pool = pool
 
     async def record(self, decided: list[Decided], letters: list[DeadLetter] = ()) -> Recorded:
-        """Write the decisions not yet in the ledger and the dead letters, in one transaction."""
+        """Write the decisions not yet in the ledger and the dead letters, in one transaction.
+
+        An event whose id is already decided (in the ledger, or earlier in this batch) is a duplicate
+        when its identity (IDENTITY_FIELDS) is the same, and changes nothing; with another identity it
+        is a conflict: dead-lettered with reason `conflict`, the first decision standing.
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             users = sorted({d.event.user_id for d in decided})
             fresh: list[tuple] = []
             rejected_letters: list[DeadLetter] = []
+            conflict_letters: list[DeadLetter] = []
             debited = credits = 0
             if users:
                 balances = await self._lock_accounts(conn, users)
                 # unnest joined to the key, not "= ANY(array)": with thousands of ids the planner
-                # would otherwise scan the whole (ever-growing) ledger.
-                seen = {
-                    r[0]
+                # would otherwise scan the whole (ever-growing) ledger. Only redeliveries come back, so
+                # fetching their identity costs nothing on the usual batch (no row at all).
+                seen: dict[UUID, ModelCallCompleted | asyncpg.Record] = {
+                    r["entry_id"]: r
                     for r in await conn.fetch(
-                        "SELECT l.entry_id FROM unnest($1::uuid[]) AS u(id) JOIN ledger_entries l ON l.entry_id = u.id",
+                        f"SELECT l.entry_id, l.kind, {', '.join('l.' + f for f in IDENTITY_FIELDS)} "
+                        "FROM unnest($1::uuid[]) AS u(id) JOIN ledger_entries l ON l.entry_id = u.id",
                         [d.event.event_id for d in decided],
                     )
                 }
                 for d in decided:
                     e, c = d.event, d.charge
-                    if e.event_id in seen:
+                    prior = seen.get(e.event_id)
+                    if prior is not None:
+                        clash = conflicting(prior, e)
+                        if clash:
+                            conflict_letters.append(
+                                DeadLetter(
+                                    d.source_topic,
+                                    d.source_partition,
+                                    d.source_offset,
+                                    e.user_id.encode(),
+                                    d.raw,
+                                    f"event {e.event_id} is already decided for another call: {clash}; "
+                                    "the first decision stands",
+                                    CONFLICT,
+                                )
+                            )
                         continue
-                    seen.add(e.event_id)
+                    seen[e.event_id] = e
                     balances[e.user_id] -= c.credits
                     if c.decision is Decision.DEBITED:
                         debited += 1
@@ -181,13 +241,20 @@ class Ledger:
                     # Its triggers also wake the outcome relay at commit (migrations/0006) and release the
                     # admission holds of the events decided, whatever the decision (migrations/0011).
                     await conn.copy_records_to_table("ledger_entries", records=fresh, columns=LEDGER_COLUMNS)
-            all_letters = list(letters) + rejected_letters
+            all_letters = list(letters) + rejected_letters + conflict_letters
             if all_letters:
                 await conn.executemany(
                     "INSERT INTO credit_outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4::jsonb)",
                     [_letter_row(letter) for letter in all_letters],
                 )
-        return Recorded(len(fresh), len(decided) - len(fresh), debited, credits, len(rejected_letters))
+        return Recorded(
+            len(fresh),
+            len(decided) - len(fresh) - len(conflict_letters),
+            debited,
+            credits,
+            len(rejected_letters),
+            len(conflict_letters),
+        )
 
     @staticmethod
     async def _lock_accounts(conn: asyncpg.Connection, users: list[str]) -> dict[str, int]:
@@ -229,16 +296,16 @@ class Ledger:
         feature: str,
         provider: str,
         model: str,
-        ttl_s: float,
     ) -> Hold:
         """Reserve `credits` for the call `event_id`; placing the same hold again returns it.
 
         The database checks availability under the account's lock (trigger holds_admit), so this
-        holds across any number of callers; it raises InsufficientAvailable or HoldConflict.
+        holds across any number of callers; it raises InsufficientAvailable or HoldConflict. A hold has
+        no expiry (migrations/0014): only its event's decision or release_hold ends it.
         """
         try:
             row = await self.pool.fetchrow(
-                "SELECT * FROM place_hold($1, $2, $3, $4, $5, $6, $7, $8)",
+                "SELECT * FROM place_hold($1, $2, $3, $4, $5, $6, $7)",
                 event_id,
                 user_id,
                 credits,
@@ -246,7 +313,6 @@ class Ledger:
                 provider,
                 model,
                 price_list_version,
-                ttl_s,
             )
         except asyncpg.CheckViolationError as exc:
             raise self._refusal(exc, credits) from None
@@ -279,15 +345,37 @@ class Ledger:
             "DELETE FROM holds WHERE event_id = $1 AND user_id = $2 RETURNING credits", event_id, user_id
         )
 
-    async def expire_holds(self) -> int:
-        """Release every hold past its expiry (never debited); returns how many."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Accounts locked in the ledger writer's order first, so the two never deadlock.
-            await conn.execute(
-                """SELECT 1 FROM accounts WHERE user_id IN (SELECT user_id FROM holds WHERE expires_at < now())
-                   ORDER BY user_id FOR UPDATE"""
+    async def old_holds(self, older_than_s: float, limit: int = 1000) -> tuple[int, list[asyncpg.Record]]:
+        """Holds placed more than `older_than_s` ago, oldest first: (how many in all, the first `limit`).
+
+        A hold has no expiry (migrations/0014), so one whose event never comes stays until someone looks:
+        this is where operators look. `decided` true would be a leak the database should make impossible.
+        """
+        async with self.pool.acquire() as conn:
+            total = await conn.fetchval(
+                "SELECT count(*) FROM holds WHERE placed_at < now() - make_interval(secs => $1)", older_than_s
             )
-            return len(await conn.fetch("DELETE FROM holds WHERE expires_at < now() RETURNING 1"))
+            rows = await conn.fetch(
+                """SELECT h.event_id, h.user_id, h.credits, h.feature, h.provider, h.model, h.price_list_version,
+                          h.placed_at, extract(epoch FROM now() - h.placed_at)::float8 AS age_s,
+                          EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id) AS decided
+                     FROM holds h
+                    WHERE h.placed_at < now() - make_interval(secs => $1)
+                    ORDER BY h.placed_at, h.event_id
+                    LIMIT $2""",
+                older_than_s,
+                limit,
+            )
+        return total, list(rows)
+
+    async def hold_stats(self) -> HoldStats:
+        """Every open hold at once: how many, the credits they hold, the age of the oldest."""
+        row = await self.pool.fetchrow(
+            """SELECT count(*) AS n, coalesce(sum(credits), 0)::bigint AS credits,
+                      coalesce(extract(epoch FROM now() - min(placed_at)), 0)::float8 AS oldest_s
+                 FROM holds"""
+        )
+        return HoldStats(row["n"], row["credits"], row["oldest_s"])
 
     async def grant(self, grant_key: str, user_id: str, plan: str, credits: int) -> tuple[bool, Balance]:
         """Add a grant once per `grant_key`; a repeat with the same terms is a no-op."""

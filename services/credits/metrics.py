@@ -24,3 +24,11 @@ ISOLATIONS = Counter(
 STALLED = Gauge("credits_stalled", "1 while events wait and no ledger transaction has committed for the stall limit")
 STALL_SECONDS = Gauge("credits_stall_seconds", "Seconds events have waited without a ledger commit (0 when none wait)")
 LAST_COMMIT_AGE = Gauge("credits_last_commit_age_seconds", "Seconds since the last ledger transaction committed")
+# Admission holds have no expiry (migrations/0014): a hold whose event never comes would stay, so these say
+# how many are open and how old the oldest is (read from the database at each scrape; every instance
+# reports the same, database-wide figures). Alert on the age, well above the longest call.
+HOLDS_OPEN = Gauge("credits_holds_open", "Admission holds open (calls running or not yet decided), database-wide")
+HOLDS_CREDITS = Gauge("credits_holds_held_credits", "Credits held by the open admission holds, database-wide")
+OLDEST_HOLD_AGE = Gauge(
+    "credits_oldest_hold_age_seconds", "Age of the oldest open admission hold (0 when none is open), database-wide"
+)

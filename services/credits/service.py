@@ -18,7 +18,7 @@ from billing.policy import decide
 from billing.pricing import PriceBook
 from services.credits import metrics
 from services.credits.intake import read_batch
-from services.credits.ledger import Decided, Ledger, Recorded
+from services.credits.ledger import CONFLICT, Decided, Ledger, Recorded
 from services.shared.kafka import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class CreditService:
             metrics.DLQ.labels(reason).inc(n)
         if result.rejected:
             metrics.DLQ.labels("unpriced_model").inc(result.rejected)
+        if result.conflicts:
+            metrics.DLQ.labels(CONFLICT).inc(result.conflicts)
+            log.warning(
+                "%d events reused a decided event id for another call: dead-lettered as conflict", result.conflicts
+            )
         return result
 
     async def dead_letter(self, batch: Prepared, error: BaseException) -> None:

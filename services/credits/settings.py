@@ -33,9 +33,10 @@ class CreditSettings(CommonSettings, HttpSettings):
     relay_batch: int = 5000
     relay_idle_poll_s: float = 0.2
     db_pool_size: int = 5
-    # Admission holds (DESIGN.md): a hold whose event never comes is released after this long, never debited.
-    hold_ttl_s: float = 900.0
-    hold_sweep_s: float = 5.0  # how often expired holds are looked for
+    # Admission holds (DESIGN.md) have no time limit (migrations/0014): a hold is released by its event's
+    # decision or by DELETE /api/holds/{event_id}; HOLD_TTL_S and HOLD_SWEEP_S are gone (ignored if set).
+    # GET /api/admin/holds lists holds older than this by default; /metrics reports the oldest one.
+    hold_report_after_s: float = 3600.0
     # /healthz answers 503 when events wait and no ledger transaction has committed for this long.
     stall_after_s: float = 30.0
     # The compatibility route waits this long for its event's decision before answering 202.

@@ -9,12 +9,12 @@ stops a reconciliation.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from uuid import UUID
 
 from billing.policy import Charge, decide
 from billing.pricing import PriceBook
-from schemas.events import Decision, ModelCallCompleted
+from schemas.events import Decision, Ending, ModelCallCompleted
 from services.finance.window import Window
 from services.shared.kafka import NotAnEvent, read_model_call
 
@@ -22,6 +22,7 @@ from services.shared.kafka import NotAnEvent, read_model_call
 # the event owes and its descriptive fields are a `Shape`, stored once and referred to by number:
 # a window of millions of events has a few hundred shapes, and a narrow row is a cheap COPY.
 EVENT_COLUMNS = ("event_id", "user_id", "occurred_at", "shape", "credits", "part", "off")
+UNKNOWN_ENDING = "unknown"  # an event that says nothing of how its call ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,9 @@ class Tally:
     duplicates: int = 0  # redeliveries of an event already read (the first delivery counts)
     outside_window: int = 0
     unreadable: int = 0
+    # Events of the window (first deliveries) by `ending` (DESIGN "The call lifecycle"); an event without
+    # one (an older emitter) counts as UNKNOWN_ENDING. Counted, not judged: the policy bills by status.
+    endings: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Tally) -> None:
         self.records += other.records
@@ -65,6 +69,14 @@ class Tally:
         self.duplicates += other.duplicates
         self.outside_window += other.outside_window
         self.unreadable += other.unreadable
+        for ending, n in other.endings.items():
+            self.endings[ending] = self.endings.get(ending, 0) + n
+
+    def ending_counts(self) -> dict[str, int]:
+        """Events per ending: every known ending (0 if none), then `unknown`, in a stable order."""
+        counts = {e.value: self.endings.get(e.value, 0) for e in Ending}
+        counts[UNKNOWN_ENDING] = self.endings.get(UNKNOWN_ENDING, 0)
+        return counts
 
 
 def _event_id_of(value: bytes) -> UUID | None:
@@ -144,6 +156,7 @@ class Assessor:
         unreadable: list[Unreadable] = []
         tally = Tally(records=len(records))
         window, shape_of, seen, shapes = self.window, self.shapes.of, self.seen, self.shapes.shapes
+        endings = tally.endings
         for r in records:
             value = r.value
             event = read_model_call(value)  # the credit service reads records with this same function
@@ -164,6 +177,8 @@ class Assessor:
                 tally.duplicates += 1
                 continue
             seen.add(key)
+            ending = event.ending.value if event.ending is not None else UNKNOWN_ENDING
+            endings[ending] = endings.get(ending, 0) + 1
             shape = shape_of(event)
             rows.append(
                 (event.event_id, event.user_id, event.occurred_at, shape, shapes[shape].credits, r.partition, r.offset)

@@ -16,7 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from services.finance import report as render
-from services.finance.reconciliation import reconcile as run_reconcile, repair as run_repair, replay as run_replay
+from services.finance.conflicts import read_conflicts
+from services.finance.reconciliation import (
+    open_holds,
+    reconcile as run_reconcile,
+    repair as run_repair,
+    replay as run_replay,
+)
 from services.finance.settings import FinanceSettings
 from services.finance.window import EPOCH, Window
 
@@ -143,6 +149,9 @@ def reconcile(
     report = _run(go())
     out_console.print(render.summary_table(report))
     out_console.print(render.stats_table(report))
+    out_console.print(render.endings_table(report))
+    if report.conflicts:
+        out_console.print(render.conflicts_table(report.conflicts, show or 20))
     if report.differences and show:
         out_console.print(render.differences_table(report.differences, show))
     if report.pending:
@@ -188,7 +197,7 @@ def repair(
         out_console.print(
             f"{result.written:,} new correction entries written "
             f"({len(result.corrections) - result.written:,} were already there); "
-            f"{result.holds_released:,} leaking holds released"
+            f"{result.holds_released:,} holds of decided events released"
         )
     if result.not_repaired:
         out_console.print(
@@ -235,6 +244,53 @@ def replay(
     if out:
         render.write_replay(out, result, fmt)
     raise typer.Exit(0 if result.clean else 1)
+
+
+@app.command(
+    help="List the events dead-lettered as conflicts: an event id already decided, re-sent for another call "
+    "(another user, feature, model, key source, provider or status). The first decision stands; a person "
+    "looks at the rest. Read from model_call_completed.dlq. Exit 1 when there is any. " + WINDOW_RULE
+)
+def conflicts(
+    start: FromOpt = None,
+    end: ToOpt = None,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
+    bootstrap: BootstrapOpt = None,
+    topic_prefix: PrefixOpt = None,
+) -> None:
+    settings = _settings(bootstrap, None, None, topic_prefix)
+    window = _window(start, end)
+    found = _run(read_conflicts(settings, window))
+    out_console.print(render.conflicts_table(found))
+    if out:
+        render.write_conflicts(out, found, fmt)
+        out_console.print(f"full list: {out}")
+    raise typer.Exit(1 if found else 0)
+
+
+@app.command(
+    help="List the admission holds placed more than --older-than seconds ago, with their event ids. Holds "
+    "never expire: each waits for its event's decision. One whose call provably never reached the provider "
+    "is released with DELETE /api/holds/{event_id} (admin token). Exit 1 when there is any."
+)
+def holds(
+    older_than: Annotated[
+        float | None, typer.Option("--older-than", min=0, help="Age in seconds (env FINANCE_HOLD_AGE_S, default 3600).")
+    ] = None,
+    out: OutOpt = None,
+    fmt: FormatOpt = None,
+    database_url: DbOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    settings = _settings(None, database_url, schema, None)
+    age = settings.finance_hold_age_s if older_than is None else older_than
+    found = _run(open_holds(settings, age))
+    out_console.print(render.holds_table(found, age))
+    if out:
+        render.write_holds(out, found, fmt)
+        out_console.print(f"full list: {out}")
+    raise typer.Exit(1 if found else 0)
 
 
 def main() -> None:

@@ -21,6 +21,10 @@ class EventLogError(RuntimeError):
     pass
 
 
+class TopicMissing(EventLogError):
+    pass
+
+
 @dataclass(frozen=True)
 class PartitionRange:
     partition: int
@@ -67,7 +71,7 @@ class EventLog:
         cluster = await self._consumer._client.fetch_all_metadata()
         partitions = cluster.partitions_for_topic(self.topic)
         if not partitions:
-            raise EventLogError(f"topic {self.topic!r} does not exist on {self.bootstrap}")
+            raise TopicMissing(f"topic {self.topic!r} does not exist on {self.bootstrap}")
         return [TopicPartition(self.topic, p) for p in sorted(partitions)]
 
     async def plan(self, from_ms: int | None = None, to_ms: int | None = None) -> list[PartitionRange]:

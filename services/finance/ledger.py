@@ -313,23 +313,27 @@ async def compare_balances(conn: asyncpg.Connection, live: str, scratch: str) ->
     return len(rows), sorted(diffs, key=lambda d: d.user_id)
 
 
-# --- admission holds (migrations/0009) -------------------------------------------------------------
-# A hold must be settled by the transaction that decides its event, or released at its expiry by the
-# credit service. One still open past its expiry, or one whose event is already decided, is a leak:
-# it keeps credits from the user. Both must be zero after a clean run; repair releases them.
+# --- admission holds (migrations/0009, 0014) -------------------------------------------------------
+# A hold is settled by the transaction that decides its event (a trigger, migrations/0011) or released
+# by DELETE /api/holds/{event_id}; it has no expiry (migrations/0014), since its event may still come
+# however late. A hold of an event already decided is a leak (it keeps credits from the user): zero after
+# a clean run, and repair releases it. A hold open for long is only reported: it may be a call whose
+# event waits in an outbox (Kafka or the credit service down), so no tool releases it by age.
 
 
-async def stale_holds(conn: asyncpg.Connection) -> dict[str, list[asyncpg.Record]]:
-    """Holds open past their expiry, and holds of events the ledger has already decided."""
+async def stale_holds(conn: asyncpg.Connection, older_than_s: float) -> dict[str, list[asyncpg.Record]]:
+    """Holds of events the ledger has already decided, and undecided holds placed over `older_than_s` ago."""
     rows = await conn.fetch(
-        """SELECT h.event_id, h.user_id, h.credits, h.placed_at, h.expires_at,
+        """SELECT h.event_id, h.user_id, h.credits, h.feature, h.provider, h.model, h.placed_at,
+                  extract(epoch FROM now() - h.placed_at)::float8 AS age_s,
                   EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id) AS decided
              FROM holds h
-            WHERE h.expires_at < now()
+            WHERE h.placed_at < now() - make_interval(secs => $1)
                OR EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id)
-            ORDER BY h.placed_at"""
+            ORDER BY h.placed_at, h.event_id""",
+        older_than_s,
     )
-    return {"decided": [r for r in rows if r["decided"]], "expired": [r for r in rows if not r["decided"]]}
+    return {"decided": [r for r in rows if r["decided"]], "old": [r for r in rows if not r["decided"]]}
 
 
 async def release_holds(conn: asyncpg.Connection, event_ids: list) -> int:
@@ -337,7 +341,7 @@ async def release_holds(conn: asyncpg.Connection, event_ids: list) -> int:
     if not event_ids:
         return 0
     async with conn.transaction():
-        # Accounts locked in the ledger writer's order, as the credit service's own expiry does.
+        # Accounts locked in the ledger writer's order, so the two never deadlock.
         await conn.execute(
             """SELECT 1 FROM accounts WHERE user_id IN (
                                   SELECT user_id FROM holds WHERE event_id = ANY($1::uuid[]))

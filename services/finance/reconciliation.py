@@ -18,6 +18,7 @@ import asyncpg
 from billing.pricing import PriceBook, default_price_book
 from services.finance import ledger
 from services.finance.assessment import Assessor, Tally, Unreadable
+from services.finance.conflicts import Conflict, read_conflicts
 from services.finance.differences import Correction, Difference, Kind, correction_for
 from services.finance.event_log import EventLog, committed_offsets
 from services.finance.settings import FinanceSettings
@@ -55,13 +56,17 @@ class ReconcileReport:
     elapsed_s: float = 0.0
     # Where the time went: reading + assessing + copying the log, then the comparison query.
     phases: dict[str, float] = field(default_factory=dict)
-    # Admission holds that leak credits: open past their expiry, or of events already decided.
-    expired_holds: list = field(default_factory=list)
+    # Admission holds of events already decided (a leak: repair releases them), and holds open longer
+    # than FINANCE_HOLD_AGE_S (reported only: a hold never expires, its event may still come).
+    old_holds: list = field(default_factory=list)
     decided_holds: list = field(default_factory=list)
+    # Events that reused a decided event id for another call (dead-lettered as `conflict`): reported
+    # for a person, not differences (the ledger holds what the first event owes), never repaired.
+    conflicts: list[Conflict] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.differences and not self.expired_holds and not self.decided_holds
+        return not self.differences and not self.decided_holds
 
     def counts(self) -> dict[Kind, tuple[int, int]]:
         """Per kind: (differences, credits the corrections would move)."""
@@ -223,9 +228,10 @@ async def reconcile(
         kept += _unreadable_differences(unreadable, ledger_only)
         kept, pending = await _set_apart_undecided(settings, kept)
         entries = await ledger.ledger_entry_count(conn, window)
-        holds = await ledger.stale_holds(conn)
+        holds = await ledger.stale_holds(conn, settings.finance_hold_age_s)
     finally:
         await conn.close()
+    conflicts = await read_conflicts(settings, window)
     return ReconcileReport(
         window,
         settings.model_call_completed_topic,
@@ -237,8 +243,9 @@ async def reconcile(
         planned,
         time.perf_counter() - began,
         {"read_s": loaded - began, "compare_s": compared - loaded},
-        holds["expired"],
+        holds["old"],
         holds["decided"],
+        conflicts,
     )
 
 
@@ -284,7 +291,9 @@ async def repair(
         else:
             corrections.append(c)
     written = released = 0
-    leaking = [h["event_id"] for h in report.expired_holds + report.decided_holds]
+    # Only holds of decided events: an old hold's event may still come, and releasing its hold would
+    # let the user spend what that event will debit (DESIGN "The call lifecycle").
+    leaking = [h["event_id"] for h in report.decided_holds]
     if apply and (corrections or leaking):
         conn = await _connect(settings)
         try:
@@ -294,6 +303,16 @@ async def repair(
         finally:
             await conn.close()
     return RepairResult(report, corrections, apply, written, not_repaired, released)
+
+
+async def open_holds(settings: FinanceSettings, older_than_s: float) -> list[asyncpg.Record]:
+    """Admission holds placed more than `older_than_s` ago (and any of an event already decided), oldest first."""
+    conn = await _connect(settings)
+    try:
+        holds = await ledger.stale_holds(conn, older_than_s)
+    finally:
+        await conn.close()
+    return sorted(holds["decided"] + holds["old"], key=lambda h: (h["placed_at"], h["event_id"]))
 
 
 class ReplayRefused(RuntimeError):

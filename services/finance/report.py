@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from services.finance.conflicts import Conflict
 from services.finance.differences import Correction, Difference, Kind
 from services.finance.reconciliation import ReconcileReport, RepairResult, ReplayResult
 
@@ -37,12 +38,76 @@ def summary_table(report: ReconcileReport) -> Table:
             style="yellow",
         )
     t.add_section()
-    for label, holds in (
-        ("holds open past their expiry", report.expired_holds),
-        ("holds of events already decided", report.decided_holds),
-    ):
+    t.add_row(
+        "holds of events already decided (leaks; repair releases them)",
+        f"{len(report.decided_holds):,}",
+        f"{sum(h['credits'] for h in report.decided_holds):,} held",
+        style="bold red" if report.decided_holds else "dim",
+    )
+    t.add_row(
+        "holds open for long (not a difference: they never expire; see `holds`)",
+        f"{len(report.old_holds):,}",
+        f"{sum(h['credits'] for h in report.old_holds):,} held",
+        style="yellow" if report.old_holds else "dim",
+    )
+    t.add_row(
+        "conflicting duplicates, dead-lettered (not a difference; see `conflicts`)",
+        f"{len(report.conflicts):,}",
+        "",
+        style="yellow" if report.conflicts else "dim",
+    )
+    return t
+
+
+def endings_table(report: ReconcileReport) -> Table:
+    """Events of the window by how their call ended (`unknown`: the event does not say)."""
+    t = Table(title="events of the window by ending")
+    t.add_column("ending")
+    t.add_column("events", justify="right")
+    for ending, n in report.tally.ending_counts().items():
+        t.add_row(ending, f"{n:,}", style=None if n else "dim")
+    return t
+
+
+CONFLICT_COLUMNS = [f.name for f in fields(Conflict)]
+
+
+def conflicts_table(conflicts: list[Conflict], limit: int = 50) -> Table:
+    t = Table(
+        title=f"{len(conflicts):,} conflicting duplicates (same event id, another call; the first decision stands)"
+    )
+    for col in ("event_id", "user", "occurred_at", "feature/model", "key/status", "dead-lettered", "why"):
+        t.add_column(col, max_width=70 if col == "why" else None)
+    for c in conflicts[:limit]:
         t.add_row(
-            label, f"{len(holds):,}", f"{sum(h['credits'] for h in holds):,} held", style="bold red" if holds else "dim"
+            str(c.event_id or ""),
+            c.user_id or "",
+            c.occurred_at.isoformat() if c.occurred_at else "",
+            f"{c.feature or ''}/{c.model or ''}",
+            f"{c.key_source or ''}/{c.status or ''}",
+            c.dead_lettered_at.isoformat(),
+            c.error,
+        )
+    return t
+
+
+HOLD_COLUMNS = ["event_id", "user_id", "credits", "feature", "provider", "model", "placed_at", "age_s", "decided"]
+
+
+def holds_table(holds: list, older_than_s: float, limit: int = 100) -> Table:
+    t = Table(title=f"{len(holds):,} admission holds placed over {older_than_s:,.0f} s ago (holds never expire)")
+    for col in ("event_id", "user", "credits", "feature/model", "placed_at", "age", "event decided"):
+        t.add_column(col, justify="right" if col in ("credits", "age") else "left")
+    for h in holds[:limit]:
+        t.add_row(
+            str(h["event_id"]),
+            h["user_id"],
+            f"{h['credits']:,}",
+            f"{h['feature']}/{h['model']}",
+            h["placed_at"].isoformat(),
+            f"{h['age_s']:,.0f} s",
+            "yes (a leak: repair --apply releases it)" if h["decided"] else "no",
+            style="bold red" if h["decided"] else None,
         )
     return t
 
@@ -150,6 +215,10 @@ def write_report(path: Path, report: ReconcileReport, fmt: str | None = None) ->
         "summary": {k.value: n for k, (n, _) in report.counts().items()},
         "not_yet_decided": len(report.pending),
         "events_in_window": report.tally.in_window,
+        "endings": report.tally.ending_counts(),
+        "holds_of_decided_events": len(report.decided_holds),
+        "holds_open_for_long": len(report.old_holds),
+        "conflicts": [c.as_row() for c in report.conflicts],
     }
     rows = [d.as_row() for d in report.differences + report.pending]
     write_rows(path, rows, DIFFERENCE_COLUMNS, fmt, header)
@@ -177,3 +246,11 @@ def write_replay(path: Path, result: ReplayResult, fmt: str | None = None) -> No
         ]
     )
     write_rows(path, rows, cols, fmt, {"scratch_schema": result.scratch_schema, "accounts": result.accounts})
+
+
+def write_conflicts(path: Path, conflicts: list[Conflict], fmt: str | None = None) -> None:
+    write_rows(path, [c.as_row() for c in conflicts], CONFLICT_COLUMNS, fmt)
+
+
+def write_holds(path: Path, holds: list, fmt: str | None = None) -> None:
+    write_rows(path, [{k: h[k] for k in HOLD_COLUMNS} for h in holds], HOLD_COLUMNS, fmt)

@@ -22,3 +22,5 @@ class FinanceSettings(CommonSettings):
     finance_credits_group: str = "credits"  # prefixed by TOPIC_PREFIX, as the credit service does
     # Give up when the log stops advancing for this long before reaching the range's end.
     finance_stall_timeout_s: float = 60.0
+    # Reconcile lists admission holds open longer than this (they never expire; see `byok-finance holds`).
+    finance_hold_age_s: float = 3600.0

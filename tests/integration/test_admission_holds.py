@@ -1,7 +1,8 @@
 """Admission holds in the credit service's database (DESIGN.md "Admission holds").
 
 The database refuses what Python might get wrong (tests that bypass Python), the routes answer as the
-contract says, concurrent placements never overspend, and deciding or expiring settles a hold.
+contract says, concurrent placements never overspend, and only deciding its event or releasing it ends a
+hold: holds do not lapse by time (migrations/0014), and operators see the old ones.
 """
 
 import asyncio
@@ -18,7 +19,7 @@ from services.credits.api import ApiContext, build_api
 from services.credits.ledger import Decided, Ledger
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
-from tests.support import make_event
+from tests.support import make_event, publish, wait_for
 
 pytestmark = pytest.mark.integration
 SECRET = "holds-test-secret-0123456789abcdef"
@@ -51,8 +52,8 @@ async def grant(ledger: Ledger, user: str, plan: str = "free") -> None:
 
 def hold_sql(event_id, user: str, credits: int) -> tuple:
     return (
-        """INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version, expires_at)
-               VALUES ($1, $2, $3, 'chat', 'openai', 'gpt-4o', '2026-01', now() + interval '15 minutes')""",
+        """INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version)
+               VALUES ($1, $2, $3, 'chat', 'openai', 'gpt-4o', '2026-01')""",
         event_id,
         user,
         credits,
@@ -120,19 +121,67 @@ async def test_the_database_settles_a_hold_when_any_writer_decides_its_event_byp
         assert await conn.fetchval("SELECT array_agg(event_id) FROM holds WHERE user_id = 'bea'") == [other]
 
 
-async def test_expired_holds_are_released_never_debited_and_a_late_event_is_still_decided(pool):
-    ledger, book = Ledger(pool), default_price_book()
-    await grant(ledger, "cat")
-    late = make_event(user_id="cat", model="gpt-4o")
-    await ledger.place_hold(
-        late.event_id, "cat", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=0.01
+async def test_a_hold_outlives_the_old_ttl_setting_and_only_its_events_decision_releases_it(stack, pool):
+    """The credit service used to release holds HOLD_TTL_S after placing them; with the settings of old
+    set short, a hold now stays (its event may wait in an outbox for an hour) until its event is decided."""
+    from services.credits.bootstrap import running
+
+    settings = stack.settings(CreditSettings, auth_jwt_secret=SECRET, hold_ttl_s=0.05, hold_sweep_s=0.05)
+    async with running(settings) as runtime:
+        await grant(runtime.ledger, "cat")
+        late = make_event(user_id="cat", model="gpt-4o")  # 5 credits
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(runtime.api()), base_url="http://c") as client:
+            body = {"event_id": str(late.event_id), "feature": "chat", "provider": "openai", "model": "gpt-4o"}
+            placed = await client.post("/api/holds", json=body, headers=auth("cat"))
+            assert placed.status_code == 201 and "expires_in_s" not in placed.json(), placed.text
+            await asyncio.sleep(1.0)  # twenty times the old TTL, twenty old sweeps
+            b = await runtime.ledger.balance("cat")
+            assert (b.balance, b.held, b.available) == (50, 5, 45)
+            await publish(stack.kafka_bootstrap, settings.model_call_completed_topic, [late])
+
+            async def settled():
+                b = await runtime.ledger.balance("cat")
+                return (b.balance, b.held) == (45, 0)
+
+            await wait_for(settled, what="the event decided and its hold released")
+            assert await pool.fetchval("SELECT count(*) FROM holds") == 0
+
+
+async def test_admins_see_old_holds_and_metrics_say_how_old_the_oldest_is(stack, api, pool):
+    from services.credits import metrics
+
+    await grant(Ledger(pool), "ida")
+    old, fresh = uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        """INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version, placed_at)
+           VALUES ($1, 'ida', 5, 'chat', 'openai', 'gpt-4o', '2026-01', now() - interval '2 hours')""",
+        old,
     )
-    await asyncio.sleep(0.05)
-    assert await ledger.expire_holds() == 1
-    b = await ledger.balance("cat")
-    assert (b.balance, b.held) == (50, 0)
-    await ledger.record([Decided(late, decide(late, book))])  # the call happened: decided as usual
-    assert (await ledger.balance("cat")).balance == 45
+    placed = await api.post(
+        "/api/holds",
+        json={"event_id": str(fresh), "feature": "chat", "provider": "openai", "model": "gpt-4o-mini"},
+        headers=auth("ida"),
+    )
+    assert placed.status_code == 201
+    assert (await api.get("/api/admin/holds", headers=auth("ida"))).status_code == 403
+    listed = await api.get("/api/admin/holds?older_than_s=3600", headers=auth("ops", "admin"))
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    assert (body["older_than_s"], body["count"]) == (3600, 1)
+    (hold,) = body["holds"]
+    assert (hold["event_id"], hold["user_id"], hold["credits"], hold["decided"]) == (str(old), "ida", 5, False)
+    assert hold["age_s"] >= 7200
+    everything = (await api.get("/api/admin/holds?older_than_s=0", headers=auth("ops", "admin"))).json()
+    assert [h["event_id"] for h in everything["holds"]] == [str(old), str(fresh)]  # oldest first
+    assert (await api.get("/api/admin/holds?older_than_s=-1", headers=auth("ops", "admin"))).status_code == 422
+    text = (await api.get("/metrics")).text
+    assert "credits_holds_open 2.0" in text and "credits_holds_held_credits 8.0" in text
+    assert metrics.OLDEST_HOLD_AGE._value.get() >= 7200
+    # An operator who knows the call never reached the provider releases it; nothing is debited.
+    released = await api.delete(f"/api/holds/{old}", headers=auth("ops", "admin"))
+    assert released.status_code == 200 and released.json()["released"] == 5
+    b = await Ledger(pool).balance("ida")
+    assert (b.balance, b.held) == (50, 3)
 
 
 async def test_hold_routes_answer_as_the_contract_says(api, pool):

@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from schemas.events import CallStatus, CreditOutcome, Decision, Feature, KeySource
+from schemas.events import CallStatus, CreditOutcome, Decision, Feature, KeySource, Provider
 from schemas.topics import dlq
 from services.credits.bootstrap import running
 from services.credits.settings import CreditSettings
@@ -188,3 +188,99 @@ async def test_a_batch_written_while_postgres_refuses_is_retried_not_skipped(sta
         assert await conn.fetchval("SELECT debited FROM accounts WHERE user_id='carol'") == 100
     finally:
         await conn.close()
+
+
+async def test_an_event_id_reused_for_another_call_is_a_conflict_in_the_dlq_and_a_resend_is_a_duplicate(stack, credits):
+    """Same id, other content (DESIGN "Same id, other content"): the first decision stands, the other
+    goes to the DLQ as `conflict` with its original bytes and is counted; the same call re-sent with
+    another occurred_at, tokens, latency or ending is a silent duplicate; the consumer goes on."""
+    from datetime import timedelta
+
+    from schemas.events import Ending
+    from services.credits import metrics
+
+    topic = stack.settings().model_call_completed_topic
+    first = make_event(user_id="cleo", model="gpt-4o")  # 5 credits
+    await publish(stack.kafka_bootstrap, topic, [first])
+    await wait_for(lambda: _at_least(stack, 1), what="the first event decided")
+    conflicts_before = metrics.DLQ.labels("conflict")._value.get()
+
+    other_user = first.model_copy(update={"user_id": "mallory"})
+    other_key = first.model_copy(update={"key_source": KeySource.BYOK})
+    other_status = first.model_copy(update={"status": CallStatus.FAILED})
+    resent = first.model_copy(
+        update={
+            "occurred_at": first.occurred_at + timedelta(seconds=3),
+            "input_tokens": 999,
+            "output_tokens": 1,
+            "latency_ms": 4321,
+            "ending": Ending.COMPLETED,
+            "request_id": "another-request",
+        }
+    )
+    # Two events with one new id in the same publish (same key, so the same partition and batch): the
+    # first in log order is decided, the other is a conflict; a marker after them shows the consumer went on.
+    twin = make_event(user_id="cleo", model="gpt-4o-mini")  # 3 credits
+    twin_other = twin.model_copy(update={"model": "o1", "feature": Feature.CODE_FIX})
+    after = make_event(user_id="cleo", model="claude-3-5-haiku", provider=Provider.ANTHROPIC)  # 1 credit
+    await publish(stack.kafka_bootstrap, topic, [other_user, other_key, resent, other_status, twin, twin_other, after])
+    await wait_for(lambda: _at_least(stack, 3), what="the marker decided after the conflicts")
+
+    letters = await read_all(stack.kafka_bootstrap, dlq(topic), expected=100, timeout_ms=4000)
+    assert sorted(r.value for r in letters) == sorted(
+        [other_user.to_json(), other_key.to_json(), other_status.to_json(), twin_other.to_json()]
+    ), "the conflicts, with their original bytes; the re-sent call is no dead letter"
+    headers = [dict(r.headers) for r in letters]
+    assert {h["dlq.error_type"] for h in headers} == {b"conflict"}
+    assert all(h["dlq.source_topic"] == topic.encode() for h in headers)
+    by_value = {r.value: dict(r.headers)["dlq.error"].decode() for r in letters}
+    assert "user_id cleo (decided) vs mallory" in by_value[other_user.to_json()]
+    assert "key_source platform (decided) vs byok" in by_value[other_key.to_json()]
+    assert "status succeeded (decided) vs failed" in by_value[other_status.to_json()]
+    assert "model gpt-4o-mini (decided) vs o1" in by_value[twin_other.to_json()]
+    assert metrics.DLQ.labels("conflict")._value.get() - conflicts_before == 4
+
+    conn = await stack.connect()
+    try:
+        rows = {
+            r["event_id"]: (r["user_id"], r["model"], r["key_source"], r["status"], r["credits"])
+            for r in await conn.fetch("SELECT * FROM ledger_entries")
+        }
+        assert rows == {
+            first.event_id: ("cleo", "gpt-4o", "platform", "succeeded", 5),
+            twin.event_id: ("cleo", "gpt-4o-mini", "platform", "succeeded", 3),
+            after.event_id: ("cleo", "claude-3-5-haiku", "platform", "succeeded", 1),
+        }
+        accounts = dict(await conn.fetch("SELECT user_id, debited FROM accounts"))
+        assert accounts.get("cleo") == 9 and not accounts.get("mallory")
+    finally:
+        await conn.close()
+
+
+async def test_within_one_ledger_transaction_the_first_of_two_events_with_one_id_is_decided(stack):
+    """The set-based write compares identities inside the batch too: one transaction, two events with
+    one id and different content, then the same again (a redelivery of the whole batch)."""
+    from billing.policy import decide
+    from billing.pricing import default_price_book
+    from services.credits.ledger import Decided, Ledger
+
+    book = default_price_book()
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    )
+    try:
+        ledger = Ledger(pool)
+        one = make_event(user_id="dora", model="gpt-4o")
+        same = one.model_copy(update={"latency_ms": 77, "occurred_at": one.occurred_at})
+        other = one.model_copy(update={"feature": Feature.DEEP_ANALYSIS})
+        batch = [Decided(e, decide(e, book), e.to_json(), "t", 0, i) for i, e in enumerate([one, same, other])]
+        first = await ledger.record(batch)
+        assert (first.new, first.duplicates, first.conflicts, first.credits) == (1, 1, 1, 5)
+        again = await ledger.record(batch)
+        assert (again.new, again.duplicates, again.conflicts) == (0, 2, 1)
+        letters = await pool.fetch("SELECT payload, headers FROM credit_outbox WHERE topic = $1", dlq("t"))
+        assert [bytes(r["payload"]) for r in letters] == [other.to_json()] * 2
+        assert all(json.loads(r["headers"])["dlq.error_type"] == "conflict" for r in letters)
+        assert (await ledger.balance("dora")).debited == 5
+    finally:
+        await pool.close()

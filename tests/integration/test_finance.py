@@ -622,7 +622,7 @@ async def test_progress_is_reported_against_the_planned_total(stack):
     assert stack.topic_prefix in progress.description
 
 
-async def test_reconcile_reports_leaking_holds_and_repair_releases_them_never_debiting(stack):
+async def test_reconcile_reports_leaking_and_old_holds_and_repair_releases_only_the_leaks(stack):
     from services.credits.ledger import Ledger
 
     conn = await stack.connect()
@@ -633,16 +633,20 @@ async def test_reconcile_reports_leaking_holds_and_repair_releases_them_never_de
         ledger = Ledger(pool)
         await ledger.grant("g:hal", "hal", "free", 50)
         clean = await reconcile(settings_of(stack), WINDOW)
-        assert clean.clean and clean.expired_holds == [] and clean.decided_holds == []
-        # A hold its event never settled (the chat died and its outbox too): past its expiry.
-        await ledger.place_hold(
-            uuid.uuid4(), "hal", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=0.01
+        assert clean.clean and clean.old_holds == [] and clean.decided_holds == [] and clean.conflicts == []
+        # A hold open for two hours: its event may still come (an outbox waiting for Kafka), so it is
+        # reported, never released by age (holds do not expire, migrations/0014).
+        old = uuid.uuid4()
+        await conn.execute(
+            """INSERT INTO holds (event_id, user_id, credits, feature, provider, model, price_list_version, placed_at)
+               VALUES ($1, 'hal', 5, 'chat', 'openai', 'gpt-4o', '2026-01', now() - interval '2 hours')""",
+            old,
         )
         # A hold whose event was decided without settling it: the database settles holds itself
         # (migrations/0011), so only a database with that trigger switched off can leak one.
         forgotten = event(user_id="hal", occurred_at=T1 + timedelta(minutes=1))
         await ledger.place_hold(
-            forgotten.event_id, "hal", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o", ttl_s=900
+            forgotten.event_id, "hal", 5, "2026-01", feature="chat", provider="openai", model="gpt-4o"
         )
         async with conn.transaction():
             await conn.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_settle_holds")
@@ -654,19 +658,85 @@ async def test_reconcile_reports_leaking_holds_and_repair_releases_them_never_de
                 forgotten.occurred_at,
             )
             await conn.execute("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_settle_holds")
-        await asyncio.sleep(0.05)
         report = await reconcile(settings_of(stack), WINDOW)
         assert not report.clean
-        assert (len(report.expired_holds), len(report.decided_holds)) == (1, 1)
+        assert [h["event_id"] for h in report.old_holds] == [old]
+        assert [h["event_id"] for h in report.decided_holds] == [forgotten.event_id]
         assert (await ledger.balance("hal")).held == 10
         dry = await repair(settings_of(stack), WINDOW)
         assert dry.holds_released == 0 and (await ledger.balance("hal")).held == 10  # a dry run changes nothing
         fixed = await repair(settings_of(stack), WINDOW, apply=True)
-        assert fixed.holds_released == 2
+        assert fixed.holds_released == 1
         after = await ledger.balance("hal")
-        assert (after.held, after.balance) == (0, 50)  # released, never debited
+        assert (after.held, after.balance) == (5, 50)  # the leak released, never debited; the old hold stays
         again = await reconcile(settings_of(stack), WINDOW)
-        assert again.expired_holds == [] and again.decided_holds == []
+        assert again.clean and again.decided_holds == [] and [h["event_id"] for h in again.old_holds] == [old]
+        # Operators list old holds with their event ids (byok-finance holds).
+        code, out = await run_cli(stack, "holds", "--older-than", "3600")
+        assert code == 1 and str(old) in out and str(forgotten.event_id) not in out, out
+        code, out = await run_cli(stack, "holds", "--older-than", "86400")
+        assert code == 0 and "0 admission holds" in out, out
     finally:
         await pool.close()
         await conn.close()
+
+
+async def test_reconcile_lists_conflicts_the_credit_service_dead_lettered_and_counts_endings(stack, tmp_path):
+    """The real credit service dead-letters an event id reused for another call (reason `conflict`);
+    reconcile lists it (not a difference: the ledger holds what the first event owes) and so does
+    `byok-finance conflicts`; the window's events are counted by ending, `unknown` when they say none."""
+    from schemas.events import Ending
+    from services.credits.bootstrap import running
+    from services.credits.settings import CreditSettings
+    from tests.support import wait_for
+
+    first = event(user_id="kim", ending=Ending.COMPLETED)
+    stopped = event(user_id="kim", ending=Ending.STOPPED, occurred_at=T1 + timedelta(hours=2))
+    not_started = event(
+        user_id="kim", status=CallStatus.FAILED, ending=Ending.NOT_STARTED, occurred_at=T1 + timedelta(hours=2)
+    )
+    older = event(user_id="kim", occurred_at=T1 + timedelta(hours=3))  # an emitter that does not say
+    reused = first.model_copy(update={"user_id": "lou", "model": "o1"})
+    resent = first.model_copy(update={"latency_ms": 999})
+    async with running(stack.settings(CreditSettings)) as runtime:
+        await produce(stack, [first, stopped, not_started, older])
+
+        async def decided() -> bool:
+            return (await runtime.ledger.decision_of(older.event_id)) is not None
+
+        await wait_for(decided, what="the events decided")
+        await produce(stack, [reused, resent])
+        found: list = []
+
+        async def dead_lettered() -> bool:
+            found[:] = (await reconcile(settings_of(stack), WINDOW)).conflicts
+            return bool(found)
+
+        await wait_for(dead_lettered, timeout_s=30, every_s=0.5, what="the conflict in the DLQ")
+        await runtime.consumer.pipeline.drain()
+
+    report = await reconcile(settings_of(stack), WINDOW)
+    assert report.clean, report.differences  # the ledger holds what the first event owes
+    (conflict,) = report.conflicts
+    assert (conflict.event_id, conflict.user_id, conflict.model) == (first.event_id, "lou", "o1")
+    assert "user_id kim (decided) vs lou" in conflict.error and conflict.source_offset is not None
+    assert report.tally.ending_counts() == {
+        "completed": 1,
+        "provider_error": 0,
+        "timeout": 0,
+        "stopped": 1,
+        "interrupted": 0,
+        "not_started": 1,
+        "unknown": 1,  # the re-sent event is a redelivery of `first`, counted once
+    }
+    out_file = tmp_path / "r.json"
+    code, out = await run_cli(
+        stack, "reconcile", "--from", T1.isoformat(), "--to", T2.isoformat(), "--out", str(out_file)
+    )
+    assert code == 0 and "not_started" in out and "conflicting duplicates" in out and str(first.event_id) in out, out
+    header = json.loads(out_file.read_text())
+    assert header["endings"]["unknown"] == 1 and [c["event_id"] for c in header["conflicts"]] == [str(first.event_id)]
+    code, out = await run_cli(stack, "conflicts", "--from", T1.isoformat(), "--to", T2.isoformat())
+    assert code == 1 and str(first.event_id) in out and "lou" in out, out
+    code, out = await run_cli(stack, "conflicts", "--from", T2.isoformat())
+    assert code == 0, out

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from billing.pricing import default_price_book
-from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
+from schemas.events import CallStatus, Ending, Feature, KeySource, ModelCallCompleted, Provider
 from services.finance.assessment import EVENT_COLUMNS, Assessor, Tally
 from services.finance.differences import Difference, Kind, classify, correction_for, correction_id
 from services.finance.reconciliation import ReconcileReport
@@ -227,6 +227,35 @@ def test_assessor_keeps_only_the_window():
     assert len(rows) == 4 and len(bad) == 2
 
 
+def test_events_are_counted_by_ending_once_each_and_unknown_when_they_say_none():
+    w = Window(T1, T2)
+    stopped = event(ending=Ending.STOPPED)
+    records = [
+        record(event(ending=Ending.COMPLETED).to_json(), offset=0),
+        record(stopped.to_json(), offset=1),
+        record(stopped.to_json(), offset=2),  # a redelivery: counted once
+        record(event(status=CallStatus.FAILED, ending=Ending.NOT_STARTED).to_json(), offset=3),
+        record(event().to_json(), offset=4),  # an older emitter: no ending
+        record(event(occurred_at=T2, ending=Ending.TIMEOUT).to_json(), offset=5),  # outside the window
+        record(b"bad", offset=6),
+    ]
+    assessor = Assessor(default_price_book(), w)
+    _, _, tally = assessor.assess(records[:3])
+    _, _, later = assessor.assess(records[3:])
+    tally.add(later)
+    assert tally.ending_counts() == {
+        "completed": 1,
+        "provider_error": 0,
+        "timeout": 0,
+        "stopped": 1,
+        "interrupted": 0,
+        "not_started": 1,
+        "unknown": 1,
+    }
+    assert sum(tally.ending_counts().values()) == tally.in_window - tally.duplicates
+    assert Tally().ending_counts()["unknown"] == 0
+
+
 # --- report files -----------------------------------------------------------------------------------
 
 
@@ -242,6 +271,7 @@ def test_report_files_hold_every_difference(tmp_path):
     assert doc["summary"]["double_debit"] == 1 and doc["summary"]["missing_debit"] == 0
     assert doc["window"]["rule"] == "[from, to) on occurred_at"
     assert [i["kind"] for i in doc["items"]] == ["double_debit", "unreadable_event"]
+    assert doc["endings"]["unknown"] == 0 and doc["conflicts"] == []
     with pytest.raises(ValueError, match="format"):
         write_report(tmp_path / "r.txt", report)
 
