@@ -155,6 +155,29 @@ CREATE TABLE accounts (
     CONSTRAINT accounts_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))
 );
 
+CREATE TABLE chat_calls (
+    user_id text NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash text NOT NULL,
+    event_id uuid NOT NULL,
+    instance_id uuid NOT NULL,
+    stream boolean DEFAULT false NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    ended_at timestamp with time zone,
+    outcome jsonb,
+    answer_kept boolean DEFAULT true NOT NULL,
+    CONSTRAINT chat_calls_check CHECK (((ended_at IS NULL) = (outcome IS NULL))),
+    CONSTRAINT chat_calls_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 200))),
+    CONSTRAINT chat_calls_request_hash_check CHECK ((length(request_hash) = 64)),
+    CONSTRAINT chat_calls_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))
+);
+
+CREATE TABLE chat_instances (
+    instance_id uuid NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    alive_until timestamp with time zone NOT NULL
+);
+
 CREATE TABLE chat_model_settings (
     user_id text NOT NULL,
     provider text NOT NULL,
@@ -178,6 +201,7 @@ CREATE TABLE chat_outbox (
     payload bytea NOT NULL,
     ready boolean DEFAULT false NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
+    instance_id uuid,
     CONSTRAINT chat_outbox_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))
 );
 
@@ -335,6 +359,15 @@ ALTER TABLE ONLY parked_messages ALTER COLUMN id SET DEFAULT nextval('parked_mes
 ALTER TABLE ONLY accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (user_id);
 
+ALTER TABLE ONLY chat_calls
+    ADD CONSTRAINT chat_calls_event_id_key UNIQUE (event_id);
+
+ALTER TABLE ONLY chat_calls
+    ADD CONSTRAINT chat_calls_pkey PRIMARY KEY (user_id, idempotency_key);
+
+ALTER TABLE ONLY chat_instances
+    ADD CONSTRAINT chat_instances_pkey PRIMARY KEY (instance_id);
+
 ALTER TABLE ONLY chat_model_settings
     ADD CONSTRAINT chat_model_settings_pkey PRIMARY KEY (user_id);
 
@@ -368,7 +401,13 @@ ALTER TABLE ONLY relay_cursors
 ALTER TABLE ONLY schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
+CREATE INDEX chat_calls_answers_idx ON chat_calls USING btree (ended_at) WHERE (answer_kept AND (ended_at IS NOT NULL));
+
+CREATE INDEX chat_calls_created_at_idx ON chat_calls USING btree (created_at);
+
 CREATE INDEX chat_outbox_in_flight_idx ON chat_outbox USING btree (created_at) WHERE (NOT ready);
+
+CREATE INDEX chat_outbox_instance_idx ON chat_outbox USING btree (instance_id) WHERE (NOT ready);
 
 CREATE INDEX chat_outbox_ready_idx ON chat_outbox USING btree (id) WHERE ready;
 

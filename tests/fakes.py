@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from uuid import UUID
 
@@ -17,10 +17,13 @@ from billing.pricing import default_price_book
 from providers import ChatReply, ProviderError, key_hint
 from schemas.events import KeyCheckResult, KeyCheckStatus, ModelCallCompleted, Provider, utc_now
 from services.chat.balances import BalanceReader, Funds, HoldRefused, Reservation
+from services.chat.call_store import CallRecord, CallStore
+from services.chat.calls import ChatCalls
 from services.chat.identity import Identity
-from services.chat.outbox import Outbox
+from services.chat.service import ChatService
 from services.chat.store import REVOKED_REPLACED, KeyRecord, ModelSettings, SettingsStore
 from services.chat.usage import UsageReader
+from tests.support import PLATFORM_KEY
 
 
 class FixedBalances(BalanceReader):
@@ -63,23 +66,61 @@ class FixedUsage(UsageReader):
         return {"calls": found["calls"][:limit], "last_grant": found.get("last_grant")}
 
 
-@dataclass
-class MemoryOutbox(Outbox):
-    """What would be published, in order."""
+class MemoryCallStore(CallStore):
+    """Calls and their outbox rows in dicts; `events` is what would be published, in order."""
 
-    rows: dict[int, tuple[ModelCallCompleted, bool]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, str], dict] = {}
+        self.rows: dict[int, tuple[ModelCallCompleted, bool]] = {}
+        self.alive = True  # the instance's lease
+        self.published: set[int] = set()  # rows the relay took (a lapsed lease)
+        self._handles = 0
 
-    async def begin(self, pending: ModelCallCompleted) -> int:
-        handle = len(self.rows) + 1
+    async def claim(self, user_id, key, request_hash, instance_id, stream, pending) -> int | None:
+        if (user_id, key) in self.calls:
+            return None
+        self._handles += 1
+        handle = self._handles
         self.rows[handle] = (pending, False)
+        self.calls[(user_id, key)] = {
+            "hash": request_hash,
+            "event_id": pending.event_id,
+            "instance": instance_id,
+            "stream": stream,
+            "outcome": None,
+        }
         return handle
 
-    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
+    async def find(self, user_id, key) -> CallRecord | None:
+        c = self.calls.get((user_id, key))
+        if c is None:
+            return None
+        return CallRecord(user_id, key, c["hash"], c["event_id"], c["instance"], c["stream"], c["outcome"], self.alive)
+
+    async def finish(self, handle, event, outcome) -> bool:
+        if handle in self.published:
+            return False
         self.rows[handle] = (event, True)
+        await self.end(event.event_id, outcome)
         return True
 
-    async def discard(self, handle: int) -> None:
-        del self.rows[handle]
+    async def end(self, event_id, outcome) -> None:
+        for c in self.calls.values():
+            if c["event_id"] == event_id and c["outcome"] is None:
+                c["outcome"] = outcome
+
+    async def forget(self, handle, user_id, key) -> None:
+        self.rows.pop(handle, None)
+        self.calls.pop((user_id, key), None)
+
+    async def renew_lease(self, instance_id, lease_s) -> None:
+        self.alive = True
+
+    async def end_lease(self, instance_id) -> None:
+        self.alive = False
+
+    async def purge(self, answer_kept_s, call_kept_s) -> tuple[int, int]:
+        return 0, 0
 
     @property
     def events(self) -> list[ModelCallCompleted]:
@@ -184,3 +225,27 @@ class InProcessHttp(httpx.AsyncClient):
 
     async def post_json(self, url: str, headers: Mapping[str, str], body: object) -> httpx.Response:
         return await self.post(url, headers=headers, json=body)
+
+
+def memory_chat(
+    store: SettingsStore, balances: BalanceReader, provider: FakeProvider, checker: FakeChecker, **service_kw
+) -> tuple[ChatService, ChatCalls, MemoryCallStore]:
+    """The chat's rules and its call use case over in-memory ports (the calls' rows in `MemoryCallStore`)."""
+    service = ChatService(
+        store=store,
+        checker=checker,
+        platform_keys=service_kw.pop("platform_keys", {p: PLATFORM_KEY for p in Provider}),
+        price_book=default_price_book(),
+        **service_kw,
+    )
+    calls_store = MemoryCallStore()
+    calls = ChatCalls(
+        service=service,
+        store=calls_store,
+        keys=store,
+        balances=balances,
+        call_model=provider,
+        stream_model=None,
+        price_book=service.book,
+    )
+    return service, calls, calls_store

@@ -2,11 +2,12 @@
 identity and session key, call `ChatService`, turn its refusals into HTTP statuses.
 
 Routes: `GET /` (the page), `POST /settings/model`, `GET /api/model-settings`, `DELETE /api/keys/{provider}`,
-`POST /chat`, `GET /api/balance`, `GET /api/usage`, `GET /api/me`, `POST /auth/dev-login` (only with DEV_LOGIN
+`POST /chat`, `GET /api/calls/{idempotency_key}`, `GET /api/balance`, `GET /api/usage`, `GET /api/me`, `POST /auth/dev-login` (only with DEV_LOGIN
 on), `POST /auth/logout`, `GET /healthz`, `GET /metrics`.
 """
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -17,7 +18,7 @@ from typing import Annotated
 from fastapi import Cookie, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,19 +27,13 @@ import providers
 from billing.pricing import default_price_book
 from schemas.events import Feature, ModelId, Provider, utc_now
 from services.chat.balances import BalanceReader, CreditsUnavailable
+from services.chat.call_store import Outcome
+from services.chat.calls import ChatCalls, RunningCall
 from services.chat.catalog import catalog
 from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenReader, mint_token, token_from
 from services.chat.key_session import KEY_COOKIE, KeyRing, KeySealer
-from services.chat.service import (
-    BalanceUnknown,
-    ChatRefused,
-    ChatService,
-    InvalidRequest,
-    OwnKeyMissing,
-    PaymentRequired,
-    PlatformKeyMissing,
-    ProviderFailed,
-)
+from services.chat.refusals import ChatRefused
+from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
 from services.chat.usage import UsageReader, UsageUnavailable
 from services.shared.edge import (
@@ -54,25 +49,16 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 CALLS = Counter(
-    "chat_calls_total", "Model calls by feature, key source and outcome", ["feature", "key_source", "outcome"]
+    "chat_calls_total", "Model call answers by feature, key source and ending", ["feature", "key_source", "ending"]
 )
 REFUSALS = Counter("chat_refusals_total", "Calls refused before reaching a provider", ["reason"])
-
-STATUS_OF: dict[type[ChatRefused], int] = {
-    PaymentRequired: 402,
-    OwnKeyMissing: 409,
-    PlatformKeyMissing: 503,
-    BalanceUnknown: 503,
-    ProviderFailed: 502,
-    InvalidRequest: 422,
-}
-
 
 @dataclass
 class Wiring:
     """What the routes need; built by the composition root (`bootstrap.py`) or by a test."""
 
     service: ChatService
+    calls: ChatCalls
     sealer: KeySealer
     balances: BalanceReader
     # Dev sign-in's welcome grant; None = no grant.
@@ -98,11 +84,42 @@ class ChatIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     feature: Feature = Feature.CHAT
     message: str = Field(min_length=1, max_length=20_000)
+    # Server-Sent Events: `delta` events with the text as it comes, then one `done` or `error`.
+    stream: bool = False
 
 
 class DevLoginIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@\-]+$")
+
+
+def answer(outcome: Outcome) -> JSONResponse:
+    """A call's outcome as the plain JSON answer (the same on every retry with its key)."""
+    CALLS.labels(
+        outcome.body.get("feature", ""), outcome.body.get("key_source", ""), outcome.body.get("ending", "")
+    ).inc()
+    return JSONResponse(outcome.body, status_code=outcome.status)
+
+
+def sse_event(name: str, data: object) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def sse(started: RunningCall | Outcome) -> AsyncIterator[bytes]:
+    """A call as Server-Sent Events: `delta` events with the text as it comes, then exactly one `done`
+    (the JSON answer's body) or `error` (a sentence, `charged: false`). Leaving the stream stops the call
+    (DESIGN "The call lifecycle": after the first token it is charged)."""
+    if isinstance(started, Outcome):
+        yield sse_event("done" if started.ok else "error", started.body)
+        return
+    async for item in started.follow():
+        if item is None:
+            yield b": keep-alive\n\n"
+        elif isinstance(item, Outcome):
+            CALLS.labels(item.body.get("feature", ""), item.body.get("key_source", ""), item.body.get("ending", "")).inc()
+            yield sse_event("done" if item.ok else "error", item.body)
+        else:
+            yield sse_event("delta", {"text": item})
 
 
 def error_body(code: str, sentence: str) -> dict:
@@ -182,7 +199,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def refused(_: Request, exc: ChatRefused) -> JSONResponse:
         REFUSALS.labels(exc.code).inc()
         return JSONResponse(
-            {"error": exc.code, "message": exc.message, **exc.details}, status_code=STATUS_OF.get(type(exc), 400)
+            {"error": exc.code, "message": exc.message, **exc.details}, status_code=exc.status
         )
 
     @app.exception_handler(RequestValidationError)
@@ -342,12 +359,21 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         return answer
 
     chat_body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatIn"}}}, "required": True}
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "One per user action: a retry with the same key within 24 h is the same call",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[\\x21-\\x7e]+$"},
+    }
 
     # The hot route reads its inputs itself rather than through dependencies: FastAPI's dependency
     # solving and response encoding cost more than the rest of the route. Same order as the others
     # (who is calling, then the body), same refusals (401, then 422 through `invalid`).
     @app.post(
-        "/chat", openapi_extra={"requestBody": chat_body}, responses=error_responses(401, 402, 409, 413, 422, 502, 503)
+        "/chat",
+        openapi_extra={"requestBody": chat_body, "parameters": [idempotency_key]},
+        responses=error_responses(401, 402, 409, 413, 422, 502, 503)
     )
     async def chat(request: Request) -> JSONResponse:
         who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
@@ -369,29 +395,37 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             body = ChatIn.model_validate_json(await request.body())
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-        try:
-            result = await w.service.call(who, ring, body.feature, body.message)
-        except ProviderFailed as exc:
-            CALLS.labels(body.feature.value, exc.details.get("key_source", ""), "failed").inc()
-            raise
-        event = result.event
-        CALLS.labels(event.feature.value, event.key_source.value, "succeeded").inc()
-        return JSONResponse(
-            {
-                "reply": result.reply,
-                "provider": event.provider.value,
-                "model": event.model,
-                "feature": event.feature.value,
-                "key_source": event.key_source.value,
-                "event_id": str(event.event_id),
-                "usage": {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
-                "latency_ms": event.latency_ms,
-                "billing": result.billing.as_dict(),
-                # BYOK chat that ran on platform credits because the user chose to fall back: said so.
-                "fallback": result.fallback,
-                "notice": result.notice,
-            }
+        started = await w.calls.start(
+            who,
+            ring,
+            body.feature,
+            body.message,
+            idempotency_key=request.headers.get("idempotency-key"),
+            stream=body.stream,
         )
+        if body.stream:
+            return StreamingResponse(
+                sse(started),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            )
+        outcome = started if isinstance(started, Outcome) else await started.result()
+        return answer(outcome)
+
+    @app.get("/api/calls/{idempotency_key}", responses=error_responses(401, 404, 422))
+    async def call_outcome(idempotency_key: str, who: Who, w: Wired) -> JSONResponse:
+        """Where the user's call with this Idempotency-Key stands (after a dropped connection): `running`,
+        or `ended` with the answer it had (`status`, `answer`). Never starts a call."""
+        state, outcome = await w.calls.find(who, idempotency_key)
+        if state == "unknown":
+            return JSONResponse(
+                error_body("not_found", "No call with this key reached the server: it was not charged. Send it again."),
+                status_code=404,
+            )
+        found: dict = {"state": state, "idempotency_key": idempotency_key}
+        if outcome is not None:
+            found.update(status=outcome.status, answer=outcome.body)
+        return JSONResponse(found)
 
     def openapi() -> dict:
         # /chat reads its body itself, so FastAPI does not know ChatIn: its schema (and the enums it

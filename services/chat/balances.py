@@ -23,6 +23,10 @@ class CreditsUnavailable(Exception):
     """The credit service could not answer (down, slow, or refused our token)."""
 
 
+class HoldConflict(Exception):
+    """The credit service will not hold this event id: it is already decided (a key used again)."""
+
+
 class HoldRefused(Exception):
     """Not enough available credits for the call; nothing is held."""
 
@@ -64,7 +68,8 @@ class BalanceReader:
         raise NotImplementedError
 
     async def release(self, who: Identity, event_id: UUID) -> None:
-        """Release the hold of a call that never reached the provider (best effort: holds also expire)."""
+        """Release the hold of a call that never reached the provider (best effort: the call's event, decided,
+        releases it too)."""
         raise NotImplementedError
 
 
@@ -100,6 +105,8 @@ class HttpBalanceReader(BalanceReader):
         try:
             if answer.status in (200, 201):
                 return Reservation(event_id, int(found["credits"]), int(found["available"]))
+            if answer.status == 409:
+                raise HoldConflict(str(found.get("detail", ""))[:200])
             if answer.status == 402:
                 raise HoldRefused(int(found["needed"]), int(found["available"]), int(found.get("held", 0)))
         except (ValueError, KeyError, TypeError):
@@ -112,7 +119,7 @@ class HttpBalanceReader(BalanceReader):
         try:
             answer = await self._ask("DELETE", f"/api/holds/{event_id}", who)
         except CreditsUnavailable as exc:
-            log.warning("hold %s not released (%s); it expires on its own", event_id, exc)
+            log.warning("hold %s not released (%s); its event's decision releases it", event_id, exc)
             return
         if answer.status not in (200, 404):
-            log.warning("hold %s not released (HTTP %d); it expires on its own", event_id, answer.status)
+            log.warning("hold %s not released (HTTP %d); its event's decision releases it", event_id, answer.status)

@@ -13,10 +13,12 @@ from providers import ProviderSettings, chat_completion
 from schemas.events import KeyCheckResult, Provider
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
+from services.chat.call_store import CallStore, PgCallStore
+from services.chat.calls import ChatCalls
 from services.chat.credits_client import CreditsClient, CreditsUnreachable
 from services.chat.identity import mint_token
 from services.chat.key_session import KeySealer, derive_secret
-from services.chat.outbox import OutboxRelay, PgOutbox
+from services.chat.outbox import OutboxRelay
 from services.chat.service import ChatService, KeyChecker
 from services.chat.settings import ChatSettings
 from services.chat.store import PgSettingsStore, SettingsStore
@@ -86,6 +88,18 @@ async def purge_key_records(store: SettingsStore, retention_s: float, every_s: f
         await asyncio.sleep(every_s)
 
 
+async def purge_calls(store: CallStore, answer_kept_s: float, call_kept_s: float, every_s: float) -> None:
+    """Drop kept answers after `answer_kept_s` and calls after `call_kept_s`, every `every_s`."""
+    while True:
+        try:
+            answers, calls = await store.purge(answer_kept_s, call_kept_s)
+            if answers or calls:
+                log.info("dropped %d kept answers and %d ended calls", answers, calls)
+        except Exception as exc:  # the database may be away for a while: next round
+            log.warning("could not purge ended calls (%s)", type(exc).__name__)
+        await asyncio.sleep(every_s)
+
+
 @contextlib.asynccontextmanager
 async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> AsyncIterator[Wiring]:
     await migrate(settings.database_url, settings.database_schema)
@@ -102,8 +116,12 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         linger_s=settings.relay_linger_s,
         stale_after_s=settings.outbox_stale_after_s,
     )
+    # A plain call may take minutes before its first byte (reasoning models, deep analysis): reads wait
+    # up to the call's own bound, which the call lifecycle enforces anyway.
     provider_http = ProviderClient(
-        timeout_s=settings.provider_timeout_s, max_connections=settings.provider_max_connections
+        timeout_s=settings.call_max_s,
+        connect_timeout_s=settings.provider_connect_timeout_s,
+        max_connections=settings.provider_max_connections,
     )
     credits = CreditsClient(settings.credits_url, settings.credits_timeout_s)
     providers = ProviderSettings()
@@ -111,16 +129,22 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     async def call_model(provider, api_key, model, messages):
         return await chat_completion(provider_http, providers, provider, api_key, model, messages)
 
+    stream_model = None
+    try:  # TEMPORARY until providers.chat_stream lands
+        from providers import chat_stream
+
+        def stream_model(provider, api_key, model, messages):
+            return chat_stream(provider_http, providers, provider, api_key, model, messages)
+    except ImportError:
+        pass
+
     store = PgSettingsStore(pool)
     own_checker = checker is None
     checker = checker or StartingKeyChecker(settings)
     balances: BalanceReader = HttpBalanceReader(credits)
     service = ChatService(
         store=store,
-        outbox=PgOutbox(pool, relay.wake),
-        balances=balances,
         checker=checker,
-        call_model=call_model,
         platform_keys=settings.platform_keys(),
         price_book=default_price_book(),
         default_provider=settings.default_provider,
@@ -128,13 +152,21 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         feature_models=settings.feature_models(),
         key_ttl_s=settings.key_ttl_s,
         key_check_timeout_s=settings.key_check_timeout_s,
-        admission_holds=settings.admission_holds,
     )
-    if not settings.admission_holds:
-        log.warning(
-            "ADMISSION_HOLDS is off: platform calls start without reserving their price and can "
-            "overspend a balance. This is for the benchmark's baseline only."
-        )
+    call_store = PgCallStore(pool, relay.wake)
+    calls = ChatCalls(
+        service=service,
+        store=call_store,
+        keys=store,
+        balances=balances,
+        call_model=call_model,
+        stream_model=stream_model,
+        price_book=service.book,
+        call_max_s=settings.call_max_s,
+        lease_s=settings.lease_s,
+    )
+    # The lease first: a call may start only once this instance is known to be alive.
+    await call_store.renew_lease(calls.instance_id, settings.lease_s)
 
     async def grant_plan(user_id: str) -> dict:
         admin = mint_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
@@ -161,12 +193,17 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
 
     await relay.start()
     warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
-    purging = asyncio.create_task(
-        purge_key_records(store, settings.key_record_retention_s, settings.key_record_purge_every_s)
-    )
+    background = [
+        asyncio.create_task(purge_key_records(store, settings.key_record_retention_s, settings.key_record_purge_every_s)),
+        asyncio.create_task(calls.keep_lease(settings.lease_renew_s)),
+        asyncio.create_task(
+            purge_calls(call_store, settings.answer_kept_s, settings.call_kept_s, settings.call_purge_every_s)
+        ),
+    ]
     try:
         yield Wiring(
             service,
+            calls,
             key_sealer(settings),
             balances,
             grant_plan if settings.dev_login and settings.dev_login_grant_plan else None,
@@ -174,8 +211,10 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
             usage=HttpUsageReader(credits),
         )
     finally:
-        purging.cancel()
-        await asyncio.gather(purging, return_exceptions=True)
+        await calls.close(settings.shutdown_grace_s)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await relay.stop()
         if warming is not None:
             warming.cancel()

@@ -1,9 +1,9 @@
 """ModelCallCompleted events that are never lost: a transactional outbox in PostgreSQL, relayed to Kafka.
 
-`PgOutbox.begin` writes a row before the provider is asked (holding the call as *failed*, the safe
-default), `complete` turns it into the real event once the provider has answered. `OutboxRelay`
-publishes ready rows, and rows left in flight past the provider timeout (their process died), to
-`model_call_completed` keyed by user id, and deletes each row only after Kafka acknowledged it. If
+`services/chat/call_store.py` writes a call's row before anything is held or asked (holding the call as
+*failed*, ending `interrupted`, the safe default) and turns it into the real event once the call ended.
+`OutboxRelay` publishes ready rows, and pending rows whose instance's lease lapsed (the instance is
+gone), to `model_call_completed` keyed by user id, and deletes each row only after Kafka acknowledged it. If
 Kafka is down the rows wait; if the relay dies after the ack but before the delete, the event is sent
 again with the same `event_id`, which the credit service applies once.
 """
@@ -11,6 +11,7 @@ again with the same `event_id`, which the credit service applies once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
-from schemas.events import ModelCallCompleted
+from services.chat.call_store import INTERRUPTED_STATUS, interrupted_body
 from services.shared.kafka import park, refused_for_content
 
 log = logging.getLogger(__name__)
@@ -27,49 +28,24 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("chat_outbox_published_total", "ModelCallCompleted events this instance relayed to Kafka")
 
 
-class Outbox:
-    """Port: where a call's event is recorded so that it is published exactly once, later."""
-
-    async def begin(self, pending: ModelCallCompleted) -> int:
-        """Record a call about to be made (`pending` is what to publish if it never completes)."""
-        raise NotImplementedError
-
-    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
-        """Replace the pending event by the real one; False if the pending one was already published."""
-        raise NotImplementedError
-
-    async def discard(self, handle: int) -> None:
-        """Forget a call that was refused before the provider was asked (it never happened)."""
-        raise NotImplementedError
-
-
-class PgOutbox(Outbox):
-    def __init__(self, pool: asyncpg.Pool, on_ready: Callable[[], None] = lambda: None):
-        self.pool, self.on_ready = pool, on_ready
-
-    async def begin(self, pending: ModelCallCompleted) -> int:
-        return await self.pool.fetchval(
-            "INSERT INTO chat_outbox (event_id, user_id, payload) VALUES ($1, $2, $3) RETURNING id",
-            pending.event_id,
-            pending.user_id,
-            pending.to_json(),
-        )
-
-    async def complete(self, handle: int, event: ModelCallCompleted) -> bool:
-        done = await self.pool.fetchval(
-            "UPDATE chat_outbox SET payload = $2, ready = true WHERE id = $1 AND event_id = $3 RETURNING id",
-            handle,
-            event.to_json(),
-            event.event_id,
-        )
-        if done is None:
-            log.warning("call %s completed after its pending event was published as failed", event.event_id)
-            return False
-        self.on_ready()
-        return True
-
-    async def discard(self, handle: int) -> None:
-        await self.pool.execute("DELETE FROM chat_outbox WHERE id = $1 AND NOT ready", handle)
+# Ready rows, and pending rows whose call can no longer finish: their instance's lease lapsed, or (rows
+# written before instances had leases) they are older than the old fixed delay.
+_DUE = """
+DELETE FROM chat_outbox WHERE id IN (
+    SELECT o.id FROM chat_outbox o
+     WHERE o.ready
+        OR (o.instance_id IS NULL AND o.created_at < now() - make_interval(secs => $1))
+        OR (o.instance_id IS NOT NULL AND NOT EXISTS (
+                SELECT 1 FROM chat_instances i WHERE i.instance_id = o.instance_id AND i.alive_until > now()))
+     ORDER BY o.id LIMIT $2 FOR UPDATE SKIP LOCKED)
+RETURNING id, event_id, user_id, payload, ready
+"""
+_END_LAPSED = """
+UPDATE chat_calls
+   SET ended_at = now(),
+       outcome = jsonb_build_object('status', $2::int, 'body', $3::jsonb || jsonb_build_object('event_id', event_id::text))
+ WHERE event_id = ANY($1::uuid[]) AND ended_at IS NULL
+"""
 
 
 class OutboxRelay:
@@ -175,22 +151,20 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish one batch of due rows and delete them once acknowledged; returns how many.
 
-        The rows are deleted (and locked) in one statement, in a transaction that commits only after
-        Kafka acknowledged them all: if the publish fails, the rollback keeps them.
+        Due: ready rows, and pending rows whose instance's lease lapsed (the instance is gone, so its
+        call can no longer finish): those are published as they stand, failed with ending
+        `interrupted`, and their calls end as interrupted. The rows are deleted (and locked) in one
+        statement, in a transaction that commits only after Kafka acknowledged them all: if the
+        publish fails, the rollback keeps them.
         """
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """DELETE FROM chat_outbox WHERE id IN (
-                       SELECT id FROM chat_outbox
-                        WHERE ready OR created_at < now() - make_interval(secs => $1)
-                        ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
-                   RETURNING id, user_id, payload""",
-                self.stale_after_s,
-                self.batch,
-            )
+            rows = await conn.fetch(_DUE, self.stale_after_s, self.batch)
             if not rows:
                 return 0
             rows = sorted(rows, key=lambda r: r["id"])  # RETURNING has no order; a user's events keep theirs
+            lapsed = [r["event_id"] for r in rows if not r["ready"]]
+            if lapsed:
+                await conn.execute(_END_LAPSED, lapsed, INTERRUPTED_STATUS, json.dumps(interrupted_body()))
             await asyncio.wait_for(self._publish(conn, rows), self.send_timeout_s)
         self.published += len(rows)
         PUBLISHED.inc(len(rows))

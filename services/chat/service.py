@@ -1,43 +1,38 @@
 """The chat service's rules: which key a call runs on, when it is refused, what it is billed.
 
 Entry points (HTTP routes) translate requests into calls of `ChatService`; adapters (PostgreSQL,
-Kafka, the credit service, providers, the key checker) are reached through the ports passed in, so
-unit tests run these rules with fakes. The credit policy itself is not restated here: `is_billable`,
-`price_of` and `decide` come from `billing.policy`, the very code the credit service runs.
+the key checker) are reached through the ports passed in, so unit tests run these rules with fakes.
+The call itself (idempotency, holds, the provider, how it ends) is `services/chat/calls.py`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
 import providers
-from billing.policy import decide, is_billable, platform_price
+from billing.policy import platform_price
 from billing.pricing import PriceBook
-from providers import ChatReply, ProviderError, key_hint, normalize_key
+from providers import key_hint, normalize_key
 from schemas.events import (
     MODEL_ID_PATTERN,
-    CallStatus,
     Decision,
     Feature,
     KeyCheckResult,
     KeyCheckStatus,
     KeySource,
-    ModelCallCompleted,
     Provider,
     utc_now,
 )
-from services.chat.balances import BalanceReader, CreditsUnavailable, HoldRefused, Reservation
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing, SessionKey
-from services.chat.outbox import Outbox
+from services.chat.refusals import ChatRefused, InvalidRequest, OwnKeyMissing, PaymentRequired, PlatformKeyMissing
 from services.chat.store import (
     REVOKED_BYOK_OFF,
     REVOKED_REMOVED,
@@ -82,51 +77,6 @@ class KeyChecker(Protocol):
     async def check(self, user_id: str, provider: Provider, api_key: str, timeout_s: float) -> KeyCheckResult: ...
 
 
-ModelCaller = Callable[[Provider, str, str, Sequence[Mapping[str, str]]], Awaitable[ChatReply]]
-"""Port: one model call `(provider, api_key, model, messages) -> ChatReply`, raising `ProviderError`."""
-
-
-# --- refusals (translated to HTTP statuses at the edge only) -------------------------------------
-
-
-class ChatRefused(Exception):
-    """A request the service will not carry out, with a sentence the user can act on."""
-
-    code = "refused"
-
-    def __init__(self, message: str, **details):
-        super().__init__(message)
-        self.message, self.details = message, details
-
-
-class PaymentRequired(ChatRefused):
-    """A platform call the balance cannot pay for, or a model with no platform price."""
-
-    code = "payment_required"
-
-
-class OwnKeyMissing(ChatRefused):
-    code = "own_key_missing"
-
-
-class PlatformKeyMissing(ChatRefused):
-    code = "platform_key_missing"
-
-
-class BalanceUnknown(ChatRefused):
-    code = "credits_unavailable"
-
-
-class ProviderFailed(ChatRefused):
-    """The provider refused or failed the call; nothing is billed (the event says `failed`)."""
-
-    code = "provider_error"
-
-
-class InvalidRequest(ChatRefused):
-    code = "invalid_request"
-
-
 # --- results ------------------------------------------------------------------------------------
 
 
@@ -161,15 +111,6 @@ class Billing:
             "balance_after": None if self.balance_before is None else self.balance_before - self.credits,
             "summary": summary,
         }
-
-
-@dataclass(frozen=True)
-class CallResult:
-    reply: str
-    event: ModelCallCompleted
-    billing: Billing
-    fallback: bool = False  # BYOK chat ran on platform credits because the user chose to fall back
-    notice: str | None = None  # the sentence that says so, with the charge
 
 
 @dataclass(frozen=True)
@@ -294,10 +235,7 @@ class ChatService:
         self,
         *,
         store: SettingsStore,
-        outbox: Outbox,
-        balances: BalanceReader,
         checker: KeyChecker,
-        call_model: ModelCaller,
         platform_keys: Mapping[Provider, str | None],
         price_book: PriceBook,
         default_provider: Provider = Provider.OPENAI,
@@ -306,17 +244,11 @@ class ChatService:
         key_ttl_s: int = 8 * 3600,
         key_check_timeout_s: float = 15.0,
         clock: Callable[[], datetime] = utc_now,
-        admission_holds: bool = True,
-        release_again_s: float = 10.0,
     ):
-        self.store, self.outbox, self.balances, self.checker = store, outbox, balances, checker
-        self.call_model, self.platform_keys, self.book = call_model, dict(platform_keys), price_book
+        self.store, self.checker, self.platform_keys, self.book = store, checker, dict(platform_keys), price_book
         self.default_provider, self.default_model = default_provider, default_model
         self.feature_models = {**DEFAULT_FEATURE_MODELS, **(feature_models or {})}
         self.key_ttl_s, self.key_check_timeout_s, self.clock = key_ttl_s, key_check_timeout_s, clock
-        self.admission_holds = admission_holds  # off only for the benchmark's baseline (see ChatSettings)
-        self.release_again_s = release_again_s
-        self._releasing: set[asyncio.Future] = set()
 
     # --- settings and keys ------------------------------------------------------------------------
 
@@ -507,8 +439,9 @@ class ChatService:
 
     # --- calls ------------------------------------------------------------------------------------
 
-    async def call(self, who: Identity, ring: KeyRing | None, feature: Feature, message: str) -> CallResult:
-        """Run one model call for `feature` on the right key; exactly one event records it."""
+    async def plan(self, who: Identity, ring: KeyRing | None, feature: Feature, message: str) -> tuple[Route, str]:
+        """Where a call of `feature` runs and the key it runs on, or the refusal (`ChatRefused`) that
+        stops it before anything is written, held or asked. The call itself is `ChatCalls`'."""
         if not message.strip():
             raise InvalidRequest("Type a message first.")
         if len(message) > MAX_MESSAGE_CHARS:
@@ -517,89 +450,17 @@ class ChatService:
         route = self.route(s, held, feature)
         if route.refusal is not None:
             raise route.refusal
-        provider, model, key_source = route.provider, route.model, route.key_source
-        key = route.held.key if key_source is KeySource.BYOK else None
-        if key is not None:
-            api_key = key.api_key
+        if route.key_source is KeySource.BYOK and route.held is not None:
+            api_key = route.held.key.api_key
         else:
-            api_key = self.platform_keys.get(provider)
+            api_key = self.platform_keys.get(route.provider) or ""
             if not api_key:
                 raise PlatformKeyMissing(
-                    f"The platform has no {providers.of(provider).name} key configured. "
+                    f"The platform has no {providers.of(route.provider).name} key configured. "
                     "Use your own key for chat, or choose another provider."
                 )
-        self._refuse_unrunnable(model, key_source)
-        pending = ModelCallCompleted(
-            event_id=uuid.uuid4(),
-            occurred_at=self.clock(),
-            user_id=who.user_id,
-            session_id=who.session_id or "api",
-            request_id=uuid.uuid4().hex,
-            provider=provider,
-            model=model,
-            feature=feature,
-            key_source=key_source,
-            status=CallStatus.FAILED,
-            input_tokens=0,
-            output_tokens=0,
-            latency_ms=0,
-        )
-        # The outbox row is written while the price is reserved (two round trips at once); a refused
-        # call's row is discarded again, as the call never happened.
-        begin = asyncio.ensure_future(self.outbox.begin(pending))
-        try:
-            reservation = await self._reserve(who, pending)
-        except BaseException:
-            try:
-                await self.outbox.discard(await begin)
-            except Exception:
-                log.warning("could not discard the outbox row of refused call %s", pending.event_id)
-            raise
-        try:
-            handle = await begin
-        except BaseException:
-            if reservation is not None:  # the provider is never asked: give the credits back now
-                await asyncio.shield(self.balances.release(who, pending.event_id))
-            raise
-        started = time.monotonic()
-        messages = [{"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message}]
-        try:
-            reply = await self.call_model(provider, api_key, model, messages)
-        except ProviderError as exc:
-            event = self._finished(pending, started, CallStatus.FAILED)
-            await self.outbox.complete(handle, event)
-            if key_source is KeySource.BYOK:
-                await self.store.mark_key(key.key_id, exc.verdict.status.value, exc.verdict.message)
-            billing = self._billing(event, None)
-            whose = "Your" if key_source is KeySource.BYOK else "The platform's"
-            raise ProviderFailed(
-                exc.verdict.message
-                if key_source is KeySource.BYOK
-                else f"{providers.of(provider).name} could not answer this call ({exc.verdict.status.value}). No credits were used; "
-                "try again in a minute.",
-                key_status=exc.verdict.status.value,
-                key_source=key_source.value,
-                whose_key=whose,
-                event_id=str(event.event_id),
-                billing=billing.as_dict(),
-            ) from None
-        except BaseException:
-            # Anything else (a bug, a cancelled request): the call is recorded as failed now, not later.
-            await asyncio.shield(self.outbox.complete(handle, self._finished(pending, started, CallStatus.FAILED)))
-            raise
-        event = self._finished(pending, started, CallStatus.SUCCEEDED, reply)
-        await self.outbox.complete(handle, event)
-        billing = self._billing(event, None if reservation is None else reservation.available + reservation.credits)
-        if key is not None and route.held.record.status != KeyCheckStatus.VALID.value:
-            name = providers.of(provider).name
-            await self.store.mark_key(key.key_id, KeyCheckStatus.VALID.value, f"Your {name} key works.")
-        notice = None
-        if route.fallback:
-            notice = (
-                f"{route.reason}, so this answer ran on platform credits, as you chose: "
-                f"{billing.credits} credit{'s' if billing.credits != 1 else ''} charged."
-            )
-        return CallResult(reply.text, event, billing, route.fallback, notice)
+        self._refuse_unrunnable(route.model, route.key_source)
+        return route, api_key
 
     def _refuse_unrunnable(self, model: str, key_source: KeySource) -> None:
         """A model id that is not one (settings saved before ids were checked) reaches no provider, and
@@ -620,74 +481,3 @@ class ChatService:
                     reason="unpriced_model",
                     price_list_version=prices.version,
                 )
-
-    async def _reserve(self, who: Identity, pending: ModelCallCompleted) -> Reservation | None:
-        """Reserve a billable call's price at the credit service (an admission hold keyed by the call's
-        event id), refusing (402) when the available credits cannot pay. An unpriced model never gets
-        here: `_refuse_unrunnable` refused it before the outbox row was written."""
-        feature, model = pending.feature, pending.model
-        if not is_billable(feature, pending.key_source):
-            return None
-        prices = self.book.in_force(self.clock())
-        if not self.admission_holds:
-            return None
-        try:
-            return await self.balances.reserve(who, pending.event_id, feature, pending.provider, model)
-        except CreditsUnavailable as exc:
-            # The answer is lost, not necessarily the hold: it may have been placed (or be placed a
-            # moment later) for a call that will not start. Release it now and once more later.
-            self._release_soon(who, pending.event_id)
-            raise BalanceUnknown(
-                "We cannot reserve credits for this call right now, so platform calls are paused. "
-                "Try again in a minute, or use your own key for chat.",
-                cause=str(exc),
-            ) from None
-        except HoldRefused as exc:
-            what = FEATURE_NAMES[feature]
-            if feature is Feature.CHAT:
-                advice = "Switch on “use my own API key” to chat on your own key without credits, or get more credits."
-            else:
-                advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
-            raise PaymentRequired(
-                f"{what} with {model} costs {exc.needed} credit{'s' if exc.needed != 1 else ''} and you have "
-                f"{max(exc.available, 0)} available"
-                f"{f' ({exc.held} more are held by calls still running)' if exc.held else ''}. {advice}",
-                reason="insufficient_credits",
-                needed=exc.needed,
-                available=exc.available,
-                held=exc.held,
-                balance=exc.available + exc.held,
-                price_list_version=prices.version,
-                suggest_byok=feature is Feature.CHAT,
-            ) from None
-
-    def _release_soon(self, who: Identity, event_id: uuid.UUID) -> None:
-        """Release the hold of a call that will not start, now and again after `release_again_s` (a
-        placement the credit service had queued may land after the first release); best effort,
-        in the background: a hold nobody releases expires on its own."""
-
-        async def release() -> None:
-            await self.balances.release(who, event_id)
-            await asyncio.sleep(self.release_again_s)
-            await self.balances.release(who, event_id)
-
-        task = asyncio.ensure_future(release())
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-
-    def _finished(
-        self, pending: ModelCallCompleted, started: float, status: CallStatus, reply: ChatReply | None = None
-    ) -> ModelCallCompleted:
-        # A copy, not a re-validation of the whole event: every changed field is built typed right here.
-        changes = {
-            "occurred_at": self.clock(),
-            "status": status,
-            "latency_ms": int((time.monotonic() - started) * 1000),
-        }
-        if reply is not None:
-            changes.update(input_tokens=max(0, int(reply.input_tokens)), output_tokens=max(0, int(reply.output_tokens)))
-        return pending.model_copy(update=changes)
-
-    def _billing(self, event: ModelCallCompleted, balance: int | None) -> Billing:
-        charge = decide(event, self.book)
-        return Billing(event.key_source, charge.decision, charge.credits, charge.price_list_version, balance)

@@ -40,10 +40,6 @@ class ChatSettings(CommonSettings, HttpSettings):
     # Where the credit service answers balance queries and places admission holds.
     credits_url: str = "http://127.0.0.1:8001"
     credits_timeout_s: float = 5.0
-    # Every billable call reserves its price first (DESIGN.md "Admission holds"). Off only to measure
-    # what holds cost (bench/chat.py's baseline): calls then start unreserved and can overspend.
-    admission_holds: bool = True
-
     # AES-GCM secret of the key cookie; unset = derived from AUTH_JWT_SECRET (HKDF, own label).
     key_cookie_secret: str | None = Field(default=None, min_length=16)
     # How long a sealed key stays usable: the session, at most this long.
@@ -94,8 +90,21 @@ class ChatSettings(CommonSettings, HttpSettings):
         return {p: getattr(self, f"{p.value}_api_key") for p in Provider}
 
     outbox_stale_margin_s: float = 30.0
+    # The call lifecycle (DESIGN "The call lifecycle"): a call runs at most `call_max_s`; this
+    # instance's lease lasts `lease_s` and is renewed every `lease_renew_s`; a call's answer is kept
+    # `answer_kept_s` for retries, its billing `call_kept_s`; at shutdown running calls get
+    # `shutdown_grace_s` to end.
+    call_max_s: float = 600.0
+    lease_s: float = 30.0
+    lease_renew_s: float = 5.0
+    answer_kept_s: float = 900.0
+    call_kept_s: float = 86_400.0
+    call_purge_every_s: float = 60.0
+    shutdown_grace_s: float = 10.0
+    provider_connect_timeout_s: float = 10.0
 
     @property
     def outbox_stale_after_s(self) -> float:
-        """A call still in flight after this long died with its process: its event is published as failed."""
+        """A call row written before instances had leases (migration 0015), still in flight after this
+        long, died with its process: its event is published as failed."""
         return self.provider_timeout_s + self.outbox_stale_margin_s

@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.harness import ServiceProcess
-from schemas.events import ModelCallCompleted
+from schemas.events import Ending, ModelCallCompleted
 from schemas.topics import MODEL_CALL_COMPLETED
 from tests.e2e.test_chat_flow import start_system, use_settings
 
@@ -89,7 +89,7 @@ def test_calls_made_while_kafka_is_down_reach_it_once_when_it_is_back(
 def test_a_call_whose_process_dies_mid_call_is_published_as_failed_and_not_billed(
     private_kafka, database_url, db_schema, tmp_path: Path
 ):
-    fast_stale = {"PROVIDER_TIMEOUT_S": "3", "OUTBOX_STALE_MARGIN_S": "1"}
+    fast_stale = {"LEASE_S": "3", "LEASE_RENEW_S": "1"}
     for system in start_system(
         private_kafka.bootstrap, database_url, db_schema, "", tmp_path / "logs", with_validation=False, **fast_stale
     ):
@@ -123,7 +123,9 @@ def test_a_call_whose_process_dies_mid_call_is_published_as_failed_and_not_bille
             while outbox_rows(database_url, db_schema) and time.monotonic() < deadline:
                 time.sleep(0.2)
             events = asyncio.run(read_all(private_kafka.bootstrap, MODEL_CALL_COMPLETED))
-            assert [(e.user_id, e.status.value, e.model) for e in events] == [("u2", "failed", "claude-3-5-haiku")]
+            assert [(e.user_id, e.status.value, e.model, e.ending) for e in events] == [
+                ("u2", "failed", "claude-3-5-haiku", Ending.INTERRUPTED)
+            ]
             assert system.wait_balance("u2", 500) == 500
         finally:
             restarted.stop()

@@ -7,14 +7,12 @@ import contextlib
 import pytest
 from fastapi.testclient import TestClient
 
-from billing.pricing import default_price_book
 from schemas.events import KeyCheckStatus, Provider
 from services.chat.app import Wiring, create_app
 from services.chat.bootstrap import key_sealer
 from services.chat.identity import mint_token
-from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, FixedUsage, MemoryOutbox, MemorySettingsStore
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, FixedUsage, MemorySettingsStore, memory_chat
 from tests.support import PLATFORM_KEY
 
 pytestmark = pytest.mark.unit
@@ -40,21 +38,13 @@ USAGE = {
 @pytest.fixture
 def world():
     settings = ChatSettings(auth_jwt_secret=SECRET, cookie_secure=False, dev_login=True)
-    store, outbox, provider, checker = MemorySettingsStore(), MemoryOutbox(), FakeProvider(), FakeChecker()
+    store, provider, checker = MemorySettingsStore(), FakeProvider(), FakeChecker()
     balances = FixedBalances({"alice": 100, "bob": 7})
-    service = ChatService(
-        store=store,
-        outbox=outbox,
-        balances=balances,
-        checker=checker,
-        call_model=provider,
-        platform_keys={p: PLATFORM_KEY for p in Provider},
-        price_book=default_price_book(),
-    )
+    service, calls, outbox = memory_chat(store, balances, provider, checker)
 
     @contextlib.asynccontextmanager
     async def wire(_):
-        yield Wiring(service, key_sealer(settings), balances, usage=FixedUsage({"alice": USAGE}))
+        yield Wiring(service, calls, key_sealer(settings), balances, usage=FixedUsage({"alice": USAGE}))
 
     app = create_app(settings, wire)
     with TestClient(app) as client:
@@ -85,7 +75,7 @@ def test_dev_login_is_off_unless_configured():
 
     @contextlib.asynccontextmanager
     async def wire(_):
-        yield Wiring(None, key_sealer(settings), FixedBalances())
+        yield Wiring(None, None, key_sealer(settings), FixedBalances())
 
     with TestClient(create_app(settings, wire)) as client:
         assert client.post("/auth/dev-login", json={"user_id": "eve"}).status_code == 404
@@ -130,7 +120,7 @@ def test_secure_cookie_flags_are_on_by_default():
 
     @contextlib.asynccontextmanager
     async def wire(_):
-        yield Wiring(None, key_sealer(settings), FixedBalances())
+        yield Wiring(None, None, key_sealer(settings), FixedBalances())
 
     with TestClient(create_app(settings, wire)) as client:
         cookie = client.post("/auth/dev-login", json={"user_id": "alice"}).headers["set-cookie"]

@@ -6,25 +6,22 @@ import asyncio
 import time
 import uuid
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from billing.pricing import default_price_book
 from providers import KeyVerdict, ProviderError, key_hint
-from schemas.events import CallStatus, Decision, Feature, KeyCheckStatus, KeySource, Provider
+from schemas.events import CallStatus, Decision, Ending, Feature, KeyCheckStatus, KeySource, Provider
 from services.chat.balances import CreditsUnavailable
+from services.chat.call_store import Outcome
+from services.chat.calls import ChatCalls
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
-from services.chat.service import (
-    BalanceUnknown,
-    ChatService,
-    OwnKeyMissing,
-    PaymentRequired,
-    PlatformKeyMissing,
-    ProviderFailed,
-)
+from services.chat.refusals import BalanceUnknown, OwnKeyMissing, PaymentRequired, PlatformKeyMissing, ProviderFailed
+from services.chat.service import Billing, ChatService
 from services.chat.store import ModelSettings
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryOutbox, MemorySettingsStore
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryCallStore, MemorySettingsStore
 from tests.support import PLATFORM_KEY
 
 pytestmark = pytest.mark.unit
@@ -33,18 +30,58 @@ USER_KEY = "sk-proj-userOWNkey000000000000000001"
 ALICE = Identity("alice", "user", "sess-1", "token-a")
 
 
+class Calling:
+    """ChatService with ChatCalls' call as these tests use it: the result of a call that answered, the
+    refusal raised otherwise (as the HTTP edge turns them into statuses)."""
+
+    def __init__(self, service: ChatService, calls: ChatCalls, store: MemoryCallStore):
+        self.__dict__.update(service=service, calls=calls, call_store=store)
+
+    def __getattr__(self, name):
+        if name in ("balances", "call_model", "release_again_s"):
+            return getattr(self.calls, name)
+        return getattr(self.service, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.calls if name in ("balances", "call_model", "release_again_s") else self.service, name, value)
+
+    async def call(self, who, ring, feature, message, **kw):
+        started = await self.calls.start(who, ring, feature, message, **kw)
+        outcome = started if isinstance(started, Outcome) else await started.result()
+        body = dict(outcome.body)
+        if outcome.status == 502:
+            raise ProviderFailed(body.pop("message"), **body)
+        if outcome.status == 503 and body.get("error") == BalanceUnknown.code:
+            raise BalanceUnknown(body.pop("message"), **body)
+        assert outcome.ok, outcome
+        [event] = [e for e in self.call_store.events if str(e.event_id) == body["event_id"]]
+        b = body["billing"]
+        billing = Billing(
+            KeySource(b["key_source"]), Decision(b["decision"]), b["credits"], b["price_list_version"], b["balance_before"]
+        )
+        return SimpleNamespace(
+            event=event, billing=billing, reply=body["reply"], fallback=body["fallback"], notice=body["notice"], body=body
+        )
+
+
 def make(balance: int = 100, checker=None, platform_keys=None):
-    store, outbox, provider = MemorySettingsStore(), MemoryOutbox(), FakeProvider()
+    store, outbox, provider = MemorySettingsStore(), MemoryCallStore(), FakeProvider()
     service = ChatService(
         store=store,
-        outbox=outbox,
-        balances=FixedBalances({"alice": balance}),
         checker=checker or FakeChecker(),
-        call_model=provider,
         platform_keys=platform_keys or {p: PLATFORM_KEY for p in Provider},
         price_book=default_price_book(),
     )
-    return service, store, outbox, provider
+    calls = ChatCalls(
+        service=service,
+        store=outbox,
+        keys=store,
+        balances=FixedBalances({"alice": balance}),
+        call_model=provider,
+        stream_model=None,
+        price_book=service.book,
+    )
+    return Calling(service, calls, outbox), store, outbox, provider
 
 
 def session_key(provider=Provider.OPENAI, key=USER_KEY) -> SessionKey:
@@ -415,10 +452,10 @@ async def test_concurrent_calls_cannot_overspend_the_held_credits():
 async def test_a_hold_is_released_when_the_provider_is_never_asked():
     service, _, outbox, provider = make(balance=10)
 
-    async def broken_begin(pending):
+    async def broken_claim(*args):
         raise ConnectionError("database away")
 
-    outbox.begin = broken_begin
+    outbox.claim = broken_claim
     with pytest.raises(ConnectionError):
         await service.call(ALICE, None, Feature.CHAT, "hello")
     assert service.balances.holds == {} and provider.calls == []
@@ -427,7 +464,8 @@ async def test_a_hold_is_released_when_the_provider_is_never_asked():
 async def test_a_hold_whose_answer_was_lost_is_released_now_and_once_more_later():
     """The credit service placed the hold, but its answer never came back (timeout), or the placement
     lands after the chat gave up: the call is refused (503) and the hold is released, then released
-    again a moment later, instead of locking the user's credits until it expires."""
+    again a moment later; and the call's event is published as failed (`not_started`), whose decision
+    releases the hold whatever happened to both releases."""
 
     class LostAnswer(FixedBalances):
         placed: list = []
@@ -446,7 +484,9 @@ async def test_a_hold_whose_answer_was_lost_is_released_now_and_once_more_later(
     service.release_again_s = 0.05
     with pytest.raises(BalanceUnknown):
         await service.call(ALICE, None, Feature.DEEP_ANALYSIS, "everything")
-    assert provider.calls == [] and outbox.rows == {}
+    [event] = outbox.events
+    assert provider.calls == [] and event.status is CallStatus.FAILED and event.ending is Ending.NOT_STARTED
+    assert outbox.rows[1][1] is True  # ready to publish
     await asyncio.sleep(0)  # the first release runs as soon as the refusal is out
     assert credits.holds == {} and LostAnswer.releases == 1
     # A placement the credit service had queued lands after the first release...

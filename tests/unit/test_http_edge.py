@@ -23,14 +23,13 @@ from services.chat.app import Wiring, create_app
 from services.chat.balances import HttpBalanceReader
 from services.chat.bootstrap import key_sealer
 from services.chat.credits_client import CreditsClient
-from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
 from services.chat.store import ModelSettings
 from services.credits.api import ApiContext, build_api
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
 from services.shared.settings import DefaultSecret, refuse_default_secrets
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, InProcessHttp, MemoryOutbox, MemorySettingsStore
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, InProcessHttp, MemorySettingsStore, memory_chat
 from tests.support import PLATFORM_KEY, ROOT, free_port
 
 pytestmark = pytest.mark.unit
@@ -43,23 +42,16 @@ BIG = 70 * 1024
 class Chat:
     def __init__(self, store=None, balances=None, feature_models=None, **settings):
         self.settings = ChatSettings(auth_jwt_secret=SECRET, cookie_secure=False, dev_login=True, **settings)
-        self.store, self.outbox = store or MemorySettingsStore(), MemoryOutbox()
+        self.store = store or MemorySettingsStore()
         self.provider, self.checker = FakeProvider(), FakeChecker()
         balances = balances or FixedBalances({"alice": 1000})
-        self.service = ChatService(
-            store=self.store,
-            outbox=self.outbox,
-            balances=balances,
-            checker=self.checker,
-            call_model=self.provider,
-            platform_keys={p: PLATFORM_KEY for p in Provider},
-            price_book=default_price_book(),
-            feature_models=feature_models,
+        self.service, self.calls, self.outbox = memory_chat(
+            self.store, balances, self.provider, self.checker, feature_models=feature_models
         )
 
         @contextlib.asynccontextmanager
         async def wire(_):
-            yield Wiring(self.service, key_sealer(self.settings), balances)
+            yield Wiring(self.service, self.calls, key_sealer(self.settings), balances)
 
         self.app = create_app(self.settings, wire)
 
