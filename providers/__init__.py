@@ -3,13 +3,13 @@ protocol (`base.ProviderApi`), found through `registry.REGISTRY` by `schemas.eve
 
 | module | what |
 |---|---|
-| `base.py` | the protocol, `ProviderBase` (key-shape check and user messages), `KeyVerdict`, `ChatReply`, `ProviderError`, pure helpers |
-| `openai.py`, `anthropic.py`, `groq.py`, `gemini.py` | each provider: key shape, base-URL setting, paths, auth headers, chat body and reply, error classification |
+| `base.py` | the protocol, `ProviderBase` (key-shape check and user messages), `KeyVerdict`, `ChatReply`, `ProviderError`, `SseDecoder` / `StreamPiece` (streams), pure helpers |
+| `openai.py`, `anthropic.py`, `groq.py`, `gemini.py` | each provider: key shape, base-URL setting, paths, auth headers, chat body and reply, stream body and events, error classification |
 | `registry.py` | `REGISTRY`, `of(provider)`, `owner_of(key)`, `provider_of_model(model)`, `ProviderSettings` |
-| `client.py` | `list_models` and `chat_completion` over the caller's HTTP client (the `ProviderHttp` port) |
+| `client.py` | `list_models`, `chat_completion` and `chat_stream` over the caller's HTTP client (the `ProviderHttp` port, with `post_stream`) |
 
 The functions below take a `Provider` (or its value) and ask its module; the services use them.
-Everything is pure except the two calls of `client.py`. It imports `schemas` only (the import rule in
+Everything is pure except the calls of `client.py`. It imports `schemas` only (the import rule in
 pyproject.toml); the HTTP client with its retry is plumbing, in `services.shared.provider_http`.
 A key is never put in an exception message, a log line or a repr by this package.
 """
@@ -33,7 +33,7 @@ from providers.base import (
     model_segment,
     normalize_key,
 )
-from providers.client import chat_completion, list_models
+from providers.client import HttpStream, ProviderUnreachable, chat_completion, chat_stream, list_models
 from providers.registry import REGISTRY, ProviderSettings, of, owner_of, provider_of_model
 from schemas.events import KeyCheckStatus, Provider
 
@@ -41,15 +41,18 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "REGISTRY",
     "ChatReply",
+    "HttpStream",
     "InvalidModelId",
     "KeyVerdict",
     "ProviderApi",
     "ProviderError",
     "ProviderSettings",
+    "ProviderUnreachable",
     "auth_headers",
     "chat_body",
     "chat_completion",
     "chat_path",
+    "chat_stream",
     "classify_error",
     "key_hint",
     "key_shape_problem",

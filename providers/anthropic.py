@@ -9,13 +9,38 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from providers.base import REVOKED_WORDS, ChatReply, ErrorFields, KeyVerdict, Messages, ProviderBase
+from providers.base import (
+    IGNORED,
+    REVOKED_WORDS,
+    ChatReply,
+    ErrorFields,
+    KeyVerdict,
+    Messages,
+    ProviderBase,
+    SseEvent,
+    StreamPiece,
+    json_object,
+    token_count,
+)
 from schemas.events import Provider
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic refuses a call of an account without credit with 400 invalid_request_error "Your credit
 # balance is too low ...": only the words tell it from a malformed request.
 QUOTA_WORDS = re.compile(r"quota|credit balance|billing|insufficient funds", re.I)
+# The HTTP status each of Anthropic's error types comes with, for an error sent inside a stream.
+ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
 
 
 class AnthropicSettings(BaseSettings):
@@ -65,6 +90,43 @@ class Anthropic(ProviderBase):
         return ChatReply(
             text, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)), body.get("model", model)
         )
+
+    # --- streaming: named events, `message_start` ... `message_stop` ---
+
+    def stream_path(self, model: str) -> str:
+        return self.chat_path(model)
+
+    def stream_body(self, model: str, messages: Messages, max_tokens: int) -> dict[str, Any]:
+        return {**self.chat_body(model, messages, max_tokens), "stream": True}
+
+    def parse_stream_event(self, event: SseEvent) -> StreamPiece:
+        if not event.data:
+            return IGNORED
+        data = json_object(event.data)
+        kind = event.event or str(data.get("type", ""))
+        if kind == "error":
+            return StreamPiece(error=data)
+        if kind == "message_start":
+            message = data["message"]
+            # Its `output_tokens` is a first count; `message_delta` says how many there were.
+            return StreamPiece(
+                input_tokens=token_count((message.get("usage") or {}).get("input_tokens")), model=message.get("model")
+            )
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            return StreamPiece(text=str(delta.get("text") or "")) if delta.get("type") == "text_delta" else IGNORED
+        if kind == "message_delta":
+            usage = data.get("usage") or {}
+            return StreamPiece(
+                input_tokens=token_count(usage.get("input_tokens")),
+                output_tokens=token_count(usage.get("output_tokens")),
+            )
+        if kind == "message_stop":
+            return StreamPiece(done=True)
+        return IGNORED  # ping, content_block_start / _stop, and event types added later
+
+    def stream_error_status(self, error: ErrorFields) -> int:
+        return ERROR_TYPE_STATUS.get(error.kind, 500)
 
     def classify_refusal(self, http_status: int, error: ErrorFields, retry_after_s: float | None) -> KeyVerdict | None:
         kind, message = error.kind, error.message

@@ -55,11 +55,137 @@ class ChatReply:
 
 
 class ProviderError(Exception):
-    """A provider refused or failed a call; `verdict` says what it means for the user's key."""
+    """A provider refused or failed a call; `verdict` says what it means for the user's key.
 
-    def __init__(self, provider: Provider, verdict: KeyVerdict, http_status: int | None = None):
-        super().__init__(f"{provider.value}: {verdict.status.value} (HTTP {http_status})")
-        self.provider, self.verdict, self.http_status = provider, verdict, http_status
+    `timed_out`: the provider did not answer, or stopped sending in the middle of a streamed answer,
+    within the client's timeout (the call ended by timeout, not by the provider's refusal)."""
+
+    def __init__(
+        self, provider: Provider, verdict: KeyVerdict, http_status: int | None = None, *, timed_out: bool = False
+    ):
+        super().__init__(
+            f"{provider.value}: {verdict.status.value} (HTTP {http_status}){' timed out' if timed_out else ''}"
+        )
+        self.provider, self.verdict, self.http_status, self.timed_out = provider, verdict, http_status, timed_out
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One server-sent event: its `event:` name ('' when none was given) and its `data:` lines joined."""
+
+    event: str
+    data: str
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    """What one event of a streamed chat answer says, in the provider's terms made common.
+
+    `text`: a text delta ('' if none). `input_tokens` / `output_tokens`: usage, when the event carries
+    it (None otherwise; a later event's figure replaces an earlier one). `model`: the model that
+    answers, when named. `done`: the provider's own end of a complete answer (OpenAI's `[DONE]`,
+    Anthropic's `message_stop`, Gemini's candidate with a `finishReason`). `error`: the body of an
+    error the provider sent in the stream (the answer failed midway)."""
+
+    text: str = ""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    model: str | None = None
+    done: bool = False
+    error: Mapping[str, Any] | None = None
+
+
+IGNORED = StreamPiece()
+"""An event that says nothing we use (Anthropic's `ping`, a role-only delta, ...)."""
+
+
+class SseDecoder:
+    """Server-sent events from a byte stream fed in chunks of any size (the WHATWG rules: lines end
+    in CRLF, LF or CR; `data:` lines of one event are joined with LF; a blank line ends an event;
+    lines starting with ':' are comments; one space after the colon is dropped).
+
+    Pure and incremental: `feed(chunk)` returns the events the chunk completed; `close()` those a
+    stream ending without a final blank line leaves (none, for a well-formed stream). A line longer
+    than `max_line` raises ValueError: no provider sends one, and it must not grow without bound."""
+
+    def __init__(self, max_line: int = 4 * 1024 * 1024):
+        self._buffer = b""
+        self._event = ""
+        self._data: list[str] = []
+        self._max_line = max_line
+        self._skip_lf = False
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        buffer = self._buffer + chunk
+        if self._skip_lf and buffer[:1] == b"\n":
+            buffer = buffer[1:]
+        self._skip_lf = False
+        start = 0
+        while True:
+            ends = [i for i in (buffer.find(b"\r", start), buffer.find(b"\n", start)) if i >= 0]
+            if not ends:
+                break
+            end = min(ends)
+            if buffer[end : end + 1] == b"\r":
+                if end + 1 == len(buffer):
+                    self._skip_lf = True  # a CR at the end of a chunk: a LF may follow in the next one
+                    step = 1
+                else:
+                    step = 2 if buffer[end + 1 : end + 2] == b"\n" else 1
+            else:
+                step = 1
+            event = self._line(buffer[start:end].decode("utf-8", errors="replace"))
+            if event is not None:
+                events.append(event)
+            start = end + step
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self._max_line:
+            raise ValueError("a server-sent event line is too long")
+        return events
+
+    def close(self) -> list[SseEvent]:
+        """The event a stream that ended without its final blank line leaves, if any."""
+        events: list[SseEvent] = []
+        if self._buffer:
+            event = self._line(self._buffer.decode("utf-8", errors="replace"))
+            self._buffer = b""
+            if event is not None:
+                events.append(event)
+        event = self._line("")
+        if event is not None:
+            events.append(event)
+        return events
+
+    def _line(self, line: str) -> SseEvent | None:
+        if not line:
+            if not self._data and not self._event:
+                return None
+            event = SseEvent(self._event, "\n".join(self._data))
+            self._event, self._data = "", []
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None  # `id:` and `retry:` mean nothing to a chat call
+
+
+def json_object(data: str) -> Mapping[str, Any]:
+    """The JSON object of an event's data (ValueError when it is not one)."""
+    value = json.loads(data)
+    if not isinstance(value, Mapping):
+        raise ValueError("an event's data is not a JSON object")
+    return value
+
+
+def token_count(value: Any) -> int | None:
+    """A usage figure as an int, None when absent."""
+    return None if value is None else int(value)
 
 
 class InvalidModelId(ValueError):
@@ -225,6 +351,29 @@ class ProviderApi(Protocol):
         authentication refusal condemns a key; anything unknown is `provider_unavailable`."""
         ...
 
+    # --- streaming (the pure parts; the call is `providers.client.chat_stream`) ---
+
+    def stream_path(self, model: str) -> str:
+        """The real streaming chat path (with its query, if any), relative to the base URL."""
+        ...
+
+    def stream_body(self, model: str, messages: Messages, max_tokens: int) -> dict[str, Any]:
+        """The request body that asks for `messages` answered as a stream, usage included."""
+        ...
+
+    def parse_stream_event(self, event: SseEvent) -> StreamPiece:
+        """What one server-sent event of the answer says (raises ValueError/KeyError/TypeError/... when
+        unreadable)."""
+        ...
+
+    def classify_stream_error(self, body: Mapping[str, Any]) -> KeyVerdict:
+        """An error the provider sent in the middle of a stream (HTTP 200 already sent), as a verdict."""
+        ...
+
+    def cut_off(self, reason: str) -> KeyVerdict:
+        """A streamed answer that broke off (closed early, or stopped sending): never a verdict on the key."""
+        ...
+
     def valid(self) -> KeyVerdict: ...
 
     def unavailable(self, reason: str = "did not answer in time") -> KeyVerdict:
@@ -292,6 +441,14 @@ class ProviderBase:
         """A 4xx answer as a verdict on the key, from the provider's own error body; None when unknown."""
         raise NotImplementedError
 
+    def classify_stream_error(self, body: Mapping[str, Any]) -> KeyVerdict:
+        return self.classify_error(self.stream_error_status(error_fields(body)), body)
+
+    def stream_error_status(self, error: ErrorFields) -> int:
+        """The HTTP status an error sent mid-stream stands for (the stream itself answered 200): the
+        same error answered before the stream started would have had it. Unknown: 500."""
+        return 500
+
     # --- what a user reads ---
 
     def valid(self) -> KeyVerdict:
@@ -301,6 +458,12 @@ class ProviderBase:
         return KeyVerdict(
             KeyCheckStatus.PROVIDER_UNAVAILABLE,
             f"We could not verify your key because {self.name} {reason}. The key may well be fine: try again in a minute.",
+        )
+
+    def cut_off(self, reason: str) -> KeyVerdict:
+        return KeyVerdict(
+            KeyCheckStatus.PROVIDER_UNAVAILABLE,
+            f"{self.name} {reason}, so the answer was cut off. This says nothing about your key: try again in a minute.",
         )
 
     def revoked(self) -> KeyVerdict:

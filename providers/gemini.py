@@ -8,7 +8,19 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from providers.base import ChatReply, ErrorFields, KeyVerdict, Messages, ProviderBase, model_segment
+from providers.base import (
+    IGNORED,
+    ChatReply,
+    ErrorFields,
+    KeyVerdict,
+    Messages,
+    ProviderBase,
+    SseEvent,
+    StreamPiece,
+    json_object,
+    model_segment,
+    token_count,
+)
 from schemas.events import Provider
 
 
@@ -65,6 +77,35 @@ class Gemini(ProviderBase):
             int(usage.get("candidatesTokenCount", 0)),
             body.get("modelVersion", model),
         )
+
+    # --- streaming: `:streamGenerateContent?alt=sse`, each event a GenerateContentResponse ---
+
+    def stream_path(self, model: str) -> str:
+        return f"/v1beta/models/{model_segment(model)}:streamGenerateContent?alt=sse"
+
+    def stream_body(self, model: str, messages: Messages, max_tokens: int) -> dict[str, Any]:
+        return self.chat_body(model, messages, max_tokens)  # the path, not the body, asks for a stream
+
+    def parse_stream_event(self, event: SseEvent) -> StreamPiece:
+        if not event.data:
+            return IGNORED
+        chunk = json_object(event.data)
+        if chunk.get("error"):
+            return StreamPiece(error=chunk)
+        candidate = (chunk.get("candidates") or [{}])[0]
+        text = "".join(str(p.get("text", "")) for p in (candidate.get("content") or {}).get("parts") or [])
+        usage = chunk.get("usageMetadata") or {}
+        return StreamPiece(
+            text=text,
+            input_tokens=token_count(usage.get("promptTokenCount")),
+            output_tokens=token_count(usage.get("candidatesTokenCount")),
+            model=chunk.get("modelVersion"),
+            # No end marker: the chunk whose candidate has a finish reason is the last one.
+            done=bool(candidate.get("finishReason")),
+        )
+
+    def stream_error_status(self, error: ErrorFields) -> int:
+        return int(error.code) if error.code.isdigit() else 500  # Google's errors carry their HTTP code
 
     def classify_refusal(self, http_status: int, error: ErrorFields, retry_after_s: float | None) -> KeyVerdict | None:
         kind, message, reasons = error.kind, error.message.lower(), error.reasons

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers.base import SseEvent, StreamPiece, json_object
 from providers.openai import OpenAI
 from schemas.events import Provider
 
@@ -32,6 +36,24 @@ class Groq(OpenAI):
 
     def chat_path(self, model: str) -> str:
         return "/openai/v1/chat/completions"
+
+    def parse_stream_event(self, event: SseEvent) -> StreamPiece:
+        # Groq says why it stopped a stream early in `x_groq.error` of a chunk, besides OpenAI's
+        # `{"error": {...}}` event.
+        if event.data and event.data.strip() != "[DONE]":
+            reason = (json_object(event.data).get("x_groq") or {}).get("error")
+            if reason:
+                return StreamPiece(error={"error": {"message": str(reason), "type": "server_error", "code": None}})
+        return super().parse_stream_event(event)
+
+    def stream_usage(self, chunk: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        # Groq puts the stream's usage in the final chunk's `x_groq.usage`; with `include_usage` it
+        # also sends OpenAI's usage chunk. Either will do (they agree).
+        usage = super().stream_usage(chunk)
+        if usage is None:
+            x_groq = chunk.get("x_groq")
+            usage = x_groq.get("usage") if isinstance(x_groq, Mapping) else None
+        return usage if isinstance(usage, Mapping) else None
 
 
 API = Groq()

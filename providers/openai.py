@@ -9,7 +9,19 @@ from typing import Any, ClassVar
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from providers.base import REVOKED_WORDS, ChatReply, ErrorFields, KeyVerdict, Messages, ProviderBase
+from providers.base import (
+    IGNORED,
+    REVOKED_WORDS,
+    ChatReply,
+    ErrorFields,
+    KeyVerdict,
+    Messages,
+    ProviderBase,
+    SseEvent,
+    StreamPiece,
+    json_object,
+    token_count,
+)
 from schemas.events import Provider
 
 # A restricted key lacking a scope answers 401 "You have insufficient permissions ... Missing scopes".
@@ -56,6 +68,53 @@ class OpenAI(ProviderBase):
         return ChatReply(
             text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), body.get("model", model)
         )
+
+    # --- streaming: `data: {chat.completion.chunk}` events, then `data: [DONE]` ---
+
+    def stream_path(self, model: str) -> str:
+        return self.chat_path(model)
+
+    def stream_body(self, model: str, messages: Messages, max_tokens: int) -> dict[str, Any]:
+        # Without `include_usage` a stream carries no usage at all: the last chunk before [DONE] then
+        # has empty `choices` and the whole call's `usage`.
+        return {
+            **self.chat_body(model, messages, max_tokens),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    def parse_stream_event(self, event: SseEvent) -> StreamPiece:
+        if not event.data:
+            return IGNORED
+        if event.data.strip() == "[DONE]":
+            return StreamPiece(done=True)
+        chunk = json_object(event.data)
+        if chunk.get("error"):
+            return StreamPiece(error=chunk)
+        text = "".join(
+            str((choice.get("delta") or {}).get("content") or "")
+            for choice in chunk.get("choices") or []
+            if choice.get("index", 0) == 0
+        )
+        usage = self.stream_usage(chunk) or {}
+        return StreamPiece(
+            text=text,
+            input_tokens=token_count(usage.get("prompt_tokens")),
+            output_tokens=token_count(usage.get("completion_tokens")),
+            model=chunk.get("model"),
+        )
+
+    def stream_usage(self, chunk: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The usage a chunk carries (OpenAI: `usage`, in the last chunk when `include_usage` is asked)."""
+        usage = chunk.get("usage")
+        return usage if isinstance(usage, Mapping) else None
+
+    def stream_error_status(self, error: ErrorFields) -> int:
+        if error.code in ("rate_limit_exceeded", "insufficient_quota") or error.kind == "insufficient_quota":
+            return 429
+        if error.code == "invalid_api_key":
+            return 401
+        return 500  # `server_error` and anything else
 
     def classify_refusal(self, http_status: int, error: ErrorFields, retry_after_s: float | None) -> KeyVerdict | None:
         code, kind, message = error.code, error.kind, error.message

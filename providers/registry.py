@@ -70,3 +70,8 @@ class ProviderSettings(openai.OpenAISettings, anthropic.AnthropicSettings, groq.
     def chat_url(self, provider: Provider | str, model: str) -> str:
         api = of(provider)
         return api.base_url(self) + api.chat_path(model)
+
+    def stream_url(self, provider: Provider | str, model: str) -> str:
+        """URL of the provider's streaming chat call."""
+        api = of(provider)
+        return api.base_url(self) + api.stream_path(model)

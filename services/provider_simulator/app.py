@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from services.provider_simulator.registry import MODELS, PROVIDERS, SIMULATED
-from services.provider_simulator.state import BEHAVIOURS, DEFAULT_SLOW_MS, Rule, SimulatorState
+from services.provider_simulator.state import BEHAVIOURS, Rule, SimulatorState, default_delay_ms
 from services.provider_simulator.urls import base_urls
 
 __all__ = ["BEHAVIOURS", "MODELS", "PROVIDERS", "SimulatorState", "base_urls", "build_app"]
@@ -24,6 +24,7 @@ class KeyRule(BaseModel):
     delay_ms: int = Field(default=0, ge=0, le=600_000)
     status: int | None = Field(default=None, ge=400, le=599)
     providers: list[str] | None = None
+    chunks: int | None = Field(default=None, ge=1, le=10_000)
 
 
 class Outage(BaseModel):
@@ -63,9 +64,11 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             return bad_control(f"unknown behaviour {rule.behaviour!r}; one of {list(BEHAVIOURS)}")
         if rule.providers and set(rule.providers) - set(PROVIDERS):
             return bad_control(f"unknown provider in {rule.providers}; one of {list(PROVIDERS)}")
-        delay = rule.delay_ms or (DEFAULT_SLOW_MS if rule.behaviour == "slow" else 0)
+        delay = rule.delay_ms or default_delay_ms(rule.behaviour)
         for key in keys:
-            state.register(key, rule.behaviour, delay_ms=delay, status=rule.status, providers=rule.providers)
+            state.register(
+                key, rule.behaviour, delay_ms=delay, status=rule.status, providers=rule.providers, chunks=rule.chunks
+            )
         return {"registered": len(keys)}
 
     @app.delete("/_sim/keys")
@@ -112,17 +115,19 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
 
     # --- the gate every provider route passes: count the call, then refuse it or let it through ---
 
-    async def gate(provider: str, key: str | None, endpoint: str) -> JSONResponse | None:
+    async def gate(provider: str, key: str | None, endpoint: str) -> JSONResponse | Rule:
         state._count(key, provider, endpoint)
         if not key:
-            return None  # callers answer their provider's "no key" error
+            return Rule("invalid")  # callers answer their provider's "no key" error
         rule, outage_status = state.decide(key, provider)
         simulated = SIMULATED[provider]
         if outage_status:
-            return simulated.refusal(Rule("down", status=outage_status))
+            return simulated.refusal(Rule("down", status=outage_status)) or rule
+        if rule.streams_only:
+            return rule  # its delay is the stream's, and everything else answers as valid
         if rule.delay_ms:
             await asyncio.sleep(rule.delay_ms / 1000)
-        return simulated.refusal(rule)
+        return simulated.refusal(rule) or rule
 
     for simulated in SIMULATED.values():
         app.include_router(simulated.router(gate), prefix=simulated.mount)

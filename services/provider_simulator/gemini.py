@@ -1,13 +1,19 @@
 """Gemini as the simulator speaks it: `x-goog-api-key` (or `?key=`), `/v1beta/models`,
-`/v1beta/models/{model}:generateContent`, and Google's error bodies (`{"error": {"code", "message",
-"status", "details"}}` with `ErrorInfo`, `QuotaFailure` and `RetryInfo` details)."""
+`/v1beta/models/{model}:generateContent` and `:streamGenerateContent` (with `?alt=sse`, `data:`
+events each a GenerateContentResponse, `usageMetadata` complete in the last, whose candidate has
+the `finishReason`; without it, one JSON array of them), the same under `/v1` (where the current
+google-genai SDK calls), and Google's error bodies (`{"error": {"code", "message", "status",
+"details"}}` with `ErrorInfo`, `QuotaFailure` and `RetryInfo` details; in a stream, as a `data:` event)."""
 
 from __future__ import annotations
+
+import json
+import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.provider_simulator.base import Gate, reply_text, tokens
+from services.provider_simulator.base import EventStream, Gate, reply_text, sse, stream_pieces, stream_script, tokens
 from services.provider_simulator.state import Rule
 
 QUOTA_MESSAGE = (
@@ -113,13 +119,19 @@ class Gemini:
         return None
 
     def router(self, gate: Gate) -> APIRouter:
-        router = APIRouter(prefix="/v1beta")
+        router = APIRouter()
+        for version in ("/v1beta", "/v1"):
+            router.include_router(self.version_router(gate), prefix=version)
+        return router
+
+    def version_router(self, gate: Gate) -> APIRouter:
+        router = APIRouter()
 
         @router.get("/models")
         async def models(request: Request):
             key = api_key(request)
-            if (refused := await gate(self.name, key, "models")) is not None:
-                return refused
+            if isinstance(admitted := await gate(self.name, key, "models"), JSONResponse):
+                return admitted
             if not key:
                 return no_key()
             return {
@@ -128,6 +140,8 @@ class Gemini:
                         "name": f"models/{m}",
                         "version": "001",
                         "displayName": m,
+                        "inputTokenLimit": 1048576,
+                        "outputTokenLimit": 65536,
                         "supportedGenerationMethods": ["generateContent", "countTokens"],
                     }
                     for m in self.models
@@ -137,11 +151,12 @@ class Gemini:
         @router.post("/models/{model_action}")
         async def generate(model_action: str, request: Request):
             model, _, action = model_action.partition(":")
-            if action != "generateContent":
+            if action not in ("generateContent", "streamGenerateContent"):
                 return error(404, "NOT_FOUND", f"Method {action or '(none)'} not found")
+            streamed = action == "streamGenerateContent"
             key = api_key(request)
-            if (refused := await gate(self.name, key, "chat")) is not None:
-                return refused
+            if isinstance(admitted := await gate(self.name, key, "stream" if streamed else "chat"), JSONResponse):
+                return admitted
             if not key:
                 return no_key()
             try:
@@ -152,6 +167,13 @@ class Gemini:
             except Exception:
                 return error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
             text = reply_text(model, said)
+            if streamed:
+                frames = self.stream_frames(admitted, model, prompt, text)
+                if request.query_params.get("alt") == "sse":
+                    return EventStream(frames)
+                # Without `alt=sse`: the same responses as one JSON array (nothing here needs it streamed).
+                chunks = [json.loads(f.decode()[len("data: ") :]) for f in frames if isinstance(f, bytes)]
+                return JSONResponse(chunks)
             usage = {"promptTokenCount": tokens(prompt), "candidatesTokenCount": tokens(text)}
             usage["totalTokenCount"] = usage["promptTokenCount"] + usage["candidatesTokenCount"]
             return {
@@ -163,3 +185,34 @@ class Gemini:
             }
 
         return router
+
+    def stream_frames(self, rule: Rule, model: str, prompt: str, text: str) -> list:
+        pieces = stream_pieces(text, rule)
+        prompt_tokens = tokens(prompt)
+        response_id = uuid.uuid4().hex[:22]
+
+        def chunk(piece: str, last: bool = False) -> bytes:
+            candidate: dict = {"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
+            usage: dict = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
+            if last:
+                candidate["finishReason"] = "STOP"
+                output = tokens("".join(pieces))
+                usage = {**usage, "candidatesTokenCount": output, "totalTokenCount": prompt_tokens + output}
+            return sse(
+                {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": response_id}
+            )
+
+        error_event = sse(
+            {
+                "error": {
+                    "code": 503,
+                    "message": "The model is overloaded. Please try again later.",
+                    "status": "UNAVAILABLE",
+                }
+            }
+        )
+        # The last piece travels in the last chunk, with the finish reason and the whole usage.
+        frames = stream_script(
+            rule, pieces[:-1], head=[], delta=chunk, tail=[chunk(pieces[-1], last=True)], error=error_event
+        )
+        return frames

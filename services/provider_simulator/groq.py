@@ -1,4 +1,7 @@
-"""Groq as the simulator speaks it: OpenAI's API under `/openai/v1`, with Groq's own wording."""
+"""Groq as the simulator speaks it: OpenAI's API under `/openai/v1`, with Groq's own wording. Its
+streams are OpenAI's chunks plus `x_groq`: the request id in the first and last chunk, and the usage
+(with Groq's timings) in the last chunk's `x_groq.usage`; with `stream_options.include_usage` also
+OpenAI's usage chunk."""
 
 from __future__ import annotations
 
@@ -21,3 +24,13 @@ class Groq(OpenAI):
     ]
     invalid_key_message = "Invalid API Key"
     denied_code = "permission_denied"
+
+    def first_chunk_extra(self, request_id: str) -> dict:
+        return {"x_groq": {"id": request_id}}
+
+    def last_chunk_extra(self, request_id: str, usage: dict) -> dict:
+        timed = {**usage, "queue_time": 0.01, "prompt_time": 0.001, "completion_time": 0.02, "total_time": 0.021}
+        return {"x_groq": {"id": request_id, "usage": timed}}
+
+    def usage_chunk_extra(self, request_id: str, usage: dict) -> dict:
+        return {"x_groq": {"id": request_id, "usage": usage}}

@@ -1,15 +1,18 @@
-"""OpenAI as the simulator speaks it: `Authorization: Bearer`, `/v1/models`, `/v1/chat/completions`,
-and OpenAI's error bodies (`{"error": {"message", "type", "param", "code"}}`)."""
+"""OpenAI as the simulator speaks it: `Authorization: Bearer`, `/v1/models`, `/v1/chat/completions`
+(with `stream: true` a `text/event-stream` of `chat.completion.chunk` objects ending in `data: [DONE]`,
+usage in a last chunk with empty `choices` when `stream_options.include_usage` is true), and OpenAI's
+error bodies (`{"error": {"message", "type", "param", "code"}}`, in a stream as a `data:` event)."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.provider_simulator.base import Gate, reply_text, tokens
+from services.provider_simulator.base import EventStream, Gate, reply_text, sse, stream_pieces, stream_script, tokens
 from services.provider_simulator.state import Rule
 
 
@@ -102,8 +105,8 @@ class OpenAI:
         @router.get("/models")
         async def models(request: Request):
             key = bearer(request)
-            if (refused := await gate(self.name, key, "models")) is not None:
-                return refused
+            if isinstance(admitted := await gate(self.name, key, "models"), JSONResponse):
+                return admitted
             if not key:
                 return no_key()
             return {
@@ -116,18 +119,25 @@ class OpenAI:
         @router.post("/chat/completions")
         async def chat(request: Request):
             key = bearer(request)
-            if (refused := await gate(self.name, key, "chat")) is not None:
-                return refused
+            try:
+                body = await request.json()
+            except Exception:
+                body = None
+            streamed = isinstance(body, dict) and body.get("stream") is True
+            if isinstance(admitted := await gate(self.name, key, "stream" if streamed else "chat"), JSONResponse):
+                return admitted
             if not key:
                 return no_key()
             try:
-                body = await request.json()
                 model, messages = body["model"], body["messages"]
                 prompt = " ".join(str(m.get("content", "")) for m in messages)
                 said = str(messages[-1].get("content", "")) if messages else ""
             except Exception:
                 return error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
             text = reply_text(model, said)
+            if streamed:
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return EventStream(self.stream_frames(admitted, model, prompt, text, include_usage))
             usage = {"prompt_tokens": tokens(prompt), "completion_tokens": tokens(text)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             return {
@@ -140,3 +150,56 @@ class OpenAI:
             }
 
         return router
+
+    # --- streams ---
+
+    def stream_frames(self, rule, model: str, prompt: str, text: str, include_usage: bool) -> list:
+        pieces = stream_pieces(text, rule)
+        full = "".join(pieces)
+        usage = {"prompt_tokens": tokens(prompt), "completion_tokens": tokens(full)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "fp_sim",
+        }
+        # With include_usage every chunk has `usage: null`, and the last one the usage.
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict, finish_reason: str | None = None, **more: Any) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return sse({**base, "choices": [choice], **extra, **more})
+
+        request_id = f"req_{uuid.uuid4().hex[:26]}"
+        head = [chunk({"role": "assistant", "content": "", "refusal": None}, **self.first_chunk_extra(request_id))]
+        tail = [chunk({}, "stop", **self.last_chunk_extra(request_id, usage))]
+        if include_usage:
+            tail.append(sse({**base, "choices": [], "usage": usage, **self.usage_chunk_extra(request_id, usage)}))
+        tail.append(sse("[DONE]"))
+        error_event = sse(
+            {
+                "error": {
+                    "message": "The server had an error while processing your request. Sorry about that!",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
+        return stream_script(
+            rule, pieces, head=head, delta=lambda piece: chunk({"content": piece}), tail=tail, error=error_event
+        )
+
+    def first_chunk_extra(self, request_id: str) -> dict:
+        """What a provider adds to the first chunk (Groq: `x_groq.id`)."""
+        return {}
+
+    def last_chunk_extra(self, request_id: str, usage: dict) -> dict:
+        """What a provider adds to the chunk with the finish reason (Groq: `x_groq.usage`)."""
+        return {}
+
+    def usage_chunk_extra(self, request_id: str, usage: dict) -> dict:
+        """What a provider adds to the include_usage chunk."""
+        return {}

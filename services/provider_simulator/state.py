@@ -7,9 +7,18 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-BEHAVIOURS = ("valid", "invalid", "revoked", "no_quota", "denied", "rate_limited", "slow", "down")
-# Marker words recognised in unregistered keys, first match wins ("invalid" before "valid").
+# The key's own answer; then the streams of a key that works (every call but a stream answers as
+# `valid`): one that fails midway with the provider's error event, one that stops sending without
+# closing, one whose connection closes before the end, and one that sends many pieces slowly.
+STREAM_BEHAVIOURS = ("stream_fail", "stream_stall", "stream_cut", "stream_slow")
+BEHAVIOURS = ("valid", "invalid", "revoked", "no_quota", "denied", "rate_limited", "slow", "down", *STREAM_BEHAVIOURS)
+# Marker words recognised in unregistered keys, first match wins ("invalid" before "valid",
+# "streamslow" before "slow").
 _MARKERS = (
+    ("streamfail", "stream_fail"),
+    ("streamstall", "stream_stall"),
+    ("streamcut", "stream_cut"),
+    ("streamslow", "stream_slow"),
     ("revoked", "revoked"),
     ("noquota", "no_quota"),
     ("denied", "denied"),
@@ -20,6 +29,19 @@ _MARKERS = (
     ("valid", "valid"),
 )
 DEFAULT_SLOW_MS = 5000
+# A `stream_slow` answer: this many pieces, this long apart (about 8 s in all, time to press Stop).
+DEFAULT_STREAM_SLOW_MS = 200
+DEFAULT_STREAM_SLOW_CHUNKS = 40
+# A `stream_stall` answer stops sending this long (then goes on as if nothing happened).
+DEFAULT_STALL_MS = 300_000
+
+
+def default_delay_ms(behaviour: str) -> int:
+    """The delay a behaviour has when none is given: `slow` before answering, `stream_slow` between
+    pieces, `stream_stall` the stall; none for the others."""
+    return {"slow": DEFAULT_SLOW_MS, "stream_slow": DEFAULT_STREAM_SLOW_MS, "stream_stall": DEFAULT_STALL_MS}.get(
+        behaviour, 0
+    )
 
 
 def _fingerprint(key: str) -> str:
@@ -28,10 +50,20 @@ def _fingerprint(key: str) -> str:
 
 @dataclass
 class Rule:
+    """`delay_ms`: for `slow` (and any behaviour but the streams') the wait before answering; for
+    `stream_slow` the wait between pieces; for `stream_stall` how long the stream stops. `chunks`:
+    how many text pieces a streamed answer has (None: one per word, or 40 for `stream_slow`)."""
+
     behaviour: str
     delay_ms: int = 0
     status: int | None = None
     providers: frozenset[str] | None = None
+    chunks: int | None = None
+
+    @property
+    def streams_only(self) -> bool:
+        """A stream behaviour: everything but a stream answers as `valid`, without delay."""
+        return self.behaviour in STREAM_BEHAVIOURS
 
 
 @dataclass
@@ -53,12 +85,13 @@ class SimulatorState:
         delay_ms: int = 0,
         status: int | None = None,
         providers: list[str] | None = None,
+        chunks: int | None = None,
     ) -> None:
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}; one of {BEHAVIOURS}")
         with self._lock:
             self._rules[_fingerprint(key)] = Rule(
-                behaviour, delay_ms, status, frozenset(providers) if providers else None
+                behaviour, delay_ms, status, frozenset(providers) if providers else None, chunks
             )
 
     def set_outage(self, provider: str, status: int = 503) -> None:
@@ -118,5 +151,5 @@ class SimulatorState:
         lowered = key.lower()
         for marker, behaviour in _MARKERS:
             if marker in lowered:
-                return Rule(behaviour, DEFAULT_SLOW_MS if behaviour == "slow" else 0), outage
+                return Rule(behaviour, default_delay_ms(behaviour)), outage
         return Rule(default), outage
