@@ -399,7 +399,7 @@ class ChatCalls:
             log.exception("call %s failed", call.pending.event_id)
             ending = Ending.PROVIDER_ERROR
         event = self._event(call, running, started, ending, reply)
-        outcome = self._outcome(call, running, event, error)
+        outcome = self._outcome(call, running, event, error, reply)
         outcome = await self._record(call.handle, event, outcome)
         if outcome.ok or error is not None:
             await self._mark_key(call, error)
@@ -430,7 +430,12 @@ class ChatCalls:
         return Billing(event.key_source, charge.decision, charge.credits, charge.price_list_version, before)
 
     def _outcome(
-        self, call: _Call, running: RunningCall, event: ModelCallCompleted, error: ProviderError | None
+        self,
+        call: _Call,
+        running: RunningCall,
+        event: ModelCallCompleted,
+        error: ProviderError | None,
+        reply: ChatReply | None,
     ) -> Outcome:
         route, billing = call.route, self._billing(call, event)
         ending = event.ending or Ending.COMPLETED
@@ -450,7 +455,7 @@ class ChatCalls:
                     if event.status is CallStatus.FAILED
                     else "Stopped: your own key paid the provider; no credits."
                 )
-            text = "".join(running.deltas) if ending is Ending.STOPPED else ""
+            text = reply.text if reply is not None else "".join(running.deltas)
             return Outcome(200, self._answer(call, event, billing, text, notice))
         if ending is Ending.INTERRUPTED:
             return Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": str(event.event_id)})

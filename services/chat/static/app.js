@@ -9,7 +9,8 @@ const FEATURES = { chat: "Chat", deep_analysis: "Deep analysis", code_fix: "Code
 const LOW_SHARE = 0.1; // warn below 10% of the last grant
 // keyNotes: the last check answer per provider, so one provider's wait is never shown for another.
 // balance: what a new call can use (the balance less the credits held by calls still running).
-const state = { config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false };
+const state = { config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false,
+                retry: null };
 
 async function api(path, options = {}) {
   const init = { credentials: "same-origin", headers: {}, ...options };
@@ -316,6 +317,9 @@ async function onProviderOrModel(event) {
 
 function billingText(body) {
   const b = body.billing;
+  if (body.ending === "stopped" && b.decision === "debited") {
+    return ["platform", `Stopped after the answer started: ${credits(b.credits)} charged`];
+  }
   if (b.decision === "not_billed_byok") return ["byok", "Your key: no credits"];
   if (b.decision === "debited") {
     const left = b.balance_after === null ? "" : ` · ${b.balance_after} left`;
@@ -344,48 +348,163 @@ function addEntry(message, feature) {
   return { answer, notice, billing };
 }
 
+// One Idempotency-Key per message. It is reused only when the page could not learn what became of the
+// message (the connection dropped): the server treats the same key as the same call, never a second charge.
+function keyFor(message, feature) {
+  const again = state.retry && state.retry.message === message && state.retry.feature === feature;
+  const key = again ? state.retry.key : crypto.randomUUID();
+  state.retry = null;
+  return key;
+}
+
+// What Stop costs, said before it is pressed (DESIGN "The call lifecycle").
+function stopNote(feature) {
+  const f = state.settings && state.settings.features[feature];
+  if (!f || f.runs_on === "your_key") return "Stop ends the answer where it is; your key pays the provider for what it wrote.";
+  return `Stop is free until the answer starts; once text has appeared the call is charged in full (${credits(f.credits || 0)}).`;
+}
+
+// Server-Sent Events from a fetch: calls onEvent(name, data) for each event of the stream.
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let name = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      if (data) onEvent(name, JSON.parse(data));
+    }
+  }
+}
+
+function showAnswer(entry, r) {
+  if (r.ok) {
+    setText(entry.answer, r.body.reply || (r.body.ending === "stopped" ? "(stopped before the answer started)" : ""));
+    if (r.body.answer_dropped) setText(entry.answer, "(This answer is no longer kept; its billing is below.)");
+    const [kind, text] = billingText(r.body);
+    entry.billing.className = "billing " + kind;
+    entry.billing.textContent = text;
+    if (r.body.notice) { entry.notice.hidden = false; setText(entry.notice, r.body.notice); }
+    if (r.body.billing.balance_after !== null && r.body.billing.charged) {
+      state.balance = r.body.billing.balance_after; state.held = 0; renderAll();
+    }
+    return;
+  }
+  setText(entry.answer, r.body.message || `Error ${r.status}`);
+  entry.billing.className = "billing error";
+  // Refused before the provider was asked: nothing charged, and only a 402 is about credits.
+  entry.billing.textContent = r.body.billing || r.body.ending ? "Failed call: no credits"
+    : r.status === 402 ? "Not sent: not enough credits" : "Not sent: nothing charged";
+}
+
+// After a dropped connection or a Stop: ask the server what became of the call, without starting one.
+async function settleOutcome(entry, key, message, feature, stopped) {
+  for (let i = 0; i < 120; i++) {
+    let r;
+    try {
+      r = await api(`/api/calls/${encodeURIComponent(key)}`);
+    } catch (_) {
+      state.retry = { message, feature, key };
+      setText(entry.answer, "The connection dropped and the server cannot be reached to check whether the message " +
+        "went through. Press Send again when you are back online: it is the same message and is never charged twice.");
+      entry.billing.className = "billing error";
+      entry.billing.textContent = "Unknown yet: never charged twice";
+      return false;
+    }
+    if (r.status === 404) {
+      state.retry = { message, feature, key };
+      setText(entry.answer, "The message did not reach the server, so nothing was charged. Press Send again to send it.");
+      entry.billing.className = "billing error";
+      entry.billing.textContent = "Not sent: nothing charged";
+      return false;
+    }
+    if (r.ok && r.body.state === "ended") {
+      showAnswer(entry, { ok: r.body.status === 200, status: r.body.status, body: r.body.answer });
+      return true;
+    }
+    if (i === 0 && !stopped) {
+      setText(entry.answer, "The connection dropped, but the call may have gone through: waiting for its outcome…");
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  state.retry = { message, feature, key };
+  return false;
+}
+
 async function onSend(event) {
   event.preventDefault();
   if (state.sending) return;
   const message = $("chat-input").value.trim();
   if (!message) { $("chat-input").focus(); return; }
   const feature = $("feature").value;
+  const key = keyFor(message, feature);
   const entry = addEntry(message, feature);
   // Not `disabled`: a disabled button drops the keyboard focus to the page body.
   state.sending = true;
   $("send").setAttribute("aria-disabled", "true");
+  const controller = new AbortController();
+  $("stop").hidden = false;
+  $("stop").onclick = () => controller.abort();
+  $("stop-note").hidden = false;
+  $("stop-note").textContent = stopNote(feature);
   // A billable call holds its price while it runs: show it if the call is still running by then.
   const showHeld = setTimeout(refreshBalance, 400);
+  let sent = false;
   try {
-    const r = await api("/chat", { json: { feature, message } });
-    clearTimeout(showHeld);
-    if (r.ok) {
-      setText(entry.answer, r.body.reply);
-      const [kind, text] = billingText(r.body);
-      entry.billing.className = "billing " + kind;
-      entry.billing.textContent = text;
-      if (r.body.notice) { entry.notice.hidden = false; setText(entry.notice, r.body.notice); }
-      $("chat-input").value = "";
-      if (r.body.billing.balance_after !== null) { state.balance = r.body.billing.balance_after; state.held = 0; renderAll(); }
+    const response = await fetch("/chat", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "Idempotency-Key": key },
+      body: JSON.stringify({ feature, message, stream: true }),
+      signal: controller.signal,
+    });
+    let final = null;
+    if ((response.headers.get("content-type") || "").startsWith("text/event-stream")) {
+      let text = "";
+      await readEvents(response, (name, data) => {
+        if (name === "delta") {
+          text += data.text;
+          entry.answer.textContent = text;
+        } else if (name === "done" || name === "error") {
+          final = { ok: name === "done", status: name === "done" ? 200 : 502, body: data };
+        }
+      });
+      if (final === null) throw new Error("the stream ended before its final event");
     } else {
-      setText(entry.answer, r.body.message || `Error ${r.status}`);
-      entry.billing.className = "billing error";
-      // Refused before the provider was asked: nothing charged, and only a 402 is about credits.
-      entry.billing.textContent = r.body.billing ? "Failed call: no credits"
-        : r.status === 402 ? "Not sent: not enough credits" : "Not sent: nothing charged";
-      if (r.body.key_status || r.status === 409) {
-        delete state.keyNotes[$("provider").value]; // the server's word on the key is newer
-        await loadSettings();
-      }
+      let body = {};
+      try { body = await response.json(); } catch (_) { /* empty body */ }
+      final = { ok: response.ok, status: response.status, body };
+    }
+    showAnswer(entry, final);
+    sent = final.ok;
+    if (!final.ok && (final.body.key_status || final.status === 409)) {
+      delete state.keyNotes[$("provider").value]; // the server's word on the key is newer
+      await loadSettings();
     }
   } catch (e) {
-    entry.answer.textContent = "The server did not answer. Try again.";
+    const stopped = controller.signal.aborted;
+    if (stopped) entry.notice.hidden = true;
+    sent = await settleOutcome(entry, key, message, feature, stopped);
   } finally {
+    clearTimeout(showHeld);
     state.sending = false;
     $("send").removeAttribute("aria-disabled");
+    $("stop").hidden = true;
+    $("stop-note").hidden = true;
     entry.billing.scrollIntoView({ block: "nearest" });
-    if (document.activeElement === document.body || document.activeElement === $("send")) $("chat-input").focus();
+    if (document.activeElement === document.body || document.activeElement === $("send") ||
+        document.activeElement === $("stop")) $("chat-input").focus();
   }
+  if (sent) $("chat-input").value = "";
   // The debit is applied by the credit service a moment later: read the real balance and usage then.
   setTimeout(() => { refreshBalance(); loadUsage(); }, 800);
   setTimeout(loadUsage, 3000);
