@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 from billing.pricing import default_price_book
-from providers import ProviderSettings, chat_completion
+from providers import ProviderSettings, chat_completion, chat_stream
 from schemas.events import KeyCheckResult, Provider
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
@@ -121,6 +121,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     provider_http = ProviderClient(
         timeout_s=settings.call_max_s,
         connect_timeout_s=settings.provider_connect_timeout_s,
+        stream_idle_timeout_s=settings.stream_idle_timeout_s,
         max_connections=settings.provider_max_connections,
     )
     credits = CreditsClient(settings.credits_url, settings.credits_timeout_s)
@@ -129,14 +130,8 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     async def call_model(provider, api_key, model, messages):
         return await chat_completion(provider_http, providers, provider, api_key, model, messages)
 
-    stream_model = None
-    try:  # TEMPORARY until providers.chat_stream lands
-        from providers import chat_stream
-
-        def stream_model(provider, api_key, model, messages):
-            return chat_stream(provider_http, providers, provider, api_key, model, messages)
-    except ImportError:
-        pass
+    def stream_model(provider, api_key, model, messages):
+        return chat_stream(provider_http, providers, provider, api_key, model, messages)
 
     store = PgSettingsStore(pool)
     own_checker = checker is None

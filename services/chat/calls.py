@@ -19,6 +19,7 @@ one charge, however it ends and however often it is retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -379,11 +380,14 @@ class ChatCalls:
         try:
             async with asyncio.timeout(self.call_max_s):
                 if running.stream and self.stream_model is not None:
-                    async for item in self.stream_model(route.provider, call.api_key, route.model, call.messages):
-                        if isinstance(item, ChatReply):
-                            reply = item
-                        elif item:
-                            running.push(item)
+                    # Closed however the loop ends, so a Stop closes the provider's response at once.
+                    stream = self.stream_model(route.provider, call.api_key, route.model, call.messages)
+                    async with contextlib.aclosing(stream):
+                        async for item in stream:
+                            if isinstance(item, ChatReply):
+                                reply = item
+                            elif item:
+                                running.push(item)
                 else:
                     reply = await self.call_model(route.provider, call.api_key, route.model, call.messages)
                     if running.stream and reply.text:

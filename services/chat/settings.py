@@ -102,6 +102,8 @@ class ChatSettings(CommonSettings, HttpSettings):
     call_purge_every_s: float = 60.0
     shutdown_grace_s: float = 10.0
     provider_connect_timeout_s: float = 10.0
+    # A stream that sends nothing for this long has stalled: the call ends as a timeout (never billed).
+    stream_idle_timeout_s: float = 120.0
 
     @property
     def outbox_stale_after_s(self) -> float:

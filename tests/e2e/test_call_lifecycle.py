@@ -196,3 +196,60 @@ def test_stop_before_the_first_token_is_free_and_after_it_is_charged_once(system
     assert system.wait_balance("stopper", 495) == 495
     time.sleep(1.5)
     assert system.balance("stopper") == 495
+
+
+@pytest.mark.parametrize(
+    "behaviour, delay_ms, ending",
+    [("stream_fail", 0, "provider_error"), ("stream_stall", 8000, "timeout"), ("stream_cut", 0, "provider_error")],
+)
+def test_a_stream_that_fails_stalls_or_is_cut_after_its_first_token_is_never_billed(
+    stack: Stack, tmp_path: Path, behaviour: str, delay_ms: int, ending: str
+):
+    for system in chat_system(stack, tmp_path, STREAM_IDLE_TIMEOUT_S="2"):
+        system.grant("unlucky", "standard")
+        client = system.client("unlucky")
+        assert use_settings(client, "openai", "gpt-4o").status_code == 200
+        system.sim.state.register(PLATFORM_OPENAI, behaviour, delay_ms=delay_ms)
+        deltas, (name, data) = stream(client, str(uuid.uuid4()), "this will not end well")
+        assert deltas and name == "error", (deltas, name, data)  # some text came first
+        assert data["ending"] == ending and data["charged"] is False and data["message"], data
+        # A provider that fails before the first token is the same: an error, nothing charged.
+        system.sim.state.register(PLATFORM_OPENAI, "down")
+        deltas, (name, data) = stream(client, str(uuid.uuid4()), "and this one not at all")
+        assert deltas == [] and name == "error" and data["charged"] is False and data["ending"] == "provider_error"
+        time.sleep(2)
+        assert system.balance("unlucky") == 500
+
+
+def test_a_chat_instance_killed_mid_stream_ends_the_call_interrupted_and_free(stack: Stack, tmp_path: Path):
+    for system in chat_system(stack, tmp_path, LEASE_S="2", LEASE_RENEW_S="0.5"):
+        system.grant("victim", "standard")
+        client = system.client("victim")
+        assert use_settings(client, "openai", "gpt-4o").status_code == 200
+        system.sim.state.register(PLATFORM_OPENAI, "stream_slow", delay_ms=400)
+        key, seen = str(uuid.uuid4()), []
+
+        def read() -> None:
+            try:
+                seen.append(stream(client, key, "killed halfway"))
+            except (httpx.HTTPError, AssertionError) as exc:
+                seen.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while client.get(f"/api/calls/{key}").json().get("state") != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # some text has been streamed
+        system.chat.kill()
+        reader.join(30)
+        assert seen and (not isinstance(seen[0], tuple) or seen[0][1] == (None, None)), seen  # no final event
+        system.chat.start()  # a new instance, a new lease; the dead one's lapses
+        client = system.client("victim")
+        ended = outcome(client, key, within_s=30)
+        assert ended["state"] == "ended" and ended["status"] == 503, ended
+        assert ended["answer"]["ending"] == "interrupted" and ended["answer"]["charged"] is False
+        retry = post(client, key, "killed halfway")
+        assert retry.status_code == 503 and retry.json()["error"] == "interrupted"
+        time.sleep(2)
+        assert system.balance("victim") == 500
