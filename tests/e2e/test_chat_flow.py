@@ -63,6 +63,7 @@ def start_system(
     log_dir: Path,
     with_validation: bool = True,
     validation_env: dict[str, str] | None = None,
+    credits_env: dict[str, str] | None = None,
     **chat_env: str,
 ) -> Iterator[ChatSystem]:
     sim = SimulatorServer().start()
@@ -76,7 +77,7 @@ def start_system(
     }
     started: list[ServiceProcess] = []
     try:
-        credits = ServiceProcess("credits", "services.credits", env, log_dir).start()
+        credits = ServiceProcess("credits", "services.credits", {**env, **(credits_env or {})}, log_dir).start()
         started.append(credits)
         validation = None
         if with_validation:

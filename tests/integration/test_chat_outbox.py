@@ -136,3 +136,39 @@ def _post_ignoring_errors(client, path, body):
         return client.post(path, json=body).status_code
     except Exception:
         return None
+
+
+def test_a_hold_outlives_a_kafka_outage_longer_than_the_old_hold_ttl_so_credits_are_spent_once(
+    private_kafka, database_url, db_schema, tmp_path: Path
+):
+    """Kafka down for longer than holds used to live (HOLD_TTL_S): each expired hold let the same credits
+    be spent again (three deep analyses on 50 credits, balance -100). A hold now lives until its event
+    is decided, so the second and third are refused (402) all along and the balance ends at 0."""
+    old_ttl = {"HOLD_TTL_S": "2", "HOLD_SWEEP_S": "0.5"}  # what lapsed holds before; ignored now
+    for system in start_system(
+        private_kafka.bootstrap,
+        database_url,
+        db_schema,
+        "",
+        tmp_path / "logs",
+        with_validation=False,
+        credits_env=old_ttl,
+    ):
+        system.grant("u3", "free")  # 50 credits: one deep analysis
+        client = system.client("u3")
+        private_kafka.stop()
+        first = client.post("/chat", json={"feature": "deep_analysis", "message": "the first"})
+        assert first.status_code == 200 and first.json()["billing"]["charged"] is True, first.text
+        statuses = []
+        for i in range(6):  # 9 s: several times the old TTL
+            time.sleep(1.5)
+            r = client.post("/chat", json={"feature": "deep_analysis", "message": f"again {i}"})
+            statuses.append(r.status_code)
+        assert statuses == [402] * 6, statuses
+        assert outbox_rows(database_url, db_schema) == 1  # the first call's event waits for Kafka
+        private_kafka.start()
+        assert system.wait_balance("u3", 0, within_s=120) == 0
+        time.sleep(2)
+        assert system.balance("u3") == 0
+        r = client.post("/chat", json={"feature": "deep_analysis", "message": "once more, now it is spent"})
+        assert r.status_code == 402
