@@ -475,3 +475,68 @@ def test_fallback_to_platform_is_a_choice_and_each_answer_says_so(system: ChatSy
     fallback.uncheck()
     expect(status).to_contain_text("paused")
     assert system.wait_balance(user, 47) == 47
+
+
+# --- the call lifecycle (issue 19) ---------------------------------------------------------------
+
+PLATFORM_OPENAI = "sk-local-simulator-valid-platform-0001"
+
+
+def test_answers_stream_and_stop_says_what_it_costs_before_and_charges_once_after(
+    system: ChatSystem, page: Page, viewport: str
+):
+    user = new_user("stream")
+    sign_in(page, system, user)  # 50 credits; chat on gpt-4o-mini, 3 credits a message
+    system.sim.state.register(PLATFORM_OPENAI, "stream_slow", delay_ms=250)
+    try:
+        page.get_by_label("Feature").select_option("chat")
+        page.get_by_label("Message").fill("Stream me a long answer")
+        page.get_by_role("button", name="Send").click()
+        entry = page.locator("#transcript li").last
+        expect(page.locator("#stop-note")).to_contain_text("Stop is free until the answer starts")
+        expect(page.locator("#stop-note")).to_contain_text("charged in full (3 credits)")
+        expect(entry.locator(".answer")).to_contain_text("[gpt-4o-mini simulated]")  # text arrives while it runs
+        first = entry.locator(".answer").inner_text()
+        page.wait_for_timeout(600)
+        assert len(entry.locator(".answer").inner_text()) > len(first)  # and keeps arriving
+        shot(page, f"streaming-with-stop-{viewport}")
+        page.get_by_role("button", name="Stop").click()
+        expect(entry.locator(".billing")).to_have_text("Stopped after the answer started: 3 credits charged")
+        expect(entry.locator(".notice")).to_contain_text("charged as a whole call")
+        expect(page.locator("#stop")).to_be_hidden()
+        shot(page, f"stopped-after-first-token-{viewport}")
+        assert system.wait_balance(user, 47) == 47
+    finally:
+        system.sim.state.register(PLATFORM_OPENAI, "valid")
+
+
+def test_a_dropped_connection_says_the_call_may_have_gone_through_and_never_charges_twice(
+    system: ChatSystem, page: Page, viewport: str
+):
+    user = new_user("drop")
+    sign_in(page, system, user)
+
+    # 1. The request never reaches the server: the page says so, and Send again sends it once.
+    page.route("**/chat", lambda route: route.abort("connectionreset"))
+    entry = send(page, "code_fix", "Fix my loop")
+    expect(entry.locator(".answer")).to_contain_text("did not reach the server, so nothing was charged")
+    expect(entry.locator(".billing")).to_have_text("Not sent: nothing charged")
+    shot(page, f"dropped-before-the-server-{viewport}")
+    page.unroute("**/chat")
+    expect(page.get_by_label("Message")).to_have_value("Fix my loop")  # kept for the retry
+    page.get_by_role("button", name="Send").click()
+    retried = page.locator("#transcript li").last
+    expect(retried.locator(".billing")).to_have_text(re.compile(r"Platform: 1 credit charged"))
+
+    # 2. The server got the call and the answer is lost on the way back: the page fetches its outcome.
+    def deliver_then_drop(route):
+        route.fetch()  # the server runs the call to its end
+        route.abort("connectionreset")
+
+    page.route("**/chat", deliver_then_drop)
+    entry = send(page, "code_fix", "Fix my other loop")
+    expect(entry.locator(".billing")).to_have_text(re.compile(r"Platform: 1 credit charged"))
+    expect(entry.locator(".answer")).to_contain_text("[gpt-4.1-mini simulated]")
+    shot(page, f"dropped-after-the-server-{viewport}")
+    page.unroute("**/chat")
+    assert system.wait_balance(user, 48) == 48  # two messages, two charges: nothing twice
