@@ -53,6 +53,7 @@ CALLS = Counter(
 )
 REFUSALS = Counter("chat_refusals_total", "Calls refused before reaching a provider", ["reason"])
 
+
 @dataclass
 class Wiring:
     """What the routes need; built by the composition root (`bootstrap.py`) or by a test."""
@@ -116,7 +117,9 @@ async def sse(started: RunningCall | Outcome) -> AsyncIterator[bytes]:
         if item is None:
             yield b": keep-alive\n\n"
         elif isinstance(item, Outcome):
-            CALLS.labels(item.body.get("feature", ""), item.body.get("key_source", ""), item.body.get("ending", "")).inc()
+            CALLS.labels(
+                item.body.get("feature", ""), item.body.get("key_source", ""), item.body.get("ending", "")
+            ).inc()
             yield sse_event("done" if item.ok else "error", item.body)
         else:
             yield sse_event("delta", {"text": item})
@@ -198,9 +201,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     @app.exception_handler(ChatRefused)
     async def refused(_: Request, exc: ChatRefused) -> JSONResponse:
         REFUSALS.labels(exc.code).inc()
-        return JSONResponse(
-            {"error": exc.code, "message": exc.message, **exc.details}, status_code=exc.status
-        )
+        return JSONResponse({"error": exc.code, "message": exc.message, **exc.details}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -373,7 +374,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     @app.post(
         "/chat",
         openapi_extra={"requestBody": chat_body, "parameters": [idempotency_key]},
-        responses=error_responses(401, 402, 409, 413, 422, 502, 503)
+        responses=error_responses(401, 402, 409, 413, 422, 502, 503),
     )
     async def chat(request: Request) -> JSONResponse:
         who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))

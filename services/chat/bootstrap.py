@@ -189,7 +189,9 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     await relay.start()
     warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
     background = [
-        asyncio.create_task(purge_key_records(store, settings.key_record_retention_s, settings.key_record_purge_every_s)),
+        asyncio.create_task(
+            purge_key_records(store, settings.key_record_retention_s, settings.key_record_purge_every_s)
+        ),
         asyncio.create_task(calls.keep_lease(settings.lease_renew_s)),
         asyncio.create_task(
             purge_calls(call_store, settings.answer_kept_s, settings.call_kept_s, settings.call_purge_every_s)

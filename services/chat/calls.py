@@ -25,7 +25,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 _EVENT_IDS = uuid.UUID("5f0e8f4e-2b7c-4f43-9a51-0c4f6a7d1e21")  # the namespace of derived event ids
 
-StreamCaller = Callable[[Any, str, str, Sequence[Mapping[str, str]]], AsyncIterator["str | ChatReply"]]
+StreamCaller = Callable[[Any, str, str, Sequence[Mapping[str, str]]], AsyncGenerator["str | ChatReply", None]]
 """Port: one streamed model call `(provider, api_key, model, messages)`: text deltas, then a `ChatReply`
 with the provider's own usage; raises `ProviderError`."""
 ModelCaller = Callable[[Any, str, str, Sequence[Mapping[str, str]]], Awaitable[ChatReply]]
@@ -94,7 +94,7 @@ class RunningCall:
         self._changed: asyncio.Future[None] = loop.create_future()
         self.listeners = 0
         self.stopping = False
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
 
     def push(self, text: str) -> None:
         self.deltas.append(text)
@@ -184,7 +184,7 @@ class ChatCalls:
         self.instance_id = instance_id or uuid.uuid4()
         self.call_max_s, self.lease_s, self.poll_s, self.release_again_s = call_max_s, lease_s, poll_s, release_again_s
         self.running: dict[tuple[str, str], RunningCall] = {}
-        self._background: set[asyncio.Future[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # --- starting or finding a call ---------------------------------------------------------------
 
@@ -365,11 +365,11 @@ class ChatCalls:
 
         self._spawn(release())
 
-    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(work)
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return task  # type: ignore[return-value]
+        return task
 
     # --- running and ending a call ----------------------------------------------------------------
 
@@ -452,8 +452,7 @@ class ChatCalls:
                 )
             if ending is Ending.STOPPED:
                 notice = (
-                    "Stopped after the answer had started: the provider worked on it, so it is charged as a whole "
-                    "call."
+                    "Stopped after the answer had started: the provider worked on it, so it is charged as a whole call."
                     if billing.charged
                     else "Stopped before the answer started: nothing is charged."
                     if event.status is CallStatus.FAILED
@@ -486,7 +485,9 @@ class ChatCalls:
             },
         )
 
-    def _answer(self, call: _Call, event: ModelCallCompleted, billing: Billing, text: str, notice: str | None) -> dict:
+    def _answer(
+        self, call: _Call, event: ModelCallCompleted, billing: Billing, text: str, notice: str | None
+    ) -> dict[str, Any]:
         return {
             "reply": text,
             "provider": event.provider.value,
@@ -556,8 +557,8 @@ class ChatCalls:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for task in list(self._background):
-            task.cancel()
+        for chore in list(self._background):
+            chore.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         try:
             await self.store.end_lease(self.instance_id)

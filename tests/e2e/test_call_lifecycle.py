@@ -113,9 +113,7 @@ def test_a_retry_while_the_call_runs_attaches_to_it(system: ChatSystem):
     system.sim.state.register(PLATFORM_OPENAI, "slow", delay_ms=3000)
     before = system.sim.state.calls(PLATFORM_OPENAI, "openai")
     key, answers = str(uuid.uuid4()), []
-    threads = [
-        threading.Thread(target=lambda: answers.append(post(client, key, "slow and retried"))) for _ in range(3)
-    ]
+    threads = [threading.Thread(target=lambda: answers.append(post(client, key, "slow and retried"))) for _ in range(3)]
     for t in threads:
         t.start()
         time.sleep(0.3)
@@ -229,7 +227,7 @@ def test_a_chat_instance_killed_mid_stream_ends_the_call_interrupted_and_free(st
         system.sim.state.register(PLATFORM_OPENAI, "stream_slow", delay_ms=400)
         key, seen = str(uuid.uuid4()), []
 
-        def read() -> None:
+        def read(client=client, key=key, seen=seen) -> None:
             try:
                 seen.append(stream(client, key, "killed halfway"))
             except (httpx.HTTPError, AssertionError) as exc:

@@ -57,10 +57,19 @@ class Calling:
         [event] = [e for e in self.call_store.events if str(e.event_id) == body["event_id"]]
         b = body["billing"]
         billing = Billing(
-            KeySource(b["key_source"]), Decision(b["decision"]), b["credits"], b["price_list_version"], b["balance_before"]
+            KeySource(b["key_source"]),
+            Decision(b["decision"]),
+            b["credits"],
+            b["price_list_version"],
+            b["balance_before"],
         )
         return SimpleNamespace(
-            event=event, billing=billing, reply=body["reply"], fallback=body["fallback"], notice=body["notice"], body=body
+            event=event,
+            billing=billing,
+            reply=body["reply"],
+            fallback=body["fallback"],
+            notice=body["notice"],
+            body=body,
         )
 
 
