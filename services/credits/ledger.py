@@ -86,23 +86,28 @@ IDENTITY_FIELDS = ("user_id", "feature", "model", "key_source", "provider", "sta
 CONFLICT = "conflict"  # the dead letters' dlq.error_type
 
 
-def conflicting(prior: ModelCallCompleted | asyncpg.Record, event: ModelCallCompleted) -> str:
-    """'' when `event` is the same call as `prior` (an earlier event, or its ledger row), else what differs.
+def identity(event: ModelCallCompleted) -> tuple:
+    """The event's IDENTITY_FIELDS, in order (enums as they are: a member equals its stored value)."""
+    return (event.user_id, event.feature, event.model, event.key_source, event.provider, event.status)
 
-    A ledger row's field that is NULL (a row written without it, e.g. by hand) is not held against the
-    event, and neither is an entry that is not a decision (its id is not an event's).
+
+def conflicting(prior: tuple | ModelCallCompleted | None, event: ModelCallCompleted) -> str:
+    """'' when `event` is the same call as `prior`, else what differs.
+
+    `prior` is an earlier event of the batch, or the identity of its ledger row (None for an entry that
+    is not a decision: its id is not an event's). A ledger field that is NULL (a row written without
+    it, e.g. by hand) is not held against the event.
     """
-    if isinstance(prior, ModelCallCompleted):
-        before = {f: getattr(prior, f) for f in IDENTITY_FIELDS}
-    elif prior["kind"] != "decision":
+    if prior is None:
         return ""
-    else:
-        before = {f: prior[f] for f in IDENTITY_FIELDS}
-    # The enums are str subclasses: a member equals its stored value.
+    before = identity(prior) if isinstance(prior, ModelCallCompleted) else prior
+    now = identity(event)
+    if before == now:  # the usual redelivery: one tuple comparison
+        return ""
     return ", ".join(
-        f"{f} {before[f]!s} (decided) vs {getattr(event, f)!s}"
-        for f in IDENTITY_FIELDS
-        if before[f] is not None and before[f] != getattr(event, f)
+        f"{name} {b!s} (decided) vs {n!s}"
+        for name, b, n in zip(IDENTITY_FIELDS, before, now, strict=True)
+        if b is not None and b != n
     )
 
 
@@ -192,8 +197,8 @@ class Ledger:
                 # unnest joined to the key, not "= ANY(array)": with thousands of ids the planner
                 # would otherwise scan the whole (ever-growing) ledger. Only redeliveries come back, so
                 # fetching their identity costs nothing on the usual batch (no row at all).
-                seen: dict[UUID, ModelCallCompleted | asyncpg.Record] = {
-                    r["entry_id"]: r
+                seen: dict[UUID, tuple | ModelCallCompleted | None] = {
+                    r[0]: tuple(r[2:]) if r[1] == "decision" else None
                     for r in await conn.fetch(
                         f"SELECT l.entry_id, l.kind, {', '.join('l.' + f for f in IDENTITY_FIELDS)} "
                         "FROM unnest($1::uuid[]) AS u(id) JOIN ledger_entries l ON l.entry_id = u.id",
@@ -202,9 +207,8 @@ class Ledger:
                 }
                 for d in decided:
                     e, c = d.event, d.charge
-                    prior = seen.get(e.event_id)
-                    if prior is not None:
-                        clash = conflicting(prior, e)
+                    if e.event_id in seen:
+                        clash = conflicting(seen[e.event_id], e)
                         if clash:
                             conflict_letters.append(
                                 DeadLetter(
