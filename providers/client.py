@@ -210,9 +210,8 @@ async def chat_stream(
                     api.provider, api.cut_off("closed the connection before the answer was complete"), status
                 )
             if input_tokens is None or output_tokens is None:
-                raise ProviderError(
-                    api.provider, api.cut_off("ended the answer without saying how many tokens it used"), status
-                )
+                raise ProviderError(api.provider, api.unavailable("ended the answer without its token usage"), status)
+            await _drain(answer)
     except ProviderUnreachable as exc:
         if not started:
             raise _unreachable(api, exc) from None
@@ -224,3 +223,14 @@ async def chat_stream(
             api.provider, api.cut_off(f"closed the connection before the answer was complete ({exc.kind})")
         ) from None
     yield ChatReply("".join(parts), input_tokens, output_tokens, answered_by)
+
+
+async def _drain(answer: HttpStream) -> None:
+    """Read what follows the provider's end of the answer (the body's own end, at once), so the
+    response ends as the provider ends it and its connection can serve another call. Whatever goes
+    wrong now changes nothing: the answer is complete."""
+    try:
+        async for _ in answer.chunks:
+            pass
+    except ProviderUnreachable:
+        pass

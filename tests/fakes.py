@@ -4,8 +4,11 @@ key-check worker and the model call)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from uuid import UUID
@@ -14,7 +17,7 @@ import httpx
 
 from billing.policy import price_of
 from billing.pricing import default_price_book
-from providers import ChatReply, ProviderError, key_hint
+from providers import ChatReply, HttpStream, ProviderError, ProviderUnreachable, key_hint
 from schemas.events import KeyCheckResult, KeyCheckStatus, ModelCallCompleted, Provider, utc_now
 from services.chat.balances import BalanceReader, Funds, HoldRefused, Reservation
 from services.chat.call_store import CallRecord, CallStore
@@ -221,10 +224,126 @@ class FakeProvider:
 class InProcessHttp(httpx.AsyncClient):
     """The providers' HTTP port (`providers.client.ProviderHttp`) over httpx, for tests that run the
     simulator's ASGI app in-process or capture requests with a MockTransport. The services use
-    `services.shared.provider_http.ProviderClient` (aiohttp, real sockets)."""
+    `services.shared.provider_http.ProviderClient` (aiohttp, real sockets).
+
+    `post_stream` drives an ASGI app itself (httpx's ASGITransport collects a whole body before it
+    answers, so a stalled stream would never start and a cut one would fail as an app error): the
+    body arrives piece by piece as the app sends it, each wait bounded by the client's read timeout
+    (`ProviderUnreachable(timed_out=True)`), an app that returns or fails before ending its body is a
+    connection closed midway (`ProviderUnreachable`), and leaving the block tells the app the client
+    went away (`http.disconnect`) and cancels it. Over any other transport it streams through httpx."""
 
     async def post_json(self, url: str, headers: Mapping[str, str], body: object) -> httpx.Response:
         return await self.post(url, headers=headers, json=body)
+
+    @asynccontextmanager
+    async def post_stream(self, url: str, headers: Mapping[str, str], body: object) -> AsyncIterator[HttpStream]:
+        request = self.build_request("POST", url, headers=headers, json=body)
+        idle_s = self.timeout.read
+        transport = self._transport
+        if isinstance(transport, httpx.ASGITransport):
+            async with _asgi_stream(transport.app, request, idle_s) as answer:
+                yield answer
+            return
+        try:
+            response = await self.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise ProviderUnreachable(type(exc).__name__, timed_out=True) from None
+        except httpx.TransportError as exc:
+            raise ProviderUnreachable(type(exc).__name__) from None
+        try:
+            yield HttpStream(response.status_code, response.headers, _httpx_chunks(response))
+        finally:
+            await response.aclose()
+
+
+async def _httpx_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_bytes():
+            yield chunk
+    except httpx.TimeoutException as exc:
+        raise ProviderUnreachable(type(exc).__name__, timed_out=True) from None
+    except httpx.TransportError as exc:
+        raise ProviderUnreachable(type(exc).__name__) from None
+
+
+@asynccontextmanager
+async def _asgi_stream(app, request: httpx.Request, idle_s: float | None) -> AsyncIterator[HttpStream]:
+    """One request to an ASGI app, its answer handed over as the app sends it."""
+    body = await request.aread()
+    started: asyncio.Future = asyncio.get_running_loop().create_future()
+    pieces: asyncio.Queue = asyncio.Queue()
+    gone = asyncio.Event()
+    sent_request = False
+
+    async def receive() -> dict:
+        nonlocal sent_request
+        if not sent_request:
+            sent_request = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            started.set_result(message)
+        elif message["type"] == "http.response.body":
+            pieces.put_nowait((message.get("body", b""), message.get("more_body", False)))
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:  # the app failed: before its answer a 500, after it a broken body
+            if not started.done():
+                started.set_exception(ProviderUnreachable(type(exc).__name__))
+        finally:
+            if not started.done():
+                started.set_exception(ProviderUnreachable("NoResponse"))
+            pieces.put_nowait(None)  # the app is done, whether or not it ended its body
+
+    url = request.url
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request.method,
+        "headers": [(k.lower(), v) for k, v in request.headers.raw],
+        "scheme": url.scheme,
+        "path": url.path,
+        "raw_path": url.raw_path.split(b"?")[0],
+        "query_string": url.query,
+        "server": (url.host, url.port),
+        "client": ("127.0.0.1", 123),
+        "root_path": "",
+    }
+    task = asyncio.create_task(run())
+
+    async def wait(awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, idle_s)
+        except TimeoutError:
+            raise ProviderUnreachable("ReadTimeout", timed_out=True) from None
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            piece = await wait(pieces.get())
+            if piece is None:
+                raise ProviderUnreachable("RemoteProtocolError")  # the body never ended
+            data, more = piece
+            if data:
+                yield data
+            if not more:
+                return
+
+    try:
+        start = await wait(asyncio.shield(started))
+        headers = httpx.Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in start.get("headers", [])])
+        yield HttpStream(start["status"], headers, chunks())
+    finally:
+        gone.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def memory_chat(

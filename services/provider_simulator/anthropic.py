@@ -124,7 +124,10 @@ class Anthropic:
                 return error(400, "invalid_request_error", "model, messages and max_tokens are required")
             text = reply_text(model, said)
             if streamed:
-                return EventStream(self.stream_frames(admitted, model, prompt, text, max_tokens))
+                return EventStream(
+                    self.stream_frames(admitted, model, prompt, text, max_tokens),
+                    fails=admitted.behaviour == "stream_fail",
+                )
             return {
                 "id": f"msg_{uuid.uuid4().hex[:24]}",
                 "type": "message",

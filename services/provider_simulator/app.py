@@ -106,6 +106,7 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             "total": state.total_calls(),
             "by_provider": state.calls_by_provider(),
             "by_endpoint": state.endpoints(),
+            "streams": state.streams(),
         }
 
     @app.post("/_sim/reset")

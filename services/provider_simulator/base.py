@@ -133,13 +133,14 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, frames: list[Frame], headers: dict[str, str] | None = None):
+    def __init__(self, frames: list[Frame], headers: dict[str, str] | None = None, *, fails: bool = False):
         # Not Response.__init__: it would announce a Content-Length of 0 (the body is chunked).
-        self.status_code, self.background, self.frames = 200, None, frames
+        self.status_code, self.background, self.frames, self.fails = 200, None, frames, fails
         self.init_headers({"cache-control": "no-cache", "content-type": "text/event-stream", **(headers or {})})
 
     async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         gone = asyncio.Event()
+        outcome = "abandoned"
 
         async def listen() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -156,11 +157,17 @@ class EventStream(Response):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(gone.wait(), frame.seconds)
                 elif isinstance(frame, Cut):
+                    outcome = "cut"
                     return  # the body never ends: the server closes the connection
                 else:
                     await send({"type": "http.response.body", "body": frame, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                outcome = "failed" if self.fails else "completed"
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+            app = scope.get("app")
+            if app is not None and hasattr(app.state, "sim"):
+                app.state.sim._count_stream(outcome)

@@ -170,7 +170,7 @@ class Gemini:
             if streamed:
                 frames = self.stream_frames(admitted, model, prompt, text)
                 if request.query_params.get("alt") == "sse":
-                    return EventStream(frames)
+                    return EventStream(frames, fails=admitted.behaviour == "stream_fail")
                 # Without `alt=sse`: the same responses as one JSON array (nothing here needs it streamed).
                 chunks = [json.loads(f.decode()[len("data: ") :]) for f in frames if isinstance(f, bytes)]
                 return JSONResponse(chunks)

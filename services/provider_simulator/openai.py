@@ -137,7 +137,10 @@ class OpenAI:
             text = reply_text(model, said)
             if streamed:
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return EventStream(self.stream_frames(admitted, model, prompt, text, include_usage))
+                return EventStream(
+                    self.stream_frames(admitted, model, prompt, text, include_usage),
+                    fails=admitted.behaviour == "stream_fail",
+                )
             usage = {"prompt_tokens": tokens(prompt), "completion_tokens": tokens(text)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             return {

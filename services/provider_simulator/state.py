@@ -75,6 +75,7 @@ class SimulatorState:
     _outages: dict[str, int] = field(default_factory=dict)
     _calls: Counter = field(default_factory=Counter)  # (fingerprint, provider) -> n
     _endpoints: Counter = field(default_factory=Counter)
+    _streams: Counter = field(default_factory=Counter)  # how streams ended
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register(
@@ -108,6 +109,7 @@ class SimulatorState:
             self._outages.clear()
             self._calls.clear()
             self._endpoints.clear()
+            self._streams.clear()
             self.default_behaviour = "invalid"
 
     def calls(self, key: str, provider: str | None = None) -> int:
@@ -132,6 +134,16 @@ class SimulatorState:
     def endpoints(self) -> dict[str, int]:
         with self._lock:
             return dict(self._endpoints)
+
+    def streams(self) -> dict[str, int]:
+        """How the streams served so far ended: `completed`, `failed` (an error event sent), `cut`
+        (closed midway), `abandoned` (the client went away first: a Stop reached the provider)."""
+        with self._lock:
+            return dict(self._streams)
+
+    def _count_stream(self, outcome: str) -> None:
+        with self._lock:
+            self._streams[outcome] += 1
 
     def _count(self, key: str | None, provider: str, endpoint: str) -> None:
         with self._lock:
