@@ -506,6 +506,15 @@ def test_answers_stream_and_stop_says_what_it_costs_before_and_charges_once_afte
         expect(page.locator("#stop")).to_be_hidden()
         shot(page, f"stopped-after-first-token-{viewport}")
         assert system.wait_balance(user, 47) == 47
+        # A stream that fails midway keeps the text it had, says why it ends there, and costs nothing.
+        system.sim.state.register(PLATFORM_OPENAI, "stream_fail")
+        failed = send(page, "chat", "This one breaks halfway")
+        expect(failed.locator(".billing")).to_have_text("Failed call: no credits")
+        expect(failed.locator(".answer")).to_contain_text("[gpt-4o-mini simulated]")
+        expect(failed.locator(".notice")).to_contain_text("could not answer this call")
+        shot(page, f"stream-failed-midway-{viewport}")
+        page.wait_for_timeout(1500)
+        assert system.balance(user) == 47
     finally:
         system.sim.state.register(PLATFORM_OPENAI, "valid")
 

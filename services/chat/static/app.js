@@ -399,7 +399,13 @@ function showAnswer(entry, r) {
     }
     return;
   }
-  setText(entry.answer, r.body.message || `Error ${r.status}`);
+  if (r.streamed) {
+    // Text had arrived before the call failed: keep it, and say why it ends there.
+    entry.notice.hidden = false;
+    setText(entry.notice, r.body.message || `Error ${r.status}`);
+  } else {
+    setText(entry.answer, r.body.message || `Error ${r.status}`);
+  }
   entry.billing.className = "billing error";
   // Refused before the provider was asked: nothing charged, and only a 402 is about credits.
   entry.billing.textContent = r.body.billing || r.body.ending ? "Failed call: no credits"
@@ -475,7 +481,7 @@ async function onSend(event) {
           text += data.text;
           entry.answer.textContent = text;
         } else if (name === "done" || name === "error") {
-          final = { ok: name === "done", status: name === "done" ? 200 : 502, body: data };
+          final = { ok: name === "done", status: name === "done" ? 200 : 502, body: data, streamed: text !== "" };
         }
       });
       if (final === null) throw new Error("the stream ended before its final event");
