@@ -374,7 +374,14 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     @app.post(
         "/chat",
         openapi_extra={"requestBody": chat_body, "parameters": [idempotency_key]},
-        responses=error_responses(401, 402, 409, 413, 422, 502, 503),
+        responses={
+            200: {
+                "description": "The answer and its billing; with `stream: true`, Server-Sent Events "
+                "(`delta` events, then one `done` or `error`)",
+                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+            },
+            **error_responses(401, 402, 409, 413, 422, 502, 503),
+        },
     )
     async def chat(request: Request) -> JSONResponse:
         who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
