@@ -89,8 +89,8 @@ def stream_pieces(text: str, rule: Rule) -> list[str]:
         words[-1] = words[-1].rstrip() + " "
         words += ["and so on " for _ in range(count - len(words))]
         words[-1] = words[-1].rstrip()
-    size = -(-len(words) // count)
-    return ["".join(words[i : i + size]) for i in range(0, len(words), size)]
+    bounds = [len(words) * i // count for i in range(count + 1)]  # exactly `count` pieces, none empty
+    return ["".join(words[bounds[i] : bounds[i + 1]]) for i in range(count)]
 
 
 def stream_script(

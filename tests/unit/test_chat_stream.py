@@ -392,3 +392,25 @@ def test_errors_midway_are_classified_by_what_they_say():
     server = {"error": {"message": "oops", "type": "server_error", "code": None}}
     assert openai.classify_stream_error(server).status is KeyCheckStatus.PROVIDER_UNAVAILABLE
     assert anthropic.parse_stream_event(SseEvent("ping", '{"type": "ping"}')) == p.base.IGNORED
+
+
+async def test_stream_behaviours_are_registered_through_the_control_api():
+    state = SimulatorState()
+    app = build_app(state)
+    settings = p.ProviderSettings(**{k.lower(): v for k, v in base_urls("http://sim").items()})
+    async with InProcessHttp(transport=httpx.ASGITransport(app=app), base_url="http://sim", timeout=10) as client:
+        platform_key = "sk-platform-key-without-marker-01"
+        r = await client.post(
+            "/_sim/keys", json={"key": platform_key, "behaviour": "stream_slow", "delay_ms": 1, "chunks": 7}
+        )
+        assert r.status_code == 200
+        # Everything but a stream answers as valid, at once.
+        assert (await p.list_models(client, settings, "openai", platform_key)).status_code == 200
+        deltas, reply, _ = await collect(p.chat_stream(client, settings, "openai", platform_key, "gpt-4o", MESSAGES))
+        assert len(deltas) == 7 and reply is not None
+        await client.post("/_sim/keys", json={"key": platform_key, "behaviour": "stream_cut"})
+        _, reply, error = await collect(p.chat_stream(client, settings, "openai", platform_key, "gpt-4o", MESSAGES))
+        assert reply is None and "cut off" in error.verdict.message
+        calls = (await client.get("/_sim/calls")).json()
+        assert calls["streams"] == {"completed": 1, "cut": 1}
+        assert calls["by_endpoint"] == {"openai models": 1, "openai stream": 2}
