@@ -20,144 +20,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
 import providers
-from billing.policy import decide, is_billable
+from billing.policy import is_billable
 from billing.pricing import PriceBook
 from providers import ChatReply, ProviderError
-from schemas.events import CallStatus, Decision, Ending, Feature, KeyCheckStatus, KeySource, ModelCallCompleted
+from schemas.events import CallStatus, Ending, Feature, KeyCheckStatus, ModelCallCompleted
 from services.chat.balances import BalanceReader, CreditsUnavailable, HoldConflict, HoldRefused, Reservation
+from services.chat.call_answers import CallPlan, ended_event, outcome_of, short_of_credits
 from services.chat.call_store import INTERRUPTED_STATUS, CallRecord, CallStore, Outcome, interrupted_body
+from services.chat.idempotency import IdempotencyKeyReused, call_event_id, checked_key, request_hash
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing
-from services.chat.refusals import BalanceUnknown, InvalidRequest, PaymentRequired
-from services.chat.service import FEATURE_NAMES, FEATURE_PROMPTS, Billing, ChatService, Route, session_of
+from services.chat.refusals import BalanceUnknown, InvalidRequest
+from services.chat.running import RunningCall
+from services.chat.service import FEATURE_PROMPTS, ChatService, session_of
 from services.chat.store import SettingsStore
 
 log = logging.getLogger(__name__)
-
-# Printable ASCII without spaces, as HTTP header values and Stripe's keys are.
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
-_EVENT_IDS = uuid.UUID("5f0e8f4e-2b7c-4f43-9a51-0c4f6a7d1e21")  # the namespace of derived event ids
 
 StreamCaller = Callable[[Any, str, str, Sequence[Mapping[str, str]]], AsyncGenerator["str | ChatReply", None]]
 """Port: one streamed model call `(provider, api_key, model, messages)`: text deltas, then a `ChatReply`
 with the provider's own usage; raises `ProviderError`."""
 ModelCaller = Callable[[Any, str, str, Sequence[Mapping[str, str]]], Awaitable[ChatReply]]
 """Port: one plain model call `(provider, api_key, model, messages) -> ChatReply`; raises `ProviderError`."""
-
-
-class IdempotencyKeyReused(InvalidRequest):
-    code = "idempotency_key_reused"
-
-
-def call_event_id(user_id: str, key: str) -> uuid.UUID:
-    """The event id of the user's call with `key`: the same on every instance and every retry."""
-    return uuid.uuid5(_EVENT_IDS, f"{user_id}\n{key}")
-
-
-def request_hash(feature: Feature, message: str) -> str:
-    """What makes two requests with one key the same call (never anything secret)."""
-    return hashlib.sha256(f"{feature.value}\n{message}".encode()).hexdigest()
-
-
-def checked_key(key: str | None) -> str:
-    """The client's `Idempotency-Key`, or a fresh one (a call nobody can retry) when it sent none."""
-    if key is None:
-        return f"auto-{uuid.uuid4().hex}"
-    if not IDEMPOTENCY_KEY.fullmatch(key):
-        raise InvalidRequest(
-            "The Idempotency-Key header is 1 to 200 printable characters without spaces (for example a UUID).",
-            reason="invalid_idempotency_key",
-        )
-    return key
-
-
-class RunningCall:
-    """A call this instance is running: the text so far, who follows it, and its outcome once it ends."""
-
-    def __init__(self, stream: bool):
-        loop = asyncio.get_running_loop()
-        self.stream = stream
-        self.deltas: list[str] = []
-        self.outcome: asyncio.Future[Outcome] = loop.create_future()
-        self._changed: asyncio.Future[None] = loop.create_future()
-        self.listeners = 0
-        self.stopping = False
-        self.task: asyncio.Task[Any] | None = None
-
-    def push(self, text: str) -> None:
-        self.deltas.append(text)
-        self._notify()
-
-    def finish(self, outcome: Outcome) -> None:
-        if not self.outcome.done():
-            self.outcome.set_result(outcome)
-        self._notify()
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
-        changed.set_result(None)
-
-    def stop(self) -> None:
-        """Stop the call (the user pressed Stop, or went away from a stream)."""
-        if self.task is not None and not self.outcome.done():
-            self.stopping = True
-            self.task.cancel()
-
-    async def follow(self, idle_s: float = 15.0) -> AsyncIterator[str | Outcome | None]:
-        """The text from the start, then the outcome; None after `idle_s` without news (a keep-alive).
-        A streamed call whose last follower leaves is stopped."""
-        self.listeners += 1
-        try:
-            seen = 0
-            while True:
-                while seen < len(self.deltas):
-                    seen += 1
-                    yield self.deltas[seen - 1]
-                if self.outcome.done():
-                    yield self.outcome.result()
-                    return
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._changed), idle_s)
-                except TimeoutError:
-                    yield None
-        finally:
-            self.listeners -= 1
-            if self.listeners == 0 and self.stream:
-                self.stop()
-
-    async def result(self) -> Outcome:
-        """The outcome, waited for without stopping the call if the waiter goes away."""
-        self.listeners += 1
-        try:
-            return await asyncio.shield(self.outcome)
-        finally:
-            self.listeners -= 1
-
-
-@dataclass(frozen=True)
-class _Call:
-    """What one running call needs, decided before it starts."""
-
-    who: Identity
-    key: str
-    route: Route
-    api_key: str
-    messages: list[dict[str, str]]
-    pending: ModelCallCompleted
-    handle: int
-    reservation: Reservation | None
 
 
 class ChatCalls:
@@ -240,7 +133,7 @@ class ChatCalls:
             self.running.pop((who.user_id, key), None)
             return reservation
         messages = [{"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message}]
-        call = _Call(who, key, route, api_key, messages, pending, handle, reservation)
+        call = CallPlan(who, key, route, api_key, messages, pending, handle, reservation)
         running.task = asyncio.create_task(self._run(running, call), name=f"call-{pending.event_id}")
         return running
 
@@ -307,7 +200,7 @@ class ChatCalls:
             return await self.balances.reserve(who, pending.event_id, pending.feature, pending.provider, pending.model)
         except HoldRefused as exc:
             await self.store.forget(handle, who.user_id, key)
-            raise self._short(pending, exc) from None
+            raise short_of_credits(pending, exc, self.book.in_force(self.service.clock()).version) from None
         except HoldConflict:
             await self.store.forget(handle, who.user_id, key)
             raise IdempotencyKeyReused(
@@ -333,26 +226,6 @@ class ChatCalls:
             await asyncio.shield(settle)
             return outcome
 
-    def _short(self, pending: ModelCallCompleted, exc: HoldRefused) -> PaymentRequired:
-        feature, model = pending.feature, pending.model
-        what = FEATURE_NAMES[feature]
-        if feature is Feature.CHAT:
-            advice = "Switch on “use my own API key” to chat on your own key without credits, or get more credits."
-        else:
-            advice = f"{what} always runs on the platform's models, so it needs credits: get more credits."
-        return PaymentRequired(
-            f"{what} with {model} costs {exc.needed} credit{'s' if exc.needed != 1 else ''} and you have "
-            f"{max(exc.available, 0)} available"
-            f"{f' ({exc.held} more are held by calls still running)' if exc.held else ''}. {advice}",
-            reason="insufficient_credits",
-            needed=exc.needed,
-            available=exc.available,
-            held=exc.held,
-            balance=exc.available + exc.held,
-            price_list_version=self.book.in_force(self.service.clock()).version,
-            suggest_byok=feature is Feature.CHAT,
-        )
-
     def _release_soon(self, who: Identity, event_id: uuid.UUID) -> None:
         """Release a hold whose placement's answer was lost, now and once more after `release_again_s`
         (a placement the credit service had queued may land after the first). The call's `not_started`
@@ -373,7 +246,7 @@ class ChatCalls:
 
     # --- running and ending a call ----------------------------------------------------------------
 
-    async def _run(self, running: RunningCall, call: _Call) -> None:
+    async def _run(self, running: RunningCall, call: CallPlan) -> None:
         route, started = call.route, time.monotonic()
         reply: ChatReply | None = None
         error: ProviderError | None = None
@@ -402,109 +275,13 @@ class ChatCalls:
         except Exception:  # a bug: the call is recorded as failed, never left pending
             log.exception("call %s failed", call.pending.event_id)
             ending = Ending.PROVIDER_ERROR
-        event = self._event(call, running, started, ending, reply)
-        outcome = self._outcome(call, running, event, error, reply)
+        event = ended_event(call, running.deltas, started, ending, reply, self.service.clock())
+        outcome = outcome_of(call, running.deltas, event, error, reply, self.book)
         outcome = await self._record(call.handle, event, outcome)
         if outcome.ok or error is not None:
             await self._mark_key(call, error)
         self.running.pop((call.who.user_id, call.key), None)
         running.finish(outcome)
-
-    def _event(
-        self, call: _Call, running: RunningCall, started: float, ending: Ending, reply: ChatReply | None
-    ) -> ModelCallCompleted:
-        text = "".join(running.deltas)
-        succeeded = ending is Ending.COMPLETED or (ending is Ending.STOPPED and bool(text))
-        changes: dict[str, Any] = {
-            "occurred_at": self.service.clock(),
-            "status": CallStatus.SUCCEEDED if succeeded else CallStatus.FAILED,
-            "latency_ms": int((time.monotonic() - started) * 1000),
-            "ending": ending,
-        }
-        if reply is not None:
-            changes.update(input_tokens=max(0, int(reply.input_tokens)), output_tokens=max(0, int(reply.output_tokens)))
-        elif succeeded:  # stopped mid-stream: the provider's usage never came; about 4 characters a token
-            prompt = sum(len(m["content"]) for m in call.messages)
-            changes.update(input_tokens=max(1, prompt // 4), output_tokens=max(1, len(text) // 4))
-        return call.pending.model_copy(update=changes)
-
-    def _billing(self, call: _Call, event: ModelCallCompleted) -> Billing:
-        charge = decide(event, self.book)
-        before = None if call.reservation is None else call.reservation.available + call.reservation.credits
-        return Billing(event.key_source, charge.decision, charge.credits, charge.price_list_version, before)
-
-    def _outcome(
-        self,
-        call: _Call,
-        running: RunningCall,
-        event: ModelCallCompleted,
-        error: ProviderError | None,
-        reply: ChatReply | None,
-    ) -> Outcome:
-        route, billing = call.route, self._billing(call, event)
-        ending = event.ending or Ending.COMPLETED
-        if event.status is CallStatus.SUCCEEDED or ending is Ending.STOPPED:
-            notice = None
-            if route.fallback:
-                notice = (
-                    f"{route.reason}, so this answer ran on platform credits, as you chose: "
-                    f"{billing.credits} credit{'s' if billing.credits != 1 else ''} charged."
-                )
-            if ending is Ending.STOPPED:
-                notice = (
-                    "Stopped after the answer had started: the provider worked on it, so it is charged as a whole call."
-                    if billing.charged
-                    else "Stopped before the answer started: nothing is charged."
-                    if event.status is CallStatus.FAILED
-                    else "Stopped: your own key paid the provider; no credits."
-                )
-            text = reply.text if reply is not None else "".join(running.deltas)
-            return Outcome(200, self._answer(call, event, billing, text, notice))
-        if ending is Ending.INTERRUPTED:
-            return Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": str(event.event_id)})
-        name = providers.of(route.provider).name
-        if error is not None and route.key_source is KeySource.BYOK:
-            message = error.verdict.message
-        elif ending is Ending.TIMEOUT:
-            message = f"{name} did not finish this call in time. No credits were used; try again in a minute."
-        else:
-            status = error.verdict.status.value if error is not None else "unreadable answer"
-            message = f"{name} could not answer this call ({status}). No credits were used; try again in a minute."
-        return Outcome(
-            502,
-            {
-                "error": "provider_error",
-                "message": message,
-                "key_status": error.verdict.status.value if error is not None else KeyCheckStatus.PROVIDER_UNAVAILABLE,
-                "key_source": route.key_source.value,
-                "whose_key": "Your" if route.key_source is KeySource.BYOK else "The platform's",
-                "event_id": str(event.event_id),
-                "ending": ending.value,
-                "charged": False,
-                "billing": billing.as_dict(),
-            },
-        )
-
-    def _answer(
-        self, call: _Call, event: ModelCallCompleted, billing: Billing, text: str, notice: str | None
-    ) -> dict[str, Any]:
-        return {
-            "reply": text,
-            "provider": event.provider.value,
-            "model": event.model,
-            "feature": event.feature.value,
-            "key_source": event.key_source.value,
-            "event_id": str(event.event_id),
-            "idempotency_key": None if call.key.startswith("auto-") else call.key,
-            "usage": {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens},
-            "latency_ms": event.latency_ms,
-            "ending": (event.ending or Ending.COMPLETED).value,
-            "charged": billing.decision is Decision.DEBITED,
-            "billing": billing.as_dict(),
-            # BYOK chat that ran on platform credits because the user chose to fall back: said so.
-            "fallback": call.route.fallback,
-            "notice": notice,
-        }
 
     async def _record(self, handle: int, event: ModelCallCompleted, outcome: Outcome) -> Outcome:
         """Write the call's event and outcome, retrying while the database is away (the pending event
@@ -524,7 +301,7 @@ class ChatCalls:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _mark_key(self, call: _Call, error: ProviderError | None) -> None:
+    async def _mark_key(self, call: CallPlan, error: ProviderError | None) -> None:
         """What a call on the user's key taught about that key."""
         held = call.route.held
         if held is None:
