@@ -1,0 +1,187 @@
+"""The call lifecycle's rules with fakes for every port: idempotency, endings, Stop, leases, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from providers import ChatReply, KeyVerdict, ProviderError
+from schemas.events import CallStatus, Ending, Feature, KeyCheckStatus, Provider
+from services.chat.call_store import Outcome
+from services.chat.idempotency import IdempotencyKeyReused, call_event_id
+from services.chat.identity import Identity
+from services.chat.refusals import InvalidRequest
+from services.chat.running import RunningCall
+from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemorySettingsStore, memory_chat
+
+pytestmark = pytest.mark.unit
+
+ALICE = Identity("alice", "user", "sess-1", "token-a")
+
+
+class FakeStream:
+    """A provider stream: `pieces` text deltas, `gap_s` apart, then the usage; or a failure after
+    `fail_after` pieces."""
+
+    def __init__(self, pieces: int = 5, gap_s: float = 0.0, first_s: float = 0.0, fail_after: int | None = None):
+        self.pieces, self.gap_s, self.first_s, self.fail_after = pieces, gap_s, first_s, fail_after
+        self.closed = 0
+
+    async def __call__(self, provider, api_key, model, messages):
+        try:
+            await asyncio.sleep(self.first_s)
+            text = ""
+            for i in range(self.pieces):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise ProviderError(Provider.OPENAI, KeyVerdict(KeyCheckStatus.PROVIDER_UNAVAILABLE, "broke"), 200)
+                piece = f"word{i} "
+                text += piece
+                yield piece
+                await asyncio.sleep(self.gap_s)
+            yield ChatReply(text, 12, self.pieces, model)
+        finally:
+            self.closed += 1
+
+
+def make(balance: int = 100, stream: FakeStream | None = None, **calls_kw):
+    balances = FixedBalances({"alice": balance})
+    provider = FakeProvider()
+    _, calls, store = memory_chat(MemorySettingsStore(), balances, provider, FakeChecker())
+    calls.stream_model = stream
+    for name, value in calls_kw.items():
+        setattr(calls, name, value)
+    return calls, store, balances, provider
+
+
+async def outcome_of(started) -> Outcome:
+    return started if isinstance(started, Outcome) else await started.result()
+
+
+async def test_one_key_is_one_call_one_event_and_its_outcome_again():
+    calls, store, _, provider = make()
+    first = await outcome_of(await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k-1"))
+    again = await outcome_of(await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k-1"))
+    assert first == again and first.body["event_id"] == str(call_event_id("alice", "k-1"))
+    assert len(provider.calls) == 1 and len(store.events) == 1
+    with pytest.raises(IdempotencyKeyReused):
+        await calls.start(ALICE, None, Feature.CHAT, "something else", idempotency_key="k-1")
+    with pytest.raises(InvalidRequest):
+        await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="has spaces")
+    # Another user's same key is another call.
+    bob = Identity("bob", "user", "s", "t")
+    calls.balances.balances["bob"] = 100
+    other = await outcome_of(await calls.start(bob, None, Feature.CHAT, "hi", idempotency_key="k-1"))
+    assert other.body["event_id"] != first.body["event_id"]
+
+
+async def test_a_retry_while_the_call_runs_attaches_to_it():
+    calls, store, _, _ = make(stream=FakeStream(pieces=4, gap_s=0.02))
+    running = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k", stream=True)
+    attached = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k")
+    assert attached is running
+    seen = [item async for item in running.follow() if item is not None]
+    assert seen[:-1] == ["word0 ", "word1 ", "word2 ", "word3 "] and seen[-1] == await attached.result()
+    assert len(store.events) == 1 and store.events[0].ending is Ending.COMPLETED
+
+
+async def test_stop_before_the_first_token_is_free_and_after_it_is_billed_once():
+    stream = FakeStream(pieces=50, gap_s=0.01, first_s=0.2)
+    calls, store, balances, _ = make(stream=stream)
+    running = await calls.start(ALICE, None, Feature.CHAT, "stop early", idempotency_key="early", stream=True)
+    reader = running.follow()
+    read = asyncio.ensure_future(reader.__anext__())
+    await asyncio.sleep(0.05)
+    read.cancel()  # the page's Stop: the last reader goes away (as Starlette cancels a left stream)
+    await asyncio.gather(read, return_exceptions=True)
+    early = await running.result()
+    event = store.events[-1]
+    assert event.ending is Ending.STOPPED and event.status is CallStatus.FAILED and not early.body["charged"]
+    assert stream.closed == 1  # the provider's stream was closed
+
+    running = await calls.start(ALICE, None, Feature.CHAT, "stop late", idempotency_key="late", stream=True)
+    reader = running.follow()
+    shown = [await reader.__anext__(), await reader.__anext__()]
+    await reader.aclose()
+    late = await running.result()
+    event = store.events[-1]
+    assert event.ending is Ending.STOPPED and event.status is CallStatus.SUCCEEDED and late.body["charged"]
+    assert late.body["reply"].startswith("".join(shown)) and event.output_tokens >= 1
+    assert late.body["billing"]["credits"] == 3 and "charged as a whole call" in late.body["notice"]
+    # The kept answer is what a retry gets.
+    again = await calls.start(ALICE, None, Feature.CHAT, "stop late", idempotency_key="late")
+    assert again == late
+
+
+async def test_a_plain_call_is_not_stopped_when_its_waiter_goes_away():
+    calls, store, _, provider = make()
+    gate = asyncio.Event()
+    real = provider.__call__
+
+    async def slow(*args):
+        await gate.wait()
+        return await real(*args)
+
+    calls.call_model = slow
+    running = await calls.start(ALICE, None, Feature.CHAT, "keep going", idempotency_key="k")
+    waiter = asyncio.ensure_future(running.result())
+    await asyncio.sleep(0.01)
+    waiter.cancel()  # the client went away
+    gate.set()
+    done = await running.outcome
+    assert done.ok and done.body["charged"] and store.events[0].ending is Ending.COMPLETED
+
+
+@pytest.mark.parametrize(
+    "stream, ending",
+    [(FakeStream(pieces=6, fail_after=3), Ending.PROVIDER_ERROR), (FakeStream(pieces=6, gap_s=1.0), Ending.TIMEOUT)],
+)
+async def test_failures_and_timeouts_after_the_first_token_are_never_billed(stream, ending):
+    calls, store, _, _ = make(stream=stream, call_max_s=0.3)
+    running = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k", stream=True)
+    items = [item async for item in running.follow() if item is not None]
+    final = items[-1]
+    assert isinstance(final, Outcome) and final.status == 502 and not final.body["charged"]
+    assert final.body["ending"] == ending.value and len(items) > 1  # text came first
+    assert store.events[0].status is CallStatus.FAILED and store.events[0].ending is ending
+
+
+async def test_a_call_whose_pending_event_was_published_is_never_shown_as_charged():
+    """This instance lost its lease (the database was away longer than it), so the relay published the
+    call's pending event as interrupted: the call, finishing after all, must not say it was charged."""
+    calls, store, _, provider = make()
+    gate = asyncio.Event()
+    real = provider.__call__
+
+    async def slow(*args):
+        await gate.wait()
+        return await real(*args)
+
+    calls.call_model = slow
+    running = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k")
+    store.published.add(1)  # the relay took the pending row
+    gate.set()
+    done = await running.result()
+    assert done.status == 503 and done.body["error"] == "interrupted" and done.body["charged"] is False
+    assert store.rows[1][0].ending is Ending.INTERRUPTED  # the event that went out
+
+
+async def test_shutdown_interrupts_what_still_runs_after_the_grace_period():
+    calls, store, _, _ = make(stream=FakeStream(pieces=100, gap_s=0.05))
+    running = await calls.start(ALICE, None, Feature.CHAT, "long", idempotency_key="k", stream=True)
+    await asyncio.sleep(0.1)
+    await calls.close(grace_s=0.05)
+    done = await running.outcome
+    assert done.status == 503 and done.body["ending"] == "interrupted" and not store.alive
+    assert store.events[0].ending is Ending.INTERRUPTED and store.events[0].status is CallStatus.FAILED
+
+
+async def test_readers_see_the_text_from_the_start_then_the_outcome():
+    call = RunningCall(stream=False)
+    call.push("a")
+    late = call.follow(idle_s=0.01)
+    assert await late.__anext__() == "a"
+    assert await late.__anext__() is None  # nothing new for a while: a keep-alive
+    call.push("b")
+    call.finish(Outcome(200, {"reply": "ab"}))
+    assert [x async for x in late] == ["b", Outcome(200, {"reply": "ab"})]
