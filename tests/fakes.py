@@ -214,7 +214,7 @@ class FakeProvider:
         self.calls: list[tuple[Provider, str, str]] = []
         self.error: ProviderError | None = None
 
-    async def __call__(self, provider, api_key, model, messages):
+    async def __call__(self, provider, api_key, model, messages, *, max_tokens=1024):
         self.calls.append((provider, api_key, model))
         if self.error:
             raise self.error

@@ -33,7 +33,7 @@ from services.chat.catalog import catalog
 from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenReader, mint_token, token_from
 from services.chat.key_session import KEY_COOKIE, KeyRing, KeySealer
 from services.chat.refusals import ChatRefused
-from services.chat.service import ChatService
+from services.chat.service import ChatService, page_request
 from services.chat.settings import ChatSettings
 from services.chat.usage import UsageReader, UsageUnavailable
 from services.shared.edge import (
@@ -406,8 +406,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         started = await w.calls.start(
             who,
             ring,
-            body.feature,
-            body.message,
+            page_request(body.feature, body.message),
             idempotency_key=request.headers.get("idempotency-key"),
             stream=body.stream,
         )

@@ -127,11 +127,13 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     credits = CreditsClient(settings.credits_url, settings.credits_timeout_s)
     providers = ProviderSettings()
 
-    async def call_model(provider, api_key, model, messages):
-        return await chat_completion(provider_http, providers, provider, api_key, model, messages)
+    async def call_model(provider, api_key, model, messages, *, max_tokens=1024):
+        return await chat_completion(
+            provider_http, providers, provider, api_key, model, messages, max_tokens=max_tokens
+        )
 
-    def stream_model(provider, api_key, model, messages):
-        return chat_stream(provider_http, providers, provider, api_key, model, messages)
+    def stream_model(provider, api_key, model, messages, *, max_tokens=1024):
+        return chat_stream(provider_http, providers, provider, api_key, model, messages, max_tokens=max_tokens)
 
     store = PgSettingsStore(pool)
     own_checker = checker is None

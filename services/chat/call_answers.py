@@ -32,6 +32,7 @@ class CallPlan:
     pending: ModelCallCompleted
     handle: int
     reservation: Reservation | None
+    max_tokens: int = 1024
 
 
 def ended_event(

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -32,25 +32,27 @@ import providers
 from billing.policy import is_billable
 from billing.pricing import PriceBook
 from providers import ChatReply, ProviderError
-from schemas.events import CallStatus, Ending, Feature, KeyCheckStatus, ModelCallCompleted
+from schemas.events import CallStatus, Ending, KeyCheckStatus, ModelCallCompleted
 from services.chat.balances import BalanceReader, CreditsUnavailable, HoldConflict, HoldRefused, Reservation
 from services.chat.call_answers import CallPlan, ended_event, outcome_of, short_of_credits
+from services.chat.call_request import CallRequest
 from services.chat.call_store import INTERRUPTED_STATUS, CallRecord, CallStore, Outcome, interrupted_body
-from services.chat.idempotency import IdempotencyKeyReused, call_event_id, checked_key, request_hash
+from services.chat.idempotency import IdempotencyKeyReused, call_event_id, checked_key
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing
 from services.chat.refusals import BalanceUnknown, InvalidRequest
 from services.chat.running import RunningCall
-from services.chat.service import FEATURE_PROMPTS, ChatService, session_of
+from services.chat.service import ChatService, session_of
 from services.chat.store import SettingsStore
 
 log = logging.getLogger(__name__)
 
-StreamCaller = Callable[[Any, str, str, Sequence[Mapping[str, str]]], AsyncGenerator["str | ChatReply", None]]
-"""Port: one streamed model call `(provider, api_key, model, messages)`: text deltas, then a `ChatReply`
-with the provider's own usage; raises `ProviderError`."""
-ModelCaller = Callable[[Any, str, str, Sequence[Mapping[str, str]]], Awaitable[ChatReply]]
-"""Port: one plain model call `(provider, api_key, model, messages) -> ChatReply`; raises `ProviderError`."""
+StreamCaller = Callable[..., AsyncGenerator["str | ChatReply", None]]
+"""Port: one streamed model call `(provider, api_key, model, messages, *, max_tokens)`: text deltas, then
+a `ChatReply` with the provider's own usage; raises `ProviderError`."""
+ModelCaller = Callable[..., Awaitable[ChatReply]]
+"""Port: one plain model call `(provider, api_key, model, messages, *, max_tokens) -> ChatReply`; raises
+`ProviderError`."""
 
 
 class ChatCalls:
@@ -85,8 +87,7 @@ class ChatCalls:
         self,
         who: Identity,
         ring: KeyRing | None,
-        feature: Feature,
-        message: str,
+        request: CallRequest,
         *,
         idempotency_key: str | None = None,
         stream: bool = False,
@@ -94,12 +95,12 @@ class ChatCalls:
         """The call of this user action: a running call to follow, or the outcome of one that ended.
         Raises `ChatRefused` for a call refused before anything was spent (nothing is kept then)."""
         key = checked_key(idempotency_key)
-        digest = request_hash(feature, message)
+        digest, feature = request.digest(), request.feature
         if idempotency_key is not None:
             found = await self._existing(who, key, digest)
             if found is not None:
                 return found
-        route, api_key = await self.service.plan(who, ring, feature, message)
+        route, api_key = await self.service.plan(who, ring, request)
         pending = ModelCallCompleted(
             event_id=call_event_id(who.user_id, key),
             occurred_at=self.service.clock(),
@@ -132,8 +133,8 @@ class ChatCalls:
         if isinstance(reservation, Outcome):
             self.running.pop((who.user_id, key), None)
             return reservation
-        messages = [{"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message}]
-        call = CallPlan(who, key, route, api_key, messages, pending, handle, reservation)
+        messages = [dict(m) for m in request.messages]
+        call = CallPlan(who, key, route, api_key, messages, pending, handle, reservation, request.max_tokens)
         running.task = asyncio.create_task(self._run(running, call), name=f"call-{pending.event_id}")
         return running
 
@@ -254,7 +255,9 @@ class ChatCalls:
             async with asyncio.timeout(self.call_max_s):
                 if running.stream and self.stream_model is not None:
                     # Closed however the loop ends, so a Stop closes the provider's response at once.
-                    stream = self.stream_model(route.provider, call.api_key, route.model, call.messages)
+                    stream = self.stream_model(
+                        route.provider, call.api_key, route.model, call.messages, max_tokens=call.max_tokens
+                    )
                     async with contextlib.aclosing(stream):
                         async for item in stream:
                             if isinstance(item, ChatReply):
@@ -262,7 +265,9 @@ class ChatCalls:
                             elif item:
                                 running.push(item)
                 else:
-                    reply = await self.call_model(route.provider, call.api_key, route.model, call.messages)
+                    reply = await self.call_model(
+                        route.provider, call.api_key, route.model, call.messages, max_tokens=call.max_tokens
+                    )
                     if running.stream and reply.text:
                         running.push(reply.text)
             ending = Ending.COMPLETED if reply is not None else Ending.PROVIDER_ERROR

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 
-from schemas.events import Feature
 from services.chat.refusals import InvalidRequest
 
 # Printable ASCII without spaces, as HTTP header values and Stripe's keys are.
@@ -21,11 +19,6 @@ class IdempotencyKeyReused(InvalidRequest):
 def call_event_id(user_id: str, key: str) -> uuid.UUID:
     """The event id of the user's call with `key`: the same on every instance and every retry."""
     return uuid.uuid5(_EVENT_IDS, f"{user_id}\n{key}")
-
-
-def request_hash(feature: Feature, message: str) -> str:
-    """What makes two requests with one key the same call (never anything secret)."""
-    return hashlib.sha256(f"{feature.value}\n{message}".encode()).hexdigest()
 
 
 def checked_key(key: str | None) -> str:

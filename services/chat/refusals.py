@@ -46,6 +46,11 @@ class ProviderFailed(ChatRefused):
     status = 502
 
 
+class ModelNotFound(ChatRefused):
+    code = "model_not_found"
+    status = 404
+
+
 class InvalidRequest(ChatRefused):
     code = "invalid_request"
     status = 422

@@ -30,9 +30,18 @@ from schemas.events import (
     Provider,
     utc_now,
 )
+from services.chat.call_request import CallRequest
+from services.chat.catalog import MODELS
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing, SessionKey
-from services.chat.refusals import ChatRefused, InvalidRequest, OwnKeyMissing, PaymentRequired, PlatformKeyMissing
+from services.chat.refusals import (
+    ChatRefused,
+    InvalidRequest,
+    ModelNotFound,
+    OwnKeyMissing,
+    PaymentRequired,
+    PlatformKeyMissing,
+)
 from services.chat.store import (
     REVOKED_BYOK_OFF,
     REVOKED_REMOVED,
@@ -64,6 +73,25 @@ DEFAULT_FEATURE_MODELS: dict[Feature, tuple[Provider, str]] = {
     Feature.CODE_FIX: (Provider.OPENAI, "gpt-4.1-mini"),
     Feature.CODE_CANVAS: (Provider.OPENAI, "gpt-4.1-mini"),
 }
+
+
+def page_request(feature: Feature, message: str) -> CallRequest:
+    """The page's message as a call: the feature's prompt, then the message."""
+    if not message.strip():
+        raise InvalidRequest("Type a message first.")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise InvalidRequest(f"Messages are limited to {MAX_MESSAGE_CHARS} characters.")
+    return CallRequest(
+        feature, ({"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message})
+    )
+
+
+def provider_for_model(model: str) -> Provider | None:
+    """The provider of a model: the catalog's, else by its name (`gpt-…`, `claude…`, …)."""
+    for provider, models in MODELS.items():
+        if model in models:
+            return provider
+    return providers.provider_of_model(model)
 
 
 def session_of(who: Identity) -> str:
@@ -439,19 +467,20 @@ class ChatService:
 
     # --- calls ------------------------------------------------------------------------------------
 
-    async def plan(self, who: Identity, ring: KeyRing | None, feature: Feature, message: str) -> tuple[Route, str]:
-        """Where a call of `feature` runs and the key it runs on, or the refusal (`ChatRefused`) that
-        stops it before anything is written, held or asked. The call itself is `ChatCalls`'."""
-        if not message.strip():
-            raise InvalidRequest("Type a message first.")
-        if len(message) > MAX_MESSAGE_CHARS:
-            raise InvalidRequest(f"Messages are limited to {MAX_MESSAGE_CHARS} characters.")
+    async def plan(self, who: Identity, ring: KeyRing | None, request: CallRequest) -> tuple[Route, str]:
+        """Where a call runs and the key it runs on, or the refusal (`ChatRefused`) that stops it before
+        anything is written, held or asked. The call itself is `ChatCalls`'."""
         s, held = await self.state(who, ring)
-        route = self.route(s, held, feature)
+        if request.model is None:
+            route = self.route(s, held, request.feature)
+        else:
+            route = self.route_for_model(held, request.feature, request.model, request.own_key)
         if route.refusal is not None:
             raise route.refusal
-        if route.key_source is KeySource.BYOK and route.held is not None:
-            api_key = route.held.key.api_key
+        if route.key_source is KeySource.BYOK:
+            api_key = (
+                route.held.key.api_key if route.held is not None else providers.normalize_key(request.own_key or "")
+            )
         else:
             api_key = self.platform_keys.get(route.provider) or ""
             if not api_key:
@@ -461,6 +490,35 @@ class ChatService:
                 )
         self._refuse_unrunnable(route.model, route.key_source)
         return route, api_key
+
+    def route_for_model(
+        self, held: Mapping[Provider, HeldKey], feature: Feature, model: str, own_key: str | None
+    ) -> Route:
+        """The gateway's rule (DESIGN "An OpenAI-compatible gateway"): chat runs `model` on the key the
+        request brings (`own_key`, for this call only), else the session cookie's key of its provider,
+        else the platform's; the always-platform features run on the platform's model for the feature."""
+        if feature is not Feature.CHAT:
+            return self.route(ModelSettings("", self.default_provider, model), {}, feature)
+        provider = provider_for_model(model)
+        if provider is None:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist here. GET /v1/models lists the models you can call.",
+                reason="model_not_found",
+            )
+        name, price = providers.of(provider).name, platform_price(feature, model, self.book.in_force(self.clock()))
+        if own_key is not None:
+            problem = providers.key_shape_problem(provider, providers.normalize_key(own_key))
+            if problem:
+                raise InvalidRequest(f"X-Provider-Key: {problem}", reason="invalid_provider_key")
+            return Route(
+                feature, KeySource.BYOK, provider, model, 0, note=f"Runs on the {name} key you sent: no credits."
+            )
+        key = held.get(provider)
+        if key is not None and key.usable:
+            return Route(
+                feature, KeySource.BYOK, provider, model, 0, held=key, note=f"Runs on your {name} key: no credits."
+            )
+        return Route(feature, KeySource.PLATFORM, provider, model, price, note="Runs on platform credits.")
 
     def _refuse_unrunnable(self, model: str, key_source: KeySource) -> None:
         """A model id that is not one (settings saved before ids were checked) reaches no provider, and

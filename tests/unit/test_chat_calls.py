@@ -13,6 +13,7 @@ from services.chat.idempotency import IdempotencyKeyReused, call_event_id
 from services.chat.identity import Identity
 from services.chat.refusals import InvalidRequest
 from services.chat.running import RunningCall
+from services.chat.service import page_request
 from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemorySettingsStore, memory_chat
 
 pytestmark = pytest.mark.unit
@@ -28,7 +29,7 @@ class FakeStream:
         self.pieces, self.gap_s, self.first_s, self.fail_after = pieces, gap_s, first_s, fail_after
         self.closed = 0
 
-    async def __call__(self, provider, api_key, model, messages):
+    async def __call__(self, provider, api_key, model, messages, *, max_tokens=1024):
         try:
             await asyncio.sleep(self.first_s)
             text = ""
@@ -60,25 +61,25 @@ async def outcome_of(started) -> Outcome:
 
 async def test_one_key_is_one_call_one_event_and_its_outcome_again():
     calls, store, _, provider = make()
-    first = await outcome_of(await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k-1"))
-    again = await outcome_of(await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k-1"))
+    first = await outcome_of(await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k-1"))
+    again = await outcome_of(await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k-1"))
     assert first == again and first.body["event_id"] == str(call_event_id("alice", "k-1"))
     assert len(provider.calls) == 1 and len(store.events) == 1
     with pytest.raises(IdempotencyKeyReused):
-        await calls.start(ALICE, None, Feature.CHAT, "something else", idempotency_key="k-1")
+        await calls.start(ALICE, None, page_request(Feature.CHAT, "something else"), idempotency_key="k-1")
     with pytest.raises(InvalidRequest):
-        await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="has spaces")
+        await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="has spaces")
     # Another user's same key is another call.
     bob = Identity("bob", "user", "s", "t")
     calls.balances.balances["bob"] = 100
-    other = await outcome_of(await calls.start(bob, None, Feature.CHAT, "hi", idempotency_key="k-1"))
+    other = await outcome_of(await calls.start(bob, None, page_request(Feature.CHAT, "hi"), idempotency_key="k-1"))
     assert other.body["event_id"] != first.body["event_id"]
 
 
 async def test_a_retry_while_the_call_runs_attaches_to_it():
     calls, store, _, _ = make(stream=FakeStream(pieces=4, gap_s=0.02))
-    running = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k", stream=True)
-    attached = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k")
+    running = await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k", stream=True)
+    attached = await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k")
     assert attached is running
     seen = [item async for item in running.follow() if item is not None]
     assert seen[:-1] == ["word0 ", "word1 ", "word2 ", "word3 "] and seen[-1] == await attached.result()
@@ -88,7 +89,9 @@ async def test_a_retry_while_the_call_runs_attaches_to_it():
 async def test_stop_before_the_first_token_is_free_and_after_it_is_billed_once():
     stream = FakeStream(pieces=50, gap_s=0.01, first_s=0.2)
     calls, store, balances, _ = make(stream=stream)
-    running = await calls.start(ALICE, None, Feature.CHAT, "stop early", idempotency_key="early", stream=True)
+    running = await calls.start(
+        ALICE, None, page_request(Feature.CHAT, "stop early"), idempotency_key="early", stream=True
+    )
     reader = running.follow()
     read = asyncio.ensure_future(reader.__anext__())
     await asyncio.sleep(0.05)
@@ -99,7 +102,9 @@ async def test_stop_before_the_first_token_is_free_and_after_it_is_billed_once()
     assert event.ending is Ending.STOPPED and event.status is CallStatus.FAILED and not early.body["charged"]
     assert stream.closed == 1  # the provider's stream was closed
 
-    running = await calls.start(ALICE, None, Feature.CHAT, "stop late", idempotency_key="late", stream=True)
+    running = await calls.start(
+        ALICE, None, page_request(Feature.CHAT, "stop late"), idempotency_key="late", stream=True
+    )
     reader = running.follow()
     shown = [await reader.__anext__(), await reader.__anext__()]
     await reader.aclose()
@@ -109,7 +114,7 @@ async def test_stop_before_the_first_token_is_free_and_after_it_is_billed_once()
     assert late.body["reply"].startswith("".join(shown)) and event.output_tokens >= 1
     assert late.body["billing"]["credits"] == 3 and "charged as a whole call" in late.body["notice"]
     # The kept answer is what a retry gets.
-    again = await calls.start(ALICE, None, Feature.CHAT, "stop late", idempotency_key="late")
+    again = await calls.start(ALICE, None, page_request(Feature.CHAT, "stop late"), idempotency_key="late")
     assert again == late
 
 
@@ -118,12 +123,12 @@ async def test_a_plain_call_is_not_stopped_when_its_waiter_goes_away():
     gate = asyncio.Event()
     real = provider.__call__
 
-    async def slow(*args):
+    async def slow(*args, **kw):
         await gate.wait()
-        return await real(*args)
+        return await real(*args, **kw)
 
     calls.call_model = slow
-    running = await calls.start(ALICE, None, Feature.CHAT, "keep going", idempotency_key="k")
+    running = await calls.start(ALICE, None, page_request(Feature.CHAT, "keep going"), idempotency_key="k")
     waiter = asyncio.ensure_future(running.result())
     await asyncio.sleep(0.01)
     waiter.cancel()  # the client went away
@@ -138,7 +143,7 @@ async def test_a_plain_call_is_not_stopped_when_its_waiter_goes_away():
 )
 async def test_failures_and_timeouts_after_the_first_token_are_never_billed(stream, ending):
     calls, store, _, _ = make(stream=stream, call_max_s=0.3)
-    running = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k", stream=True)
+    running = await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k", stream=True)
     items = [item async for item in running.follow() if item is not None]
     final = items[-1]
     assert isinstance(final, Outcome) and final.status == 502 and not final.body["charged"]
@@ -153,12 +158,12 @@ async def test_a_call_whose_pending_event_was_published_is_never_shown_as_charge
     gate = asyncio.Event()
     real = provider.__call__
 
-    async def slow(*args):
+    async def slow(*args, **kw):
         await gate.wait()
-        return await real(*args)
+        return await real(*args, **kw)
 
     calls.call_model = slow
-    running = await calls.start(ALICE, None, Feature.CHAT, "hi", idempotency_key="k")
+    running = await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k")
     store.published.add(1)  # the relay took the pending row
     gate.set()
     done = await running.result()
@@ -168,7 +173,7 @@ async def test_a_call_whose_pending_event_was_published_is_never_shown_as_charge
 
 async def test_shutdown_interrupts_what_still_runs_after_the_grace_period():
     calls, store, _, _ = make(stream=FakeStream(pieces=100, gap_s=0.05))
-    running = await calls.start(ALICE, None, Feature.CHAT, "long", idempotency_key="k", stream=True)
+    running = await calls.start(ALICE, None, page_request(Feature.CHAT, "long"), idempotency_key="k", stream=True)
     await asyncio.sleep(0.1)
     await calls.close(grace_s=0.05)
     done = await running.outcome

@@ -19,7 +19,7 @@ from services.chat.calls import ChatCalls
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.refusals import BalanceUnknown, OwnKeyMissing, PaymentRequired, PlatformKeyMissing, ProviderFailed
-from services.chat.service import Billing, ChatService
+from services.chat.service import Billing, ChatService, page_request
 from services.chat.store import ModelSettings
 from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryCallStore, MemorySettingsStore
 from tests.support import PLATFORM_KEY
@@ -46,7 +46,7 @@ class Calling:
         setattr(self.calls if name in ("balances", "call_model", "release_again_s") else self.service, name, value)
 
     async def call(self, who, ring, feature, message, **kw):
-        started = await self.calls.start(who, ring, feature, message, **kw)
+        started = await self.calls.start(who, ring, page_request(feature, message), **kw)
         outcome = started if isinstance(started, Outcome) else await started.result()
         body = dict(outcome.body)
         if outcome.status == 502:
@@ -422,9 +422,9 @@ async def test_a_billable_call_holds_its_price_while_it_runs_and_the_ledger_sett
     seen = {}
     real_call = service.call_model
 
-    async def call_model(*args):
+    async def call_model(*args, **kw):
         seen["funds"] = await service.balances.funds(ALICE)  # while the provider works
-        return await real_call(*args)
+        return await real_call(*args, **kw)
 
     service.call_model = call_model
     result = await service.call(ALICE, None, Feature.CHAT, "hello")
@@ -439,9 +439,9 @@ async def test_concurrent_calls_cannot_overspend_the_held_credits():
     gate = asyncio.Event()
     real_call = service.call_model
 
-    async def slow_call(*args):
+    async def slow_call(*args, **kw):
         await gate.wait()
-        return await real_call(*args)
+        return await real_call(*args, **kw)
 
     service.call_model = slow_call
     calls = [asyncio.ensure_future(service.call(ALICE, None, Feature.CHAT, "hi")) for _ in range(6)]
