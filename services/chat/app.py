@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import providers
 from billing.pricing import default_price_book
 from schemas.events import Feature, ModelId, Provider, utc_now
+from services.chat import gateway
 from services.chat.balances import BalanceReader, CreditsUnavailable
 from services.chat.call_store import Outcome
 from services.chat.calls import ChatCalls, RunningCall
@@ -191,7 +192,13 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
             drop_cookie(response, KEY_COOKIE)
 
     @app.exception_handler(AuthError)
-    async def not_authenticated(_: Request, exc: AuthError) -> JSONResponse:
+    async def not_authenticated(request: Request, exc: AuthError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            answer = gateway.openai_error(
+                401, "invalid_api_key", f"Sign in first: the API key is your identity token ({exc})."
+            )
+            answer.headers["WWW-Authenticate"] = "Bearer"
+            return answer
         return JSONResponse(
             {"error": "not_authenticated", "message": "Sign in first.", "detail": str(exc)},
             status_code=401,
@@ -199,13 +206,17 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         )
 
     @app.exception_handler(ChatRefused)
-    async def refused(_: Request, exc: ChatRefused) -> JSONResponse:
+    async def refused(request: Request, exc: ChatRefused) -> JSONResponse:
         REFUSALS.labels(exc.code).inc()
+        if request.url.path.startswith("/v1/"):
+            return gateway.refusal(exc)
         return JSONResponse({"error": exc.code, "message": exc.message, **exc.details}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Pydantic's default body echoes the input, which for settings may hold a key: say where, not what.
+        if request.url.path.startswith("/v1/"):
+            return gateway.openai_error(422, "invalid_request", describe(exc.errors()))
         return JSONResponse(error_body("invalid_request", describe(exc.errors())), status_code=422)
 
     @app.get("/healthz", responses=HEALTH_RESPONSES)
@@ -433,6 +444,8 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         if outcome is not None:
             found.update(status=outcome.status, answer=outcome.body)
         return JSONResponse(found)
+
+    app.include_router(gateway.create_router(principal, wiring, session_keys))
 
     def openapi() -> dict:
         # /chat reads its body itself, so FastAPI does not know ChatIn: its schema (and the enums it

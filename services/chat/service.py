@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -474,7 +474,7 @@ class ChatService:
         if request.model is None:
             route = self.route(s, held, request.feature)
         else:
-            route = self.route_for_model(held, request.feature, request.model, request.own_key)
+            route = self.route_for_model(s, held, request.feature, request.model, request.own_key)
         if route.refusal is not None:
             raise route.refusal
         if route.key_source is KeySource.BYOK:
@@ -492,33 +492,29 @@ class ChatService:
         return route, api_key
 
     def route_for_model(
-        self, held: Mapping[Provider, HeldKey], feature: Feature, model: str, own_key: str | None
+        self, s: ModelSettings, held: Mapping[Provider, HeldKey], feature: Feature, model: str, own_key: str | None
     ) -> Route:
         """The gateway's rule (DESIGN "An OpenAI-compatible gateway"): chat runs `model` on the key the
         request brings (`own_key`, for this call only), else the session cookie's key of its provider,
-        else the platform's; the always-platform features run on the platform's model for the feature."""
+        else, as the page's chat does, on platform credits unless the user switched BYOK on (then it is
+        refused, or falls back when they chose so); the always-platform features run on the platform's
+        model for the feature."""
         if feature is not Feature.CHAT:
-            return self.route(ModelSettings("", self.default_provider, model), {}, feature)
+            return self.route(s, {}, feature)
         provider = provider_for_model(model)
         if provider is None:
             raise ModelNotFound(
                 f"The model '{model}' does not exist here. GET /v1/models lists the models you can call.",
                 reason="model_not_found",
             )
-        name, price = providers.of(provider).name, platform_price(feature, model, self.book.in_force(self.clock()))
+        name = providers.of(provider).name
         if own_key is not None:
             problem = providers.key_shape_problem(provider, providers.normalize_key(own_key))
             if problem:
                 raise InvalidRequest(f"X-Provider-Key: {problem}", reason="invalid_provider_key")
-            return Route(
-                feature, KeySource.BYOK, provider, model, 0, note=f"Runs on the {name} key you sent: no credits."
-            )
-        key = held.get(provider)
-        if key is not None and key.usable:
-            return Route(
-                feature, KeySource.BYOK, provider, model, 0, held=key, note=f"Runs on your {name} key: no credits."
-            )
-        return Route(feature, KeySource.PLATFORM, provider, model, price, note="Runs on platform credits.")
+            return Route(feature, KeySource.BYOK, provider, model, 0, note=f"Runs on the {name} key you sent.")
+        # The page's rule for this provider and model: the session's key, a refusal, or platform credits.
+        return self.route(replace(s, provider=provider, model=model), held, feature)
 
     def _refuse_unrunnable(self, model: str, key_source: KeySource) -> None:
         """A model id that is not one (settings saved before ids were checked) reaches no provider, and

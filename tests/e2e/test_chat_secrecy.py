@@ -18,7 +18,9 @@ pytestmark = pytest.mark.e2e
 
 # Unique to this run's test, so a hit can only come from it.
 KNOWN_KEY = "sk-proj-valid-SECRETcanary" + "Q7w9X2" * 4
-NEEDLES = [KNOWN_KEY.encode(), KNOWN_KEY[13:].encode()]  # the whole key, and its secret part alone
+# A key sent per request to the OpenAI-compatible gateway (X-Provider-Key), used for that call only.
+GATEWAY_KEY = "sk-ant-api03-valid-GATEWAYcanary" + "R8t4Y6" * 4
+NEEDLES = [KNOWN_KEY.encode(), KNOWN_KEY[13:].encode(), GATEWAY_KEY.encode(), GATEWAY_KEY[19:].encode()]
 
 
 def grep_tree(folder: Path, needle: bytes) -> list[str]:
@@ -93,8 +95,18 @@ def test_a_known_key_is_nowhere_at_rest(private_kafka, database_url, db_schema, 
             keep(web.get("/api/balance"))
             keep(web.get("/metrics"))
             keep(web.post("/settings/model", json={"provider": "openai", "model": "gpt-4o", "use_own_key": False}))
+            # The gateway with a key per request: plain, streamed, failing, refused, and a wrong model.
+            own = {"Authorization": f"Bearer {system.token('secret-user')}", "X-Provider-Key": GATEWAY_KEY}
+            claude = {"model": "claude-3-5-haiku", "messages": [{"role": "user", "content": "hi"}]}
+            assert keep(web.post("/v1/chat/completions", json=claude, headers=own)).status_code == 200
+            assert keep(web.post("/v1/chat/completions", json={**claude, "stream": True}, headers=own)).status_code == 200
+            keep(web.post("/v1/chat/completions", json={**claude, "model": "gpt-4o"}, headers=own))  # wrong provider
+            keep(web.post("/v1/chat/completions", json={**claude, "messages": []}, headers=own))
+            system.sim.state.register(GATEWAY_KEY, "revoked")
+            assert keep(web.post("/v1/chat/completions", json=claude, headers=own)).status_code == 502
             keep(web.post("/auth/logout"))
         assert system.sim.state.calls(KNOWN_KEY) >= 3  # the key really was used
+        assert system.sim.state.calls(GATEWAY_KEY) >= 3
         # free plan twice (test grant + dev sign-in welcome grant), one code_fix
         assert system.wait_balance("secret-user", 99) == 99  # the run really went through the ledger
 
