@@ -9,7 +9,6 @@ answer and on the last chunk. Anthropic and Gemini models are translated by `pro
 call. `X-Provider-Key` is the user's own key for this call only: never stored, logged or echoed.
 """
 
-
 import json
 import time
 from collections.abc import AsyncIterator, Mapping

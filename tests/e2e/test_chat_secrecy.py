@@ -99,7 +99,9 @@ def test_a_known_key_is_nowhere_at_rest(private_kafka, database_url, db_schema, 
             own = {"Authorization": f"Bearer {system.token('secret-user')}", "X-Provider-Key": GATEWAY_KEY}
             claude = {"model": "claude-3-5-haiku", "messages": [{"role": "user", "content": "hi"}]}
             assert keep(web.post("/v1/chat/completions", json=claude, headers=own)).status_code == 200
-            assert keep(web.post("/v1/chat/completions", json={**claude, "stream": True}, headers=own)).status_code == 200
+            assert (
+                keep(web.post("/v1/chat/completions", json={**claude, "stream": True}, headers=own)).status_code == 200
+            )
             keep(web.post("/v1/chat/completions", json={**claude, "model": "gpt-4o"}, headers=own))  # wrong provider
             keep(web.post("/v1/chat/completions", json={**claude, "messages": []}, headers=own))
             system.sim.state.register(GATEWAY_KEY, "revoked")

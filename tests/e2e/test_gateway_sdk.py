@@ -123,20 +123,30 @@ def test_errors_are_the_sdks_own_classes_with_a_sentence(system: ChatSystem):
     client = sdk(system, user)
     msg = [{"role": "user", "content": "hi"}]
     cases = [
-        (openai.AuthenticationError, lambda: openai.OpenAI(
-            base_url=system.chat.url + "/v1", api_key="not-a-token", max_retries=0
-        ).chat.completions.create(model="gpt-4o-mini", messages=msg)),
+        (
+            openai.AuthenticationError,
+            lambda: openai.OpenAI(
+                base_url=system.chat.url + "/v1", api_key="not-a-token", max_retries=0
+            ).chat.completions.create(model="gpt-4o-mini", messages=msg),
+        ),
         (openai.NotFoundError, lambda: client.chat.completions.create(model="no-such-model-9", messages=msg)),
         (openai.UnprocessableEntityError, lambda: client.chat.completions.create(model="gpt-4o-mini", messages=[])),
-        (openai.UnprocessableEntityError, lambda: client.chat.completions.create(
-            model="gpt-4o-mini", messages=msg, extra_headers={"X-Provider-Key": "sk-ant-api03-valid" + "q" * 20}
-        )),  # an Anthropic key for an OpenAI model
-        (openai.UnprocessableEntityError, lambda: client.chat.completions.create(
-            model="gpt-4o-mini", messages=msg, extra_headers={"X-Feature": "poetry"}
-        )),
-        (openai.APIStatusError, lambda: client.chat.completions.create(
-            model="gpt-5.2-pro", messages=msg
-        )),  # 50 credits a call: costs exactly what the user has, so one more is 402 below
+        (
+            openai.UnprocessableEntityError,
+            lambda: client.chat.completions.create(
+                model="gpt-4o-mini", messages=msg, extra_headers={"X-Provider-Key": "sk-ant-api03-valid" + "q" * 20}
+            ),
+        ),  # an Anthropic key for an OpenAI model
+        (
+            openai.UnprocessableEntityError,
+            lambda: client.chat.completions.create(
+                model="gpt-4o-mini", messages=msg, extra_headers={"X-Feature": "poetry"}
+            ),
+        ),
+        (
+            openai.APIStatusError,
+            lambda: client.chat.completions.create(model="gpt-5.2-pro", messages=msg),
+        ),  # 50 credits a call: costs exactly what the user has, so one more is 402 below
     ]
     seen = []
     for expected, call in cases:
