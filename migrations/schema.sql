@@ -155,6 +155,22 @@ CREATE TABLE accounts (
     CONSTRAINT accounts_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))
 );
 
+CREATE TABLE auth_revoked_sessions (
+    session_id text NOT NULL,
+    user_id text NOT NULL,
+    revoked_at timestamp with time zone DEFAULT now() NOT NULL,
+    forget_after timestamp with time zone NOT NULL,
+    CONSTRAINT auth_revoked_sessions_session_id_check CHECK (((length(session_id) >= 1) AND (length(session_id) <= 200))),
+    CONSTRAINT auth_revoked_sessions_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))
+);
+
+CREATE TABLE auth_signed_out_everywhere (
+    user_id text NOT NULL,
+    not_before timestamp with time zone NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT auth_signed_out_everywhere_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))
+);
+
 CREATE TABLE chat_calls (
     user_id text NOT NULL,
     idempotency_key text NOT NULL,
@@ -359,6 +375,12 @@ ALTER TABLE ONLY parked_messages ALTER COLUMN id SET DEFAULT nextval('parked_mes
 ALTER TABLE ONLY accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (user_id);
 
+ALTER TABLE ONLY auth_revoked_sessions
+    ADD CONSTRAINT auth_revoked_sessions_pkey PRIMARY KEY (session_id);
+
+ALTER TABLE ONLY auth_signed_out_everywhere
+    ADD CONSTRAINT auth_signed_out_everywhere_pkey PRIMARY KEY (user_id);
+
 ALTER TABLE ONLY chat_calls
     ADD CONSTRAINT chat_calls_event_id_key UNIQUE (event_id);
 
@@ -400,6 +422,10 @@ ALTER TABLE ONLY relay_cursors
 
 ALTER TABLE ONLY schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+
+CREATE INDEX auth_revoked_sessions_revoked_at_idx ON auth_revoked_sessions USING btree (revoked_at);
+
+CREATE INDEX auth_signed_out_everywhere_updated_at_idx ON auth_signed_out_everywhere USING btree (updated_at);
 
 CREATE INDEX chat_calls_answers_idx ON chat_calls USING btree (ended_at) WHERE (answer_kept AND (ended_at IS NOT NULL));
 

@@ -9,6 +9,7 @@ on), `POST /auth/logout`, `GET /healthz`, `GET /metrics`.
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from services.shared.edge import (
     install_http_error_handler,
     install_outage_handlers,
 )
+from services.shared.sessions import SessionRevocations
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -67,6 +69,8 @@ class Wiring:
     grant_plan: Callable[[str], object] | None = None
     healthy: Callable[[], object] | None = None
     usage: UsageReader | None = None
+    # Sign-outs recorded on the server (None: tokens are honoured until they expire).
+    sessions: SessionRevocations | None = None
 
 
 class SettingsIn(BaseModel):
@@ -139,10 +143,13 @@ def is_json(content_type: str | None) -> bool:
 
 
 def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAsyncContextManager[Wiring]]) -> FastAPI:
+    tokens = TokenReader(settings.auth_jwt_secret)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with wire(settings) as wiring:
             app.state.wiring = wiring
+            tokens.revoked = wiring.sessions.is_revoked if wiring.sessions is not None else None
             yield
 
     app = FastAPI(title="byok-credits: chat service", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -156,8 +163,6 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     # thread hand-off per dependency per request for what are microseconds of work.
     async def wiring(request: Request) -> Wiring:
         return request.app.state.wiring
-
-    tokens = TokenReader(settings.auth_jwt_secret)
 
     async def principal(
         authorization: Annotated[str | None, Header()] = None,
@@ -252,7 +257,7 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     async def dev_login(body: DevLoginIn, w: Wired, response: Response) -> dict:
         if not settings.dev_login:
             return JSONResponse({"error": "not_found", "message": "Dev sign-in is off."}, status_code=404)
-        token = mint_token(settings.auth_jwt_secret, body.user_id, ttl_s=settings.session_ttl_s)
+        token = mint_token(settings.auth_jwt_secret, body.user_id, ttl_s=settings.session_token_ttl_s)
         set_cookie(response, SESSION_COOKIE, token, settings.session_ttl_s)
         drop_cookie(response, KEY_COOKIE)  # a key sealed for an earlier session opens no more anyway
         granted = None
@@ -263,24 +268,58 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
                 log.warning("welcome grant for %s failed: %s", body.user_id, exc)
         return {"user_id": body.user_id, "role": "user", "welcome_grant": granted}
 
-    @app.post("/auth/logout", responses=error_responses(413))
-    async def logout(request: Request, response: Response, w: Wired) -> dict:
-        # Signing out works without a valid session too; with one, its keys are revoked on the server,
-        # so a saved copy of the key cookie opens nothing afterwards.
+    async def sign_out(request: Request, response: Response, w: Wiring, everywhere: bool) -> dict:
+        # Signing out works without a valid session too; with one, the session ends on the server (a
+        # saved copy of the cookie or the token opens nothing afterwards) and its keys are revoked.
         revoked = 0
         try:
             who = tokens.read(token_from(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)))
         except AuthError:
             who = None
-        if who is not None and w.service is not None:
-            revoked = await w.service.sign_out(who)
+        if who is not None:
+            if w.sessions is not None:
+                await (w.sessions.revoke_everywhere(who.user_id) if everywhere else w.sessions.revoke(who))
+            if w.service is not None:
+                revoked = await w.service.sign_out(who, everywhere=everywhere)
         drop_cookie(response, SESSION_COOKIE)
         drop_cookie(response, KEY_COOKIE)
-        return {"signed_out": True, "keys_revoked": revoked}
+        return {"signed_out": True, "everywhere": everywhere, "keys_revoked": revoked}
+
+    @app.post("/auth/logout", responses=error_responses(413))
+    async def logout(request: Request, response: Response, w: Wired) -> dict:
+        """End this sign-in, on the server."""
+        return await sign_out(request, response, w, everywhere=False)
+
+    @app.post("/auth/logout-everywhere", responses=error_responses(413))
+    async def logout_everywhere(request: Request, response: Response, w: Wired) -> dict:
+        """End every sign-in of the user (every tab, browser and token issued until now)."""
+        return await sign_out(request, response, w, everywhere=True)
 
     @app.get("/api/me", responses=error_responses(401))
-    async def me(who: Who) -> dict:
-        return {"user_id": who.user_id, "role": who.role}
+    async def me(who: Who, request: Request, response: Response) -> dict:
+        """Who is signed in. The page asks every half minute, so a tab notices a sign-out elsewhere;
+        a session cookie's short-lived token is renewed here while its sign-in lasts."""
+        if request.cookies.get(SESSION_COOKIE) == who.token and not request.headers.get("authorization"):
+            now = time.time()
+            if (
+                now - who.issued_at > settings.session_renew_after_s
+                and now - who.session_started < settings.session_ttl_s
+            ):
+                left = int(settings.session_ttl_s - (now - who.session_started))
+                token = mint_token(
+                    settings.auth_jwt_secret,
+                    who.user_id,
+                    who.role,
+                    ttl_s=min(settings.session_token_ttl_s, left),
+                    session_id=who.session_id,
+                    session_started=who.session_started,
+                )
+                set_cookie(response, SESSION_COOKIE, token, left)
+        return {
+            "user_id": who.user_id,
+            "role": who.role,
+            "session_expires_at": int(who.session_started + settings.session_ttl_s),
+        }
 
     @app.get("/api/balance", responses=error_responses(401, 503))
     async def balance(who: Who, w: Wired) -> JSONResponse:

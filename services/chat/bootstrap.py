@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 
 from billing.pricing import default_price_book
@@ -13,7 +13,7 @@ from providers import ProviderSettings, chat_completion, chat_stream
 from schemas.events import KeyCheckResult, Provider
 from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
-from services.chat.call_store import CallStore, PgCallStore
+from services.chat.call_store import PgCallStore
 from services.chat.calls import ChatCalls
 from services.chat.credits_client import CreditsClient, CreditsUnreachable
 from services.chat.identity import mint_token
@@ -21,11 +21,12 @@ from services.chat.key_session import KeySealer, derive_secret
 from services.chat.outbox import OutboxRelay
 from services.chat.service import ChatService, KeyChecker
 from services.chat.settings import ChatSettings
-from services.chat.store import PgSettingsStore, SettingsStore
+from services.chat.store import PgSettingsStore
 from services.chat.usage import HttpUsageReader
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
 from services.shared.provider_http import ProviderClient
+from services.shared.sessions import SessionRevocations
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +76,16 @@ class StartingKeyChecker:
             await self._requester.stop()
 
 
-async def purge_key_records(store: SettingsStore, retention_s: float, every_s: float) -> None:
-    """Delete key records `retention_s` after their key expired, every `every_s` (each instance does it;
-    the delete is the same whoever runs it). A failed round is logged and tried again next time."""
+async def every(every_s: float, what: str, purge: Callable[[], Awaitable[object]]) -> None:
+    """Run `purge` every `every_s` (each instance does it; a delete is the same whoever runs it), saying
+    what it removed; a failed round (the database away for a while) is logged and tried again next time."""
     while True:
         try:
-            gone = await store.purge_keys(datetime.now(timezone.utc) - timedelta(seconds=retention_s))
-            if gone:
-                log.info("purged %d expired key records", gone)
-        except Exception as exc:  # the database may be away for a while: next round
-            log.warning("could not purge expired key records (%s)", type(exc).__name__)
-        await asyncio.sleep(every_s)
-
-
-async def purge_calls(store: CallStore, answer_kept_s: float, call_kept_s: float, every_s: float) -> None:
-    """Drop kept answers after `answer_kept_s` and calls after `call_kept_s`, every `every_s`."""
-    while True:
-        try:
-            answers, calls = await store.purge(answer_kept_s, call_kept_s)
-            if answers or calls:
-                log.info("dropped %d kept answers and %d ended calls", answers, calls)
-        except Exception as exc:  # the database may be away for a while: next round
-            log.warning("could not purge ended calls (%s)", type(exc).__name__)
+            gone = await purge()
+            if gone and gone != (0, 0):
+                log.info("purged %s: %s", what, gone)
+        except Exception as exc:
+            log.warning("could not purge %s (%s)", what, type(exc).__name__)
         await asyncio.sleep(every_s)
 
 
@@ -188,16 +177,31 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         except Exception:
             return {"database": False}
 
+    sessions = SessionRevocations(
+        pool, refresh_s=settings.session_refresh_s, token_max_ttl_s=max(settings.session_ttl_s, 86_400)
+    )
+    await sessions.start()
     await relay.start()
     warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
     background = [
         asyncio.create_task(
-            purge_key_records(store, settings.key_record_retention_s, settings.key_record_purge_every_s)
+            every(
+                settings.key_record_purge_every_s,
+                "expired key records",
+                lambda: store.purge_keys(
+                    datetime.now(timezone.utc) - timedelta(seconds=settings.key_record_retention_s)
+                ),
+            )
+        ),
+        asyncio.create_task(every(settings.key_record_purge_every_s, "expired session revocations", sessions.purge)),
+        asyncio.create_task(
+            every(
+                settings.call_purge_every_s,
+                "kept answers and ended calls",
+                lambda: call_store.purge(settings.answer_kept_s, settings.call_kept_s),
+            )
         ),
         asyncio.create_task(calls.keep_lease(settings.lease_renew_s)),
-        asyncio.create_task(
-            purge_calls(call_store, settings.answer_kept_s, settings.call_kept_s, settings.call_purge_every_s)
-        ),
     ]
     try:
         yield Wiring(
@@ -208,6 +212,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
             grant_plan if settings.dev_login and settings.dev_login_grant_plan else None,
             healthy,
             usage=HttpUsageReader(credits),
+            sessions=sessions,
         )
     finally:
         await calls.close(settings.shutdown_grace_s)
@@ -215,6 +220,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await relay.stop()
+        await sessions.stop()
         if warming is not None:
             warming.cancel()
             await asyncio.gather(warming, return_exceptions=True)

@@ -39,17 +39,21 @@ class TokenReader:
     def __init__(self, secret: str, max_tokens: int = 10_000, clock: Callable[[], float] = time.time):
         self.secret, self.max_tokens, self.clock = secret, max_tokens, clock
         self._verified: dict[str, Identity] = {}
+        # Set at start-up: whether a sign-out ended the token's session (services/shared/sessions.py).
+        self.revoked: Callable[[Identity], bool] | None = None
 
     def read(self, token: str) -> Identity:
         who = self._verified.get(token)
         if who is not None:
-            if self.clock() < who.expires_at:
-                return who
-            del self._verified[token]
-            raise AuthError("the token has expired; sign in again")
-        who = read_token(self.secret, token)  # raises AuthError
-        if who.expires_at > self.clock():
-            if len(self._verified) >= self.max_tokens:
-                self._verified.clear()
-            self._verified[token] = who
+            if self.clock() >= who.expires_at:
+                del self._verified[token]
+                raise AuthError("the token has expired; sign in again")
+        else:
+            who = read_token(self.secret, token)  # raises AuthError
+            if who.expires_at > self.clock():
+                if len(self._verified) >= self.max_tokens:
+                    self._verified.clear()
+                self._verified[token] = who
+        if self.revoked is not None and self.revoked(who):
+            raise AuthError("this session was signed out; sign in again")
         return who

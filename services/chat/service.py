@@ -447,9 +447,11 @@ class ChatService:
         """Remove the session's key of `provider` (revoked on the server); how many were removed."""
         return await self.store.revoke_keys(who.user_id, REVOKED_REMOVED, session_id=session_of(who), provider=provider)
 
-    async def sign_out(self, who: Identity) -> int:
-        """Revoke every key of this sign-in session."""
-        return await self.store.revoke_keys(who.user_id, REVOKED_SIGN_OUT, session_id=session_of(who))
+    async def sign_out(self, who: Identity, everywhere: bool = False) -> int:
+        """Revoke every key of this sign-in session (of every session of the user, `everywhere`)."""
+        return await self.store.revoke_keys(
+            who.user_id, REVOKED_SIGN_OUT, session_id=None if everywhere else session_of(who)
+        )
 
     async def _check(self, who: Identity, provider: Provider, api_key: str) -> KeyCheckResult:
         try:

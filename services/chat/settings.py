@@ -35,7 +35,14 @@ class ChatSettings(CommonSettings, HttpSettings):
     # Plan granted (idempotently) to a user on dev sign-in, so a fresh local user can chat at once;
     # empty = no grant.
     dev_login_grant_plan: str = "free"
+    # A sign-in lasts `session_ttl_s`; its cookie's token only `session_token_ttl_s`, renewed by the
+    # page (GET /api/me) once older than `session_renew_after_s`, so a copied token soon stops working
+    # even where a sign-out could not reach it. Sign-outs are read from the database every
+    # `session_refresh_s` (services/shared/sessions.py).
     session_ttl_s: int = 12 * 3600
+    session_token_ttl_s: int = 1800
+    session_renew_after_s: int = 300
+    session_refresh_s: float = 1.0
 
     # Where the credit service answers balance queries and places admission holds.
     credits_url: str = "http://127.0.0.1:8001"

@@ -33,6 +33,9 @@ class Identity:
     token: str = ""
     # When the token stops being valid (its `exp`, Unix seconds); 0 = not known.
     expires_at: float = field(default=0.0, compare=False)
+    # When it was issued (`iat`) and when its sign-in began (`sst`, kept across renewals); 0 = not known.
+    issued_at: float = field(default=0.0, compare=False)
+    session_started: float = field(default=0.0, compare=False)
 
     @property
     def is_admin(self) -> bool:
@@ -42,8 +45,16 @@ class Identity:
         return self.is_admin or self.user_id == user_id
 
 
-def mint_token(secret: str, user_id: str, role: str = "user", ttl_s: int = 3600, session_id: str | None = None) -> str:
-    """A signed token for `user_id` (used by the dev sign-in, `byok-token`, the demo and tests)."""
+def mint_token(
+    secret: str,
+    user_id: str,
+    role: str = "user",
+    ttl_s: int = 3600,
+    session_id: str | None = None,
+    session_started: float | None = None,
+) -> str:
+    """A signed token for `user_id` (used by the dev sign-in, `byok-token`, the demo and tests); a renewal
+    passes the sign-in's `session_id` and `session_started` on."""
     if not user_id or len(user_id) > 200:
         raise ValueError("a user id has 1 to 200 characters")
     now = int(time.time())
@@ -53,6 +64,7 @@ def mint_token(secret: str, user_id: str, role: str = "user", ttl_s: int = 3600,
         "iat": now,
         "exp": now + ttl_s,
         "sid": session_id or secrets.token_urlsafe(12),
+        "sst": int(session_started if session_started is not None else now),
     }
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
@@ -72,5 +84,15 @@ def read_token(secret: str, token: str) -> Identity:
     role = claims.get("role") if isinstance(claims.get("role"), str) else "user"
     # Tokens minted elsewhere may lack a session id; bind their keys to the token's issue time instead.
     sid = claims.get("sid") if isinstance(claims.get("sid"), str) else f"iat:{claims.get('iat', '')}"
-    exp = claims.get("exp")
-    return Identity(sub, role, sid, token, float(exp) if isinstance(exp, (int, float)) else 0.0)
+    exp, iat = claims.get("exp"), claims.get("iat")
+    issued = float(iat) if isinstance(iat, (int, float)) else 0.0
+    started = claims.get("sst")
+    return Identity(
+        sub,
+        role,
+        sid,
+        token,
+        float(exp) if isinstance(exp, (int, float)) else 0.0,
+        issued,
+        float(started) if isinstance(started, (int, float)) else issued,
+    )
