@@ -89,7 +89,8 @@ class SettingsIn(BaseModel):
 class ChatIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     feature: Feature = Feature.CHAT
-    message: str = Field(min_length=1, max_length=20_000)
+    # Its bound (MAX_MESSAGE_CHARS) is checked by the call itself, with a sentence that says the count.
+    message: str = Field(min_length=1)
     # Server-Sent Events: `delta` events with the text as it comes, then one `done` or `error`.
     stream: bool = False
 
@@ -156,6 +157,8 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # Outermost: an oversized body is refused before authentication and parsing.
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes, body=error_body)
+    # Outside it: the gateway's errors in OpenAI's shape, the body limit's 413 included.
+    app.add_middleware(gateway.OpenAIErrors)
     install_outage_handlers(app, error_body)
     install_http_error_handler(app, error_body)
 
@@ -406,7 +409,9 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
         if change.check is not None:
             check = change.check.model_dump(mode="json")
             # The KeyCheckResult's own fields at the top level too (status, message, key_hint, ...).
-            answer = {**check, **answer, "key_check": check, "message": change.check.message}
+            # The check's own fields at the top level; the message is the change's (it also says when
+            # the earlier key stays in use).
+            answer = {**check, **answer, "key_check": check, "message": change.message or change.check.message}
         return answer
 
     chat_body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatIn"}}}, "required": True}

@@ -26,6 +26,7 @@ from services.chat.catalog import MODELS
 from services.chat.identity import Identity
 from services.chat.refusals import ChatRefused, InvalidRequest
 from services.chat.running import RunningCall
+from services.shared.edge import error_responses
 
 # OpenAI's error `type` for each status this route answers (its SDK raises a class per status).
 ERROR_TYPES = {
@@ -50,6 +51,22 @@ def openai_error(status: int, code: str, message: str, **extra: Any) -> JSONResp
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": None, "code": code}}
     body["error"].update(extra)
     return JSONResponse(body, status_code=status, headers=NO_RETRY)
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorOut(BaseModel):
+    """OpenAI's error shape, which its SDKs turn into their own exception classes."""
+
+    error: OpenAIErrorDetail
+
+
+GATEWAY_ERRORS = error_responses(401, 402, 403, 404, 409, 413, 422, 429, 502, 503, model=OpenAIErrorOut)
 
 
 class TextPart(BaseModel):
@@ -220,11 +237,59 @@ async def chunks(started: RunningCall | Outcome, model: str, include_usage: bool
         opened = True
 
 
+class OpenAIErrors:
+    """ASGI middleware: under /v1/, an error the app's shared edge answered in the service's own shape
+    (`{"error": code, "message": sentence}`: an oversized or unreadable body, an outage) is re-shaped
+    into OpenAI's, so the SDKs raise their own classes for every refusal."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] | None = None
+        chunks: list[bytes] = []
+
+        async def reshape(message: dict[str, Any]) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # hold it until the body says which shape it is
+                return
+            if start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body, headers = b"".join(chunks), list(start["headers"])
+            try:
+                found = json.loads(body)
+            except ValueError:
+                found = None
+            if isinstance(found, dict) and isinstance(found.get("error"), str):
+                status = start["status"]
+                detail = {
+                    "message": str(found.get("message") or found["error"]),
+                    "type": ERROR_TYPES.get(status, "api_error"),
+                    "param": None,
+                    "code": found["error"],
+                }
+                body = json.dumps({"error": detail}).encode()
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshape)
+
+
 def create_router(principal: Any, wiring: Any, session_keys: Any) -> APIRouter:
     """The gateway's routes, with the app's own dependencies (identity, wiring, the session's keys)."""
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
-    @router.get("/models")
+    @router.get("/models", responses=error_responses(401, model=OpenAIErrorOut))
     async def models(who: Annotated[Identity, Depends(principal)]) -> dict[str, Any]:
         """Every model of the catalog, whatever its provider; `credits` is its platform price (null: it
         runs only on the user's own key)."""
@@ -238,7 +303,16 @@ def create_router(principal: Any, wiring: Any, session_keys: Any) -> APIRouter:
             ],
         }
 
-    @router.post("/chat/completions")
+    @router.post(
+        "/chat/completions",
+        responses={
+            200: {
+                "description": "A chat.completion; with `stream: true`, chat.completion.chunk events, then [DONE]",
+                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+            },
+            **GATEWAY_ERRORS,
+        },
+    )
     async def chat_completions(
         body: CompletionIn,
         request: Request,

@@ -80,7 +80,11 @@ def page_request(feature: Feature, message: str) -> CallRequest:
     if not message.strip():
         raise InvalidRequest("Type a message first.")
     if len(message) > MAX_MESSAGE_CHARS:
-        raise InvalidRequest(f"Messages are limited to {MAX_MESSAGE_CHARS} characters.")
+        raise InvalidRequest(
+            f"Messages are limited to {MAX_MESSAGE_CHARS:,} characters and this one has {len(message):,}. "
+            "Shorten it or send it in parts.",
+            reason="message_too_long",
+        )
     return CallRequest(
         feature, ({"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message})
     )

@@ -216,3 +216,19 @@ def test_the_async_client_streams_too(system: ChatSystem):
     assert system.wait_balance(user, 495) == 495
     r = httpx.get(system.chat.url + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_the_shared_edges_refusals_come_in_openais_shape_too(system: ChatSystem):
+    token = {"Authorization": f"Bearer {system.token(user_with(system))}", "Content-Type": "application/json"}
+    url = system.chat.url + "/v1/chat/completions"
+    big = httpx.post(url, content=b'{"model": "gpt-4o-mini", "messages": [' + b" " * 70_000 + b"]}", headers=token)
+    unreadable = httpx.post(url, content=b'{"model": "gpt-4o-mini", "messages": [', headers=token)
+    for r, status in [(big, 413), (unreadable, 422)]:
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"] and error["code"], error
+    with pytest.raises(openai.APIStatusError) as too_big:
+        sdk(system, user_with(system)).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 70_000}]
+        )
+    assert too_big.value.status_code == 413 and "KiB" in too_big.value.message

@@ -10,7 +10,8 @@ const LOW_SHARE = 0.1; // warn below 10% of the last grant
 // keyNotes: the last check answer per provider, so one provider's wait is never shown for another.
 // balance: what a new call can use (the balance less the credits held by calls still running).
 const state = { config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false,
-                retry: null };
+                retry: null, signedIn: false };
+const MAX_MESSAGE = 20000;
 
 async function api(path, options = {}) {
   const init = { credentials: "same-origin", headers: {}, ...options };
@@ -19,10 +20,23 @@ async function api(path, options = {}) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(options.json);
   }
-  const response = await fetch(path, init);
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (_) {
+    // Offline or the server away: an answer like any other, never an uncaught "Failed to fetch".
+    return { ok: false, status: 0, body: { message: "The server cannot be reached right now. Try again in a minute." } };
+  }
   let body = {};
   try { body = await response.json(); } catch (_) { /* empty body */ }
+  if (response.status === 401 && state.signedIn && !path.startsWith("/auth/")) signedOut();
   return { ok: response.ok, status: response.status, body };
+}
+
+// The session ended elsewhere (Sign out in another tab, "sign out everywhere", or it expired).
+function signedOut() {
+  if (!state.signedIn) return;
+  showSignIn("You were signed out (in another tab, on another device, or the session ended). Sign in again.");
 }
 
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
@@ -66,7 +80,11 @@ function featureLine(feature) {
   const f = s.features[feature];
   const have = state.balance === null ? "" : ` You have ${credits(state.balance)}.`;
   const name = FEATURES[feature];
-  if (f.runs_on === "paused") return ["error", f.message];
+  // The reason and what to do are said once, beside the key; here only what it means for this feature.
+  if (f.runs_on === "paused") {
+    return ["error", `${name} is paused until a working ${NAMES[f.provider]} key is added (see Model settings) ` +
+                     "or “use my own API key” is switched off. Nothing is charged."];
+  }
   if (f.runs_on === "your_key") return ["valid", `${name} runs on your ${NAMES[f.provider]} key: no credits.`];
   if (f.credits === null) return ["error", `${name}: ${f.message}`];
   const short = state.balance !== null && state.balance < f.credits ? " Not enough for this call." : "";
@@ -112,7 +130,9 @@ function renderLowBalance() {
   if (state.balance === null || !grant || state.balance >= grant.credits * LOW_SHARE) { el.hidden = true; return; }
   el.hidden = false;
   setText(el, `Low balance: ${credits(state.balance)} left of the ${grant.credits} in your last grant ` +
-              `(${grant.plan} plan). Deep analysis, code fix, code canvas and platform chat stop when it runs out.`);
+              `(${grant.plan} plan). Deep analysis, code fix, code canvas and platform chat stop when it runs out. ` +
+              "To get more, ask your workspace admin for a grant or a bigger plan; chat on your own API key " +
+              "uses no credits.");
 }
 
 function renderAll() {
@@ -333,7 +353,8 @@ function addEntry(message, feature) {
   const li = document.createElement("li");
   const you = document.createElement("p");
   you.className = "you";
-  you.textContent = `You (${FEATURES[feature]}): ${message}`;
+  const shown = message.length > 600 ? `${message.slice(0, 600)}… (${message.length.toLocaleString()} characters)` : message;
+  setText(you, `You (${FEATURES[feature]}): ${shown}`);
   const answer = document.createElement("p");
   answer.className = "answer";
   answer.textContent = "…";
@@ -409,16 +430,15 @@ function showAnswer(entry, r) {
   entry.billing.className = "billing error";
   // Refused before the provider was asked: nothing charged, and only a 402 is about credits.
   entry.billing.textContent = r.body.billing || r.body.ending ? "Failed call: no credits"
+    : r.body.reason === "unpriced_model" ? "Not sent: no platform price"
     : r.status === 402 ? "Not sent: not enough credits" : "Not sent: nothing charged";
 }
 
 // After a dropped connection or a Stop: ask the server what became of the call, without starting one.
 async function settleOutcome(entry, key, message, feature, stopped) {
   for (let i = 0; i < 120; i++) {
-    let r;
-    try {
-      r = await api(`/api/calls/${encodeURIComponent(key)}`);
-    } catch (_) {
+    const r = await api(`/api/calls/${encodeURIComponent(key)}`);
+    if (r.status === 0) {
       state.retry = { message, feature, key };
       setText(entry.answer, "The connection dropped and the server cannot be reached to check whether the message " +
         "went through. Press Send again when you are back online: it is the same message and is never charged twice.");
@@ -426,6 +446,7 @@ async function settleOutcome(entry, key, message, feature, stopped) {
       entry.billing.textContent = "Unknown yet: never charged twice";
       return false;
     }
+    if (r.status === 401) return false;
     if (r.status === 404) {
       state.retry = { message, feature, key };
       setText(entry.answer, "The message did not reach the server, so nothing was charged. Press Send again to send it.");
@@ -510,7 +531,7 @@ async function onSend(event) {
     if (document.activeElement === document.body || document.activeElement === $("send") ||
         document.activeElement === $("stop")) $("chat-input").focus();
   }
-  if (sent) $("chat-input").value = "";
+  if (sent) { $("chat-input").value = ""; renderCounter(); }
   // The debit is applied by the credit service a moment later: read the real balance and usage then.
   setTimeout(() => { refreshBalance(); loadUsage(); }, 800);
   setTimeout(loadUsage, 3000);
@@ -518,7 +539,7 @@ async function onSend(event) {
 
 // --- usage ---------------------------------------------------------------------------------------
 
-const OUTCOMES = { debited: "charged", not_billed_byok: "your key", not_billed_failed: "failed", rejected: "rejected" };
+const OUTCOMES = { debited: "charged", not_billed_byok: "free", not_billed_failed: "failed: free", rejected: "rejected" };
 
 async function loadUsage() {
   const r = await api("/api/usage");
@@ -551,8 +572,11 @@ async function loadUsage() {
 
 // --- sign-in -------------------------------------------------------------------------------------
 
-function showSignIn() {
+function showSignIn(note = "") {
+  state.signedIn = false;
   state.settings = null;
+  $("signin-note").hidden = !note;
+  $("signin-note").textContent = note;
   state.keyNotes = {};
   $("app").hidden = true;
   $("who").hidden = true;
@@ -569,6 +593,8 @@ function showSignIn() {
 async function showApp() {
   const me = await api("/api/me");
   if (!me.ok) return showSignIn();
+  state.signedIn = true;
+  $("signin-note").hidden = true;
   $("who-name").textContent = me.body.user_id;
   $("signin").hidden = true;
   $("who").hidden = false;
@@ -588,12 +614,24 @@ async function onSignIn(event) {
   $("chat-input").focus(); // where the user works next, not the page body
 }
 
-async function onLogout() {
-  await api("/auth/logout", { method: "POST" });
+async function onLogout(everywhere) {
+  await api(everywhere ? "/auth/logout-everywhere" : "/auth/logout", { method: "POST" });
   $("transcript").replaceChildren();
   $("usage").tBodies[0].replaceChildren();
   setStatus("", "");
-  showSignIn();
+  showSignIn(everywhere ? "You are signed out everywhere: every tab and device must sign in again." : "");
+}
+
+async function checkSession() {
+  if (!state.signedIn || document.hidden) return;
+  await api("/api/me"); // a 401 shows the sign-in form; a 200 renews the session's short-lived token
+}
+
+function renderCounter() {
+  const n = $("chat-input").value.length;
+  const el = $("counter");
+  el.textContent = `${n.toLocaleString()} / ${MAX_MESSAGE.toLocaleString()} characters`;
+  el.className = "counter" + (n >= MAX_MESSAGE ? " over" : "");
 }
 
 async function start() {
@@ -606,7 +644,7 @@ async function start() {
     providers.append(option);
   }
   $("signin-form").addEventListener("submit", onSignIn);
-  $("logout").addEventListener("click", onLogout);
+  $("logout").addEventListener("click", () => onLogout(false));
   $("byok").addEventListener("click", onSwitch);
   $("check").addEventListener("click", () => { if (!$("check").hasAttribute("aria-disabled")) onCheck(); });
   $("api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); onCheck(); } });
@@ -615,7 +653,12 @@ async function start() {
   $("fallback").addEventListener("change", onFallback);
   $("feature").addEventListener("change", renderFeatureStatus);
   $("chat-form").addEventListener("submit", onSend);
-  $("usage-refresh").addEventListener("click", loadUsage);
+  $("usage-refresh").addEventListener("click", () => { refreshBalance(); loadUsage(); });
+  $("logout-everywhere").addEventListener("click", () => onLogout(true));
+  $("chat-input").addEventListener("input", renderCounter);
+  // Another tab may sign out: ask now and then, and whenever this tab comes back into view.
+  setInterval(checkSession, 30000);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) checkSession(); });
   $("chat-input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); $("chat-form").requestSubmit(); }
   });
