@@ -35,7 +35,8 @@ from services.chat.catalog import catalog
 from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenReader, mint_token, token_from
 from services.chat.key_session import KEY_COOKIE, KeyRing, KeySealer
 from services.chat.refusals import ChatRefused
-from services.chat.service import ChatService, page_request
+from services.chat.routing import page_request
+from services.chat.service import ChatService
 from services.chat.settings import ChatSettings
 from services.chat.usage import UsageReader, UsageUnavailable
 from services.shared.edge import (

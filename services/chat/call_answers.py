@@ -17,7 +17,40 @@ from services.chat.balances import HoldRefused, Reservation
 from services.chat.call_store import INTERRUPTED_STATUS, Outcome, interrupted_body
 from services.chat.identity import Identity
 from services.chat.refusals import PaymentRequired
-from services.chat.service import FEATURE_NAMES, Billing, Route
+from services.chat.routing import FEATURE_NAMES, Route
+
+
+@dataclass(frozen=True)
+class Billing:
+    """What a call costs the user, as the credit policy decides it for the call's own event."""
+
+    key_source: KeySource
+    decision: Decision
+    credits: int
+    price_list_version: str | None
+    balance_before: int | None = None
+
+    @property
+    def charged(self) -> bool:
+        return self.decision is Decision.DEBITED
+
+    def as_dict(self) -> dict:
+        summary = {
+            Decision.DEBITED: f"Platform: {self.credits} credit{'s' if self.credits != 1 else ''} charged",
+            Decision.NOT_BILLED_BYOK: "Your key: no credits",
+            Decision.NOT_BILLED_FAILED: "Failed call: no credits",
+            Decision.REJECTED: "Not billed",
+        }[self.decision]
+        return {
+            "key_source": self.key_source.value,
+            "decision": self.decision.value,
+            "charged": self.charged,
+            "credits": self.credits,
+            "price_list_version": self.price_list_version,
+            "balance_before": self.balance_before,
+            "balance_after": None if self.balance_before is None else self.balance_before - self.credits,
+            "summary": summary,
+        }
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ from services.chat.idempotency import IdempotencyKeyReused, call_event_id, check
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing
 from services.chat.refusals import BalanceUnknown, InvalidRequest
+from services.chat.routing import session_of
 from services.chat.running import RunningCall
-from services.chat.service import ChatService, session_of
+from services.chat.service import ChatService
 from services.chat.store import SettingsStore
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from services.chat.call_store import Outcome
 from services.chat.idempotency import IdempotencyKeyReused, call_event_id
 from services.chat.identity import Identity
 from services.chat.refusals import InvalidRequest
+from services.chat.routing import page_request
 from services.chat.running import RunningCall
-from services.chat.service import page_request
 from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemorySettingsStore, memory_chat
 
 pytestmark = pytest.mark.unit

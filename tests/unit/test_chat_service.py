@@ -14,12 +14,14 @@ from billing.pricing import default_price_book
 from providers import KeyVerdict, ProviderError, key_hint
 from schemas.events import CallStatus, Decision, Ending, Feature, KeyCheckStatus, KeySource, Provider
 from services.chat.balances import CreditsUnavailable
+from services.chat.call_answers import Billing
 from services.chat.call_store import Outcome
 from services.chat.calls import ChatCalls
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.refusals import BalanceUnknown, OwnKeyMissing, PaymentRequired, PlatformKeyMissing, ProviderFailed
-from services.chat.service import Billing, ChatService, page_request
+from services.chat.routing import page_request
+from services.chat.service import ChatService
 from services.chat.store import ModelSettings
 from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryCallStore, MemorySettingsStore
 from tests.support import PLATFORM_KEY
@@ -375,7 +377,7 @@ async def test_removing_a_key_and_signing_out_revoke_it_on_the_server():
 
 async def test_always_platform_features_run_on_the_configured_model_never_the_users():
     service, _, _, provider = make(balance=1000)
-    service.feature_models[Feature.CODE_FIX] = (Provider.ANTHROPIC, "claude-3-5-haiku")
+    service.router.feature_models[Feature.CODE_FIX] = (Provider.ANTHROPIC, "claude-3-5-haiku")
     ring = await byok_on(service, Provider.GROQ, "llama3-8b-8192", key="gsk_" + "g" * 30)
     result = await service.call(ALICE, ring, Feature.CODE_FIX, "fix")
     assert provider.calls[-1] == (Provider.ANTHROPIC, PLATFORM_KEY, "claude-3-5-haiku")
