@@ -3,8 +3,11 @@
 #   up      start every part that is not running (so it also brings back one that died) and the
 #           supervisor, which restarts a part that dies (logs/supervisor.log); returns when every part
 #           answers its health check. CREDITS_INSTANCES=N / CHAT_INSTANCES=N run N of those.
-#   down    stop everything `up` started, and nothing else
-#   run     up, print the page's address, stay in the foreground until Ctrl-C, then down
+#   down    stop everything `up` started, and nothing else: the supervisor and the services of this
+#           state folder are found by their pid files and, should those be gone (an earlier run killed
+#           midway), by the mark every one of them carries (BYOK_STACK_DIR in its environment)
+#   run     up, print the page's address, stay in the foreground until Ctrl-C (SIGINT to the whole
+#           process group, as a terminal sends it), SIGTERM or SIGHUP, then down
 #   status  what runs
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -60,6 +63,23 @@ CHAT_INSTANCES=$CHAT_INSTANCES, instances take consecutive ports from CHAT_PORT=
 (VALIDATION_PORT=$VALIDATION_PORT, SIM_PORT=$SIM_PORT); set the ports apart, e.g. CREDITS_PORT=8101 VALIDATION_PORT=8201"
 }
 
+# Every process `up` and the supervisor start carries this mark, so `down` finds them whatever
+# happened to their pid files. They run in sessions of their own (setsid): a terminal's Ctrl-C reaches
+# only `run`, which stops them in order, never a supervisor that would restart what the signal killed.
+STACK_MARK="BYOK_STACK_DIR=$(cd "$STATE_DIR" && pwd -P)"
+
+# marked_pids [ROLE]: live processes carrying this state folder's mark (and BYOK_STACK_ROLE=ROLE).
+marked_pids() {
+  local f pid stat
+  for f in $(grep -lzxF "$STACK_MARK" /proc/[0-9]*/environ 2>/dev/null); do
+    pid=${f#/proc/}; pid=${pid%/environ}
+    [ "$pid" = $$ ] || [ "$pid" = "$BASHPID" ] && continue
+    [ -z "${1:-}" ] || grep -qzxF "BYOK_STACK_ROLE=$1" "$f" 2>/dev/null || continue
+    read -r stat 2>/dev/null <"/proc/$pid/stat" || continue
+    stat=${stat##*) }; [ "${stat%% *}" = Z ] || echo "$pid"  # a zombie is not alive
+  done
+}
+
 module_exists() { [ -f "$ROOT/$(echo "$1" | tr . /)/__main__.py" ]; }
 
 healthy() { "$PYTHON" - "$1" <<'PY' 2>/dev/null
@@ -79,7 +99,8 @@ start_service() {
   esac
   # nohup and env exec into python, so $! is the service's own pid. CHAT_PORT would win over HTTP_PORT
   # in the chat service's settings: every instance gets its own port here.
-  HTTP_PORT="$port" nohup env -C "$ROOT" -u CHAT_PORT "${named[@]}" "$PYTHON" -m "$module" \
+  HTTP_PORT="$port" nohup setsid env -C "$ROOT" -u CHAT_PORT "$STACK_MARK" BYOK_STACK_ROLE=service "${named[@]}" \
+    "$PYTHON" -m "$module" \
     >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   log "$name starting (pid $(cat "$pidfile"), log $LOG_DIR/$name.log)"
@@ -129,8 +150,13 @@ supervise() {
 }
 
 start_supervisor() {
+  local stray
+  if ! pid_alive "$SUPERVISOR_PID" && stray=$(marked_pids supervisor | head -n1) && [ -n "$stray" ]; then
+    echo "$stray" >"$SUPERVISOR_PID"  # an earlier run's, whose pid file was lost: keep that one
+  fi
   if pid_alive "$SUPERVISOR_PID"; then log "supervisor already running (pid $(cat "$SUPERVISOR_PID"))"; return; fi
-  nohup bash "$ROOT/infra/stack.sh" supervise >>"$SUPERVISOR_LOG" 2>&1 </dev/null &
+  nohup setsid env "$STACK_MARK" BYOK_STACK_ROLE=supervisor bash "$ROOT/infra/stack.sh" supervise \
+    >>"$SUPERVISOR_LOG" 2>&1 </dev/null &
   echo $! >"$SUPERVISOR_PID"
   log "supervisor watching the parts (pid $(cat "$SUPERVISOR_PID"), log $SUPERVISOR_LOG)"
 }
@@ -167,15 +193,33 @@ up() {
   start_supervisor
 }
 
+# stop_marked ROLE NAME: TERM every marked process (of ROLE, if given), wait up to 30 s, then KILL.
+stop_marked() {
+  local pids pid
+  pids=$(marked_pids "$1")
+  [ -n "$pids" ] || return 0
+  log "stopping $2 left by an earlier run: pid(s)" $pids
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 300); do [ -n "$(marked_pids "$1")" ] || return 0; sleep 0.1; done
+  pids=$(marked_pids "$1")
+  [ -z "$pids" ] || { log "$2 did not stop in 30 s; killing pid(s)" $pids; kill -KILL $pids 2>/dev/null || true; }
+}
+
 down() {
   local i s
-  stop_pid "$SUPERVISOR_PID" supervisor  # first: it would restart what is being stopped
+  # First the supervisor (it would restart what is being stopped): the one of the pid file, then any
+  # other of this state folder.
+  stop_pid "$SUPERVISOR_PID" supervisor
+  stop_marked supervisor "a supervisor"
   for (( i=${#SERVICES[@]}-1; i>=0; i-- )); do
     s=(${SERVICES[$i]}); stop_pid "$SVC_DIR/${s[0]}.pid" "${s[0]}"
   done
+  stop_marked "" "services"  # restarted by a supervisor whose pid file was lost, or their children
   if [ -f "$SVC_DIR/up-started-kafka" ]; then bash "$ROOT/infra/kafka.sh" down; rm -f "$SVC_DIR/up-started-kafka"
   else log "kafka left running: up did not start it"; fi
-  if [ -f "$SVC_DIR/up-started-postgres" ]; then bash "$ROOT/infra/postgres.sh" down; rm -f "$SVC_DIR/up-started-postgres"
+  # Without the DATABASE_URL `up` exported (a `down` run from `run` inherits it): with it set,
+  # postgres.sh takes the server for an external one and silently leaves it running.
+  if [ -f "$SVC_DIR/up-started-postgres" ]; then env -u DATABASE_URL bash "$ROOT/infra/postgres.sh" down; rm -f "$SVC_DIR/up-started-postgres"
   else log "postgres left running: up did not start it"; fi
 }
 
@@ -193,8 +237,18 @@ status() {
 }
 
 run() {
-  local follower=
-  trap 'echo; [ -z "$follower" ] || kill "$follower" 2>/dev/null; down; exit 0' INT TERM
+  follower=
+  # On Ctrl-C: ignore further signals (a second Ctrl-C must not cut the stop short) and stop everything
+  # in a fresh process: run inside this interrupted shell's trap, `down` once reported a live
+  # supervisor "not running" (and removed its pid file).
+  stopping() {
+    trap '' INT TERM HUP
+    echo
+    [ -z "$follower" ] || kill "$follower" 2>/dev/null || true
+    bash "$ROOT/infra/stack.sh" down
+    exit 0
+  }
+  trap stopping INT TERM HUP
   up
   echo
   echo "  byok-credits is up:  http://127.0.0.1:$CHAT_PORT/   (Ctrl-C stops everything)"

@@ -180,3 +180,111 @@ def test_down_leaves_running_the_broker_and_database_that_up_did_not_start(priva
         run("postgres.sh", "down")
     time.sleep(0.5)
     assert processes_of(private_state) == set()
+
+
+# --- Ctrl-C on `make run`, and `make down` after a run that was killed --------------------------------
+
+
+def private_stack_env(private_state) -> tuple[dict[str, str], list[int]]:
+    """The environment of a stack on ports and a state folder of the test's own, and its ports."""
+    names = ("BYOK_KAFKA_PORT", "BYOK_KAFKA_CONTROLLER_PORT", "BYOK_PG_PORT", "SIM_PORT", "VALIDATION_PORT")
+    ports = {name: str(free_port()) for name in names} | {
+        "CHAT_PORT": str(free_port()),
+        "CREDITS_PORT": str(free_port()),
+    }
+    env = {**os.environ, **ports, "BYOK_STATE_DIR": str(private_state), "BYOK_KAFKA_HEAP": "512M"}
+    for var in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "BYOK_EXTERNAL_KAFKA", "HTTP_PORT", "CREDITS_URL"):
+        env.pop(var, None)
+    return env, [int(p) for p in ports.values()]
+
+
+def listening(ports: list[int]) -> list[int]:
+    import socket
+
+    found = []
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                found.append(port)
+    return found
+
+
+def start_make_run(env: dict[str, str], log_path) -> subprocess.Popen:
+    """`make run` as a terminal runs it: the leader of its own process group, SIGINT not ignored;
+    returns once it says the stack is up (the supervisor runs) and the page answers."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    page = f"http://127.0.0.1:{env['CHAT_PORT']}/"
+
+    def answers() -> bool:
+        assert proc.poll() is None, f"make run exited:\n{log_path.read_text()[-3000:]}"
+        try:
+            return "byok-credits is up" in log_path.read_text() and httpx.get(page, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answers, 240, "the page of make run")
+    return proc
+
+
+def nothing_left(state_dir, ports: list[int], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while (left := processes_of(state_dir)) or listening(ports):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left after {within_s} s: {describe(left)}, listening on {listening(ports)}")
+        time.sleep(0.5)
+
+
+def sweep(env: dict[str, str], state_dir) -> None:
+    """Whatever a failed test left: stop it."""
+    subprocess.run(["bash", "infra/stack.sh", "down"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    for pid in processes_of(state_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ctrl_c_on_make_run_leaves_no_process_and_no_port(private_state, tmp_path):
+    """The terminal's SIGINT reaches the whole process group of `make run`: everything it started stops
+    (the supervisor first, so it restarts nothing), PostgreSQL and Kafka included, and make exits."""
+    env, ports = private_stack_env(private_state)
+    log = tmp_path / "make-run.log"
+    try:
+        proc = start_make_run(env, log)
+        assert processes_of(private_state), "the stack runs"
+        interrupted_at = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(90)
+        nothing_left(private_state, ports, within_s=30)
+        print(f"everything stopped {time.monotonic() - interrupted_at:.1f} s after Ctrl-C")  # not asserted
+        out = log.read_text()
+        assert "supervisor stopped" in out and "postgres stopped" in out and "kafka node 1 stopped" in out, out[-3000:]
+        assert "restarted" not in (private_state / "logs" / "supervisor.log").read_text()
+    finally:
+        sweep(env, private_state)
+
+
+def test_make_down_stops_what_a_killed_run_left_behind(private_state, tmp_path):
+    """A run killed outright (SIGKILL to its group: no trap runs) whose pid files of the supervisor and
+    the chat are gone too (as an earlier version's Ctrl-C left them): `make down` still finds the
+    supervisor and every service by their mark, and stops them with the broker and database."""
+    env, ports = private_stack_env(private_state)
+    try:
+        proc = start_make_run(env, tmp_path / "make-run.log")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        for name in ("supervisor", "chat"):
+            (private_state / "services" / f"{name}.pid").unlink()
+        time.sleep(1)
+        assert any("stack.sh supervise" in cmd for cmd in describe(processes_of(private_state)).values())
+        down = subprocess.run(["make", "down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert "stopping a supervisor left by an earlier run" in down.stderr, down.stderr[-3000:]
+        assert "postgres stopped" in down.stderr
+        nothing_left(private_state, ports, within_s=10)
+    finally:
+        sweep(env, private_state)
