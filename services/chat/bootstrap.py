@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 from billing.pricing import default_price_book
 from providers import ProviderSettings, chat_completion, chat_stream
 from schemas.events import KeyCheckResult, Provider
-from services.chat.app import Wiring
 from services.chat.balances import BalanceReader, HttpBalanceReader
 from services.chat.call_store import PgCallStore
 from services.chat.calls import ChatCalls
@@ -23,6 +22,7 @@ from services.chat.service import ChatService, KeyChecker
 from services.chat.settings import ChatSettings
 from services.chat.store import PgSettingsStore
 from services.chat.usage import HttpUsageReader
+from services.chat.wiring import Wiring
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
 from services.shared.provider_http import ProviderClient

@@ -1,30 +1,18 @@
-"""The OpenAI-compatible gateway (DESIGN "An OpenAI-compatible gateway"): `POST /v1/chat/completions`
-and `GET /v1/models`, so the product's backend and any OpenAI client (the `openai` SDK, LiteLLM, ...)
-reach every model of the catalog with BYOK and billing applied.
-
-The route only translates: OpenAI's request into a `CallRequest` for the same call use case as the
-page's `POST /chat` (idempotency, holds, endings, streaming), and its `Outcome` back into OpenAI's
-shapes (a `chat.completion`, `chat.completion.chunk`s, or an `{"error": {...}}`), with `billing` on the
-answer and on the last chunk. Anthropic and Gemini models are translated by `providers/` as for any
-call. `X-Provider-Key` is the user's own key for this call only: never stored, logged or echoed.
-"""
+"""OpenAI's wire shapes for the gateway (`api/routes/gateway.py`): a call's `Outcome` as a
+`chat.completion`, as `chat.completion.chunk`s, or as an `{"error": {...}}` whose status the official
+SDKs map to their own exception classes; and a middleware that re-shapes the shared edge's refusals
+under /v1/ the same way."""
 
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from billing.pricing import default_price_book
-from schemas.events import Feature, utc_now
-from services.chat.call_request import CallRequest
 from services.chat.call_store import Outcome
-from services.chat.catalog import MODELS
-from services.chat.identity import Identity
-from services.chat.refusals import ChatRefused, InvalidRequest
+from services.chat.refusals import ChatRefused
 from services.chat.running import RunningCall
 from services.shared.edge import error_responses
 
@@ -67,50 +55,6 @@ class OpenAIErrorOut(BaseModel):
 
 
 GATEWAY_ERRORS = error_responses(401, 402, 403, 404, 409, 413, 422, 429, 502, 503, model=OpenAIErrorOut)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class MessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class CompletionIn(BaseModel):
-    """OpenAI's chat completion request; parameters this gateway does not apply are accepted and
-    ignored (temperature, top_p, user, ...), except those that would change the answer's shape."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
-    messages: list[MessageIn] = Field(min_length=1, max_length=1000)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=200_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=200_000)
-    n: int | None = Field(default=None, ge=1, le=1)
-    tools: list[Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        if tools:
-            raise ValueError("tools are not supported by this gateway")
-        return tools
 
 
 def completion_id(answer: Mapping[str, Any]) -> str:
@@ -283,77 +227,6 @@ class OpenAIErrors:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, reshape)
-
-
-def create_router(principal: Any, wiring: Any, session_keys: Any) -> APIRouter:
-    """The gateway's routes, with the app's own dependencies (identity, wiring, the session's keys)."""
-    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
-
-    @router.get("/models", responses=error_responses(401, model=OpenAIErrorOut))
-    async def models(who: Annotated[Identity, Depends(principal)]) -> dict[str, Any]:
-        """Every model of the catalog, whatever its provider; `credits` is its platform price (null: it
-        runs only on the user's own key)."""
-        prices = default_price_book().in_force(utc_now())
-        return {
-            "object": "list",
-            "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": p.value, "credits": prices.model_price(m)}
-                for p, ms in MODELS.items()
-                for m in ms
-            ],
-        }
-
-    @router.post(
-        "/chat/completions",
-        responses={
-            200: {
-                "description": "A chat.completion; with `stream: true`, chat.completion.chunk events, then [DONE]",
-                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
-            },
-            **GATEWAY_ERRORS,
-        },
-    )
-    async def chat_completions(
-        body: CompletionIn,
-        request: Request,
-        who: Annotated[Identity, Depends(principal)],
-        w: Annotated[Any, Depends(wiring)],
-        ring: Annotated[Any, Depends(session_keys)],
-        x_feature: Annotated[str | None, Header()] = None,
-        x_provider_key: Annotated[str | None, Header(max_length=1024)] = None,
-        idempotency_key: Annotated[str | None, Header()] = None,
-    ) -> Any:
-        try:
-            feature = Feature(x_feature or Feature.CHAT.value)
-        except ValueError:
-            raise InvalidRequest(
-                f"X-Feature is one of {', '.join(f.value for f in Feature)}.", reason="invalid_feature"
-            ) from None
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
-            raise InvalidRequest("messages: send at least one user message with text.", reason="empty_messages")
-        call = CallRequest(
-            feature,
-            messages,
-            model=body.model,
-            own_key=x_provider_key or None,
-            max_tokens=body.max_completion_tokens or body.max_tokens or 1024,
-            route="v1",
-        )
-        started = await w.calls.start(who, ring, call, idempotency_key=idempotency_key, stream=body.stream)
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                chunks(started, body.model, include),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-            )
-        outcome = started if isinstance(started, Outcome) else await started.result()
-        if not outcome.ok:
-            return failure(outcome)
-        return JSONResponse(completion(outcome.body, body.model))
-
-    return router
 
 
 def refusal(exc: ChatRefused) -> JSONResponse:
