@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 from schemas.events import Feature, Provider
@@ -79,7 +80,7 @@ class HttpBalanceReader(BalanceReader):
     def __init__(self, client: CreditsClient):
         self.client = client
 
-    async def _ask(self, method: str, path: str, who: Identity, body: dict | None = None) -> Answer:
+    async def _ask(self, method: str, path: str, who: Identity, body: dict[str, Any] | None = None) -> Answer:
         try:
             return await self.client.request(method, path, who.token, json_body=body)
         except CreditsUnreachable as exc:

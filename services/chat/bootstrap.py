@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any, cast
 
 from billing.pricing import default_price_book
-from providers import ProviderSettings, chat_completion, chat_stream
+from providers import ChatReply, ProviderSettings, chat_completion, chat_stream
+from providers.base import Messages
 from schemas.events import KeyCheckResult, Provider
 from services.chat.balances import BalanceReader, HttpBalanceReader
 from services.chat.call_store import PgCallStore
@@ -25,6 +27,7 @@ from services.chat.usage import HttpUsageReader
 from services.chat.wiring import Wiring
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
+from services.shared.keycheck import KeyCheckRequester
 from services.shared.provider_http import ProviderClient
 from services.shared.sessions import SessionRevocations
 
@@ -42,14 +45,12 @@ class StartingKeyChecker:
 
     def __init__(self, settings: ChatSettings):
         self.settings = settings
-        self._requester = None
+        self._requester: KeyCheckRequester | None = None
         self._lock = asyncio.Lock()
 
-    async def _ready(self):
+    async def _ready(self) -> KeyCheckRequester:
         async with self._lock:
             if self._requester is None:
-                from services.shared.keycheck import KeyCheckRequester
-
                 requester = KeyCheckRequester(self.settings)
                 await requester.start()
                 self._requester = requester
@@ -65,8 +66,6 @@ class StartingKeyChecker:
     async def check(self, user_id: str, provider: Provider, api_key: str, timeout_s: float) -> KeyCheckResult:
         try:
             requester = await self._ready()
-        except ImportError as exc:
-            raise ConnectionError("the key checker is not installed") from exc
         except Exception as exc:
             raise ConnectionError(f"the key checker could not start ({type(exc).__name__})") from None
         return await requester.check(user_id, provider, api_key, timeout_s)
@@ -116,17 +115,24 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     credits = CreditsClient(settings.credits_url, settings.credits_timeout_s)
     providers = ProviderSettings()
 
-    async def call_model(provider, api_key, model, messages, *, max_tokens=1024):
+    async def call_model(
+        provider: Provider, api_key: str, model: str, messages: Messages, *, max_tokens: int = 1024
+    ) -> ChatReply:
         return await chat_completion(
             provider_http, providers, provider, api_key, model, messages, max_tokens=max_tokens
         )
 
-    def stream_model(provider, api_key, model, messages, *, max_tokens=1024):
-        return chat_stream(provider_http, providers, provider, api_key, model, messages, max_tokens=max_tokens)
+    def stream_model(
+        provider: Provider, api_key: str, model: str, messages: Messages, *, max_tokens: int = 1024
+    ) -> AsyncGenerator[str | ChatReply, None]:
+        # An async generator (so a Stop can close it at once), declared as an iterator by providers/.
+        stream = chat_stream(provider_http, providers, provider, api_key, model, messages, max_tokens=max_tokens)
+        return cast(AsyncGenerator[str | ChatReply, None], stream)
 
     store = PgSettingsStore(pool)
-    own_checker = checker is None
-    checker = checker or StartingKeyChecker(settings)
+    starting = StartingKeyChecker(settings) if checker is None else None
+    checker = checker or starting
+    assert checker is not None
     balances: BalanceReader = HttpBalanceReader(credits)
     service = ChatService(
         store=store,
@@ -154,7 +160,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     # The lease first: a call may start only once this instance is known to be alive.
     await call_store.renew_lease(calls.instance_id, settings.lease_s)
 
-    async def grant_plan(user_id: str) -> dict:
+    async def grant_plan(user_id: str) -> dict[str, Any]:
         admin = mint_token(settings.auth_jwt_secret, "chat-dev-login", role="admin", ttl_s=60)
         answer = await credits.request(
             "POST",
@@ -170,7 +176,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
             raise CreditsUnreachable(f"the credit service refused the welcome grant (HTTP {answer.status})")
         return {"plan": settings.dev_login_grant_plan, "created": answer.body.get("created")}
 
-    async def healthy() -> dict:
+    async def healthy() -> dict[str, bool]:
         try:
             await pool.fetchval("SELECT 1")
             return {"database": True}
@@ -182,7 +188,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     )
     await sessions.start()
     await relay.start()
-    warming = asyncio.create_task(checker.warm()) if isinstance(checker, StartingKeyChecker) else None
+    warming = asyncio.create_task(starting.warm()) if starting is not None else None
     background = [
         asyncio.create_task(
             every(
@@ -224,8 +230,8 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         if warming is not None:
             warming.cancel()
             await asyncio.gather(warming, return_exceptions=True)
-        if own_checker:
-            await checker.stop()
+        if starting is not None:
+            await starting.stop()
         await provider_http.aclose()
         await credits.aclose()
         await pool.close()

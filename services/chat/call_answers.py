@@ -34,7 +34,7 @@ class Billing:
     def charged(self) -> bool:
         return self.decision is Decision.DEBITED
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         summary = {
             Decision.DEBITED: f"Platform: {self.credits} credit{'s' if self.credits != 1 else ''} charged",
             Decision.NOT_BILLED_BYOK: "Your key: no credits",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from billing.pricing import PriceList
 from schemas.events import Provider
 
@@ -35,5 +37,5 @@ MODELS: dict[Provider, list[str]] = {
 }
 
 
-def catalog(prices: PriceList) -> dict[str, list[dict]]:
+def catalog(prices: PriceList) -> dict[str, list[dict[str, Any]]]:
     return {p.value: [{"id": m, "credits": prices.model_price(m)} for m in models] for p, models in MODELS.items()}

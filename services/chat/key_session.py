@@ -18,7 +18,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -58,7 +58,7 @@ def derive_secret(secret: str, label: bytes) -> bytes:
 class KeySealer:
     """Seals a ring of keys into a cookie value bound to (user, session) and opens it again."""
 
-    def __init__(self, secret: bytes, ttl_s: int, clock=time.time):
+    def __init__(self, secret: bytes, ttl_s: int, clock: Callable[[], float] = time.time):
         self._aead = AESGCM(secret)
         self.ttl_s, self.clock = ttl_s, clock
 

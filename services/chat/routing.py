@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 import providers
 from billing.policy import platform_price
@@ -95,7 +96,7 @@ class HeldKey:
     def usable(self) -> bool:
         return self.record.status not in DEAD_KEY_STATUSES
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         r = self.record
         return {
             "provider": r.provider.value,
@@ -127,7 +128,7 @@ class Route:
     note: str = ""
     reason: str = ""  # why a BYOK chat cannot use the user's key (fallback or refusal)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         runs_on = "paused" if self.refusal else "your_key" if self.key_source is KeySource.BYOK else "platform"
         return {
             "runs_on": runs_on,

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 import providers
 from billing.pricing import PriceBook
@@ -77,7 +77,7 @@ class SettingsView:
     platform_price: int | None
     key_lifetime_s: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         s = self.settings
         held = self.keys.get(s.provider)
         if not s.use_own_key:

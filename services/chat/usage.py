@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.chat.credits_client import CreditsClient, CreditsUnreachable
 from services.chat.identity import Identity
 
@@ -13,7 +15,7 @@ class UsageUnavailable(Exception):
 class UsageReader:
     """Port: the calling user's last calls as the ledger decided them, and their latest grant."""
 
-    async def usage(self, who: Identity, limit: int = 50) -> dict:
+    async def usage(self, who: Identity, limit: int = 50) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -21,7 +23,7 @@ class HttpUsageReader(UsageReader):
     def __init__(self, client: CreditsClient):
         self.client = client
 
-    async def usage(self, who: Identity, limit: int = 50) -> dict:
+    async def usage(self, who: Identity, limit: int = 50) -> dict[str, Any]:
         try:
             answer = await self.client.request("GET", f"/api/usage/{who.user_id}", who.token, params={"limit": limit})
         except CreditsUnreachable as exc:

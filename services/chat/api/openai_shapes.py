@@ -159,7 +159,7 @@ async def chunks(started: RunningCall | Outcome, model: str, include_usage: bool
             answer = item.body
             ident = completion_id(answer)
             if not item.ok:
-                error = json.loads(failure(item).body)
+                error = json.loads(bytes(failure(item).body))
                 yield sse(error)
                 return
             if not opened:  # a finished call replayed: its text in one piece
