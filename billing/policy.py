@@ -26,12 +26,6 @@ class UnpricedModel(CreditError):
         self.model, self.version = model, version
 
 
-class InsufficientCredits(CreditError):
-    def __init__(self, needed: int, balance: int):
-        super().__init__(f"this call costs {needed} credits and the balance is {balance}")
-        self.needed, self.balance = needed, balance
-
-
 @dataclass(frozen=True)
 class Charge:
     """What one event owes."""

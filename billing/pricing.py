@@ -66,12 +66,6 @@ class PriceBook:
         # An event older than every list is priced by the first one rather than refused.
         return self.lists[max(i, 0)]
 
-    def by_version(self, version: str) -> PriceList:
-        for p in self.lists:
-            if p.version == version:
-                return p
-        raise KeyError(version)
-
 
 @cache
 def default_price_book(directory: Path = PRICE_LIST_DIR) -> PriceBook:

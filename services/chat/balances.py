@@ -59,9 +59,6 @@ class BalanceReader:
     async def funds(self, who: Identity) -> Funds:
         raise NotImplementedError
 
-    async def balance(self, who: Identity) -> int:
-        return (await self.funds(who)).available
-
     async def reserve(
         self, who: Identity, event_id: UUID, feature: Feature, provider: Provider, model: str
     ) -> Reservation:
