@@ -68,7 +68,7 @@ bench: install        ## benchmarks, each figure beside its baseline from the sa
 
 demo: install         ## scripted scenario against the live stack; exit 0 only if balances are right
 	@bash infra/stack.sh up
-	@$(PY) -m services.demo
+	@$(PY) -m scripts.demo
 
 asyncapi: install     ## regenerate docs/asyncapi.json from the code
 	@.venv/bin/faststream docs gen schemas.asyncapi:app --out docs/asyncapi.json

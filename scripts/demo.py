@@ -1,4 +1,4 @@
-"""`python -m services.demo` (`make demo`): the design's scripted scenario against the live stack.
+"""`python -m scripts.demo` (`make demo`): the design's scripted scenario against the live stack.
 
 A platform user and a BYOK user make calls of every feature through the chat service. The script
 prints each answer's billing, then the credit service's own decisions (read from `credit_ledger`)
@@ -23,8 +23,11 @@ from pydantic_settings import SettingsConfigDict
 from rich.console import Console
 from rich.table import Table
 
-from schemas.events import CreditOutcome
+from billing.policy import platform_price
+from billing.pricing import default_price_book
+from schemas.events import CreditOutcome, Feature, utc_now
 from services.chat.identity import mint_token
+from services.chat.routing import DEFAULT_FEATURE_MODELS
 from services.shared.settings import CommonSettings, HttpSettings
 
 console = Console()
@@ -39,6 +42,20 @@ class DemoSettings(CommonSettings, HttpSettings):
     chat_url: str = "http://127.0.0.1:8000"
     credits_url: str = "http://127.0.0.1:8001"
     settle_timeout_s: float = 60.0
+
+
+ALWAYS_BILLED = ("deep_analysis", "code_fix", "code_canvas")
+
+
+def price(feature: str, model: str | None = None) -> int:
+    """What a platform call of `feature` costs by the price list in force (the model of an
+    always-billed feature is the platform's own for it, as the chat runs it)."""
+    f = Feature(feature)
+    model = model or DEFAULT_FEATURE_MODELS[f][1]
+    credits = platform_price(f, model, default_price_book().in_force(utc_now()))
+    if credits is None:
+        raise SystemExit(f"{model} has no platform price in the price list in force")
+    return credits
 
 
 @dataclass
@@ -126,10 +143,9 @@ class Demo:
         console.rule(f"[bold]Platform user {plat.user}: {plat.granted} credits ({plat.plan})")
         with self.client(plat.user) as c:
             self.settings(c, "openai", "gpt-4o").raise_for_status()
-            self.call(plat, c, "chat", 200, "debited", 5)
-            self.call(plat, c, "deep_analysis", 200, "debited", 50)
-            self.call(plat, c, "code_fix", 200, "debited", 1)
-            self.call(plat, c, "code_canvas", 200, "debited", 1)
+            self.call(plat, c, "chat", 200, "debited", price("chat", "gpt-4o"))
+            for feature in ALWAYS_BILLED:
+                self.call(plat, c, feature, 200, "debited", price(feature))
             self.settings(c, "gemini", "gemini-2.5-flash").raise_for_status()
             console.print("  (gemini-2.5-flash has no platform price: the platform call must be refused)")
             self.call(plat, c, "chat", 402)
@@ -149,9 +165,8 @@ class Demo:
                 return [plat, byok]
             self.call(byok, c, "chat", 200, "not_billed_byok", 0)
             self.call(byok, c, "chat", 200, "not_billed_byok", 0)
-            self.call(byok, c, "deep_analysis", 200, "debited", 50)
-            self.call(byok, c, "code_fix", 200, "debited", 1)
-            self.call(byok, c, "code_canvas", 200, "debited", 1)
+            for feature in ALWAYS_BILLED:
+                self.call(byok, c, feature, 200, "debited", price(feature))
             self.settings(c, "groq", "qwen-qwq-32b", own=True)
             self.call(byok, c, "chat", 200, "not_billed_byok", 0)
         return [plat, byok]
