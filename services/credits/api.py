@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated
 
-from aiokafka import AIOKafkaProducer
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -16,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from billing.policy import UnpricedModel, price_of
 from billing.pricing import PriceBook
-from providers import provider_of_model
-from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, ModelId, Provider
+from schemas.events import Feature, KeySource, ModelId, Provider
 from services.credits import metrics as credit_metrics
+from services.credits.compat import CompatDeductions, DeductCall, KeyReused, UnknownProvider
 from services.credits.consumer import StallWatch
 from services.credits.ledger import GrantConflict, HoldConflict, InsufficientAvailable, Ledger, LedgerBusy
 from services.credits.settings import CreditSettings
@@ -34,9 +33,6 @@ from services.shared.edge import (
     install_http_error_handler,
     install_outage_handlers,
 )
-
-# Namespace of the event ids the compatibility route derives from (user, idempotency key).
-DEDUCT_NAMESPACE = uuid.UUID("5b0c8a52-4f8e-4d7e-9d0c-3f5f2b7c1e01")
 
 
 class GrantIn(BaseModel):
@@ -72,7 +68,6 @@ class ApiContext:
     settings: CreditSettings
     ledger: Ledger
     book: PriceBook
-    producer: AIOKafkaProducer | None
     consumer_running: Callable[[], bool] = lambda: True
     stall: StallWatch | None = None  # None: no consumer in this process
 
@@ -104,6 +99,21 @@ def build_api(ctx: ApiContext) -> FastAPI:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
 
     Caller = Annotated[Identity, Depends(identity)]
+
+    async def payment_required(exc: InsufficientAvailable, user_id: str) -> JSONResponse:
+        """402: what the call needs, what is available, and what running calls hold meanwhile."""
+        held = (await ctx.ledger.balance(user_id)).held
+        running = f" ({held} more are held by calls still running)" if held else ""
+        return JSONResponse(
+            status_code=status.HTTP_402_PAYMENT_REQUIRED,
+            content={
+                "error": "insufficient_credits",
+                "needed": exc.needed,
+                "available": exc.available,
+                "held": held,
+                "message": f"This call costs {exc.needed} credits and you have {exc.available} available{running}.",
+            },
+        )
 
     @app.get("/healthz", responses=HEALTH_RESPONSES)
     async def healthz() -> JSONResponse:
@@ -183,18 +193,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
                 model=body.model,
             )
         except InsufficientAvailable as exc:
-            held = (await ctx.ledger.balance(caller.user_id)).held
-            running = f" ({held} more are held by calls still running)" if held else ""
-            return JSONResponse(
-                status_code=status.HTTP_402_PAYMENT_REQUIRED,
-                content={
-                    "error": "insufficient_credits",
-                    "needed": exc.needed,
-                    "available": exc.available,
-                    "held": held,
-                    "message": f"This call costs {exc.needed} credits and you have {exc.available} available{running}.",
-                },
-            )
+            return await payment_required(exc, caller.user_id)
         except HoldConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         except LedgerBusy:
@@ -313,69 +312,52 @@ def build_api(ctx: ApiContext) -> FastAPI:
             "balance": b.balance,
         }
 
+    deductions = CompatDeductions(
+        ctx.ledger, ctx.book, ctx.settings.model_call_completed_topic, ctx.settings.deduct_wait_s
+    )
+
     @app.post(
         "/api/user/deduct-credits",
         responses={
-            202: {"description": "Recorded; the decision is still pending"},
+            202: {"description": "Recorded (and held, when it may debit); the decision is still pending"},
             **error_responses(401, 409, 413, 422, 503, model=DetailOut),
+            402: {"description": "Not enough available credits; nothing is held or recorded", "model": ErrorOut},
         },
     )
     async def deduct(body: DeductIn, caller: Caller, response: Response) -> dict:
-        """Publishes the call as a `model_call_completed` event (so the log stays the source of
-        truth) and answers with the decision the credit consumer made for it."""
-        provider = body.provider or provider_of_model(body.model)
-        if provider is None:
+        """Reports one call of an old client (services.credits.compat): held like a chat call when it
+        may debit, recorded as a `model_call_completed` event, and answered with the credit consumer's
+        decision; 402 when the available credits cannot pay for it."""
+        call = DeductCall(
+            caller.user_id, body.feature, body.model, body.key_source, body.idempotency_key, body.provider
+        )
+        try:
+            done = await deductions.deduct(call)
+        except (UnknownProvider, UnpricedModel) as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+        except InsufficientAvailable as exc:
+            return await payment_required(exc, caller.user_id)
+        except KeyReused as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        except LedgerBusy:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                f"cannot tell the provider of model {body.model!r}; send 'provider'",
-            )
-        event_id = uuid.uuid5(DEDUCT_NAMESPACE, f"{caller.user_id}\x00{body.idempotency_key}")
-        decided = await ctx.ledger.decision_of(event_id)
-        if decided is None:
-            if ctx.producer is None:
-                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the event log is not reachable")
-            event = ModelCallCompleted(
-                event_id=event_id,
-                occurred_at=datetime.now(timezone.utc),
-                user_id=caller.user_id,
-                session_id="compat",
-                request_id=body.idempotency_key,
-                provider=provider,
-                model=body.model,
-                feature=body.feature,
-                key_source=body.key_source,
-                status=CallStatus.SUCCEEDED,
-                input_tokens=0,
-                output_tokens=0,
-                latency_ms=0,
-            )
-            await ctx.producer.send_and_wait(
-                ctx.settings.model_call_completed_topic, event.to_json(), key=caller.user_id.encode()
-            )
-            deadline = asyncio.get_running_loop().time() + ctx.settings.deduct_wait_s
-            while decided is None and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.02)
-                decided = await ctx.ledger.decision_of(event_id)
-        if decided is None:
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "The credit ledger is busy with this account right now; nothing was held or recorded. "
+                "Try again in a moment.",
+                headers={"Retry-After": "2"},
+            ) from None
+        if done.decision is None:
             response.status_code = status.HTTP_202_ACCEPTED
-            return {"event_id": str(event_id), "decision": "pending"}
-        asked = (body.feature.value, body.model, body.key_source.value, provider.value)
-        recorded = (decided["feature"], decided["model"], decided["key_source"], decided["provider"])
-        if asked != recorded:  # never answer an old decision under new labels
-            raise HTTPException(
-                status.HTTP_409_CONFLICT,
-                f"idempotency key {body.idempotency_key!r} was already used for a different call "
-                f"({recorded[0]}, {recorded[1]}, {recorded[2]}); use a new key for a new call",
-            )
-        b = await ctx.ledger.balance(caller.user_id)
+            return {"event_id": str(done.event_id), "decision": "pending", "held": done.held}
+        d = done.decision
         return {
-            "event_id": str(event_id),
-            "decision": decided["decision"],
-            "credits": decided["credits"],
-            "reason": decided["reason"],
-            "price_list_version": decided["price_list_version"],
-            "key_source": decided["key_source"],
-            "balance": b.balance,
+            "event_id": str(done.event_id),
+            "decision": d["decision"],
+            "credits": d["credits"],
+            "reason": d["reason"],
+            "price_list_version": d["price_list_version"],
+            "key_source": d["key_source"],
+            "balance": done.balance,
         }
 
     return app

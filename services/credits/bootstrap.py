@@ -45,7 +45,6 @@ class CreditRuntime:
                 self.settings,
                 self.ledger,
                 self.book,
-                self.producer,
                 consumer_running=lambda: self.consumer.broker.running,
                 stall=self.consumer.watch,
             )

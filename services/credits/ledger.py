@@ -19,6 +19,10 @@ from schemas.events import Decision, ModelCallCompleted
 from schemas.topics import dlq
 from services.shared.kafka import DeadLetter
 
+# The channel the outcome relay (services.credits.relay.CHANNEL) listens on: a commit that leaves
+# something to publish notifies it, so it does not wait for its next poll.
+OUTBOX_CHANNEL = "credit_outcomes"
+
 LEDGER_COLUMNS = (
     "entry_id",
     "event_id",
@@ -307,8 +311,24 @@ class Ledger:
         holds across any number of callers; it raises InsufficientAvailable or HoldConflict. A hold has
         no expiry (migrations/0014): only its event's decision or release_hold ends it.
         """
+        async with self.pool.acquire() as conn:
+            return await self._place_hold(
+                conn, event_id, user_id, credits, price_list_version, feature, provider, model
+            )
+
+    async def _place_hold(
+        self,
+        conn: asyncpg.Connection,
+        event_id: UUID,
+        user_id: str,
+        credits: int,
+        price_list_version: str,
+        feature: str,
+        provider: str,
+        model: str,
+    ) -> Hold:
         try:
-            row = await self.pool.fetchrow(
+            row = await conn.fetchrow(
                 "SELECT * FROM place_hold($1, $2, $3, $4, $5, $6, $7)",
                 event_id,
                 user_id,
@@ -329,6 +349,45 @@ class Ledger:
         if row["holder"] != user_id or row["held_credits"] != credits:
             raise HoldConflict(f"event {event_id} is already held for a different call")
         return Hold(event_id, user_id, credits, price_list_version, row["created"], row["available"])
+
+    async def hold_and_record(self, event: ModelCallCompleted, topic: str, hold: tuple[int, str] | None) -> Hold | None:
+        """Place the hold of a call (`hold`: its credits and price-list version; None for a call that is
+        not billable) and put the call's event in the outbox, in one transaction.
+
+        Both or neither: a hold is never left without the event whose decision releases it, and an
+        event that may debit is never published without its hold. The outcome relay publishes the
+        event to `topic` (keyed by user, like the chat's) once Kafka takes it, so an outage of Kafka
+        delays the decision and loses nothing. Placing the same hold again records nothing more (its
+        event was recorded with it). Raises as place_hold does; HoldConflict with `already_decided`
+        when the event was decided meanwhile.
+        """
+        e = event
+        async with self.pool.acquire() as conn, conn.transaction():
+            placed = None
+            if hold is not None:
+                credits, version = hold
+                placed = await self._place_hold(
+                    conn, e.event_id, e.user_id, credits, version, e.feature.value, e.provider.value, e.model
+                )
+                if not placed.created:
+                    same = await conn.fetchval(
+                        "SELECT feature = $2 AND provider = $3 AND model = $4 FROM holds WHERE event_id = $1",
+                        e.event_id,
+                        e.feature.value,
+                        e.provider.value,
+                        e.model,
+                    )
+                    if not same:
+                        raise HoldConflict(f"event {e.event_id} is already held for a different call")
+                    return placed
+            await conn.execute(
+                "INSERT INTO credit_outbox (topic, key, payload) VALUES ($1, $2, $3)",
+                topic,
+                e.user_id.encode(),
+                e.to_json(),
+            )
+            await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)  # wakes the relay at commit
+        return placed
 
     @staticmethod
     def _refusal(exc: asyncpg.CheckViolationError, credits: int) -> CreditError:

@@ -37,7 +37,7 @@ async def pool(stack):
 @pytest.fixture
 async def api(stack, pool):
     settings = stack.settings(CreditSettings, auth_jwt_secret=SECRET)
-    app = build_api(ApiContext(settings, Ledger(pool), default_price_book(), None))
+    app = build_api(ApiContext(settings, Ledger(pool), default_price_book()))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://credits") as client:
         yield client
 

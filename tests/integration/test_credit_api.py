@@ -70,12 +70,13 @@ async def test_the_compatibility_route_applies_the_policy_once_per_idempotency_k
         "/api/user/deduct-credits", headers=auth("dora"), json=body | {"key_source": "byok", "idempotency_key": "req-2"}
     )
     assert (byok.json()["decision"], byok.json()["credits"], byok.json()["balance"]) == ("not_billed_byok", 0, 45)
-    deep = await api.post(
-        "/api/user/deduct-credits",
-        headers=auth("dora"),
-        json=body | {"feature": "deep_analysis", "key_source": "byok", "idempotency_key": "req-3"},
-    )
-    assert (deep.json()["decision"], deep.json()["credits"]) == ("debited", 50)
+    deep = body | {"feature": "deep_analysis", "key_source": "byok", "idempotency_key": "req-3"}
+    short = await api.post("/api/user/deduct-credits", headers=auth("dora"), json=deep)  # 50 on 45: refused
+    assert short.status_code == 402, short.text
+    assert (short.json()["needed"], short.json()["available"]) == (50, 45)
+    await grant(api, "dora", key="top-up")
+    paid = await api.post("/api/user/deduct-credits", headers=auth("dora"), json=deep)
+    assert (paid.json()["decision"], paid.json()["credits"], paid.json()["balance"]) == ("debited", 50, 45)
 
 
 async def test_the_compatibility_route_never_takes_an_amount_from_the_client(api):
