@@ -17,11 +17,10 @@ from collections.abc import Callable
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
 from services.chat.call_store import INTERRUPTED_STATUS, interrupted_body
-from services.shared.kafka import park, refused_for_content
+from services.shared.kafka import OutageLog, park, part_away, refused_for_content
 
 log = logging.getLogger(__name__)
 # Several chat instances share one outbox (SKIP LOCKED): each says how many events it relayed.
@@ -76,6 +75,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task | None = None
+        self._outages = OutageLog(log, "outbox relay")
         self.published = 0
 
     def wake(self) -> None:
@@ -119,22 +119,18 @@ class OutboxRelay:
             try:
                 sent = await self.relay_once()
                 backoff = 0.2
-            except (TimeoutError, KafkaError, OSError) as exc:
-                # Kafka is down or slow: keep the rows, start afresh with a new producer later.
-                log.warning("outbox relay cannot reach Kafka (%s); retrying in %.1f s", type(exc).__name__, backoff)
-                await self._drop_producer()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError) as exc:
-                log.warning(
-                    "outbox relay cannot reach PostgreSQL (%s); retrying in %.1f s", type(exc).__name__, backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except Exception:  # a bug must not end the relay: the rows wait (rolled back) and are retried
-                log.exception("outbox relay round failed; retrying in %.1f s", backoff)
+                self._outages.up("PostgreSQL", *(("Kafka",) if sent else ()))
+            except Exception as exc:
+                # Which part is away decides the log line (one per outage, one when it is back) and
+                # whether the producer is started afresh; a bug must not end the relay either: the rows
+                # wait (rolled back) and are retried.
+                part = await part_away(exc, self.pool)
+                if part is None:
+                    log.exception("outbox relay round failed; retrying in %.1f s", backoff)
+                else:
+                    self._outages.down(part, exc)
+                if part == "Kafka":
+                    await self._drop_producer()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

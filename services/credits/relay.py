@@ -19,7 +19,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from services.shared.kafka import park, refused_for_content
+from services.shared.kafka import OutageLog, park, part_away, refused_for_content
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class OutcomeRelay:
         self._partition_of: dict[str, int] = {}
         self._partition_count = 0
         self.published = 0
+        self._outages = OutageLog(log, "outcome relay")
 
     def wake(self, *_: object) -> None:
         self._wake.set()
@@ -70,10 +71,15 @@ class OutcomeRelay:
                     sent = await self.run_once()
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # Kafka or PostgreSQL away: keep trying, lose nothing
-                    log.warning("outcome relay: %s: %s; retrying", type(exc).__name__, exc)
+                except Exception as exc:  # Kafka or PostgreSQL away (or a bug): keep trying, lose nothing
+                    part = await part_away(exc, self.pool)
+                    if part is None:
+                        log.exception("outcome relay round failed; retrying")
+                    else:
+                        self._outages.down(part, exc)
                     await asyncio.sleep(1)
                     continue
+                self._outages.up("PostgreSQL", *(("Kafka",) if sent else ()))
                 if sent < self.batch:
                     self._wake.clear()
                     try:

@@ -50,22 +50,38 @@ async def migrate(url: str, schema: str | None = None) -> list[str]:
 # Errors that say the database cannot be reached or cannot take the transaction *now*, whatever it
 # holds: retry them with back-off. Any other failure of a write is about its content, and retrying
 # it would stall forever (a consumer then isolates the record; see services.credits.consumer).
-_UNREACHABLE = (
-    asyncpg.PostgresConnectionError,  # class 08: connection lost or refused
+_AWAY = (
+    asyncpg.PostgresConnectionError,  # class 08: connection lost or refused (ConnectionDoesNotExistError, ...)
     asyncpg.exceptions.OperatorInterventionError,  # class 57: admin or crash shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
+    # The client's protocol state broken by a connection that went away under it ("cannot switch to
+    # state 12", a protocol error mid-message): asyncpg's own, about the connection, not the statement.
+    asyncpg.exceptions.InternalClientError,
+    OSError,  # refused, reset, unreachable, timed out (TimeoutError and ConnectionError are OSErrors)
+)
+_BUSY = (
     asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization failure, deadlock
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover left us on a standby
-    ConnectionError,
-    OSError,
-    TimeoutError,
 )
+# OSErrors that are about files, never about a connection: a bug or a deployment mistake.
+_FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def database_away(exc: BaseException) -> bool:
+    """True when `exc` says the connection to the database is gone or cannot be made: the server is
+    down, restarting, out of connection slots or unreachable. False for what a statement or its
+    arguments did wrong, and for misuse of the client (both bugs, which a retry cannot mend)."""
+    if isinstance(exc, ValueError):  # asyncpg's DataError / ClientConfigurationError: the arguments, the settings
+        return False
+    if isinstance(exc, _FILE_ERRORS):
+        return False
+    if isinstance(exc, asyncpg.InterfaceError):
+        # "connection is closed", "pool is closing", "connection was closed in the middle of operation";
+        # not two coroutines sharing one connection, which is a bug of ours.
+        return "another operation is in progress" not in str(exc)
+    return isinstance(exc, _AWAY)
 
 
 def database_unreachable(exc: BaseException) -> bool:
     """True when `exc` says the database is away or busy, not that a statement's content is wrong."""
-    if isinstance(exc, ValueError):  # asyncpg's client-side encoding error is an InterfaceError too
-        return False
-    if isinstance(exc, asyncpg.InterfaceError):  # "connection is closed", "pool is closing", ...
-        return True
-    return isinstance(exc, _UNREACHABLE)
+    return database_away(exc) or isinstance(exc, _BUSY)

@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any
 
@@ -23,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.events import MODEL_ID_PATTERN, PRINTABLE, Identifier
+from services.shared.db import database_away
+from services.shared.kafka import kafka_away
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
@@ -49,16 +54,35 @@ def _kib(n: int) -> str:
     return f"{n // 1024} KiB" if n % 1024 == 0 else f"{n} bytes"
 
 
-class BodyLimit:
-    """ASGI middleware: a request body larger than `max_bytes` is answered 413 unread.
+# A body over the limit is still read, and thrown away, up to this many bytes (and for at most
+# DRAIN_SECONDS) before the 413 is sent: a client that sends its whole body before it reads the
+# answer (httpx, most HTTP/1.1 clients) would otherwise find the connection reset under its upload
+# and never see the 413. Beyond this bound the 413 is sent at once and the connection closed.
+DRAIN_BYTES = 8 * 1024 * 1024
+DRAIN_SECONDS = 10.0
 
-    A declared Content-Length over the limit is refused at once. Otherwise the body is read (at most
-    `max_bytes` of it are ever held) before the app sees the request, then handed on unchanged, so
-    a body sent in chunks is counted too, and the app never starts on a request it cannot finish.
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than `max_bytes` is answered 413, never handed on.
+
+    The body is counted as it arrives, so a body sent in chunks without a Content-Length is stopped as
+    well; at most `max_bytes` of it are ever held, and the app never starts on a request it cannot
+    finish. A too-large body is read and discarded up to `drain_bytes` before the 413 (so every
+    client reads the answer on a connection that stays usable); one declared or found larger than
+    that is answered at once and its connection closed, as is one whose client asked to wait for
+    the server's go-ahead (`Expect: 100-continue`: it sends nothing before it).
     """
 
-    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY_BYTES, body: Callable[[str, str], dict] | None = None):
+    def __init__(
+        self,
+        app,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body: Callable[[str, str], dict] | None = None,
+        drain_bytes: int = DRAIN_BYTES,
+        drain_seconds: float = DRAIN_SECONDS,
+    ):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes, self.drain_seconds = max(drain_bytes, max_bytes), drain_seconds
         self.body = body or (lambda code, sentence: {"error": code, "message": sentence})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -66,7 +90,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            return await self._refuse(send)
+            if declared > self.drain_bytes or _expects_continue(scope):
+                return await self._refuse(send, close=True)
+            return await self._drain_then_refuse(receive, send, 0, True)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -74,11 +100,12 @@ class BodyLimit:
                 return  # the client left: nothing to answer
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > self.max_bytes:
-                return await self._refuse(send)
+                chunks.clear()
+                return await self._drain_then_refuse(receive, send, size, more)
             if chunk:
                 chunks.append(chunk)
-            more = message.get("more_body", False)
         replayed = False
 
         async def replay():
@@ -90,13 +117,34 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
+    async def _drain_then_refuse(self, receive, send, size: int, more: bool) -> None:
+        """Read and drop the rest of a too-large body (up to drain_bytes, for drain_seconds), then 413."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_seconds
+        while more and size <= self.drain_bytes:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        # All of it read: the connection can serve the client's next request. Otherwise it must close.
+        await self._refuse(send, close=more)
+
+    async def _refuse(self, send, close: bool = True) -> None:
         sentence = (
             f"The request body is larger than {_kib(self.max_bytes)}, the most this service accepts. "
             "Send a smaller body."
         )
-        response = JSONResponse(self.body("body_too_large", sentence), status_code=413, headers={"Connection": "close"})
+        headers = {"Connection": "close"} if close else None
+        response = JSONResponse(self.body("body_too_large", sentence), status_code=413, headers=headers)
         await response({"type": "http"}, _nothing, send)
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
 
 
 async def _nothing():
@@ -115,21 +163,31 @@ def _content_length(scope: Scope) -> int | None:
 
 # --- outages --------------------------------------------------------------------------------------
 
-# What the database being unreachable looks like from asyncpg: refused or reset connections and
-# timeouts are OSErrors (TimeoutError is one); a server shutting down or starting up, a lost
-# connection, or no connection slot left are these.
+# What an outage looks like from the clients, by class: the handlers below are registered for these,
+# and each then asks the one classifier of its part (services.shared.db.database_away,
+# services.shared.kafka.kafka_away) whether this error is the part being away. One that is not (asyncpg's
+# DataError for a bad argument, "another operation is in progress", a file not found, a message Kafka
+# refuses as it is) is a bug: re-raised, it stays a 500 with its traceback in the log.
 DATABASE_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
+    OSError,  # refused, reset, unreachable; TimeoutError and ConnectionError are OSErrors
+    asyncpg.PostgresConnectionError,  # class 08, e.g. ConnectionDoesNotExistError
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: no connection slot left
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.exceptions.InternalClientError,  # "cannot switch to state 12": the connection went away mid-query
 )
+KAFKA_DOWN: tuple[type[BaseException], ...] = (KafkaError,)
+
+log = logging.getLogger(__name__)
 
 
 def install_outage_handlers(app: FastAPI, body: Callable[[str, str], dict]) -> None:
     """Answer a database or Kafka outage on any route with 503 and a sentence (never a bare 500)."""
 
     async def database_down(_: Request, exc: Exception) -> JSONResponse:
+        if not database_away(exc):
+            raise exc
+        log.debug("answered 503: database away (%s: %s)", type(exc).__name__, exc)
         return JSONResponse(
             body(
                 "database_unavailable",
@@ -141,6 +199,9 @@ def install_outage_handlers(app: FastAPI, body: Callable[[str, str], dict]) -> N
         )
 
     async def kafka_down(_: Request, exc: Exception) -> JSONResponse:
+        if not kafka_away(exc):
+            raise exc
+        log.debug("answered 503: Kafka away (%s: %s)", type(exc).__name__, exc)
         return JSONResponse(
             body(
                 "event_log_unavailable",
@@ -153,7 +214,23 @@ def install_outage_handlers(app: FastAPI, body: Callable[[str, str], dict]) -> N
 
     for kind in DATABASE_DOWN:
         app.add_exception_handler(kind, database_down)
-    app.add_exception_handler(KafkaError, kafka_down)
+    for kind in KAFKA_DOWN:
+        app.add_exception_handler(kind, kafka_down)
+
+
+def unreadable_body(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body, as a sentence (`cause` is what its parser raised)."""
+    if isinstance(cause, UnicodeError):
+        return "The body could not be read: send JSON text in UTF-8."
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        # Python refuses to convert integers of more than sys.get_int_max_str_digits() digits.
+        return (
+            f"The body has a number too large to read (more than {sys.get_int_max_str_digits()} digits); "
+            "no field here takes a number that large."
+        )
+    if isinstance(cause, RecursionError):
+        return "The body is nested too deeply to read; send a flatter JSON document."
+    return "The body could not be read: send one JSON document in UTF-8."
 
 
 _CODES = {
@@ -173,11 +250,9 @@ def install_http_error_handler(app: FastAPI, body: Callable[[str, str], dict]) -
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:
-            # FastAPI's only 400: a body it could not decode (not UTF-8 text). Like a body that is not
-            # JSON (which FastAPI itself answers 422), a malformed request.
-            return JSONResponse(
-                body("invalid_request", "The body could not be read: send JSON text in UTF-8."), status_code=422
-            )
+            # FastAPI's only 400: a body it could not parse for another reason than its JSON syntax (which
+            # FastAPI itself answers 422). Like that one, a malformed request, told by its real cause.
+            return JSONResponse(body("invalid_request", unreadable_body(exc.__cause__)), status_code=422)
         sentence = exc.detail if isinstance(exc.detail, str) else "The request was refused."
         return JSONResponse(
             body(_CODES.get(exc.status_code, "refused"), sentence), status_code=exc.status_code, headers=exc.headers

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import (
+    BrokerNotAvailableError,
     CorruptRecordException,
     InvalidMessageError,
     InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     RecordTooLargeError,
@@ -19,6 +25,7 @@ from pydantic import ValidationError
 
 from schemas.events import ModelCallCompleted
 from schemas.topics import dlq
+from services.shared.db import database_away
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,16 @@ def refused_for_content(exc: BaseException) -> bool:
     return isinstance(exc, _REFUSED_FOR_CONTENT)
 
 
+def kafka_away(exc: BaseException) -> bool:
+    """True when `exc` says the brokers cannot be reached or cannot serve now (connection refused,
+    no leader, request timed out, ...): aiokafka marks those `retriable`; a send or start that timed
+    out and a broker not available are outages too. False for a request Kafka refused as it is, and
+    for misuse of the client (bugs)."""
+    if not isinstance(exc, KafkaError) or refused_for_content(exc):
+        return False
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, (KafkaTimeoutError, BrokerNotAvailableError))
+
+
 async def park(
     conn, source: str, topic: str, key: bytes | None, payload: bytes, headers: str, error: BaseException
 ) -> None:
@@ -65,6 +82,108 @@ async def park(
         topic,
         type(error).__name__,
     )
+
+
+class OutageLog:
+    """One log line when a part (Kafka, PostgreSQL) becomes unreachable, one when it answers again, and
+    none in between, however often the caller retries. `who` names the caller in each line."""
+
+    def __init__(self, logger: logging.Logger, who: str):
+        self.log, self.who = logger, who
+        self.away: dict[str, float] = {}  # part -> when it went away (monotonic)
+
+    def down(self, part: str, exc: BaseException) -> None:
+        if part in self.away:
+            return
+        self.away[part] = time.monotonic()
+        self.log.warning(
+            "%s cannot reach %s (%s: %s); retrying quietly until it answers again",
+            self.who,
+            part,
+            type(exc).__name__,
+            exc,
+        )
+
+    def up(self, *parts: str) -> None:
+        """`parts` answered (none given: every part)."""
+        for part in parts or tuple(self.away):
+            since = self.away.pop(part, None)
+            if since is not None:
+                self.log.warning("%s reaches %s again (after %.0f s)", self.who, part, time.monotonic() - since)
+
+
+async def part_away(exc: BaseException, pool: asyncpg.Pool) -> str | None:
+    """'PostgreSQL' or 'Kafka' when `exc`, raised by a round that uses both (a relay's), says that part is
+    away; None for anything else (a bug, to be logged with its traceback).
+
+    asyncpg's and aiokafka's own errors say which. A refused or reset connection and a timeout (OSError,
+    TimeoutError) could come from either: the database is asked, and answers if it is not the one away.
+    """
+    if isinstance(exc, KafkaError):
+        return "Kafka"
+    if not database_away(exc):
+        return None
+    if not isinstance(exc, OSError):  # asyncpg's: PostgresConnectionError, InterfaceError, ...
+        return "PostgreSQL"
+    try:
+        await asyncio.wait_for(pool.fetchval("SELECT 1"), 2.0)
+    except Exception:
+        return "PostgreSQL"
+    return "Kafka"
+
+
+class KafkaClientChatter(logging.Filter):
+    """aiokafka logs every failed connection, metadata request and coordinator lookup, at ERROR, on each
+    retry: about 8,000 lines per service in a 2-minute broker outage. The services say once that Kafka is
+    away and once that it is back (OutageLog); of aiokafka's own lines, each distinct one passes at most
+    once per `every_s` (its message template, so a line repeated for each node or retry counts once)."""
+
+    def __init__(self, every_s: float = 600.0):
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.CRITICAL:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+# aiokafka's modules that log per retry (logging.getLogger(__name__) in each): a logger's filters apply
+# to what is logged on it, not to its children, so each gets the filter. Installed when this module is
+# imported, which every service that talks to Kafka does.
+_CHATTY = (
+    "aiokafka",
+    "aiokafka.conn",
+    "aiokafka.client",
+    "aiokafka.cluster",
+    "aiokafka.consumer.consumer",
+    "aiokafka.consumer.fetcher",
+    "aiokafka.consumer.group_coordinator",
+    "aiokafka.consumer.subscription_state",
+    "aiokafka.producer.producer",
+    "aiokafka.producer.sender",
+    "aiokafka.producer.message_accumulator",
+    "aiokafka.admin.client",
+)
+
+
+def quiet_kafka_client_logs(every_s: float = 600.0) -> None:
+    for name in _CHATTY:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, KafkaClientChatter) for f in logger.filters):
+            logger.addFilter(KafkaClientChatter(every_s))
+
+
+quiet_kafka_client_logs()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,15 @@ import logging
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared.kafka import DeadLetter, leave_group_on_stop, make_producer, refused_for_content, send_dead_letters
+from services.shared.kafka import (
+    DeadLetter,
+    OutageLog,
+    kafka_away,
+    leave_group_on_stop,
+    make_producer,
+    refused_for_content,
+    send_dead_letters,
+)
 from services.validation import metrics
 from services.validation.handler import Outcome, RequestHandler
 from services.validation.settings import ValidationSettings
@@ -63,6 +71,7 @@ class ValidationWorker:
         self.settings, self.handler = settings, handler
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self._outages = OutageLog(log, "validation worker")
         self._progress: dict[TopicPartition, PartitionProgress] = {}
         self._tasks: dict[asyncio.Task, TopicPartition] = {}
         self._loop_task: asyncio.Task | None = None
@@ -129,8 +138,11 @@ class ValidationWorker:
                 await self._commit()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the loop outlives any one failure (broker away, a bug in one batch)
-                log.exception("worker loop iteration failed; continuing")
+            except Exception as exc:  # the loop outlives any one failure (broker away, a bug in one batch)
+                if kafka_away(exc):
+                    self._outages.down("Kafka", exc)  # one line per outage
+                else:
+                    log.exception("worker loop iteration failed; continuing")
                 await asyncio.sleep(0.5)
 
     async def _answer(self, tp: TopicPartition, record) -> None:
@@ -149,6 +161,7 @@ class ValidationWorker:
             while True:
                 try:
                     await self._send(outcome)
+                    self._outages.up("Kafka")
                     break
                 except asyncio.CancelledError:
                     raise
@@ -187,13 +200,16 @@ class ValidationWorker:
                             )
                         )
                         continue
-                    log.warning(
-                        "sending the answer to %s[%d]@%d failed (%s); retrying",
-                        tp.topic,
-                        tp.partition,
-                        record.offset,
-                        type(exc).__name__,
-                    )
+                    if kafka_away(exc):
+                        self._outages.down("Kafka", exc)  # one line per outage, not per answer and retry
+                    else:
+                        log.warning(
+                            "sending the answer to %s[%d]@%d failed (%s); retrying",
+                            tp.topic,
+                            tp.partition,
+                            record.offset,
+                            type(exc).__name__,
+                        )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         progress = self._progress.get(tp)
@@ -220,8 +236,12 @@ class ValidationWorker:
         try:
             await self.consumer.commit(offsets)
         except KafkaError as exc:  # harmless: uncommitted requests are answered again, never lost
-            log.warning("offset commit failed (%s); will retry", type(exc).__name__)
+            if kafka_away(exc):
+                self._outages.down("Kafka", exc)
+            else:
+                log.warning("offset commit failed (%s); will retry", type(exc).__name__)
             return
+        self._outages.up("Kafka")
         for tp, point in offsets.items():
             self._progress[tp].committed = point
 
