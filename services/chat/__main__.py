@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from services.chat.app import create_app
 from services.chat.bootstrap import wire
 from services.chat.settings import ChatSettings
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
 from services.shared.sealing import SealingSettings
+from services.shared.serving import server_config
 from services.shared.settings import refuse_default_secrets
 
 
@@ -25,17 +24,9 @@ def main() -> None:
     log.info("chat service on http://%s:%d/", settings.http_host, settings.http_port)
     # Like credits and validation: SIGTERM/SIGINT finish the requests in flight (their outbox rows
     # complete), stop the relay through the lifespan, and the process then exits 0 rather than by
-    # the re-raised signal. uvloop and httptools are uvicorn's own picks when installed.
-    server = GracefulServer(
-        uvicorn.Config(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level="warning",
-            access_log=False,
-            log_config=None,
-        )
-    )
+    # the re-raised signal. uvloop and httptools, with the limits per connection of serving.py
+    # (header size and time, body time, keep-alive, connections, requests in flight, open files).
+    server = GracefulServer(server_config(app, settings.http_host, settings.http_port))
     server.run()
     log.info("chat service stopped")
 

@@ -21,15 +21,11 @@ log = logging.getLogger("services.credits")
 
 
 def _http_server(settings: CreditSettings, runtime) -> GracefulServer:
-    import uvicorn
-
     from services.shared.http import GracefulServer
+    from services.shared.serving import server_config
 
-    return GracefulServer(
-        uvicorn.Config(
-            runtime.api(), host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False
-        )
-    )
+    # uvicorn with the limits per connection of serving.py (shared by every service).
+    return GracefulServer(server_config(runtime.api(), settings.http_host, settings.http_port))
 
 
 async def serve(settings: CreditSettings) -> None:

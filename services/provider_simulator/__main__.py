@@ -14,6 +14,7 @@ import sys
 import uvicorn
 
 from services.provider_simulator.app import SimulatorState, base_urls, build_app
+from services.shared.serving import server_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     state = SimulatorState()
     for key in filter(None, (k.strip() for k in os.environ.get("SIM_VALID_KEYS", "").split(","))):
         state.register(key, "valid")
-    uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
+    # uvicorn with the limits per connection every service has (services/shared/serving.py).
+    uvicorn.Server(server_config(build_app(state), args.host, args.port)).run()
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.shared.http import GracefulServer
 from services.shared.logging import setup_logging
 from services.shared.sealing import SealingSettings
+from services.shared.serving import server_config
 from services.shared.settings import refuse_default_secrets
 from services.validation.bootstrap import Validation, build
 from services.validation.settings import ValidationSettings
@@ -53,15 +53,7 @@ async def serve(settings: ValidationSettings) -> None:
         log.warning("using the DEV-ONLY sealing key pair from the repository; set KEY_SEAL_* in production")
     validation = build(settings, sealing)
     await start_worker(validation)
-    server = GracefulServer(
-        uvicorn.Config(
-            health_app(validation),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level="warning",
-            access_log=False,
-        )
-    )
+    server = GracefulServer(server_config(health_app(validation), settings.http_host, settings.http_port))
     log.info(
         "validation worker up: consuming %s, health on %s:%d (keys: %s)",
         settings.key_check_requests_topic,
