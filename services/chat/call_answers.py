@@ -151,6 +151,15 @@ def outcome_of(
     )
 
 
+def unrecorded_outcome(call: CallPlan, failed: ModelCallCompleted, outcome: Outcome, book: PriceBook) -> Outcome:
+    """The answer of a call that ended while its record could not be written (the database away): the
+    text it had, not charged, since the event written later says failed."""
+    billing = billing_of(call, failed, book)
+    notice = "This answer could not be recorded (our database is away for a moment), so it is not charged."
+    text = str(outcome.body.get("reply") or "")
+    return Outcome(200, answer_body(call, failed, billing, text, notice))
+
+
 def answer_body(
     call: CallPlan, event: ModelCallCompleted, billing: Billing, text: str, notice: str | None
 ) -> dict[str, Any]:

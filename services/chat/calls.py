@@ -34,7 +34,7 @@ from billing.pricing import PriceBook
 from providers import ChatReply, ProviderError
 from schemas.events import CallStatus, Ending, KeyCheckStatus, ModelCallCompleted
 from services.chat.balances import BalanceReader, CreditsUnavailable, HoldConflict, HoldRefused, Reservation
-from services.chat.call_answers import CallPlan, ended_event, outcome_of, short_of_credits
+from services.chat.call_answers import CallPlan, ended_event, outcome_of, short_of_credits, unrecorded_outcome
 from services.chat.call_request import CallRequest
 from services.chat.call_store import INTERRUPTED_STATUS, CallRecord, CallStore, Outcome, interrupted_body
 from services.chat.idempotency import IdempotencyKeyReused, call_event_id, checked_key
@@ -74,11 +74,13 @@ class ChatCalls:
         lease_s: float = 30.0,
         poll_s: float = 0.5,
         release_again_s: float = 10.0,
+        record_wait_s: float = 10.0,
     ):
         self.service, self.store, self.keys, self.balances = service, store, keys, balances
         self.call_model, self.stream_model, self.book = call_model, stream_model, price_book
         self.instance_id = instance_id or uuid.uuid4()
         self.call_max_s, self.lease_s, self.poll_s, self.release_again_s = call_max_s, lease_s, poll_s, release_again_s
+        self.record_wait_s = record_wait_s
         self.running: dict[tuple[str, str], RunningCall] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -222,10 +224,10 @@ class ChatCalls:
             }
             outcome = Outcome(503, body)
             event = pending.model_copy(update={"ending": Ending.NOT_STARTED, "occurred_at": self.service.clock()})
-            settle = self._spawn(self._record(handle, event, outcome))
+            settle = self._spawn(self._write(handle, event, outcome))  # failed: never billed, whenever written
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            await asyncio.shield(settle)
+            await asyncio.wait({settle}, timeout=self.record_wait_s)
             return outcome
 
     def _release_soon(self, who: Identity, event_id: uuid.UUID) -> None:
@@ -283,16 +285,31 @@ class ChatCalls:
             ending = Ending.PROVIDER_ERROR
         event = ended_event(call, running.deltas, started, ending, reply, self.service.clock())
         outcome = outcome_of(call, running.deltas, event, error, reply, self.book)
-        outcome = await self._record(call.handle, event, outcome)
+        outcome = await self._record(call, event, outcome)
         if outcome.ok or error is not None:
             await self._mark_key(call, error)
         self.running.pop((call.who.user_id, call.key), None)
         running.finish(outcome)
 
-    async def _record(self, handle: int, event: ModelCallCompleted, outcome: Outcome) -> Outcome:
-        """Write the call's event and outcome, retrying while the database is away (the pending event
-        and its hold wait meanwhile). A pending event already published (this instance's lease lapsed)
-        wins: the call ends as interrupted and is not shown as charged."""
+    async def _record(self, call: CallPlan, event: ModelCallCompleted, outcome: Outcome) -> Outcome:
+        """Write the call's event and outcome. A pending event already published (this instance's lease
+        lapsed) wins: the call ends as interrupted and is not shown as charged. While the database is
+        away the write is retried; past `record_wait_s` the call is answered as not charged and what is
+        written, once the database is back, is that: a failed event (never billed), never the charge
+        the user was not shown."""
+        write = asyncio.ensure_future(self._write(call.handle, event, outcome))
+        try:
+            return await asyncio.wait_for(asyncio.shield(write), self.record_wait_s)
+        except TimeoutError:
+            pass
+        write.cancel()
+        await asyncio.gather(write, return_exceptions=True)
+        failed = event.model_copy(update={"status": CallStatus.FAILED, "ending": Ending.INTERRUPTED})
+        unrecorded = unrecorded_outcome(call, failed, outcome, self.book)
+        self._spawn(self._write(call.handle, failed, unrecorded))
+        return unrecorded
+
+    async def _write(self, handle: int, event: ModelCallCompleted, outcome: Outcome) -> Outcome:
         backoff = 0.2
         while True:
             try:
@@ -303,7 +320,8 @@ class ChatCalls:
                 await asyncio.shield(self.store.end(event.event_id, lost))
                 return lost
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("cannot record the end of call %s yet (%s)", event.event_id, type(exc).__name__)
+                if backoff == 0.2:
+                    log.warning("cannot record the end of call %s yet (%s)", event.event_id, type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 

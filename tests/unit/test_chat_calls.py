@@ -190,3 +190,29 @@ async def test_readers_see_the_text_from_the_start_then_the_outcome():
     call.push("b")
     call.finish(Outcome(200, {"reply": "ab"}))
     assert [x async for x in late] == ["b", Outcome(200, {"reply": "ab"})]
+
+
+async def test_a_call_whose_end_cannot_be_recorded_is_answered_free_and_recorded_failed():
+    """The database is away when the answer comes: past `record_wait_s` the user is told the answer is not
+    charged, and what is written once the database is back is a failed event, never the charge."""
+    calls, store, _, _ = make(record_wait_s=0.1)
+    real_finish, attempts = store.finish, []
+
+    async def away_then_back(handle, event, outcome):
+        attempts.append(event)
+        if len(attempts) < 4:
+            raise ConnectionRefusedError("database away")
+        return await real_finish(handle, event, outcome)
+
+    store.finish = away_then_back
+    done = await (await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k")).result()
+    assert done.ok and done.body["charged"] is False and "not charged" in done.body["notice"]
+    assert done.body["reply"]  # the answer itself is given
+    for _ in range(100):
+        if store.rows[1][1]:
+            break
+        await asyncio.sleep(0.05)
+    written, ready = store.rows[1]
+    assert ready and written.status is CallStatus.FAILED and written.ending is Ending.INTERRUPTED
+    assert attempts[0].status is CallStatus.SUCCEEDED  # it was tried as it was, first
+    assert (await store.find("alice", "k")).outcome == done
