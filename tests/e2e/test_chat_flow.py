@@ -210,7 +210,8 @@ def test_dev_sign_in_sets_the_session_cookie_and_logout_discards_the_key(system:
     with httpx.Client(base_url=system.chat.url) as browser:
         r = browser.post("/auth/dev-login", json={"user_id": "carol"})
         assert r.status_code == 200 and r.json()["welcome_grant"]["plan"] == "free"
-        assert browser.get("/api/me").json() == {"user_id": "carol", "role": "user"}
+        me = browser.get("/api/me").json()
+        assert (me["user_id"], me["role"]) == ("carol", "user") and me["session_expires_at"] > time.time()
         r = use_settings(browser, "gemini", "gemini-2.5-flash", own=True, key="AIzaSyValid" + "c" * 28)
         assert r.status_code == 200, r.text
         assert browser.post("/chat", json={"message": "hi"}).json()["billing"]["decision"] == "not_billed_byok"
