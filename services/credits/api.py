@@ -33,6 +33,7 @@ from services.shared.edge import (
     install_http_error_handler,
     install_outage_handlers,
 )
+from services.shared.sessions import SessionRevocations
 
 
 class GrantIn(BaseModel):
@@ -70,6 +71,8 @@ class ApiContext:
     book: PriceBook
     consumer_running: Callable[[], bool] = lambda: True
     stall: StallWatch | None = None  # None: no consumer in this process
+    # Sign-outs recorded by the chat (services/shared/sessions.py): a signed-out token opens nothing here.
+    sessions: SessionRevocations | None = None
 
 
 def detail_body(code: str, sentence: str) -> dict:
@@ -94,9 +97,16 @@ def build_api(ctx: ApiContext) -> FastAPI:
                 status.HTTP_401_UNAUTHORIZED, "send a bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
         try:
-            return read_token(ctx.settings.auth_jwt_secret, authorization[7:].strip())
+            who = read_token(ctx.settings.auth_jwt_secret, authorization[7:].strip())
         except AuthError as exc:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+        if ctx.sessions is not None and ctx.sessions.is_revoked(who):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "this session was signed out; sign in again",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return who
 
     Caller = Annotated[Identity, Depends(identity)]
 

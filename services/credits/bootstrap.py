@@ -19,6 +19,7 @@ from services.credits.service import CreditService
 from services.credits.settings import CreditSettings
 from services.shared.db import create_pool, migrate
 from services.shared.gc_tuning import tune_for_batches
+from services.shared.sessions import SessionRevocations
 
 log = logging.getLogger("services.credits")
 
@@ -31,6 +32,7 @@ class CreditRuntime:
     ledger: Ledger
     consumer: CreditConsumer
     book: PriceBook
+    sessions: SessionRevocations
 
     async def lag(self) -> int | None:
         return await consumer_lag(self.consumer.subscriber)
@@ -47,6 +49,7 @@ class CreditRuntime:
                 self.book,
                 consumer_running=lambda: self.consumer.broker.running,
                 stall=self.consumer.watch,
+                sessions=self.sessions,
             )
         )
 
@@ -65,6 +68,8 @@ async def running(
     book = book or default_price_book()
     ledger = ledger_factory(pool)
     consumer = build_consumer(settings, CreditService(ledger, book))
+    sessions = SessionRevocations(pool)
+    await sessions.start()
     tune_for_batches()
     await consumer.start()
     background = [
@@ -76,9 +81,10 @@ async def running(
     elif settings.relay_mode == "task":
         background.append(asyncio.create_task(run_relay(settings)))
     try:
-        yield CreditRuntime(settings, pool, producer, ledger, consumer, book)
+        yield CreditRuntime(settings, pool, producer, ledger, consumer, book, sessions)
     finally:
         await consumer.stop()
+        await sessions.stop()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

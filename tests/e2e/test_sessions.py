@@ -116,3 +116,15 @@ def test_a_sign_out_on_one_instance_is_seen_by_another_within_a_second(stack: St
                 await p.close()
 
     asyncio.run(run())
+
+
+def test_a_signed_out_token_opens_nothing_at_the_credit_service_either(system: ChatSystem):
+    api = system.client("direct")  # a bearer token, as the chat and API clients send it
+    headers = dict(api.headers)
+    credits = f"{system.credits.url}/api/credits/direct"
+    assert httpx.get(credits, headers=headers).status_code in (200, 404)
+    assert api.post("/auth/logout").status_code == 200
+    deadline = time.monotonic() + 3  # the credit service reads sign-outs every second
+    while (r := httpx.get(credits, headers=headers)).status_code != 401 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert r.status_code == 401 and "signed out" in r.text
