@@ -206,7 +206,7 @@ CREATE TABLE chat_model_settings (
     fallback_to_platform boolean DEFAULT false NOT NULL,
     CONSTRAINT chat_model_settings_key_hint_check CHECK (((key_hint IS NULL) OR (length(key_hint) <= 16))),
     CONSTRAINT chat_model_settings_model_check CHECK (((length(model) >= 1) AND (length(model) <= 200))),
-    CONSTRAINT chat_model_settings_provider_check CHECK ((provider = ANY (ARRAY['openai'::text, 'anthropic'::text, 'groq'::text, 'gemini'::text]))),
+    CONSTRAINT chat_model_settings_provider_shape CHECK ((provider ~ '^[a-z][a-z0-9_]{0,39}$'::text)),
     CONSTRAINT chat_model_settings_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))
 );
 
@@ -247,7 +247,7 @@ CREATE TABLE chat_session_keys (
     CONSTRAINT chat_session_keys_key_hint_check CHECK ((length(key_hint) <= 16)),
     CONSTRAINT chat_session_keys_key_message_check CHECK ((length(key_message) <= 2000)),
     CONSTRAINT chat_session_keys_key_status_check CHECK ((length(key_status) <= 40)),
-    CONSTRAINT chat_session_keys_provider_check CHECK ((provider = ANY (ARRAY['openai'::text, 'anthropic'::text, 'groq'::text, 'gemini'::text]))),
+    CONSTRAINT chat_session_keys_provider_shape CHECK ((provider ~ '^[a-z][a-z0-9_]{0,39}$'::text)),
     CONSTRAINT chat_session_keys_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['sign_out'::text, 'byok_off'::text, 'removed'::text, 'replaced'::text]))),
     CONSTRAINT chat_session_keys_session_id_check CHECK (((length(session_id) >= 1) AND (length(session_id) <= 200))),
     CONSTRAINT chat_session_keys_user_id_check CHECK (((length(user_id) >= 1) AND (length(user_id) <= 200)))

@@ -4,8 +4,8 @@ protocol (`base.ProviderApi`), found through `registry.REGISTRY` by `schemas.eve
 | module | what |
 |---|---|
 | `base.py` | the protocol, `ProviderBase` (key-shape check and user messages), `KeyVerdict`, `ChatReply`, `ProviderError`, `SseDecoder` / `StreamPiece` (streams), pure helpers |
-| `openai.py`, `anthropic.py`, `groq.py`, `gemini.py` | each provider: key shape, base-URL setting, paths, auth headers, chat body and reply, stream body and events, error classification |
-| `registry.py` | `REGISTRY`, `of(provider)`, `owner_of(key)`, `provider_of_model(model)`, `ProviderSettings` |
+| `openai.py`, `anthropic.py`, `groq.py`, `gemini.py` | each provider: key shape, models (catalog and prefixes), base-URL and platform-key settings, paths, auth headers, chat body and reply, stream body and events, error classification |
+| `registry.py` | `REGISTRY`, `of(provider)`, `owner_of(key)`, `models()` (the catalog), `provider_of_model(model)`, `key_pattern()` (what logs mask), `ProviderSettings` (base URLs), `PlatformKeySettings` (the platform's keys) |
 | `client.py` | `list_models`, `chat_completion` and `chat_stream` over the caller's HTTP client (the `ProviderHttp` port, with `post_stream`) |
 
 The functions below take a `Provider` (or its value) and ask its module; the services use them.
@@ -34,7 +34,16 @@ from providers.base import (
     normalize_key,
 )
 from providers.client import HttpStream, ProviderUnreachable, chat_completion, chat_stream, list_models
-from providers.registry import REGISTRY, ProviderSettings, of, owner_of, provider_of_model
+from providers.registry import (
+    REGISTRY,
+    PlatformKeySettings,
+    ProviderSettings,
+    key_pattern,
+    models,
+    of,
+    owner_of,
+    provider_of_model,
+)
 from schemas.events import KeyCheckStatus, Provider
 
 __all__ = [
@@ -44,21 +53,25 @@ __all__ = [
     "HttpStream",
     "InvalidModelId",
     "KeyVerdict",
+    "PlatformKeySettings",
     "ProviderApi",
     "ProviderError",
     "ProviderSettings",
     "ProviderUnreachable",
     "auth_headers",
+    "call_failed",
     "chat_body",
     "chat_completion",
     "chat_path",
     "chat_stream",
     "classify_error",
     "key_hint",
+    "key_pattern",
     "key_shape_problem",
     "list_models",
     "malformed",
     "model_segment",
+    "models",
     "models_path",
     "normalize_key",
     "of",
@@ -118,15 +131,21 @@ def parse_chat_reply(provider: Provider | str, model: str, body: Mapping[str, An
 
 
 def classify_error(
-    provider: Provider | str, http_status: int, body: ErrorBody, headers: Mapping[str, str] | None = None
+    provider: Provider | str,
+    http_status: int,
+    body: ErrorBody,
+    headers: Mapping[str, str] | None = None,
+    *,
+    call: bool = False,
 ) -> KeyVerdict:
     """Map a provider's non-2xx answer (status, error body, headers) to a verdict on the key.
 
-    Works for the model-list check and for chat calls alike. Unknown 4xx answers are reported as
-    `provider_unavailable` with the provider's status, never as `invalid`: only an explicit
-    authentication refusal condemns a key.
+    Works for the model-list check and for chat calls alike (`call=True` words an unavailable
+    provider as a failed call, not as a check that could not be made). Unknown 4xx answers are
+    reported as `provider_unavailable` with the provider's status, never as `invalid`: only an
+    explicit authentication refusal condemns a key.
     """
-    return of(provider).classify_error(http_status, body, headers)
+    return of(provider).classify_error(http_status, body, headers, call=call)
 
 
 def valid(provider: Provider | str) -> KeyVerdict:
@@ -138,5 +157,11 @@ def malformed(provider: Provider | str, problem: str) -> KeyVerdict:
 
 
 def unavailable(provider: Provider | str, reason: str = "did not answer in time") -> KeyVerdict:
-    """The provider could not be asked (timeout, network, 5xx): never a verdict on the key."""
+    """A key check the provider could not answer (timeout, network, 5xx): never a verdict on the key."""
     return of(provider).unavailable(reason)
+
+
+def call_failed(provider: Provider | str, reason: str = "did not answer in time") -> KeyVerdict:
+    """A call the provider could not answer (timeout, network, 5xx): the call did not complete; never a
+    verdict on the key."""
+    return of(provider).call_failed(reason)

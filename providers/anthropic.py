@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers.base import (
@@ -52,6 +53,14 @@ class AnthropicSettings(BaseSettings):
     anthropic_version: str = ANTHROPIC_VERSION
 
 
+class AnthropicPlatformKey(BaseSettings):
+    """`ANTHROPIC_API_KEY`: the platform's own key; the default is a dummy the local simulator accepts."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    anthropic_api_key: str | None = Field(default="sk-ant-local-simulator-valid-platform-0001", repr=False)
+
+
 class Anthropic(ProviderBase):
     provider = Provider.ANTHROPIC
     name = "Anthropic"
@@ -59,9 +68,11 @@ class Anthropic(ProviderBase):
     key_charset = r"[A-Za-z0-9_\-]"
     key_min_length = 20
     model_prefixes = ("claude",)
+    models = ("claude-3-5-haiku", "claude-sonnet-4", "claude-3-7-sonnet", "claude-3-5-sonnet", "claude-opus-4")
     keys_url = "https://console.anthropic.com/settings/keys"
     billing_url = "https://console.anthropic.com/settings/billing"
     base_url_setting = "anthropic_base_url"
+    api_key_setting = "anthropic_api_key"
 
     def models_path(self) -> str:
         return "/v1/models"

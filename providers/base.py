@@ -300,7 +300,31 @@ class ProviderApi(Protocol):
 
     @property
     def model_prefixes(self) -> tuple[str, ...]:
-        """Model ids that are this provider's start with one of these (the compatibility route's guess)."""
+        """Model ids that start with one of these are this provider's (its own naming: `gpt-`,
+        `claude`, ...). No two providers claim overlapping prefixes (a test holds them to it)."""
+        ...
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The catalog: the models the page and `GET /v1/models` offer for this provider, in the page's
+        order (any model id is accepted over the API). Each is this provider's by exact id."""
+        ...
+
+    @property
+    def hosted_models(self) -> tuple[str, ...]:
+        """Other models this provider runs and owns by exact id although no prefix of its own names
+        them (another maker's name, e.g. Groq's `mistral-saba-24b`), so the prefix stays free for the
+        maker's own provider. Not offered by the catalog."""
+        ...
+
+    @property
+    def base_url_setting(self) -> str:
+        """The field of `registry.ProviderSettings` (env name, lowercased) holding the base URL."""
+        ...
+
+    @property
+    def api_key_setting(self) -> str:
+        """The field of `registry.PlatformKeySettings` (env name, lowercased) holding the platform's own key."""
         ...
 
     @property
@@ -320,6 +344,17 @@ class ProviderApi(Protocol):
 
     def key_prefix_of(self, api_key: str) -> str | None:
         """The prefix of `api_key` among this provider's key prefixes (the longest), or None."""
+        ...
+
+    def key_pattern(self) -> str:
+        """A regular expression matching anything shaped like this provider's key, even cut short (12
+        characters after its prefix, or half its shortest length if more): what the logs mask
+        (`services.shared.logging`)."""
+        ...
+
+    def sample_key(self, marker: str) -> str:
+        """A key of this provider's shape carrying `marker` (a behaviour word of the provider simulator,
+        e.g. `valid`), ending in `a1b2`: for tests and local defaults, never a real key."""
         ...
 
     def base_url(self, settings: BaseSettings) -> str:
@@ -346,9 +381,13 @@ class ProviderApi(Protocol):
         """Text and token usage of a successful chat answer (raises KeyError/TypeError/... when unreadable)."""
         ...
 
-    def classify_error(self, http_status: int, body: ErrorBody, headers: Mapping[str, str] | None = None) -> KeyVerdict:
+    def classify_error(
+        self, http_status: int, body: ErrorBody, headers: Mapping[str, str] | None = None, *, call: bool = False
+    ) -> KeyVerdict:
         """A non-2xx answer (model list or chat) as a verdict on the key. Only an explicit
-        authentication refusal condemns a key; anything unknown is `provider_unavailable`."""
+        authentication refusal condemns a key; anything unknown is `provider_unavailable`, worded as a
+        key check that could not be made (`unavailable`) or, with `call`, as a call that failed
+        (`call_failed`)."""
         ...
 
     # --- streaming (the pure parts; the call is `providers.client.chat_stream`) ---
@@ -367,7 +406,8 @@ class ProviderApi(Protocol):
         ...
 
     def classify_stream_error(self, body: Mapping[str, Any]) -> KeyVerdict:
-        """An error the provider sent in the middle of a stream (HTTP 200 already sent), as a verdict."""
+        """An error the provider sent in the middle of a stream (HTTP 200 already sent), as a verdict
+        worded for a call."""
         ...
 
     def cut_off(self, reason: str) -> KeyVerdict:
@@ -377,7 +417,12 @@ class ProviderApi(Protocol):
     def valid(self) -> KeyVerdict: ...
 
     def unavailable(self, reason: str = "did not answer in time") -> KeyVerdict:
-        """The provider could not be asked (timeout, network, 5xx): never a verdict on the key."""
+        """A key check the provider could not answer (timeout, network, 5xx): never a verdict on the key."""
+        ...
+
+    def call_failed(self, reason: str = "did not answer in time") -> KeyVerdict:
+        """A call the provider could not answer (timeout, network, 5xx, an unreadable answer): the call
+        did not complete, and it says nothing about the key (nothing was being verified)."""
         ...
 
 
@@ -394,9 +439,12 @@ class ProviderBase:
     key_charset: ClassVar[str]  # regex character class of the rest of the key
     key_min_length: ClassVar[int]
     model_prefixes: ClassVar[tuple[str, ...]]
+    models: ClassVar[tuple[str, ...]]
+    hosted_models: ClassVar[tuple[str, ...]] = ()
     keys_url: ClassVar[str]
     billing_url: ClassVar[str]
     base_url_setting: ClassVar[str]  # the settings field (env name, lowercased) of the base URL
+    api_key_setting: ClassVar[str]  # the settings field of the platform's own key
 
     # --- key shape ---
 
@@ -426,23 +474,37 @@ class ProviderBase:
         """The prefix of `api_key` among this provider's key prefixes (the longest), or None."""
         return next((p for p in self.key_prefixes if api_key.startswith(p)), None)
 
+    def key_pattern(self) -> str:
+        # At least 12 characters after the prefix, so words such as `task-scheduler` stay readable;
+        # a key cut to half its shortest length is still masked.
+        tails = ((p, max(12, (self.key_min_length - len(p)) // 2)) for p in self.key_prefixes)
+        return "|".join(f"{re.escape(p)}{self.key_charset}{{{n},}}" for p, n in tails)
+
+    def sample_key(self, marker: str) -> str:
+        separator = "-" if re.fullmatch(self.key_charset, "-") else ""
+        zeros = max(20, self.key_min_length - len(self.key_prefixes[0]) - len(separator) - 4)
+        return f"{self.key_prefixes[0]}{marker}{separator}{'0' * zeros}a1b2"
+
     def base_url(self, settings: BaseSettings) -> str:
         return str(getattr(settings, self.base_url_setting)).rstrip("/")
 
     # --- errors ---
 
-    def classify_error(self, http_status: int, body: ErrorBody, headers: Mapping[str, str] | None = None) -> KeyVerdict:
+    def classify_error(
+        self, http_status: int, body: ErrorBody, headers: Mapping[str, str] | None = None, *, call: bool = False
+    ) -> KeyVerdict:
+        unavailable = self.call_failed if call else self.unavailable
         if http_status >= 500 or http_status in (408, 529):
-            return self.unavailable(f"is having problems right now (HTTP {http_status})")
+            return unavailable(f"is having problems right now (HTTP {http_status})")
         verdict = self.classify_refusal(http_status, error_fields(body), retry_after(headers))
-        return verdict or self.unavailable(f"answered with an unexpected error (HTTP {http_status})")
+        return verdict or unavailable(f"answered with an unexpected error (HTTP {http_status})")
 
     def classify_refusal(self, http_status: int, error: ErrorFields, retry_after_s: float | None) -> KeyVerdict | None:
         """A 4xx answer as a verdict on the key, from the provider's own error body; None when unknown."""
         raise NotImplementedError
 
     def classify_stream_error(self, body: Mapping[str, Any]) -> KeyVerdict:
-        return self.classify_error(self.stream_error_status(error_fields(body)), body)
+        return self.classify_error(self.stream_error_status(error_fields(body)), body, call=True)
 
     def stream_error_status(self, error: ErrorFields) -> int:
         """The HTTP status an error sent mid-stream stands for (the stream itself answered 200): the
@@ -458,6 +520,13 @@ class ProviderBase:
         return KeyVerdict(
             KeyCheckStatus.PROVIDER_UNAVAILABLE,
             f"We could not verify your key because {self.name} {reason}. The key may well be fine: try again in a minute.",
+        )
+
+    def call_failed(self, reason: str = "did not answer in time") -> KeyVerdict:
+        return KeyVerdict(
+            KeyCheckStatus.PROVIDER_UNAVAILABLE,
+            f"{self.name} {reason}, so this call did not complete. This says nothing about your key: "
+            "try again in a minute.",
         )
 
     def cut_off(self, reason: str) -> KeyVerdict:

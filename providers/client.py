@@ -106,8 +106,8 @@ async def chat_completion(
     *,
     max_tokens: int = 1024,
 ) -> ChatReply:
-    """One non-streaming chat call. Raises `ProviderError` on any failure (timeouts and network
-    errors become `provider_unavailable`)."""
+    """One non-streaming chat call. Raises `ProviderError` on any failure (timeouts, network errors and
+    the provider's 5xx become `provider_unavailable`, worded as a call that failed: `call_failed`)."""
     api = of(provider)
     try:
         response = await client.post_json(
@@ -120,21 +120,21 @@ async def chat_completion(
     if response.status_code >= 400:
         raise ProviderError(
             api.provider,
-            api.classify_error(response.status_code, response.content, response.headers),
+            api.classify_error(response.status_code, response.content, response.headers, call=True),
             response.status_code,
         )
     try:
         return api.parse_chat_reply(model, response.json())
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise ProviderError(
-            api.provider, api.unavailable("sent an answer we could not read"), response.status_code
+            api.provider, api.call_failed("sent an answer we could not read"), response.status_code
         ) from None
 
 
 def _unreachable(api: ProviderApi, exc: ProviderUnreachable) -> ProviderError:
-    """No answer at all: the request failed before any status came."""
+    """No answer at all: the call's request failed before any status came."""
     reason = "did not answer in time" if exc.timed_out else f"could not be reached ({exc.kind})"
-    return ProviderError(api.provider, api.unavailable(reason), timed_out=exc.timed_out)
+    return ProviderError(api.provider, api.call_failed(reason), timed_out=exc.timed_out)
 
 
 async def chat_stream(
@@ -176,7 +176,7 @@ async def chat_stream(
                     content = b""  # the status alone says enough
                 raise ProviderError(
                     api.provider,
-                    api.classify_error(answer.status_code, content, answer.headers),
+                    api.classify_error(answer.status_code, content, answer.headers, call=True),
                     answer.status_code,
                 )
             status = answer.status_code
@@ -191,7 +191,7 @@ async def chat_stream(
                     pieces = [api.parse_stream_event(event) for event in decoder.feed(chunk)]
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                     raise ProviderError(
-                        api.provider, api.unavailable("sent an answer we could not read"), status
+                        api.provider, api.call_failed("sent an answer we could not read"), status
                     ) from None
                 for piece in pieces:
                     if piece.error is not None:
@@ -210,7 +210,7 @@ async def chat_stream(
                     api.provider, api.cut_off("closed the connection before the answer was complete"), status
                 )
             if input_tokens is None or output_tokens is None:
-                raise ProviderError(api.provider, api.unavailable("ended the answer without its token usage"), status)
+                raise ProviderError(api.provider, api.call_failed("ended the answer without its token usage"), status)
             await _drain(answer)
     except ProviderUnreachable as exc:
         if not started:

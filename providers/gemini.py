@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers.base import (
@@ -32,6 +33,14 @@ class GeminiSettings(BaseSettings):
     gemini_base_url: str = "https://generativelanguage.googleapis.com"
 
 
+class GeminiPlatformKey(BaseSettings):
+    """`GEMINI_API_KEY`: the platform's own key; the default is a dummy the local simulator accepts."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    gemini_api_key: str | None = Field(default="AIzaLocalSimulatorValidPlatform000000001", repr=False)
+
+
 class Gemini(ProviderBase):
     provider = Provider.GEMINI
     name = "Gemini"
@@ -39,9 +48,12 @@ class Gemini(ProviderBase):
     key_charset = r"[A-Za-z0-9_\-]"
     key_min_length = 30
     model_prefixes = ("gemini",)
+    # gemini-2.5-flash has no platform price: it runs only on the user's own key.
+    models = ("gemini-2.5-pro", "gemini-2.5-flash")
     keys_url = "https://aistudio.google.com/app/apikey"
     billing_url = "https://aistudio.google.com/app/plan_information"
     base_url_setting = "gemini_base_url"
+    api_key_setting = "gemini_api_key"
 
     def models_path(self) -> str:
         return "/v1beta/models"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers.base import SseEvent, StreamPiece, json_object
@@ -20,16 +21,36 @@ class GroqSettings(BaseSettings):
     groq_base_url: str = "https://api.groq.com"
 
 
+class GroqPlatformKey(BaseSettings):
+    """`GROQ_API_KEY`: the platform's own key; the default is a dummy the local simulator accepts."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    groq_api_key: str | None = Field(default="gsk_localsimulatorvalidplatform0001", repr=False)
+
+
 class Groq(OpenAI):
     provider = Provider.GROQ
     name = "Groq"
     key_prefixes = ("gsk_",)
     key_charset = r"[A-Za-z0-9]"
     key_min_length = 20
-    model_prefixes = ("llama", "gemma", "qwen", "deepseek", "mistral", "mixtral")
+    # Open-weight families Groq runs under their makers' names; `mistral` is not among them: it is
+    # the naming of Mistral's own API (a provider of its own), so the Mistral models Groq runs are
+    # claimed by exact id below.
+    model_prefixes = ("llama", "gemma", "qwen", "deepseek", "mixtral")
+    models = (
+        "llama3-8b-8192",
+        "llama-3.3-70b-versatile",
+        "gemma2-9b-it",
+        "qwen-qwq-32b",
+        "deepseek-r1-distill-llama-70b",
+    )
+    hosted_models = ("mistral-saba-24b",)
     keys_url = "https://console.groq.com/keys"
     billing_url = "https://console.groq.com/settings/billing"
     base_url_setting = "groq_base_url"
+    api_key_setting = "groq_api_key"
 
     def models_path(self) -> str:
         return "/openai/v1/models"

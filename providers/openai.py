@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers.base import (
@@ -36,6 +37,14 @@ class OpenAISettings(BaseSettings):
     openai_base_url: str = "https://api.openai.com/v1"
 
 
+class OpenAIPlatformKey(BaseSettings):
+    """`OPENAI_API_KEY`: the platform's own key; the default is a dummy the local simulator accepts."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    openai_api_key: str | None = Field(default="sk-local-simulator-valid-platform-0001", repr=False)
+
+
 class OpenAI(ProviderBase):
     """OpenAI's API; also the format other providers copy (see `providers/groq.py`)."""
 
@@ -46,9 +55,20 @@ class OpenAI(ProviderBase):
     key_charset = r"[A-Za-z0-9_\-]"
     key_min_length = 20
     model_prefixes: ClassVar[tuple[str, ...]] = ("gpt-", "o1", "o3", "o4", "chatgpt")
+    models: ClassVar[tuple[str, ...]] = (
+        "gpt-4o-mini",
+        "gpt-4o",
+        "gpt-4.1",
+        "gpt-4.1-mini",
+        "gpt-4.1-nano",
+        "o3-mini",
+        "o3",
+        "gpt-5.2-pro",
+    )
     keys_url = "https://platform.openai.com/api-keys"
     billing_url = "https://platform.openai.com/settings/organization/billing"
     base_url_setting = "openai_base_url"
+    api_key_setting = "openai_api_key"
 
     def models_path(self) -> str:
         return "/models"

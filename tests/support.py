@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+import providers
 from infra.harness import free_port, free_ports  # noqa: F401  (tests import them from here)
 from schemas.events import CallStatus, Feature, KeyCheckStatus, KeySource, ModelCallCompleted, Provider
 
@@ -84,14 +85,9 @@ async def wait_for(predicate, timeout_s: float = 30, every_s: float = 0.1, what:
 # The platform's OpenAI key in unit tests that wire the chat service with fakes (tests/fakes.py).
 PLATFORM_KEY = "sk-platform-key-0000000000000000000001"
 
-# Keys of each provider's real shape, with a behaviour marker the provider simulator reacts to
-# (see services/provider_simulator): sim_key(Provider.GROQ, "revoked").
-SIM_KEY_SHAPES = {
-    Provider.OPENAI: "sk-proj-{}-0000000000000000a1b2",
-    Provider.GROQ: "gsk_{}00000000000000000000a1b2",
-    Provider.ANTHROPIC: "sk-ant-api03-{}-000000000000a1b2",
-    Provider.GEMINI: "AIzaSy{}0000000000000000000000a1b2",
-}
+# Keys of each provider's real shape (its module's `sample_key`), with a behaviour marker the provider
+# simulator reacts to (see services/provider_simulator): sim_key(Provider.GROQ, "revoked").
+SIM_KEY_SHAPES = {p: providers.of(p).sample_key("{}") for p in Provider}
 # The key-check status each simulator behaviour must produce.
 BEHAVIOUR_STATUS = {
     "valid": KeyCheckStatus.VALID,
@@ -105,4 +101,4 @@ BEHAVIOUR_STATUS = {
 
 
 def sim_key(provider: Provider, marker: str) -> str:
-    return SIM_KEY_SHAPES[provider].format(marker)
+    return providers.of(provider).sample_key(marker)

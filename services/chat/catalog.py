@@ -1,41 +1,41 @@
-"""Models the page offers for each provider (any model id is accepted over the API)."""
+"""Models the page and `GET /v1/models` offer for each provider (any model id is accepted over the API).
+
+Nothing here names a provider: the models are each provider module's `models` (`providers/<name>.py`),
+in the registry's order, and so are the names the page shows.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import providers
 from billing.pricing import PriceList
 from schemas.events import Provider
 
-MODELS: dict[Provider, list[str]] = {
-    Provider.OPENAI: [
-        "gpt-4o-mini",
-        "gpt-4o",
-        "gpt-4.1",
-        "gpt-4.1-mini",
-        "gpt-4.1-nano",
-        "o3-mini",
-        "o3",
-        "gpt-5.2-pro",
-    ],
-    Provider.ANTHROPIC: [
-        "claude-3-5-haiku",
-        "claude-sonnet-4",
-        "claude-3-7-sonnet",
-        "claude-3-5-sonnet",
-        "claude-opus-4",
-    ],
-    Provider.GROQ: [
-        "llama3-8b-8192",
-        "llama-3.3-70b-versatile",
-        "gemma2-9b-it",
-        "qwen-qwq-32b",
-        "deepseek-r1-distill-llama-70b",
-    ],
-    # gemini-2.5-flash has no platform price: it runs only on the user's own key.
-    Provider.GEMINI: ["gemini-2.5-pro", "gemini-2.5-flash"],
-}
+
+class Catalog(Mapping[Provider, tuple[str, ...]]):
+    """The offered models by provider, read from the registry each time (a provider registered later,
+    as a test does, is in it at once)."""
+
+    def __getitem__(self, provider: Provider) -> tuple[str, ...]:
+        return providers.models()[provider]
+
+    def __iter__(self) -> Iterator[Provider]:
+        return iter(providers.models())
+
+    def __len__(self) -> int:
+        return len(providers.models())
+
+
+MODELS: Mapping[Provider, tuple[str, ...]] = Catalog()
 
 
 def catalog(prices: PriceList) -> dict[str, list[dict[str, Any]]]:
+    """The page's catalog: for each provider, its models with their platform price (None: own key only)."""
     return {p.value: [{"id": m, "credits": prices.model_price(m)} for m in models] for p, models in MODELS.items()}
+
+
+def provider_names() -> dict[str, str]:
+    """The name the page shows for each provider (`{"openai": "OpenAI", ...}`), from its module."""
+    return {p.value: api.name for p, api in providers.REGISTRY.items()}

@@ -10,11 +10,11 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from services.provider_simulator.registry import MODELS, PROVIDERS, SIMULATED
+from services.provider_simulator.registry import SIMULATED
 from services.provider_simulator.state import BEHAVIOURS, Rule, SimulatorState, default_delay_ms
 from services.provider_simulator.urls import base_urls
 
-__all__ = ["BEHAVIOURS", "MODELS", "PROVIDERS", "SimulatorState", "base_urls", "build_app"]
+__all__ = ["BEHAVIOURS", "SimulatorState", "base_urls", "build_app"]
 
 
 class KeyRule(BaseModel):
@@ -62,8 +62,8 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
             return bad_control("give 'key' or 'keys'")
         if rule.behaviour not in BEHAVIOURS:
             return bad_control(f"unknown behaviour {rule.behaviour!r}; one of {list(BEHAVIOURS)}")
-        if rule.providers and set(rule.providers) - set(PROVIDERS):
-            return bad_control(f"unknown provider in {rule.providers}; one of {list(PROVIDERS)}")
+        if rule.providers and set(rule.providers) - set(SIMULATED):
+            return bad_control(f"unknown provider in {rule.providers}; one of {list(SIMULATED)}")
         delay = rule.delay_ms or default_delay_ms(rule.behaviour)
         for key in keys:
             state.register(
@@ -86,8 +86,8 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
 
     @app.post("/_sim/outage")
     async def outage(body: Outage):
-        if body.provider not in PROVIDERS:
-            return bad_control(f"unknown provider {body.provider!r}; one of {list(PROVIDERS)}")
+        if body.provider not in SIMULATED:
+            return bad_control(f"unknown provider {body.provider!r}; one of {list(SIMULATED)}")
         state.set_outage(body.provider, body.status)
         return {"ok": True}
 

@@ -7,17 +7,15 @@ second: it masks anything shaped like a provider key in every record, whatever l
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
-# OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), Groq (gsk_), Gemini (AIza) key shapes.
-_KEY_SHAPES = re.compile(
-    r"(sk-ant-[A-Za-z0-9_\-]{8,}|sk-[A-Za-z0-9_\-]{16,}|gsk_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,})"
-)
+import providers
 
 
 def redact(text: str) -> str:
-    return _KEY_SHAPES.sub("[REDACTED]", text)
+    """`text` with anything shaped like a key of any registered provider (each module's key prefixes and
+    characters, `providers.key_pattern()`) replaced by `[REDACTED]`."""
+    return providers.key_pattern().sub("[REDACTED]", text)
 
 
 class RedactKeys(logging.Filter):

@@ -32,12 +32,7 @@ MESSAGES = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "hello there, what is streamed back to me now?"},
 ]
-MODEL = {
-    Provider.OPENAI: "gpt-4o",
-    Provider.GROQ: "llama3-8b-8192",
-    Provider.ANTHROPIC: "claude-sonnet-4",
-    Provider.GEMINI: "gemini-2.5-flash",
-}
+MODEL = {provider: p.of(provider).models[-1] for provider in Provider}  # a model of each provider's catalog
 IDLE_S = 0.3  # the idle timeout the stall tests give the client
 
 

@@ -4,7 +4,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const NAMES = { openai: "OpenAI", anthropic: "Anthropic", groq: "Groq", gemini: "Gemini" };
+// Each provider's name as shown, from the server (/api/config `provider_names`, read from the provider
+// modules): NAMES[p] is that name, or p itself before the config has arrived.
+const NAMES = new Proxy({}, { get: (_, p) => ((state.config && state.config.provider_names) || {})[p] || p });
 const FEATURES = { chat: "Chat", deep_analysis: "Deep analysis", code_fix: "Code fix", code_canvas: "Code canvas" };
 const LOW_SHARE = 0.1; // warn below 10% of the last grant
 // keyNotes: the last check answer per provider, so one provider's wait is never shown for another.
