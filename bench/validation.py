@@ -23,8 +23,8 @@ from bench import BenchEnv, Figure, percentile
 from infra.topics import ensure_topics, wait_for_broker
 from schemas.events import KeyCheckStatus, Provider
 from schemas.topics import topic_specs
+from services.chat.key_check_client import KeyCheckRequester
 from services.provider_simulator.app import base_urls
-from services.shared.keycheck import KeyCheckRequester
 from services.shared.settings import CommonSettings
 from services.validation.checks import KeyChecker, make_http_client
 from services.validation.settings import ValidationSettings

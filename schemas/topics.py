@@ -19,6 +19,12 @@ def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+# The request/reply headers of a key check (FastStream's wire protocol): the requester names the topic
+# to answer on and a correlation id; the worker's reply carries the same correlation id.
+REPLY_TO = "reply_to"
+CORRELATION_ID = "correlation_id"
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str

@@ -19,9 +19,9 @@ from billing.policy import price_of
 from billing.pricing import default_price_book
 from providers import ChatReply, HttpStream, ProviderError, ProviderUnreachable, key_hint
 from schemas.events import KeyCheckResult, KeyCheckStatus, ModelCallCompleted, Provider, utc_now
-from services.chat.balances import BalanceReader, Funds, HoldRefused, Reservation
 from services.chat.call_store import CallRecord, CallStore
 from services.chat.calls import ChatCalls
+from services.chat.credit_account import CreditAccount, Funds, HoldRefused, Reservation
 from services.chat.identity import Identity
 from services.chat.service import ChatService
 from services.chat.store import REVOKED_REPLACED, KeyRecord, ModelSettings, SettingsStore
@@ -29,7 +29,7 @@ from services.chat.usage import UsageReader
 from tests.support import PLATFORM_KEY
 
 
-class FixedBalances(BalanceReader):
+class MemoryCredits(CreditAccount):
     """Balances from a dict, holds kept in memory like the credit service keeps them."""
 
     def __init__(self, balances: dict[str, int] | None = None):
@@ -347,7 +347,7 @@ async def _asgi_stream(app, request: httpx.Request, idle_s: float | None) -> Asy
 
 
 def memory_chat(
-    store: SettingsStore, balances: BalanceReader, provider: FakeProvider, checker: FakeChecker, **service_kw
+    store: SettingsStore, balances: CreditAccount, provider: FakeProvider, checker: FakeChecker, **service_kw
 ) -> tuple[ChatService, ChatCalls, MemoryCallStore]:
     """The chat's rules and its call use case over in-memory ports (the calls' rows in `MemoryCallStore`)."""
     service = ChatService(

@@ -13,34 +13,34 @@ from billing.pricing import default_price_book
 from providers import ChatReply, ProviderSettings, chat_completion, chat_stream
 from providers.base import Messages
 from schemas.events import KeyCheckResult, Provider
-from services.chat.balances import BalanceReader, HttpBalanceReader
 from services.chat.call_store import PgCallStore
 from services.chat.calls import ChatCalls
+from services.chat.credit_account import CreditAccount, HttpCreditAccount
 from services.chat.credits_client import CreditsClient, CreditsUnreachable
 from services.chat.identity import mint_token
-from services.chat.key_session import KeySealer, derive_secret
+from services.chat.key_check_client import KeyCheckRequester
+from services.chat.key_session import KeyCookie, derive_secret
 from services.chat.outbox import OutboxRelay
-from services.chat.service import ChatService, KeyChecker
+from services.chat.service import ChatService, KeyCheckClient
 from services.chat.settings import ChatSettings
 from services.chat.store import PgSettingsStore
 from services.chat.usage import HttpUsageReader
 from services.chat.wiring import Wiring
 from services.shared.db import create_pool, migrate
 from services.shared.kafka import make_producer
-from services.shared.keycheck import KeyCheckRequester
 from services.shared.provider_http import ProviderClient
 from services.shared.sessions import SessionRevocations
 
 log = logging.getLogger(__name__)
 
 
-def key_sealer(settings: ChatSettings) -> KeySealer:
+def key_cookie(settings: ChatSettings) -> KeyCookie:
     secret = settings.key_cookie_secret or settings.auth_jwt_secret
-    return KeySealer(derive_secret(secret, b"byok-credits chat key cookie v1"), settings.key_ttl_s)
+    return KeyCookie(derive_secret(secret, b"byok-credits chat key cookie v1"), settings.key_ttl_s)
 
 
 class StartingKeyChecker:
-    """The key-check requester (services/shared/keycheck.py), started on first use, so the chat service comes up (and
+    """The key-check requester (services/chat/key_check_client.py), started on first use, so the chat service comes up (and
     platform calls work) while Kafka is still down; a check then answers 'provider_unavailable'."""
 
     def __init__(self, settings: ChatSettings):
@@ -89,7 +89,7 @@ async def every(every_s: float, what: str, purge: Callable[[], Awaitable[object]
 
 
 @contextlib.asynccontextmanager
-async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> AsyncIterator[Wiring]:
+async def wire(settings: ChatSettings, *, checker: KeyCheckClient | None = None) -> AsyncIterator[Wiring]:
     await migrate(settings.database_url, settings.database_schema)
     # The chat service never changes a session's state, so connections go back to the pool unreset.
     pool = await create_pool(
@@ -133,7 +133,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
     starting = StartingKeyChecker(settings) if checker is None else None
     checker = checker or starting
     assert checker is not None
-    balances: BalanceReader = HttpBalanceReader(credits)
+    balances: CreditAccount = HttpCreditAccount(credits)
     service = ChatService(
         store=store,
         checker=checker,
@@ -213,7 +213,7 @@ async def wire(settings: ChatSettings, *, checker: KeyChecker | None = None) -> 
         yield Wiring(
             service,
             calls,
-            key_sealer(settings),
+            key_cookie(settings),
             balances,
             grant_plan if settings.dev_login and settings.dev_login_grant_plan else None,
             healthy,

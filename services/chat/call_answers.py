@@ -13,8 +13,8 @@ from billing.policy import decide
 from billing.pricing import PriceBook
 from providers import ChatReply, ProviderError
 from schemas.events import CallStatus, Decision, Ending, Feature, KeyCheckStatus, KeySource, ModelCallCompleted
-from services.chat.balances import HoldRefused, Reservation
 from services.chat.call_store import INTERRUPTED_STATUS, Outcome, interrupted_body
+from services.chat.credit_account import HoldRefused, Reservation
 from services.chat.identity import Identity
 from services.chat.refusals import PaymentRequired
 from services.chat.routing import FEATURE_NAMES, Route

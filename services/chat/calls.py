@@ -33,10 +33,10 @@ from billing.policy import is_billable
 from billing.pricing import PriceBook
 from providers import ChatReply, ProviderError
 from schemas.events import CallStatus, Ending, KeyCheckStatus, ModelCallCompleted
-from services.chat.balances import BalanceReader, CreditsUnavailable, HoldConflict, HoldRefused, Reservation
 from services.chat.call_answers import CallPlan, ended_event, outcome_of, short_of_credits, unrecorded_outcome
 from services.chat.call_request import CallRequest
 from services.chat.call_store import INTERRUPTED_STATUS, CallRecord, CallStore, Outcome, interrupted_body
+from services.chat.credit_account import CreditAccount, CreditsUnavailable, HoldConflict, HoldRefused, Reservation
 from services.chat.idempotency import IdempotencyKeyReused, call_event_id, checked_key
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing
@@ -65,7 +65,7 @@ class ChatCalls:
         service: ChatService,
         store: CallStore,
         keys: SettingsStore,
-        balances: BalanceReader,
+        balances: CreditAccount,
         call_model: ModelCaller,
         stream_model: StreamCaller | None,
         price_book: PriceBook,
@@ -327,7 +327,7 @@ class ChatCalls:
 
     async def _mark_key(self, call: CallPlan, error: ProviderError | None) -> None:
         """What a call on the user's key taught about that key."""
-        held = call.route.held
+        held = call.route.key
         if held is None:
             return
         try:

@@ -55,7 +55,7 @@ def derive_secret(secret: str, label: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(secret.encode())
 
 
-class KeySealer:
+class KeyCookie:
     """Seals a ring of keys into a cookie value bound to (user, session) and opens it again."""
 
     def __init__(self, secret: bytes, ttl_s: int, clock: Callable[[], float] = time.time):

@@ -86,7 +86,7 @@ DEAD_KEY_STATUSES = frozenset(
 
 
 @dataclass(frozen=True)
-class HeldKey:
+class LiveKey:
     """A key the session's cookie holds and the server still honours (live, not revoked)."""
 
     key: SessionKey
@@ -122,7 +122,7 @@ class Route:
     provider: Provider
     model: str
     credits: int | None  # the price on platform credits; 0 on the user's key; None = no platform price
-    held: HeldKey | None = None  # the user's key it runs on (BYOK chat only)
+    key: LiveKey | None = None  # the user's key it runs on (BYOK chat only)
     fallback: bool = False  # BYOK chat on platform credits because the user chose to fall back
     refusal: ChatRefused | None = None  # why it will not run at all
     note: str = ""
@@ -157,7 +157,7 @@ class Router:
         self.book, self.default_provider, self.clock = price_book, default_provider, clock
         self.feature_models = {**DEFAULT_FEATURE_MODELS, **(feature_models or {})}
 
-    def route(self, s: ModelSettings, held: Mapping[Provider, HeldKey], feature: Feature) -> Route:
+    def route(self, s: ModelSettings, held: Mapping[Provider, LiveKey], feature: Feature) -> Route:
         """Where a call of `feature` runs for these settings and keys (see `Route`)."""
         prices = self.book.in_force(self.clock())
         if feature is not Feature.CHAT:
@@ -192,7 +192,7 @@ class Router:
                 provider,
                 model,
                 0,
-                held=key,
+                key=key,
                 note=f"Chat runs on your {name} key {key.record.hint}: no credits.",
             )
         if key is None:
@@ -219,10 +219,10 @@ class Router:
             provider=provider.value,
             key_status=key.record.status if key else "missing",
         )
-        return Route(feature, KeySource.BYOK, provider, model, 0, held=key, refusal=refusal, reason=why)
+        return Route(feature, KeySource.BYOK, provider, model, 0, key=key, refusal=refusal, reason=why)
 
     def route_for_model(
-        self, s: ModelSettings, held: Mapping[Provider, HeldKey], feature: Feature, model: str, own_key: str | None
+        self, s: ModelSettings, held: Mapping[Provider, LiveKey], feature: Feature, model: str, own_key: str | None
     ) -> Route:
         """The gateway's rule (DESIGN "An OpenAI-compatible gateway"): chat runs `model` on the key the
         request brings (`own_key`, for this call only), else the session cookie's key of its provider,

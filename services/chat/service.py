@@ -35,7 +35,7 @@ from services.chat.refusals import (
     InvalidRequest,
     PlatformKeyMissing,
 )
-from services.chat.routing import HeldKey, Route, Router, session_of
+from services.chat.routing import LiveKey, Route, Router, session_of
 from services.chat.store import (
     REVOKED_BYOK_OFF,
     REVOKED_REMOVED,
@@ -48,7 +48,7 @@ from services.chat.store import (
 log = logging.getLogger(__name__)
 
 
-class KeyChecker(Protocol):
+class KeyCheckClient(Protocol):
     """Port: checks a key with its provider (the validation worker, over Kafka request/reply)."""
 
     async def check(self, user_id: str, provider: Provider, api_key: str, timeout_s: float) -> KeyCheckResult: ...
@@ -72,7 +72,7 @@ class SettingsChange:
 @dataclass(frozen=True)
 class SettingsView:
     settings: ModelSettings
-    keys: dict[Provider, HeldKey]
+    keys: dict[Provider, LiveKey]
     routes: dict[Feature, Route]
     platform_price: int | None
     key_lifetime_s: int
@@ -111,7 +111,7 @@ class ChatService:
         self,
         *,
         store: SettingsStore,
-        checker: KeyChecker,
+        checker: KeyCheckClient,
         platform_keys: Mapping[Provider, str | None],
         price_book: PriceBook,
         default_provider: Provider = Provider.OPENAI,
@@ -131,7 +131,7 @@ class ChatService:
     def _default(self, user_id: str) -> ModelSettings:
         return ModelSettings(user_id, self.default_provider, self.default_model)
 
-    async def state(self, who: Identity, ring: KeyRing | None) -> tuple[ModelSettings, dict[Provider, HeldKey]]:
+    async def state(self, who: Identity, ring: KeyRing | None) -> tuple[ModelSettings, dict[Provider, LiveKey]]:
         """The user's settings and the keys of `ring` the server still honours, in one read."""
         ring = ring or {}
         settings, records = await self.store.load(who.user_id, session_of(who), [k.key_id for k in ring.values()])
@@ -140,14 +140,14 @@ class ChatService:
             record = records.get(provider)
             # Bound to its provider: a record of another provider (or none) makes the entry useless.
             if record is not None and record.key_id == key.key_id and record.provider is key.provider:
-                held[provider] = HeldKey(key, record)
+                held[provider] = LiveKey(key, record)
         return settings or self._default(who.user_id), held
 
     async def view(self, who: Identity, ring: KeyRing | None) -> SettingsView:
         s, held = await self.state(who, ring)
         return self._view(s, held)
 
-    def _view(self, s: ModelSettings, held: Mapping[Provider, HeldKey]) -> SettingsView:
+    def _view(self, s: ModelSettings, held: Mapping[Provider, LiveKey]) -> SettingsView:
         routes = {f: self.router.route(s, held, f) for f in Feature}
         price = self.book.in_force(self.clock()).model_price(s.model)
         return SettingsView(s, dict(held), routes, price, self.key_ttl_s)
@@ -261,9 +261,7 @@ class ChatService:
         if route.refusal is not None:
             raise route.refusal
         if route.key_source is KeySource.BYOK:
-            api_key = (
-                route.held.key.api_key if route.held is not None else providers.normalize_key(request.own_key or "")
-            )
+            api_key = route.key.key.api_key if route.key is not None else providers.normalize_key(request.own_key or "")
         else:
             api_key = self.platform_keys.get(route.provider) or ""
             if not api_key:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.chat.balances import BalanceReader
 from services.chat.calls import ChatCalls
-from services.chat.key_session import KeySealer
+from services.chat.credit_account import CreditAccount
+from services.chat.key_session import KeyCookie
 from services.chat.service import ChatService
 from services.chat.usage import UsageReader
 from services.shared.sessions import SessionRevocations
@@ -17,8 +17,8 @@ from services.shared.sessions import SessionRevocations
 class Wiring:
     service: ChatService
     calls: ChatCalls
-    sealer: KeySealer
-    balances: BalanceReader
+    key_cookie: KeyCookie
+    balances: CreditAccount
     # Dev sign-in's welcome grant; None = no grant.
     grant_plan: Callable[[str], object] | None = None
     healthy: Callable[[], object] | None = None

@@ -1,6 +1,6 @@
 """Key validation: immediate, helpful checks of a user's provider key over Kafka request/reply.
 
-- The chat side asks through `services.shared.keycheck.KeyCheckRequester` (seal, publish, await the
+- The chat side asks through `services.chat.key_check_client.KeyCheckRequester` (seal, publish, await the
   reply, time out); the request headers are named there too, so neither service imports the other.
 - `services.shared.sealing`: `KeySealer` / `KeyOpener` and `SealingSettings` (`KEY_SEAL_*` env), the
   sealed box that keeps keys out of Kafka's log in the clear; two key ids at once for rotation.

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 import providers
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
+from schemas.topics import CORRELATION_ID, REPLY_TO
 from services.shared.kafka import MAX_EVENT_BYTES, DeadLetter
-from services.shared.keycheck import CORRELATION_ID, REPLY_TO
 from services.shared.sealing import KeyOpener, SealingError
 from services.validation import metrics
 from services.validation.service import KeyCheckService

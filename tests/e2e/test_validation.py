@@ -10,8 +10,8 @@ import pytest
 
 from infra.harness import ServiceProcess
 from schemas.events import KeyCheckStatus
+from services.chat.key_check_client import KeyCheckRequester
 from services.provider_simulator import SimulatorServer
-from services.shared.keycheck import KeyCheckRequester
 from services.shared.settings import CommonSettings
 
 pytestmark = pytest.mark.e2e

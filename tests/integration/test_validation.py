@@ -10,8 +10,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.events import KeyCheckStatus, Provider
+from services.chat.key_check_client import KeyCheckRequester
 from services.provider_simulator import SimulatorServer
-from services.shared.keycheck import KeyCheckRequester
 from services.shared.sealing import KeySealer, SealingSettings, generate
 from services.shared.settings import CommonSettings
 from services.validation.bootstrap import build

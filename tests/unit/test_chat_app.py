@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 
 from schemas.events import KeyCheckStatus, Provider
 from services.chat.app import Wiring, create_app
-from services.chat.bootstrap import key_sealer
+from services.chat.bootstrap import key_cookie
 from services.chat.identity import mint_token
 from services.chat.settings import ChatSettings
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, FixedUsage, MemorySettingsStore, memory_chat
+from tests.fakes import FakeChecker, FakeProvider, FixedUsage, MemoryCredits, MemorySettingsStore, memory_chat
 from tests.support import PLATFORM_KEY
 
 pytestmark = pytest.mark.unit
@@ -39,12 +39,12 @@ USAGE = {
 def world():
     settings = ChatSettings(auth_jwt_secret=SECRET, cookie_secure=False, dev_login=True)
     store, provider, checker = MemorySettingsStore(), FakeProvider(), FakeChecker()
-    balances = FixedBalances({"alice": 100, "bob": 7})
+    balances = MemoryCredits({"alice": 100, "bob": 7})
     service, calls, outbox = memory_chat(store, balances, provider, checker)
 
     @contextlib.asynccontextmanager
     async def wire(_):
-        yield Wiring(service, calls, key_sealer(settings), balances, usage=FixedUsage({"alice": USAGE}))
+        yield Wiring(service, calls, key_cookie(settings), balances, usage=FixedUsage({"alice": USAGE}))
 
     app = create_app(settings, wire)
     with TestClient(app) as client:
@@ -75,7 +75,7 @@ def test_dev_login_is_off_unless_configured():
 
     @contextlib.asynccontextmanager
     async def wire(_):
-        yield Wiring(None, None, key_sealer(settings), FixedBalances())
+        yield Wiring(None, None, key_cookie(settings), MemoryCredits())
 
     with TestClient(create_app(settings, wire)) as client:
         assert client.post("/auth/dev-login", json={"user_id": "eve"}).status_code == 404
@@ -120,7 +120,7 @@ def test_secure_cookie_flags_are_on_by_default():
 
     @contextlib.asynccontextmanager
     async def wire(_):
-        yield Wiring(None, None, key_sealer(settings), FixedBalances())
+        yield Wiring(None, None, key_cookie(settings), MemoryCredits())
 
     with TestClient(create_app(settings, wire)) as client:
         cookie = client.post("/auth/dev-login", json={"user_id": "alice"}).headers["set-cookie"]

@@ -14,7 +14,7 @@ from services.chat.identity import Identity
 from services.chat.refusals import InvalidRequest
 from services.chat.routing import page_request
 from services.chat.running import RunningCall
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemorySettingsStore, memory_chat
+from tests.fakes import FakeChecker, FakeProvider, MemoryCredits, MemorySettingsStore, memory_chat
 
 pytestmark = pytest.mark.unit
 
@@ -46,7 +46,7 @@ class FakeStream:
 
 
 def make(balance: int = 100, stream: FakeStream | None = None, **calls_kw):
-    balances = FixedBalances({"alice": balance})
+    balances = MemoryCredits({"alice": balance})
     provider = FakeProvider()
     _, calls, store = memory_chat(MemorySettingsStore(), balances, provider, FakeChecker())
     calls.stream_model = stream

@@ -10,15 +10,15 @@ import pytest
 
 from schemas.events import Provider
 from services.chat.identity import AuthError, TokenReader, mint_token, read_token, token_from
-from services.chat.key_session import KeySealer, SessionKey, derive_secret
+from services.chat.key_session import KeyCookie, SessionKey, derive_secret
 
 pytestmark = pytest.mark.unit
 SECRET = "unit-test-secret-0123456789abcdef"
 KEY = "sk-proj-unitTESTkey0123456789abcdefXYZ"
 
 
-def sealer(ttl: int = 60) -> KeySealer:
-    return KeySealer(derive_secret(SECRET, b"test"), ttl)
+def sealer(ttl: int = 60) -> KeyCookie:
+    return KeyCookie(derive_secret(SECRET, b"test"), ttl)
 
 
 def test_token_round_trip_carries_user_role_and_session():
@@ -105,7 +105,7 @@ def test_sealed_keys_expire_one_by_one_and_resist_tampering():
     assert box.open("alice", "s1", flipped) == {}
     assert box.open("alice", "s1", "garbage!") == {}
     # Another server secret cannot open it.
-    assert KeySealer(derive_secret("other-secret-0123456789", b"test"), 60).open("alice", "s1", value) == {}
+    assert KeyCookie(derive_secret("other-secret-0123456789", b"test"), 60).open("alice", "s1", value) == {}
 
 
 def test_each_seal_is_fresh_ciphertext():

@@ -13,17 +13,17 @@ import pytest
 from billing.pricing import default_price_book
 from providers import KeyVerdict, ProviderError, key_hint
 from schemas.events import CallStatus, Decision, Ending, Feature, KeyCheckStatus, KeySource, Provider
-from services.chat.balances import CreditsUnavailable
 from services.chat.call_answers import Billing
 from services.chat.call_store import Outcome
 from services.chat.calls import ChatCalls
+from services.chat.credit_account import CreditsUnavailable
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
 from services.chat.refusals import BalanceUnknown, OwnKeyMissing, PaymentRequired, PlatformKeyMissing, ProviderFailed
 from services.chat.routing import page_request
 from services.chat.service import ChatService
 from services.chat.store import ModelSettings
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, MemoryCallStore, MemorySettingsStore
+from tests.fakes import FakeChecker, FakeProvider, MemoryCallStore, MemoryCredits, MemorySettingsStore
 from tests.support import PLATFORM_KEY
 
 pytestmark = pytest.mark.unit
@@ -87,7 +87,7 @@ def make(balance: int = 100, checker=None, platform_keys=None):
         service=service,
         store=outbox,
         keys=store,
-        balances=FixedBalances({"alice": balance}),
+        balances=MemoryCredits({"alice": balance}),
         call_model=provider,
         stream_model=None,
         price_book=service.book,
@@ -401,7 +401,7 @@ async def test_checker_timeout_answers_provider_unavailable_and_keeps_settings()
 
 
 async def test_unknown_balance_pauses_platform_calls_but_not_byok_chat():
-    class DownCredits(FixedBalances):
+    class DownCredits(MemoryCredits):
         async def reserve(self, *args):
             raise CreditsUnavailable("down")
 
@@ -478,7 +478,7 @@ async def test_a_hold_whose_answer_was_lost_is_released_now_and_once_more_later(
     again a moment later; and the call's event is published as failed (`not_started`), whose decision
     releases the hold whatever happened to both releases."""
 
-    class LostAnswer(FixedBalances):
+    class LostAnswer(MemoryCredits):
         placed: list = []
         releases = 0
 

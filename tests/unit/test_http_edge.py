@@ -19,8 +19,8 @@ import providers
 from billing.pricing import default_price_book
 from schemas.events import Feature, Provider
 from services.chat.app import Wiring, create_app
-from services.chat.balances import HttpBalanceReader
-from services.chat.bootstrap import key_sealer
+from services.chat.bootstrap import key_cookie
+from services.chat.credit_account import HttpCreditAccount
 from services.chat.credits_client import CreditsClient
 from services.chat.settings import ChatSettings
 from services.chat.store import ModelSettings
@@ -28,7 +28,7 @@ from services.credits.api import ApiContext, build_api
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
 from services.shared.settings import DefaultSecret, refuse_default_secrets
-from tests.fakes import FakeChecker, FakeProvider, FixedBalances, InProcessHttp, MemorySettingsStore, memory_chat
+from tests.fakes import FakeChecker, FakeProvider, InProcessHttp, MemoryCredits, MemorySettingsStore, memory_chat
 from tests.support import PLATFORM_KEY, ROOT, free_port
 
 pytestmark = pytest.mark.unit
@@ -43,14 +43,14 @@ class Chat:
         self.settings = ChatSettings(auth_jwt_secret=SECRET, cookie_secure=False, dev_login=True, **settings)
         self.store = store or MemorySettingsStore()
         self.provider, self.checker = FakeProvider(), FakeChecker()
-        balances = balances or FixedBalances({"alice": 1000})
+        balances = balances or MemoryCredits({"alice": 1000})
         self.service, self.calls, self.outbox = memory_chat(
             self.store, balances, self.provider, self.checker, feature_models=feature_models
         )
 
         @contextlib.asynccontextmanager
         async def wire(_):
-            yield Wiring(self.service, self.calls, key_sealer(self.settings), balances)
+            yield Wiring(self.service, self.calls, key_cookie(self.settings), balances)
 
         self.app = create_app(self.settings, wire)
 
@@ -353,7 +353,7 @@ def test_credits_answers_database_and_kafka_outages_with_503_and_a_sentence():
 async def test_a_byok_chat_works_while_the_credit_service_is_down():
     credits = CreditsClient(f"http://127.0.0.1:{free_port()}", timeout_s=2)  # nothing listens there
     try:
-        chat = Chat(balances=HttpBalanceReader(credits))
+        chat = Chat(balances=HttpCreditAccount(credits))
         transport = httpx.ASGITransport(app=chat.app)
         async with (
             chat.app.router.lifespan_context(chat.app),

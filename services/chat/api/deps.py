@@ -49,7 +49,7 @@ async def session_keys(
     w: Annotated[Wiring, Depends(wiring)],
     byok_key: Annotated[str | None, Cookie()] = None,
 ) -> KeyRing:
-    return w.sealer.open(who.user_id, who.session_id, byok_key)
+    return w.key_cookie.open(who.user_id, who.session_id, byok_key)
 
 
 Who = Annotated[Identity, Depends(principal)]
@@ -71,7 +71,7 @@ def drop_cookie(response: Response, settings: ChatSettings, name: str) -> None:
 def keep_keys(response: Response, settings: ChatSettings, w: Wiring, who: Identity, ring: KeyRing) -> None:
     """Set the key cookie to exactly `ring` (the keys the server still honours), or drop it."""
     if ring:
-        seal = w.sealer.seal(who.user_id, who.session_id, ring)
-        set_cookie(response, settings, KEY_COOKIE, seal, w.sealer.max_age_s(ring))
+        seal = w.key_cookie.seal(who.user_id, who.session_id, ring)
+        set_cookie(response, settings, KEY_COOKIE, seal, w.key_cookie.max_age_s(ring))
     else:
         drop_cookie(response, settings, KEY_COOKIE)

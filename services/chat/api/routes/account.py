@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from services.chat.api.deps import Who, Wired
-from services.chat.balances import CreditsUnavailable
+from services.chat.credit_account import CreditsUnavailable
 from services.chat.usage import UsageUnavailable
 from services.shared.edge import error_responses
 

@@ -101,7 +101,7 @@ IDEMPOTENCY_KEY = {
 async def chat(request: Request) -> Response:
     who = identify(request)
     w: Wiring = request.app.state.wiring
-    ring = w.sealer.open(who.user_id, who.session_id, request.cookies.get(KEY_COOKIE))
+    ring = w.key_cookie.open(who.user_id, who.session_id, request.cookies.get(KEY_COOKIE))
     if not is_json(request.headers.get("content-type")):
         # As FastAPI does for the other routes: a cross-site form can post text/plain, never JSON.
         raise RequestValidationError(

@@ -30,15 +30,12 @@ from pydantic import ValidationError
 
 import providers
 from schemas.events import KeyCheckRequest, KeyCheckResult, KeyCheckStatus, Provider
+from schemas.topics import CORRELATION_ID, REPLY_TO
 from services.shared.kafka import make_producer
 from services.shared.sealing import KeySealer
 from services.shared.settings import CommonSettings
 
 log = logging.getLogger(__name__)
-
-# The request's headers (FastStream's request/reply names, so a FastStream publisher can ask too).
-REPLY_TO = "reply_to"
-CORRELATION_ID = "correlation_id"
 
 
 class KeyCheckRequester:

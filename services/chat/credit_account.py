@@ -53,7 +53,7 @@ class Reservation:
     available: int  # after this hold
 
 
-class BalanceReader:
+class CreditAccount:
     """Port: the calling user's credits at the credit service."""
 
     async def funds(self, who: Identity) -> Funds:
@@ -71,7 +71,7 @@ class BalanceReader:
         raise NotImplementedError
 
 
-class HttpBalanceReader(BalanceReader):
+class HttpCreditAccount(CreditAccount):
     """The credit service's routes, with the user's own token (`services.chat.credits_client`)."""
 
     def __init__(self, client: CreditsClient):
