@@ -19,22 +19,18 @@ one charge, however it ends and however often it is retried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-import asyncpg
-
-import providers
 from billing.policy import is_billable
 from billing.pricing import PriceBook
-from providers import ChatReply, ProviderError
-from schemas.events import CallStatus, Ending, KeyCheckStatus, ModelCallCompleted
-from services.chat.call_answers import CallPlan, ended_event, outcome_of, short_of_credits, unrecorded_outcome
+from schemas.events import CallStatus, Ending, ModelCallCompleted
+from services.chat.call_answers import CallPlan, short_of_credits
 from services.chat.call_request import CallRequest
+from services.chat.call_runner import CallRunner, ModelCaller, StreamCaller
 from services.chat.call_store import INTERRUPTED_STATUS, CallRecord, CallStore, Outcome, interrupted_body
 from services.chat.credit_account import CreditAccount, CreditsUnavailable, HoldConflict, HoldRefused, Reservation
 from services.chat.idempotency import IdempotencyKeyReused, call_event_id, checked_key
@@ -47,13 +43,6 @@ from services.chat.service import ChatService
 from services.chat.store import SettingsStore
 
 log = logging.getLogger(__name__)
-
-StreamCaller = Callable[..., AsyncGenerator["str | ChatReply", None]]
-"""Port: one streamed model call `(provider, api_key, model, messages, *, max_tokens)`: text deltas, then
-a `ChatReply` with the provider's own usage; raises `ProviderError`."""
-ModelCaller = Callable[..., Awaitable[ChatReply]]
-"""Port: one plain model call `(provider, api_key, model, messages, *, max_tokens) -> ChatReply`; raises
-`ProviderError`."""
 
 
 class ChatCalls:
@@ -76,13 +65,22 @@ class ChatCalls:
         release_again_s: float = 10.0,
         record_wait_s: float = 10.0,
     ):
-        self.service, self.store, self.keys, self.balances = service, store, keys, balances
-        self.call_model, self.stream_model, self.book = call_model, stream_model, price_book
+        self.service, self.store, self.balances, self.book = service, store, balances, price_book
         self.instance_id = instance_id or uuid.uuid4()
         self.call_max_s, self.lease_s, self.poll_s, self.release_again_s = call_max_s, lease_s, poll_s, release_again_s
-        self.record_wait_s = record_wait_s
         self.running: dict[tuple[str, str], RunningCall] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.runner = CallRunner(
+            store=store,
+            keys=keys,
+            call_model=call_model,
+            stream_model=stream_model,
+            price_book=price_book,
+            clock=service.clock,
+            spawn=self._spawn,
+            call_max_s=call_max_s,
+            record_wait_s=record_wait_s,
+        )
 
     # --- starting or finding a call ---------------------------------------------------------------
 
@@ -224,10 +222,10 @@ class ChatCalls:
             }
             outcome = Outcome(503, body)
             event = pending.model_copy(update={"ending": Ending.NOT_STARTED, "occurred_at": self.service.clock()})
-            settle = self._spawn(self._write(handle, event, outcome))  # failed: never billed, whenever written
+            settle = self._spawn(self.runner.write(handle, event, outcome))  # failed: never billed, whenever written
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            await asyncio.wait({settle}, timeout=self.record_wait_s)
+            await asyncio.wait({settle}, timeout=self.runner.record_wait_s)
             return outcome
 
     def _release_soon(self, who: Identity, event_id: uuid.UUID) -> None:
@@ -251,93 +249,9 @@ class ChatCalls:
     # --- running and ending a call ----------------------------------------------------------------
 
     async def _run(self, running: RunningCall, call: CallPlan) -> None:
-        route, started = call.route, time.monotonic()
-        reply: ChatReply | None = None
-        error: ProviderError | None = None
-        try:
-            async with asyncio.timeout(self.call_max_s):
-                if running.stream and self.stream_model is not None:
-                    # Closed however the loop ends, so a Stop closes the provider's response at once.
-                    stream = self.stream_model(
-                        route.provider, call.api_key, route.model, call.messages, max_tokens=call.max_tokens
-                    )
-                    async with contextlib.aclosing(stream):
-                        async for item in stream:
-                            if isinstance(item, ChatReply):
-                                reply = item
-                            elif item:
-                                running.push(item)
-                else:
-                    reply = await self.call_model(
-                        route.provider, call.api_key, route.model, call.messages, max_tokens=call.max_tokens
-                    )
-                    if running.stream and reply.text:
-                        running.push(reply.text)
-            ending = Ending.COMPLETED if reply is not None else Ending.PROVIDER_ERROR
-        except ProviderError as exc:
-            error, ending = exc, Ending.TIMEOUT if getattr(exc, "timed_out", False) else Ending.PROVIDER_ERROR
-        except TimeoutError:
-            ending = Ending.TIMEOUT
-        except asyncio.CancelledError:
-            ending = Ending.STOPPED if running.stopping else Ending.INTERRUPTED
-        except Exception:  # a bug: the call is recorded as failed, never left pending
-            log.exception("call %s failed", call.pending.event_id)
-            ending = Ending.PROVIDER_ERROR
-        event = ended_event(call, running.deltas, started, ending, reply, self.service.clock())
-        outcome = outcome_of(call, running.deltas, event, error, reply, self.book)
-        outcome = await self._record(call, event, outcome)
-        if outcome.ok or error is not None:
-            await self._mark_key(call, error)
+        outcome = await self.runner.run(running, call)
         self.running.pop((call.who.user_id, call.key), None)
         running.finish(outcome)
-
-    async def _record(self, call: CallPlan, event: ModelCallCompleted, outcome: Outcome) -> Outcome:
-        """Write the call's event and outcome. A pending event already published (this instance's lease
-        lapsed) wins: the call ends as interrupted and is not shown as charged. While the database is
-        away the write is retried; past `record_wait_s` the call is answered as not charged and what is
-        written, once the database is back, is that: a failed event (never billed), never the charge
-        the user was not shown."""
-        write = asyncio.ensure_future(self._write(call.handle, event, outcome))
-        try:
-            return await asyncio.wait_for(asyncio.shield(write), self.record_wait_s)
-        except TimeoutError:
-            pass
-        write.cancel()
-        await asyncio.gather(write, return_exceptions=True)
-        failed = event.model_copy(update={"status": CallStatus.FAILED, "ending": Ending.INTERRUPTED})
-        unrecorded = unrecorded_outcome(call, failed, outcome, self.book)
-        self._spawn(self._write(call.handle, failed, unrecorded))
-        return unrecorded
-
-    async def _write(self, handle: int, event: ModelCallCompleted, outcome: Outcome) -> Outcome:
-        backoff = 0.2
-        while True:
-            try:
-                if await asyncio.shield(self.store.finish(handle, event, outcome)):
-                    return outcome
-                lost = Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": str(event.event_id)})
-                log.warning("call %s ended after its pending event was published as interrupted", event.event_id)
-                await asyncio.shield(self.store.end(event.event_id, lost))
-                return lost
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                if backoff == 0.2:
-                    log.warning("cannot record the end of call %s yet (%s)", event.event_id, type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _mark_key(self, call: CallPlan, error: ProviderError | None) -> None:
-        """What a call on the user's key taught about that key."""
-        held = call.route.key
-        if held is None:
-            return
-        try:
-            if error is not None:
-                await self.keys.mark_key(held.key.key_id, error.verdict.status.value, error.verdict.message)
-            elif held.record.status != KeyCheckStatus.VALID.value:
-                name = providers.of(call.route.provider).name
-                await self.keys.mark_key(held.key.key_id, KeyCheckStatus.VALID.value, f"Your {name} key works.")
-        except Exception as exc:  # the answer stands; the key's status is refreshed by the next call
-            log.warning("could not record the key's status (%s)", type(exc).__name__)
 
     # --- the instance's lease ---------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import uuid
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 import providers
@@ -58,7 +58,7 @@ class KeyCheckRequester:
         self._pending: dict[str, asyncio.Future[KeyCheckResult]] = {}
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
-        self._reader: asyncio.Task | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect, and pin the replies topic's end, so no reply to a later request can be missed."""
@@ -106,7 +106,7 @@ class KeyCheckRequester:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     async def check(
@@ -169,9 +169,11 @@ class KeyCheckRequester:
         )
 
     async def _read_replies(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None, "started before reading"
         while True:
             try:
-                batch = await self._consumer.getmany(timeout_ms=1000)
+                batch = await consumer.getmany(timeout_ms=1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -182,7 +184,7 @@ class KeyCheckRequester:
                 for record in records:
                     self._resolve(record)
 
-    def _resolve(self, record) -> None:
+    def _resolve(self, record: ConsumerRecord) -> None:
         headers = dict(record.headers or ())
         correlation_id = (headers.get(CORRELATION_ID) or b"").decode(errors="replace")
         future = self._pending.get(correlation_id)

@@ -74,7 +74,7 @@ class OutboxRelay:
         self.linger_s = linger_s
         self._wake = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._outages = OutageLog(log, "outbox relay")
         self.published = 0
 

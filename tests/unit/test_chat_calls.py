@@ -49,9 +49,9 @@ def make(balance: int = 100, stream: FakeStream | None = None, **calls_kw):
     balances = MemoryCredits({"alice": balance})
     provider = FakeProvider()
     _, calls, store = memory_chat(MemorySettingsStore(), balances, provider, FakeChecker())
-    calls.stream_model = stream
+    calls.runner.stream_model = stream
     for name, value in calls_kw.items():
-        setattr(calls, name, value)
+        setattr(calls.runner, name, value)
     return calls, store, balances, provider
 
 
@@ -127,7 +127,7 @@ async def test_a_plain_call_is_not_stopped_when_its_waiter_goes_away():
         await gate.wait()
         return await real(*args, **kw)
 
-    calls.call_model = slow
+    calls.runner.call_model = slow
     running = await calls.start(ALICE, None, page_request(Feature.CHAT, "keep going"), idempotency_key="k")
     waiter = asyncio.ensure_future(running.result())
     await asyncio.sleep(0.01)
@@ -162,7 +162,7 @@ async def test_a_call_whose_pending_event_was_published_is_never_shown_as_charge
         await gate.wait()
         return await real(*args, **kw)
 
-    calls.call_model = slow
+    calls.runner.call_model = slow
     running = await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k")
     store.published.add(1)  # the relay took the pending row
     gate.set()

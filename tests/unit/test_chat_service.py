@@ -39,13 +39,16 @@ class Calling:
     def __init__(self, service: ChatService, calls: ChatCalls, store: MemoryCallStore):
         self.__dict__.update(service=service, calls=calls, call_store=store)
 
+    def _owner(self, name):
+        if name == "call_model":
+            return self.calls.runner
+        return self.calls if name in ("balances", "release_again_s") else self.service
+
     def __getattr__(self, name):
-        if name in ("balances", "call_model", "release_again_s"):
-            return getattr(self.calls, name)
-        return getattr(self.service, name)
+        return getattr(self._owner(name), name)
 
     def __setattr__(self, name, value):
-        setattr(self.calls if name in ("balances", "call_model", "release_again_s") else self.service, name, value)
+        setattr(self._owner(name), name, value)
 
     async def call(self, who, ring, feature, message, **kw):
         started = await self.calls.start(who, ring, page_request(feature, message), **kw)
