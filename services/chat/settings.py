@@ -7,24 +7,18 @@ from typing import ClassVar
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
+from providers import PlatformKeySettings
 from schemas.events import MODEL_ID_PATTERN, Feature, Provider
 from services.shared.settings import CommonSettings, HttpSettings
 
 FEATURE_MODEL_PATTERN = "^(" + "|".join(p.value for p in Provider) + "):" + MODEL_ID_PATTERN.strip("^$") + "$"
 
 
-class ChatSettings(CommonSettings, HttpSettings):
+class ChatSettings(CommonSettings, HttpSettings, PlatformKeySettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
     # Outside development none may keep its default (the platform keys' defaults are the simulator's
     # dummies: set the real key, or an empty value for a provider the platform does not offer).
-    SECRETS: ClassVar[tuple[str, ...]] = (
-        *CommonSettings.SECRETS,
-        *HttpSettings.SECRETS,
-        "openai_api_key",
-        "anthropic_api_key",
-        "groq_api_key",
-        "gemini_api_key",
-    )
+    SECRETS: ClassVar[tuple[str, ...]] = (*CommonSettings.SECRETS, *HttpSettings.SECRETS, *PlatformKeySettings.SECRETS)
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, validation_alias=AliasChoices("chat_port", "http_port"))
@@ -54,13 +48,9 @@ class ChatSettings(CommonSettings, HttpSettings):
     # Browsers treat http://localhost and 127.0.0.1 as secure contexts, so Secure cookies work locally.
     cookie_secure: bool = True
 
-    # The platform's own keys (env OPENAI_API_KEY, ...): used for every call that is not BYOK chat.
-    # The defaults are dummies the local provider simulator accepts (its "valid" marker), so
-    # `make run` works on a fresh machine; production sets the real keys with the real base URLs.
-    openai_api_key: str | None = Field(default="sk-local-simulator-valid-platform-0001", repr=False)
-    anthropic_api_key: str | None = Field(default="sk-ant-local-simulator-valid-platform-0001", repr=False)
-    groq_api_key: str | None = Field(default="gsk_localsimulatorvalidplatform0001", repr=False)
-    gemini_api_key: str | None = Field(default="AIzaLocalSimulatorValidPlatform000000001", repr=False)
+    # The platform's own keys (env OPENAI_API_KEY, ...) come from each provider module
+    # (`PlatformKeySettings`): dummies the local simulator accepts by default, so `make run` works on a
+    # fresh machine; production sets the real keys with the real base URLs.
 
     key_check_timeout_s: float = 15.0
     provider_timeout_s: float = 60.0
@@ -92,9 +82,6 @@ class ChatSettings(CommonSettings, HttpSettings):
             Feature.CODE_CANVAS: self.code_canvas_model,
         }
         return {f: (Provider(v.split(":", 1)[0]), v.split(":", 1)[1]) for f, v in chosen.items()}
-
-    def platform_keys(self) -> dict[Provider, str | None]:
-        return {p: getattr(self, f"{p.value}_api_key") for p in Provider}
 
     outbox_stale_margin_s: float = 30.0
     # The call lifecycle (DESIGN "The call lifecycle"): a call runs at most `call_max_s`; this

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from billing.pricing import default_price_book
 from schemas.events import utc_now
 from services.chat.api.deps import Settings, Wired
-from services.chat.catalog import catalog
+from services.chat.catalog import catalog, provider_names
 from services.shared.edge import HEALTH_RESPONSES
 
 STATIC = Path(__file__).resolve().parents[2] / "static"
@@ -43,6 +43,7 @@ async def config(settings: Settings) -> dict[str, Any]:
     return {
         "dev_login": settings.dev_login,
         "models": catalog(prices),
+        "provider_names": provider_names(),
         "feature_credits": {f.value: c for f, c in prices.feature_prices.items()},
         "feature_models": {
             f.value: {"provider": p.value, "model": m} for f, (p, m) in settings.feature_models().items()
