@@ -15,12 +15,13 @@ from services.shared.logging import setup_logging  # noqa: E402
 from services.shared.settings import refuse_default_secrets  # noqa: E402
 
 if TYPE_CHECKING:
+    from services.credits.bootstrap import CreditRuntime
     from services.shared.http import GracefulServer
 
 log = logging.getLogger("services.credits")
 
 
-def _http_server(settings: CreditSettings, runtime) -> GracefulServer:
+def _http_server(settings: CreditSettings, runtime: CreditRuntime) -> GracefulServer:
     from services.shared.http import GracefulServer
     from services.shared.serving import server_config
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -20,6 +21,9 @@ from services.credits.settings import CreditSettings
 from services.shared.db import create_pool, migrate
 from services.shared.gc_tuning import tune_for_batches
 from services.shared.sessions import SessionRevocations
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("services.credits")
 
@@ -37,7 +41,7 @@ class CreditRuntime:
     async def lag(self) -> int | None:
         return await consumer_lag(self.consumer.subscriber)
 
-    def api(self):
+    def api(self) -> FastAPI:
         # Imported here, not at the top: FastAPI takes about as long to import as everything the
         # consumer needs, and a restarted instance should be debiting before it serves HTTP.
         from services.credits.api import ApiContext, build_api

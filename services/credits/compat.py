@@ -11,7 +11,7 @@ transaction (`Ledger.hold_and_record`). Not enough available credits: `Insuffici
 nothing is held or recorded. So no sequence of calls to this route, alone or beside the chat, takes a
 balance below zero. The event's decision releases the hold.
 
-The HTTP edge (services.credits.api) only translates: a `Deduction` to 200 or 202, each error to its
+The HTTP edge (services.credits.api.routes.compat) only translates: a `Deduction` to 200 or 202, each error to its
 status.
 """
 
@@ -28,7 +28,8 @@ from billing.policy import CreditError, is_billable, price_of
 from billing.pricing import PriceBook
 from providers import provider_of_model
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
-from services.credits.ledger import HoldConflict, Ledger
+from services.credits.holds import HoldConflict
+from services.credits.ledger import Ledger
 
 # Namespace of the event ids the compatibility route derives from (user, idempotency key).
 DEDUCT_NAMESPACE = uuid.UUID("5b0c8a52-4f8e-4d7e-9d0c-3f5f2b7c1e01")
@@ -80,8 +81,8 @@ class CompatDeductions:
         """The call's decision (waiting up to `wait_s` for it), or a pending Deduction.
 
         Raises UnknownProvider, billing.policy.UnpricedModel (a billable call on a model without a
-        price), ledger.InsufficientAvailable (nothing held, nothing recorded), KeyReused, and
-        ledger.LedgerBusy (the account stayed locked; nothing held)."""
+        price), holds.InsufficientAvailable (nothing held, nothing recorded), KeyReused, and
+        holds.LedgerBusy (the account stayed locked; nothing held)."""
         provider = call.provider or provider_of_model(call.model)
         if provider is None:
             raise UnknownProvider(f"cannot tell the provider of model {call.model!r}; send 'provider'")
@@ -137,7 +138,7 @@ class CompatDeductions:
         return decided
 
     @staticmethod
-    def _reused(call: DeductCall, recorded: tuple | None = None) -> KeyReused:
+    def _reused(call: DeductCall, recorded: tuple[str, str, str, str] | None = None) -> KeyReused:
         what = f" ({recorded[0]}, {recorded[1]}, {recorded[2]})" if recorded else ""
         return KeyReused(
             f"idempotency key {call.idempotency_key!r} was already used for a different call{what}; "

@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -92,7 +94,7 @@ class OutcomeRelay:
             finally:
                 await self.pool.release(listener)
 
-    async def _send_keyed(self, rows: list[asyncpg.Record]) -> list[asyncio.Future]:
+    async def _send_keyed(self, rows: list[asyncpg.Record]) -> list[asyncio.Future[Any]]:
         """Send the outcomes in per-partition batches, partitioned by user_id like a keyed send."""
         partitions = sorted(await self.producer.partitions_for(self.topic))
         if len(partitions) != self._partition_count:  # the topic grew: keys map elsewhere now
@@ -120,9 +122,11 @@ class OutcomeRelay:
             futures.append(await self.producer.send_batch(batch, self.topic, partition=partition))
         return futures
 
-    async def _send_letters(self, conn: asyncpg.Connection, letters: list[asyncpg.Record]):
+    async def _send_letters(
+        self, conn: asyncpg.Connection, letters: list[asyncpg.Record]
+    ) -> Callable[[], Awaitable[None]]:
         """Send the dead letters; one Kafka refuses as it is (too large, ...) is parked, not retried forever."""
-        sent: list[tuple[asyncpg.Record, asyncio.Future]] = []
+        sent: list[tuple[asyncpg.Record, asyncio.Future[Any]]] = []
         for letter in letters:
             headers = [(k, v.encode()) for k, v in json.loads(letter["headers"]).items()]
             try:

@@ -12,13 +12,12 @@ import time
 from collections import Counter as Tally
 from dataclasses import dataclass
 
-from aiokafka.structs import ConsumerRecord
-
 from billing.policy import decide
 from billing.pricing import PriceBook
 from services.credits import metrics
-from services.credits.intake import read_batch
-from services.credits.ledger import CONFLICT, Decided, Ledger, Recorded
+from services.credits.decisions import CONFLICT, Decided, Recorded
+from services.credits.intake import Record, read_batch
+from services.credits.ledger import Ledger
 from services.shared.kafka import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -47,21 +46,24 @@ class Prepared:
 
     def halves(self) -> tuple[Prepared, Prepared]:
         """The batch split in two, in order (dead letters, which precede nothing, go first)."""
-        items: list = [*self.letters, *self.decided]
+        items: list[DeadLetter | Decided] = [*self.letters, *self.decided]
         cut = len(items) // 2
 
-        def part(chunk: list) -> Prepared:
+        def part(chunk: list[DeadLetter | Decided]) -> Prepared:
             letters = [x for x in chunk if isinstance(x, DeadLetter)]
-            return Prepared(len(chunk), [x for x in chunk if not isinstance(x, DeadLetter)], letters, self.started)
+            decided = [x for x in chunk if not isinstance(x, DeadLetter)]
+            return Prepared(len(chunk), decided, letters, self.started)
 
         return part(items[:cut]), part(items[cut:])
 
 
 class CreditService:
+    """Decides batches of `model_call_completed` records and commits the decisions to the ledger."""
+
     def __init__(self, ledger: Ledger, book: PriceBook):
         self.ledger, self.book = ledger, book
 
-    def prepare(self, records: list[ConsumerRecord]) -> Prepared:
+    def prepare(self, records: list[Record]) -> Prepared:
         """Validate every record and decide every event (no I/O)."""
         started = time.perf_counter()
         try:
@@ -83,7 +85,7 @@ class CreditService:
                 bad += letters
         return Prepared(len(records), decided, bad, started)
 
-    def _decide(self, records: list[ConsumerRecord]) -> tuple[list[Decided], list[DeadLetter]]:
+    def _decide(self, records: list[Record]) -> tuple[list[Decided], list[DeadLetter]]:
         good, bad = read_batch(records)
         decided = [
             Decided(
@@ -145,6 +147,3 @@ class CreditService:
         metrics.EVENTS_CONSUMED.inc(batch.records)
         for letter in letters:
             metrics.DLQ.labels(letter.error_type).inc()
-
-    async def process(self, records: list[ConsumerRecord]) -> Recorded:
-        return await self.commit(self.prepare(records))

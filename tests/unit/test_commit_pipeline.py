@@ -6,7 +6,8 @@ import time
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from services.credits.consumer import CommitPipeline, StallWatch
+from services.credits.health import StallWatch
+from services.credits.pipeline import CommitPipeline
 from services.credits.service import Prepared
 
 pytestmark = pytest.mark.unit

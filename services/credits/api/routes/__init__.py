@@ -1,0 +1,1 @@
+"""The credit API's routers, one per topic."""
