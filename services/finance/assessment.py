@@ -9,12 +9,15 @@ stops a reconciliation.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from uuid import UUID
 
 from billing.policy import Charge, decide
-from billing.pricing import PriceBook
-from schemas.events import Decision, Ending, ModelCallCompleted
+from billing.pricing import PriceBook, PriceList
+from schemas.events import CallStatus, Decision, Ending, Feature, KeySource, ModelCallCompleted, Provider
+from services.finance.event_log import LogRecord
 from services.finance.window import Window
 from services.shared.kafka import NotAnEvent, read_model_call
 
@@ -23,6 +26,10 @@ from services.shared.kafka import NotAnEvent, read_model_call
 # a window of millions of events has a few hundred shapes, and a narrow row is a cheap COPY.
 EVENT_COLUMNS = ("event_id", "user_id", "occurred_at", "shape", "credits", "part", "off")
 UNKNOWN_ENDING = "unknown"  # an event that says nothing of how its call ended
+# One assessed event in EVENT_COLUMNS order.
+EventRow = tuple[UUID, str, datetime, int, int, int, int]
+# What makes two events one shape: price list version, status, feature, key source, model, provider.
+ShapeKey = tuple[str, CallStatus, Feature, KeySource, str, Provider]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +86,9 @@ class Tally:
         return counts
 
 
-def _event_id_of(value: bytes) -> UUID | None:
+def _event_id_of(value: bytes | None) -> UUID | None:
+    if value is None:
+        return None
     try:
         return UUID(str(json.loads(value)["event_id"]))
     except Exception:  # anything unreadable just has no recoverable id
@@ -99,11 +108,11 @@ class Shapes:
     def __init__(self, book: PriceBook, window: Window | None = None):
         self.book = book
         self.shapes: list[Shape] = []
-        self._ids: dict[tuple, int] = {}
+        self._ids: dict[ShapeKey, int] = {}
         # When no price list takes effect inside the window, one list is in force for all of it.
         starts = [p.effective_from for p in book.lists]
         if window is not None and not any(window.start < s < window.end for s in starts):
-            self._fixed = book.in_force(window.start)
+            self._fixed: PriceList | None = book.in_force(window.start)
         else:
             self._fixed = book.lists[0] if len(book.lists) == 1 else None
 
@@ -151,8 +160,8 @@ class Assessor:
     def has_event(self, event_id: UUID) -> bool:
         return event_id.int in self.seen
 
-    def assess(self, records) -> tuple[list[tuple], list[Unreadable], Tally]:
-        rows: list[tuple] = []
+    def assess(self, records: Sequence[LogRecord]) -> tuple[list[EventRow], list[Unreadable], Tally]:
+        rows: list[EventRow] = []
         unreadable: list[Unreadable] = []
         tally = Tally(records=len(records))
         window, shape_of, seen, shapes = self.window, self.shapes.of, self.seen, self.shapes.shapes
@@ -160,7 +169,7 @@ class Assessor:
         for r in records:
             value = r.value
             event = read_model_call(value)  # the credit service reads records with this same function
-            if type(event) is NotAnEvent:
+            if isinstance(event, NotAnEvent):
                 if window is None or window.contains_ms(r.timestamp):
                     eid = _event_id_of(value) if event.kind in ("malformed_json", "schema") else None
                     unreadable.append(Unreadable(r.partition, r.offset, r.timestamp, event.message, eid))

@@ -7,24 +7,29 @@ unreachable, topic missing, refused scratch schema).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from services.finance import report as render
 from services.finance.conflicts import read_conflicts
+from services.finance.progress_bar import RichProgress, progress_bar
 from services.finance.reconciliation import (
+    ReconcileReport,
+    RepairResult,
     open_holds,
     reconcile as run_reconcile,
     repair as run_repair,
-    replay as run_replay,
 )
+from services.finance.replay import ReplayResult, replay as run_replay
 from services.finance.settings import FinanceSettings
 from services.finance.window import EPOCH, Window
+
+T = TypeVar("T")
 
 WINDOW_RULE = (
     "The window is half-open, [--from, --to), on each event's occurred_at: an event at exactly "
@@ -41,33 +46,6 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
-class RichProgress:
-    """The reconciliation's progress port, drawn as a rich progress bar on stderr."""
-
-    def __init__(self, bar: Progress):
-        self.bar, self.task = bar, None
-
-    def start(self, total: int, description: str) -> None:
-        self.task = self.bar.add_task(description, total=total)
-
-    def advance(self, n: int) -> None:
-        self.bar.advance(self.task, n)
-
-
-def _bar(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("records"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=quiet,
-    )
-
-
 def parse_moment(value: str | None, default: datetime) -> datetime:
     if value is None:
         return default
@@ -78,8 +56,15 @@ def parse_moment(value: str | None, default: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
-def _settings(bootstrap, database_url, schema, topic_prefix, credits_group=None) -> FinanceSettings:
-    overrides = {
+def _settings(
+    bootstrap: str | None,
+    database_url: str | None,
+    schema: str | None,
+    topic_prefix: str | None,
+    credits_group: str | None = None,
+) -> FinanceSettings:
+    # Only what was given overrides the environment; FinanceSettings validates each value against its field.
+    overrides: dict[str, Any] = {
         "kafka_bootstrap_servers": bootstrap,
         "database_url": database_url,
         "database_schema": schema,
@@ -96,7 +81,7 @@ def _window(start: str | None, end: str | None) -> Window:
         raise typer.BadParameter(str(exc)) from exc
 
 
-def _run(coro):
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except typer.Exit:
@@ -142,8 +127,8 @@ def reconcile(
     settings = _settings(bootstrap, database_url, schema, topic_prefix, credits_group)
     window = _window(start, end)
 
-    async def go():
-        with _bar(quiet) as bar:
+    async def go() -> ReconcileReport:
+        with progress_bar(quiet, err_console) as bar:
             return await run_reconcile(settings, window, RichProgress(bar))
 
     report = _run(go())
@@ -186,8 +171,8 @@ def repair(
     settings = _settings(bootstrap, database_url, schema, topic_prefix, credits_group)
     window = _window(start, end)
 
-    async def go():
-        with _bar(quiet) as bar:
+    async def go() -> RepairResult:
+        with progress_bar(quiet, err_console) as bar:
             return await run_repair(settings, window, apply=apply, progress=RichProgress(bar))
 
     result = _run(go())
@@ -231,8 +216,8 @@ def replay(
 ) -> None:
     settings = _settings(bootstrap, database_url, schema, topic_prefix)
 
-    async def go():
-        with _bar(quiet) as bar:
+    async def go() -> ReplayResult:
+        with progress_bar(quiet, err_console) as bar:
             return await run_replay(settings, into, replace=replace, progress=RichProgress(bar))
 
     result = _run(go())

@@ -13,18 +13,19 @@ events) that a person must look at, so `byok-finance conflicts` exits 1 when it 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
 from schemas.topics import dlq
 from services.finance.assessment import _event_id_of
-from services.finance.event_log import EventLog, TopicMissing
+from services.finance.event_log import EventLog, LogRecord, TopicMissing
 from services.finance.settings import FinanceSettings
 from services.finance.window import Window
 from services.shared.kafka import NotAnEvent, read_model_call
 
-CONFLICT = "conflict"  # the credit service's dlq.error_type for these (services/credits/ledger.py)
+CONFLICT = "conflict"  # the credit service's dlq.error_type for these (services/credits/decisions.py)
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,11 @@ class Conflict:
     source_offset: int | None
     dead_lettered_at: datetime
 
-    def as_row(self) -> dict:
+    def as_row(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _header(headers, name: str) -> str | None:
+def _header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
     for key, value in headers or ():
         if key == name:
             return value.decode(errors="replace") if value is not None else None
@@ -62,20 +63,18 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def conflict_of(record) -> Conflict | None:
+def conflict_of(record: LogRecord) -> Conflict | None:
     """The conflict a DLQ record holds, or None when it is a dead letter of another kind."""
     if _header(record.headers, "dlq.error_type") != CONFLICT:
         return None
     event = read_model_call(record.value)
     at = datetime.fromtimestamp(record.timestamp / 1000, timezone.utc)
-    common = {
-        "error": _header(record.headers, "dlq.error") or "",
-        "source_partition": _int(_header(record.headers, "dlq.source_partition")),
-        "source_offset": _int(_header(record.headers, "dlq.source_offset")),
-        "dead_lettered_at": at,
-    }
-    if type(event) is NotAnEvent:  # the credit service validated it first, so this is not expected
-        return Conflict(_event_id_of(record.value or b""), None, None, None, None, None, None, None, **common)
+    error = _header(record.headers, "dlq.error") or ""
+    partition = _int(_header(record.headers, "dlq.source_partition"))
+    offset = _int(_header(record.headers, "dlq.source_offset"))
+    if isinstance(event, NotAnEvent):  # the credit service validated it first, so this is not expected
+        eid = _event_id_of(record.value or b"")
+        return Conflict(eid, None, None, None, None, None, None, None, error, partition, offset, at)
     return Conflict(
         event.event_id,
         event.user_id,
@@ -85,7 +84,10 @@ def conflict_of(record) -> Conflict | None:
         event.key_source.value,
         event.provider.value,
         event.status.value,
-        **common,
+        error,
+        partition,
+        offset,
+        at,
     )
 
 

@@ -114,7 +114,7 @@ class Difference:
     partition: int | None = None
     offset: int | None = None
     detail: str = ""
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict[str, object] = field(default_factory=dict, repr=False)
 
     @property
     def repairable(self) -> bool:
@@ -125,7 +125,7 @@ class Difference:
         """Credits a correction must carry to bring the ledger to what the event owes."""
         return (self.expected_credits or 0) - self.ledger_credits
 
-    def as_row(self) -> dict:
+    def as_row(self) -> dict[str, object]:
         row = asdict(self)
         row.pop("extra")
         row["kind"] = self.kind.value
@@ -159,7 +159,8 @@ def correction_id(event_id: UUID, user_id: str, generation: int) -> UUID:
 
 
 def correction_for(diff: Difference) -> Correction | None:
-    if not diff.repairable or diff.correction_credits == 0 or diff.event_id is None:
+    # user_id: `repairable` requires one; said again so the type checker knows it too.
+    if not diff.repairable or diff.correction_credits == 0 or diff.event_id is None or diff.user_id is None:
         return None
     owed = diff.expected_credits or 0
     return Correction(

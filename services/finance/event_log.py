@@ -12,9 +12,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import ConsumerRecord
+
+# A record as finance reads it: no deserializer, so key and value are bytes (or None).
+LogRecord = ConsumerRecord[bytes, bytes]
 
 
 class EventLogError(RuntimeError):
@@ -62,13 +67,21 @@ class EventLog:
         await self._consumer.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self._consumer.stop()
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._reader.stop()
+
+    @property
+    def _reader(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise EventLogError("the event log is read inside its `async with` only")
+        return self._consumer
 
     async def _partitions(self) -> list[TopicPartition]:
         # `topics()` fetches fresh metadata but keeps only the names; the partitions come from the
         # same fetch (aiokafka's client), as `partitions_for_topic` knows only subscribed topics.
-        cluster = await self._consumer._client.fetch_all_metadata()
+        cluster = await self._reader._client.fetch_all_metadata()
         partitions = cluster.partitions_for_topic(self.topic)
         if not partitions:
             raise TopicMissing(f"topic {self.topic!r} does not exist on {self.bootstrap}")
@@ -76,7 +89,7 @@ class EventLog:
 
     async def plan(self, from_ms: int | None = None, to_ms: int | None = None) -> list[PartitionRange]:
         """Offsets holding the records with timestamps in [from_ms, to_ms) (None: an open end)."""
-        consumer = self._consumer
+        consumer = self._reader
         tps = await self._partitions()
         first = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
@@ -90,9 +103,9 @@ class EventLog:
             stop = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
         return [PartitionRange(tp.partition, start[tp], stop[tp]) for tp in tps]
 
-    async def read(self, ranges: list[PartitionRange]) -> AsyncIterator[list]:
+    async def read(self, ranges: list[PartitionRange]) -> AsyncIterator[list[LogRecord]]:
         """Yield batches of records of `ranges`, until every partition reached its stop offset."""
-        consumer = self._consumer
+        consumer = self._reader
         stops = {TopicPartition(self.topic, r.partition): r.stop for r in ranges if r.size > 0}
         consumer.assign(list(stops))
         for tp in stops:
@@ -101,7 +114,7 @@ class EventLog:
         last_progress = time.monotonic()
         while pending:
             batches = await consumer.getmany(*pending, timeout_ms=500, max_records=self.fetch_records)
-            out = []
+            out: list[LogRecord] = []
             for tp, records in batches.items():
                 stop = stops[tp]
                 if records and records[-1].offset >= stop:

@@ -1,5 +1,6 @@
-"""The PostgreSQL side of finance: the window's events as a temporary table, one set-based comparison
-with the ledger, correction entries, and the scratch schema of a replay.
+"""The PostgreSQL side of a reconciliation: the window's events as a temporary table, one set-based
+comparison with the ledger, and correction entries (a replay's scratch schema: services.finance.scratch;
+holds: services.finance.holds).
 
 Set-based on purpose: the events are COPied into a temporary table and compared with the ledger in
 one statement, so a million events cost one join, not a million queries.
@@ -7,18 +8,17 @@ one statement, so a million events cost one join, not a million queries.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
+from uuid import UUID
 
 import asyncpg
 
-from services.finance.assessment import EVENT_COLUMNS, Shape
+from services.finance.assessment import EVENT_COLUMNS, EventRow, Shape
 from services.finance.differences import Correction, Difference, classify
 from services.finance.window import Window
 
 EVENTS_TABLE = "finance_events"
-SHAPES_TABLE = "finance_shapes"
 
 # Connection settings for finance's sessions: the window's events stay in memory (temp_buffers),
 # the joins hash in memory (work_mem), and JIT compilation, which costs more than it saves on
@@ -85,29 +85,17 @@ ON CONFLICT (entry_id) DO NOTHING
 RETURNING entry_id
 """
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-def ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def check_schema_name(name: str) -> str:
-    if not _SCHEMA_NAME.match(name):
-        raise ValueError(f"{name!r} is not a plain schema name (lower case letters, digits, _)")
-    return name
-
 
 async def create_events_table(conn: asyncpg.Connection) -> None:
     await conn.execute(_CREATE_EVENTS)
     await conn.execute(f"TRUNCATE {EVENTS_TABLE}")
 
 
-async def copy_events(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+async def copy_events(conn: asyncpg.Connection, rows: list[EventRow]) -> None:
     await conn.copy_records_to_table(EVENTS_TABLE, records=rows, columns=EVENT_COLUMNS, schema_name="pg_temp")
 
 
-def _difference(row: asyncpg.Record, shapes: list[Shape], has_event) -> Difference | None:
+def _difference(row: asyncpg.Record, shapes: list[Shape], has_event: Callable[[UUID], bool]) -> Difference | None:
     shape = shapes[row["shape"]] if row["event_id"] is not None else None
     kind = classify(
         shape.decision if shape else None,
@@ -140,7 +128,9 @@ def _difference(row: asyncpg.Record, shapes: list[Shape], has_event) -> Differen
     )
 
 
-async def compare(conn: asyncpg.Connection, window: Window, shapes: list[Shape], has_event) -> list[Difference]:
+async def compare(
+    conn: asyncpg.Connection, window: Window, shapes: list[Shape], has_event: Callable[[UUID], bool]
+) -> list[Difference]:
     """Every (event, account) of the events table and of the window's ledger entries that differs.
 
     `shapes` are the events' shapes (by number); `has_event(id)` says whether an id is an event of
@@ -165,19 +155,21 @@ async def compare(conn: asyncpg.Connection, window: Window, shapes: list[Shape],
 async def last_recorded_at(conn: asyncpg.Connection, window: Window) -> datetime | None:
     """When the newest ledger entry of the window was written. Its event was in the log by then: the
     credit service decides only what it has read, and finance corrects only what it has read."""
-    return await conn.fetchval(
+    newest: datetime | None = await conn.fetchval(
         "SELECT max(recorded_at) FROM ledger_entries WHERE occurred_at >= $1 AND occurred_at < $2",
         window.start,
         window.end,
     )
+    return newest
 
 
 async def ledger_entry_count(conn: asyncpg.Connection, window: Window) -> int:
-    return await conn.fetchval(
+    count: int = await conn.fetchval(
         "SELECT count(*) FROM ledger_entries WHERE occurred_at >= $1 AND occurred_at < $2",
         window.start,
         window.end,
     )
+    return count
 
 
 async def write_corrections(conn: asyncpg.Connection, corrections: list[Correction]) -> int:
@@ -213,139 +205,3 @@ async def write_corrections(conn: asyncpg.Connection, corrections: list[Correcti
         )
         written = await conn.fetch(_INSERT_CORRECTIONS, *map(list, cols))
     return len(written)
-
-
-# --- replay -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BalanceDifference:
-    user_id: str
-    live_granted: int
-    live_debited: int
-    live_balance: int
-    replay_granted: int
-    replay_debited: int
-    replay_balance: int
-
-    @property
-    def delta(self) -> int:
-        return self.live_balance - self.replay_balance
-
-    def as_row(self) -> dict:
-        return {**self.__dict__, "delta": self.delta}
-
-
-async def scratch_is_empty(conn: asyncpg.Connection, scratch: str) -> bool:
-    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{ident(scratch)}.ledger_entries")
-    if not exists:
-        return True
-    return not await conn.fetchval(
-        f"SELECT EXISTS (SELECT 1 FROM {ident(scratch)}.ledger_entries) OR EXISTS (SELECT 1 FROM {ident(scratch)}.grants)"
-    )
-
-
-async def build_replay(conn: asyncpg.Connection, live: str, scratch: str, shapes: list[Shape]) -> int:
-    """Fill `scratch` (migrated, empty) from the events table and the live grants; return entries."""
-    s, lv = ident(scratch), ident(live)
-    await conn.execute(f"""CREATE TEMPORARY TABLE IF NOT EXISTS {SHAPES_TABLE} (
-        shape int PRIMARY KEY, decision text, credits bigint, price_list_version text, reason text,
-        provider text, model text, feature text, key_source text, status text)""")
-    await conn.execute(f"TRUNCATE {SHAPES_TABLE}")
-    await conn.copy_records_to_table(
-        SHAPES_TABLE,
-        schema_name="pg_temp",
-        records=[
-            (
-                i,
-                sh.decision,
-                sh.credits,
-                sh.price_list_version,
-                sh.reason,
-                sh.provider,
-                sh.model,
-                sh.feature,
-                sh.key_source,
-                sh.status,
-            )
-            for i, sh in enumerate(shapes)
-        ],
-    )
-    if await conn.fetchval("SELECT current_schema()") != scratch:
-        raise RuntimeError("build_replay needs a connection whose search_path starts with the scratch schema")
-    async with conn.transaction():
-        await conn.execute(
-            f"INSERT INTO {s}.accounts (user_id, created_at) SELECT user_id, created_at FROM {lv}.accounts"
-        )
-        await conn.execute(
-            f"INSERT INTO {s}.accounts (user_id) SELECT DISTINCT user_id FROM {EVENTS_TABLE} ON CONFLICT DO NOTHING"
-        )
-        # Grants are not events: they are taken as they stand in the live ledger.
-        await conn.execute(
-            f"INSERT INTO {s}.grants (grant_key, user_id, plan, credits, granted_at) "
-            f"SELECT grant_key, user_id, plan, credits, granted_at FROM {lv}.grants"
-        )
-        # Every event gets its decision, rejected ones too (0 credits), as the credit service does.
-        status = await conn.execute(f"""
-            INSERT INTO {s}.ledger_entries (entry_id, event_id, kind, user_id, decision, credits,
-                price_list_version, reason, provider, model, feature, key_source, status, occurred_at)
-            SELECT e.event_id, e.event_id, 'decision', e.user_id, sh.decision, e.credits,
-                   sh.price_list_version, sh.reason, sh.provider, sh.model, sh.feature, sh.key_source,
-                   sh.status, e.occurred_at
-              FROM {EVENTS_TABLE} e JOIN {SHAPES_TABLE} sh USING (shape)
-        """)
-    return int(status.split()[-1])
-
-
-async def compare_balances(conn: asyncpg.Connection, live: str, scratch: str) -> tuple[int, list[BalanceDifference]]:
-    """(accounts compared, accounts whose live sums differ from the replayed ones)."""
-    rows = await conn.fetch(f"""
-        SELECT coalesce(l.user_id, r.user_id) AS user_id,
-               coalesce(l.granted, 0) AS lg, coalesce(l.debited, 0) AS ld, coalesce(l.balance, 0) AS lb,
-               coalesce(r.granted, 0) AS rg, coalesce(r.debited, 0) AS rd, coalesce(r.balance, 0) AS rb
-          FROM {ident(live)}.accounts l FULL JOIN {ident(scratch)}.accounts r USING (user_id)
-    """)
-    diffs = [
-        BalanceDifference(r["user_id"], r["lg"], r["ld"], r["lb"], r["rg"], r["rd"], r["rb"])
-        for r in rows
-        if (r["lg"], r["ld"]) != (r["rg"], r["rd"])
-    ]
-    return len(rows), sorted(diffs, key=lambda d: d.user_id)
-
-
-# --- admission holds (migrations/0009, 0014) -------------------------------------------------------
-# A hold is settled by the transaction that decides its event (a trigger, migrations/0011) or released
-# by DELETE /api/holds/{event_id}; it has no expiry (migrations/0014), since its event may still come
-# however late. A hold of an event already decided is a leak (it keeps credits from the user): zero after
-# a clean run, and repair releases it. A hold open for long is only reported: it may be a call whose
-# event waits in an outbox (Kafka or the credit service down), so no tool releases it by age.
-
-
-async def stale_holds(conn: asyncpg.Connection, older_than_s: float) -> dict[str, list[asyncpg.Record]]:
-    """Holds of events the ledger has already decided, and undecided holds placed over `older_than_s` ago."""
-    rows = await conn.fetch(
-        """SELECT h.event_id, h.user_id, h.credits, h.feature, h.provider, h.model, h.placed_at,
-                  extract(epoch FROM now() - h.placed_at)::float8 AS age_s,
-                  EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id) AS decided
-             FROM holds h
-            WHERE h.placed_at < now() - make_interval(secs => $1)
-               OR EXISTS (SELECT 1 FROM ledger_entries l WHERE l.entry_id = h.event_id)
-            ORDER BY h.placed_at, h.event_id""",
-        older_than_s,
-    )
-    return {"decided": [r for r in rows if r["decided"]], "old": [r for r in rows if not r["decided"]]}
-
-
-async def release_holds(conn: asyncpg.Connection, event_ids: list) -> int:
-    """Release the given holds (never a debit); returns how many were still there."""
-    if not event_ids:
-        return 0
-    async with conn.transaction():
-        # Accounts locked in the ledger writer's order, so the two never deadlock.
-        await conn.execute(
-            """SELECT 1 FROM accounts WHERE user_id IN (
-                                  SELECT user_id FROM holds WHERE event_id = ANY($1::uuid[]))
-                              ORDER BY user_id FOR UPDATE""",
-            event_ids,
-        )
-        return len(await conn.fetch("DELETE FROM holds WHERE event_id = ANY($1::uuid[]) RETURNING 1", event_ids))

@@ -7,11 +7,13 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+import asyncpg
 from rich.table import Table
 
 from services.finance.conflicts import Conflict
 from services.finance.differences import Correction, Difference, Kind
-from services.finance.reconciliation import ReconcileReport, RepairResult, ReplayResult
+from services.finance.reconciliation import ReconcileReport, RepairResult
+from services.finance.replay import ReplayResult
 
 DIFFERENCE_COLUMNS = [f.name for f in fields(Difference) if f.name != "extra"] + ["correction_credits"]
 
@@ -94,7 +96,7 @@ def conflicts_table(conflicts: list[Conflict], limit: int = 50) -> Table:
 HOLD_COLUMNS = ["event_id", "user_id", "credits", "feature", "provider", "model", "placed_at", "age_s", "decided"]
 
 
-def holds_table(holds: list, older_than_s: float, limit: int = 100) -> Table:
+def holds_table(holds: list[asyncpg.Record], older_than_s: float, limit: int = 100) -> Table:
     t = Table(title=f"{len(holds):,} admission holds placed over {older_than_s:,.0f} s ago (holds never expire)")
     for col in ("event_id", "user", "credits", "feature/model", "placed_at", "age", "event decided"):
         t.add_column(col, justify="right" if col in ("credits", "age") else "left")
@@ -137,7 +139,7 @@ def differences_table(differences: list[Difference], limit: int = 20) -> Table:
         t.add_column(col, justify="right" if col in ("owed", "ledger", "fix") else "left")
     t.add_column("note", max_width=60)
 
-    def pair(a, b):
+    def pair(a: str | None, b: str | None) -> str:
         return f"{a or ''}/{b or ''}" if a or b else ""
 
     for d in differences[:limit]:
@@ -196,7 +198,11 @@ def _format(path: Path, fmt: str | None) -> str:
 
 
 def write_rows(
-    path: Path, rows: list[dict], columns: list[str], fmt: str | None = None, header: dict | None = None
+    path: Path,
+    rows: list[dict[str, object]],
+    columns: list[str],
+    fmt: str | None = None,
+    header: dict[str, object] | None = None,
 ) -> None:
     """The full list: CSV (one row per item) or JSON ({...header, "items": [...]})."""
     if _format(path, fmt) == "csv":
@@ -252,5 +258,5 @@ def write_conflicts(path: Path, conflicts: list[Conflict], fmt: str | None = Non
     write_rows(path, [c.as_row() for c in conflicts], CONFLICT_COLUMNS, fmt)
 
 
-def write_holds(path: Path, holds: list, fmt: str | None = None) -> None:
+def write_holds(path: Path, holds: list[asyncpg.Record], fmt: str | None = None) -> None:
     write_rows(path, [{k: h[k] for k in HOLD_COLUMNS} for h in holds], HOLD_COLUMNS, fmt)

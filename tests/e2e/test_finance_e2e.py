@@ -10,7 +10,8 @@ import asyncpg
 import pytest
 
 from schemas.events import CallStatus, Feature, KeySource, Provider
-from services.finance.reconciliation import reconcile, replay
+from services.finance.reconciliation import reconcile
+from services.finance.replay import replay
 from services.finance.settings import FinanceSettings
 from services.finance.window import Window
 from tests.support import make_event, publish, wait_for

@@ -22,7 +22,8 @@ from billing.pricing import default_price_book
 from schemas.events import CallStatus, Feature, KeySource, ModelCallCompleted, Provider
 from services.finance.differences import Kind
 from services.finance.event_log import EventLogError
-from services.finance.reconciliation import ReplayRefused, reconcile, repair, replay
+from services.finance.reconciliation import reconcile, repair
+from services.finance.replay import ReplayRefused, replay
 from services.finance.settings import FinanceSettings
 from services.finance.window import Window, to_ms
 from tests.support import make_event
