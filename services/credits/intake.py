@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from aiokafka.structs import ConsumerRecord
 
@@ -10,7 +10,7 @@ from schemas.events import ModelCallCompleted
 from services.shared.kafka import DeadLetter, NotAnEvent, read_model_call
 
 # A record as the credit consumer gets it: no deserializer, so key and value are bytes (or None).
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 class Received(NamedTuple):  # a tuple: thousands are made per batch, and a frozen dataclass is slow to build

@@ -13,13 +13,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeAlias
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 # A record as finance reads it: no deserializer, so key and value are bytes (or None).
-LogRecord = ConsumerRecord[bytes, bytes]
+LogRecord: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 class EventLogError(RuntimeError):
