@@ -18,7 +18,7 @@ from bench import BenchEnv, Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each module here defines `async def run(env) -> list[Figure]`.
-MODULES = ["credits", "validation", "chat", "stream", "finance", "resume", "scale", "failover"]
+MODULES = ["credits", "validation", "chat", "stream", "gateway", "finance", "resume", "scale", "failover"]
 
 
 def table(figures: list[Figure]) -> Table:
