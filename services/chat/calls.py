@@ -124,7 +124,7 @@ class ChatCalls:
             if found is not None:
                 return found
             raise InvalidRequest("This call was refused a moment ago; send it again.", reason="retry")
-        running = RunningCall(stream)
+        running = RunningCall(stream, str(pending.event_id), route.model)
         self.running[(who.user_id, key)] = running
         try:
             reservation = await self._reserve(who, key, pending, handle)
@@ -160,7 +160,7 @@ class ChatCalls:
 
     def _watch(self, record: CallRecord) -> RunningCall:
         """A call another instance runs: its outcome, once the database has it."""
-        watcher = RunningCall(stream=False)
+        watcher = RunningCall(stream=False, event_id=str(record.event_id))
 
         async def poll() -> None:
             deadline = time.monotonic() + self.call_max_s + self.lease_s * 2

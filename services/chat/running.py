@@ -16,9 +16,10 @@ from services.chat.call_store import Outcome
 class RunningCall:
     """A call this instance is running: the text so far, who follows it, and its outcome once it ends."""
 
-    def __init__(self, stream: bool):
+    def __init__(self, stream: bool, event_id: str = "", model: str = ""):
         loop = asyncio.get_running_loop()
-        self.stream = stream
+        # What the call is known by before it ends: its event id, and the model that runs it.
+        self.stream, self.event_id, self.model = stream, event_id, model
         self.deltas: list[str] = []
         self.outcome: asyncio.Future[Outcome] = loop.create_future()
         self._changed: asyncio.Future[None] = loop.create_future()

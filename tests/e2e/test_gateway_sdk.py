@@ -74,8 +74,9 @@ def test_every_provider_streams_in_openai_chunks_with_usage_and_billing_at_the_e
             stream=True,
             stream_options={"include_usage": True},
         )
-        pieces, usage, billing, finish = [], None, None, None
+        pieces, usage, billing, finish, seen = [], None, None, None, []
         for chunk in stream:
+            seen.append(chunk)
             if chunk.choices:
                 pieces.append(chunk.choices[0].delta.content or "")
                 finish = chunk.choices[0].finish_reason or finish
@@ -84,6 +85,8 @@ def test_every_provider_streams_in_openai_chunks_with_usage_and_billing_at_the_e
                 usage = chunk.usage
         text = "".join(pieces)
         assert f"stream {model}" in text and finish == "stop", (model, text)
+        assert len({c.id for c in seen}) == 1 and seen[0].id.startswith("chatcmpl-"), [c.id for c in seen]
+        assert {c.model for c in seen} == {model}
         assert usage is not None and usage.completion_tokens > 0, model
         assert billing["charged"] is True and billing["credits"] == credits, (model, billing)
 
@@ -192,13 +195,20 @@ def test_always_billed_features_run_on_their_platform_model_and_the_same_key_is_
     )
     assert first.model == "gpt-4.1-mini" and first.model_extra["billing"]["key_source"] == "platform"
     assert first.id == again.id and first.model_extra["billing"]["credits"] == 1
+    streamed = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "fix it, streamed"}],
+        extra_headers={"X-Feature": "code_fix"},
+        stream=True,
+    )
+    assert {c.model for c in streamed} == {"gpt-4.1-mini"}  # the model that ran, on every chunk
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "another"}], extra_headers=headers
         )
-    assert system.wait_balance(user, 499) == 499
+    assert system.wait_balance(user, 498) == 498  # the fix and the streamed fix: 1 credit each
     time.sleep(1.5)
-    assert system.balance(user) == 499
+    assert system.balance(user) == 498
 
 
 def test_the_async_client_streams_too(system: ChatSystem):

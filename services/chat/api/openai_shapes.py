@@ -128,8 +128,11 @@ def sse(data: object) -> bytes:
 async def chunks(started: RunningCall | Outcome, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     """The call as OpenAI's stream: a role chunk, content chunks, a finish chunk with `billing`, the
     usage chunk when asked, `[DONE]`; a failure as `{"error": ...}` (the SDKs raise on it)."""
-    created, head = int(time.time()), {"object": "chat.completion.chunk", "model": model}
-    ident = ""
+    # One id and the model that runs the call on every chunk, as OpenAI's streams have.
+    known = started if isinstance(started, RunningCall) else None
+    ident = completion_id({"event_id": known.event_id}) if known and known.event_id else ""
+    running_model = (known.model if known else "") or model
+    created, head = int(time.time()), {"object": "chat.completion.chunk", "model": running_model}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         return sse(
@@ -158,6 +161,7 @@ async def chunks(started: RunningCall | Outcome, model: str, include_usage: bool
         if isinstance(item, Outcome):
             answer = item.body
             ident = completion_id(answer)
+            head["model"] = str(answer.get("model") or head["model"])
             if not item.ok:
                 error = json.loads(bytes(failure(item).body))
                 yield sse(error)
