@@ -264,6 +264,7 @@ def test_refusals_arrive_as_litellms_own_exception_classes_with_the_sentence(sys
         ("unknown feature", litellm.BadRequestError, 422, {"extra_headers": {"X-Feature": "poetry"}}, None, None),
         ("own key revoked", litellm.exceptions.APIError, 403, own, None, "revoked"),
         ("own key rate limited", litellm.RateLimitError, 429, own, None, "rate_limited"),
+        ("provider down", litellm.BadGatewayError, 502, own, None, "down"),
     ]
     for case, error, status, extra, model, behaviour in cases:
         if behaviour:
