@@ -19,11 +19,11 @@ lock: install         ## regenerate requirements.lock after changing a dependenc
 	@$(PY) -m pip install -q "uv==0.13.9"
 	@.venv/bin/uv pip compile pyproject.toml --extra dev --universal --generate-hashes --python-version 3.11 -q -o requirements.lock
 
-lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict on schemas/, billing/ and providers/
+lint: install         ## ruff (lint and format), the import rule between packages, and mypy --strict over schemas, billing, providers, services and infra (.pre-commit-config.yaml runs the same)
 	@.venv/bin/ruff check .
 	@.venv/bin/ruff format --check .
 	@.venv/bin/lint-imports --no-cache
-	@.venv/bin/mypy --strict schemas billing providers
+	@.venv/bin/mypy --strict schemas billing providers services infra
 
 up: install           ## start Kafka, PostgreSQL and every service in the background
 	@bash infra/stack.sh up

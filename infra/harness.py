@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # an AF_INET socket's name is (host, port)
+        return port
 
 
 def free_ports(n: int) -> int:
@@ -69,7 +70,7 @@ class ServiceProcess:
             "PYTHONUNBUFFERED": "1",
         }
         self.log_path = Path(log_dir) / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -145,5 +146,5 @@ class ServiceProcess:
     def __enter__(self) -> ServiceProcess:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -31,7 +31,7 @@ async def wait_for_broker(bootstrap: str, timeout_s: float) -> AIOKafkaAdminClie
         except (KafkaError, OSError) as exc:
             await admin.close()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Kafka at {bootstrap} did not answer in {timeout_s:.0f} s: {exc}")
+                raise TimeoutError(f"Kafka at {bootstrap} did not answer in {timeout_s:.0f} s: {exc}") from exc
             await asyncio.sleep(0.3)
 
 
@@ -48,9 +48,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> l
     missing = [s for s in specs if s.name not in existing]
     if missing:
         rf = await replication_factor(admin)
-        await admin.create_topics(
-            [NewTopic(s.name, s.partitions, rf, topic_configs=s.config()) for s in missing]
-        )
+        await admin.create_topics([NewTopic(s.name, s.partitions, rf, topic_configs=s.config()) for s in missing])
     return [s.name for s in missing]
 
 

@@ -13,11 +13,22 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.provider_simulator.base import EventStream, Gate, reply_text, sse, stream_pieces, stream_script, tokens
+from services.provider_simulator.base import (
+    Answer,
+    EventStream,
+    Frame,
+    Gate,
+    Json,
+    reply_text,
+    sse,
+    stream_pieces,
+    stream_script,
+    tokens,
+)
 from services.provider_simulator.state import Rule
 
 
-def error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
+def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         {"type": "error", "error": {"type": type_, "message": message}, "request_id": f"req_{uuid.uuid4().hex[:24]}"},
         status_code=status,
@@ -87,8 +98,8 @@ class Anthropic:
     def router(self, gate: Gate) -> APIRouter:
         router = APIRouter(prefix="/v1")
 
-        @router.get("/models")
-        async def models(request: Request):
+        @router.get("/models", response_model=None)
+        async def models(request: Request) -> Answer:
             if isinstance(admitted := await gate(self.name, api_key(request), "models"), JSONResponse):
                 return admitted
             if (refused := precheck(request)) is not None:
@@ -104,8 +115,8 @@ class Anthropic:
             ]
             return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
 
-        @router.post("/messages")
-        async def messages(request: Request):
+        @router.post("/messages", response_model=None)
+        async def messages(request: Request) -> Answer:
             try:
                 body = await request.json()
             except Exception:
@@ -141,9 +152,9 @@ class Anthropic:
 
         return router
 
-    def stream_frames(self, rule: Rule, model: str, prompt: str, text: str, max_tokens: int) -> list:
+    def stream_frames(self, rule: Rule, model: str, prompt: str, text: str, max_tokens: int) -> list[Frame]:
         pieces = stream_pieces(text, rule)
-        message = {
+        message: Json = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
             "role": "assistant",

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from services.provider_simulator.base import Answer, Json
 from services.provider_simulator.registry import SIMULATED
 from services.provider_simulator.state import BEHAVIOURS, Rule, SimulatorState, default_delay_ms
 from services.provider_simulator.urls import base_urls
@@ -52,11 +53,11 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
     # --- control ---
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz() -> Json:
         return {"status": "ok"}
 
-    @app.post("/_sim/keys")
-    async def register(rule: KeyRule):
+    @app.post("/_sim/keys", response_model=None)
+    async def register(rule: KeyRule) -> Answer:
         keys = ([rule.key] if rule.key else []) + rule.keys
         if not keys:
             return bad_control("give 'key' or 'keys'")
@@ -72,36 +73,36 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
         return {"registered": len(keys)}
 
     @app.delete("/_sim/keys")
-    async def forget():
+    async def forget() -> Json:
         with state._lock:
             state._rules.clear()
         return {"ok": True}
 
-    @app.post("/_sim/default")
-    async def set_default(body: DefaultBehaviour):
+    @app.post("/_sim/default", response_model=None)
+    async def set_default(body: DefaultBehaviour) -> Answer:
         if body.behaviour not in BEHAVIOURS:
             return bad_control(f"unknown behaviour {body.behaviour!r}; one of {list(BEHAVIOURS)}")
         state.default_behaviour = body.behaviour
         return {"ok": True}
 
-    @app.post("/_sim/outage")
-    async def outage(body: Outage):
+    @app.post("/_sim/outage", response_model=None)
+    async def outage(body: Outage) -> Answer:
         if body.provider not in SIMULATED:
             return bad_control(f"unknown provider {body.provider!r}; one of {list(SIMULATED)}")
         state.set_outage(body.provider, body.status)
         return {"ok": True}
 
     @app.delete("/_sim/outage")
-    async def end_outage():
+    async def end_outage() -> Json:
         state.clear_outages()
         return {"ok": True}
 
     @app.post("/_sim/calls")
-    async def calls_of_key(body: CallsQuery):
+    async def calls_of_key(body: CallsQuery) -> Json:
         return {"calls": state.calls(body.key), "by_provider": state.calls_by_provider(body.key)}
 
     @app.get("/_sim/calls")
-    async def all_calls():
+    async def all_calls() -> Json:
         return {
             "total": state.total_calls(),
             "by_provider": state.calls_by_provider(),
@@ -110,7 +111,7 @@ def build_app(state: SimulatorState | None = None) -> FastAPI:
         }
 
     @app.post("/_sim/reset")
-    async def reset():
+    async def reset() -> Json:
         state.reset()
         return {"ok": True}
 

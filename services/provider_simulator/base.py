@@ -20,6 +20,13 @@ from fastapi.responses import JSONResponse, Response
 
 from services.provider_simulator.state import DEFAULT_STREAM_SLOW_CHUNKS, Rule
 
+Json = dict[str, Any]
+"""A JSON object, as the simulated APIs send and read them."""
+
+Answer = Response | Json
+"""What a simulated route returns: a response it built (an error, a stream) or a JSON body. Routes
+returning it say `response_model=None`, so FastAPI sends the body as it is (no model to check it by)."""
+
 Gate = Callable[[str, str | None, str], Awaitable[JSONResponse | Rule]]
 """`gate(provider, key, endpoint)`: counts the call, waits a slow key's delay, and answers the
 provider's refusal for the key's behaviour (or an outage), or the key's `Rule` to let the call

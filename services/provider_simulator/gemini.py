@@ -13,7 +13,18 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.provider_simulator.base import EventStream, Gate, reply_text, sse, stream_pieces, stream_script, tokens
+from services.provider_simulator.base import (
+    Answer,
+    EventStream,
+    Frame,
+    Gate,
+    Json,
+    reply_text,
+    sse,
+    stream_pieces,
+    stream_script,
+    tokens,
+)
 from services.provider_simulator.state import Rule
 
 QUOTA_MESSAGE = (
@@ -22,14 +33,14 @@ QUOTA_MESSAGE = (
 )
 
 
-def error(status: int, grpc_status: str, message: str, details: list | None = None) -> JSONResponse:
+def error(status: int, grpc_status: str, message: str, details: list[Json] | None = None) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": status, "message": message, "status": grpc_status, "details": details or []}},
         status_code=status,
     )
 
 
-def error_info(reason: str) -> dict:
+def error_info(reason: str) -> Json:
     return {
         "@type": "type.googleapis.com/google.rpc.ErrorInfo",
         "reason": reason,
@@ -38,7 +49,7 @@ def error_info(reason: str) -> dict:
     }
 
 
-def quota_failure(quota_id: str, retry_s: int | None) -> list[dict]:
+def quota_failure(quota_id: str, retry_s: int | None) -> list[Json]:
     details = [
         {
             "@type": "type.googleapis.com/google.rpc.QuotaFailure",
@@ -127,8 +138,8 @@ class Gemini:
     def version_router(self, gate: Gate) -> APIRouter:
         router = APIRouter()
 
-        @router.get("/models")
-        async def models(request: Request):
+        @router.get("/models", response_model=None)
+        async def models(request: Request) -> Answer:
             key = api_key(request)
             if isinstance(admitted := await gate(self.name, key, "models"), JSONResponse):
                 return admitted
@@ -148,8 +159,8 @@ class Gemini:
                 ]
             }
 
-        @router.post("/models/{model_action}")
-        async def generate(model_action: str, request: Request):
+        @router.post("/models/{model_action}", response_model=None)
+        async def generate(model_action: str, request: Request) -> Answer:
             model, _, action = model_action.partition(":")
             if action not in ("generateContent", "streamGenerateContent"):
                 return error(404, "NOT_FOUND", f"Method {action or '(none)'} not found")
@@ -186,14 +197,14 @@ class Gemini:
 
         return router
 
-    def stream_frames(self, rule: Rule, model: str, prompt: str, text: str) -> list:
+    def stream_frames(self, rule: Rule, model: str, prompt: str, text: str) -> list[Frame]:
         pieces = stream_pieces(text, rule)
         prompt_tokens = tokens(prompt)
         response_id = uuid.uuid4().hex[:22]
 
         def chunk(piece: str, last: bool = False) -> bytes:
-            candidate: dict = {"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
-            usage: dict = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
+            candidate: Json = {"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
+            usage: Json = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
             if last:
                 candidate["finishReason"] = "STOP"
                 output = tokens("".join(pieces))

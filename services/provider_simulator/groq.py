@@ -5,6 +5,7 @@ OpenAI's usage chunk."""
 
 from __future__ import annotations
 
+from services.provider_simulator.base import Json
 from services.provider_simulator.openai import OpenAI
 
 
@@ -25,12 +26,12 @@ class Groq(OpenAI):
     invalid_key_message = "Invalid API Key"
     denied_code = "permission_denied"
 
-    def first_chunk_extra(self, request_id: str) -> dict:
+    def first_chunk_extra(self, request_id: str) -> Json:
         return {"x_groq": {"id": request_id}}
 
-    def last_chunk_extra(self, request_id: str, usage: dict) -> dict:
+    def last_chunk_extra(self, request_id: str, usage: dict[str, int]) -> Json:
         timed = {**usage, "queue_time": 0.01, "prompt_time": 0.001, "completion_time": 0.02, "total_time": 0.021}
         return {"x_groq": {"id": request_id, "usage": timed}}
 
-    def usage_chunk_extra(self, request_id: str, usage: dict) -> dict:
+    def usage_chunk_extra(self, request_id: str, usage: dict[str, int]) -> Json:
         return {"x_groq": {"id": request_id, "usage": usage}}

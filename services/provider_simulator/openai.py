@@ -12,11 +12,24 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.provider_simulator.base import EventStream, Gate, reply_text, sse, stream_pieces, stream_script, tokens
+from services.provider_simulator.base import (
+    Answer,
+    EventStream,
+    Frame,
+    Gate,
+    Json,
+    reply_text,
+    sse,
+    stream_pieces,
+    stream_script,
+    tokens,
+)
 from services.provider_simulator.state import Rule
 
 
-def error(status: int, message: str, type_: str, code: str | None, headers: dict | None = None) -> JSONResponse:
+def error(
+    status: int, message: str, type_: str, code: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": type_, "param": None, "code": code}}, status_code=status, headers=headers
     )
@@ -102,8 +115,8 @@ class OpenAI:
     def router(self, gate: Gate) -> APIRouter:
         router = APIRouter(prefix=self.api_prefix)
 
-        @router.get("/models")
-        async def models(request: Request):
+        @router.get("/models", response_model=None)
+        async def models(request: Request) -> Answer:
             key = bearer(request)
             if isinstance(admitted := await gate(self.name, key, "models"), JSONResponse):
                 return admitted
@@ -116,8 +129,8 @@ class OpenAI:
                 ],
             }
 
-        @router.post("/chat/completions")
-        async def chat(request: Request):
+        @router.post("/chat/completions", response_model=None)
+        async def chat(request: Request) -> Answer:
             key = bearer(request)
             try:
                 body = await request.json()
@@ -156,7 +169,7 @@ class OpenAI:
 
     # --- streams ---
 
-    def stream_frames(self, rule, model: str, prompt: str, text: str, include_usage: bool) -> list:
+    def stream_frames(self, rule: Rule, model: str, prompt: str, text: str, include_usage: bool) -> list[Frame]:
         pieces = stream_pieces(text, rule)
         full = "".join(pieces)
         usage = {"prompt_tokens": tokens(prompt), "completion_tokens": tokens(full)}
@@ -171,7 +184,7 @@ class OpenAI:
         # With include_usage every chunk has `usage: null`, and the last one the usage.
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
-        def chunk(delta: dict, finish_reason: str | None = None, **more: Any) -> bytes:
+        def chunk(delta: Json, finish_reason: str | None = None, **more: Any) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return sse({**base, "choices": [choice], **extra, **more})
 
@@ -195,14 +208,14 @@ class OpenAI:
             rule, pieces, head=head, delta=lambda piece: chunk({"content": piece}), tail=tail, error=error_event
         )
 
-    def first_chunk_extra(self, request_id: str) -> dict:
+    def first_chunk_extra(self, request_id: str) -> Json:
         """What a provider adds to the first chunk (Groq: `x_groq.id`)."""
         return {}
 
-    def last_chunk_extra(self, request_id: str, usage: dict) -> dict:
+    def last_chunk_extra(self, request_id: str, usage: dict[str, int]) -> Json:
         """What a provider adds to the chunk with the finish reason (Groq: `x_groq.usage`)."""
         return {}
 
-    def usage_chunk_extra(self, request_id: str, usage: dict) -> dict:
+    def usage_chunk_extra(self, request_id: str, usage: dict[str, int]) -> Json:
         """What a provider adds to the include_usage chunk."""
         return {}

@@ -73,9 +73,9 @@ class SimulatorState:
     default_behaviour: str = "invalid"
     _rules: dict[str, Rule] = field(default_factory=dict)  # by key fingerprint
     _outages: dict[str, int] = field(default_factory=dict)
-    _calls: Counter = field(default_factory=Counter)  # (fingerprint, provider) -> n
-    _endpoints: Counter = field(default_factory=Counter)
-    _streams: Counter = field(default_factory=Counter)  # how streams ended
+    _calls: Counter[tuple[str, str]] = field(default_factory=Counter)  # (fingerprint, provider) -> n
+    _endpoints: Counter[str] = field(default_factory=Counter)
+    _streams: Counter[str] = field(default_factory=Counter)  # how streams ended
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register(
@@ -120,7 +120,7 @@ class SimulatorState:
 
     def calls_by_provider(self, key: str | None = None) -> dict[str, int]:
         fp = _fingerprint(key) if key is not None else None
-        out: Counter = Counter()
+        out: Counter[str] = Counter()
         with self._lock:
             for (f, p), n in self._calls.items():
                 if fp in (None, f):

@@ -76,15 +76,16 @@ def read_token(secret: str, token: str) -> Identity:
         raise AuthError("the token has expired; sign in again") from None
     except jwt.PyJWTError as exc:
         raise AuthError(f"invalid token: {exc}") from None
-    sub = claims.get("sub")
     try:
-        _USER_ID.validate_python(sub, strict=True)
+        sub = _USER_ID.validate_python(claims.get("sub"), strict=True)
     except ValidationError:
         raise AuthError("invalid token: bad subject (a user id is 1 to 200 printable characters)") from None
-    role = claims.get("role") if isinstance(claims.get("role"), str) else "user"
-    # Tokens minted elsewhere may lack a session id; bind their keys to the token's issue time instead.
-    sid = claims.get("sid") if isinstance(claims.get("sid"), str) else f"iat:{claims.get('iat', '')}"
-    exp, iat = claims.get("exp"), claims.get("iat")
+    role, sid, exp, iat = claims.get("role"), claims.get("sid"), claims.get("exp"), claims.get("iat")
+    if not isinstance(role, str):
+        role = "user"
+    if not isinstance(sid, str):
+        # Tokens minted elsewhere may lack a session id; bind their keys to the token's issue time instead.
+        sid = f"iat:{claims.get('iat', '')}"
     issued = float(iat) if isinstance(iat, (int, float)) else 0.0
     started = claims.get("sst")
     return Identity(

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.events import MODEL_ID_PATTERN, PRINTABLE, Identifier
 from services.shared.db import database_away
@@ -47,7 +48,8 @@ PrintableId = Annotated[
     ),
 ]
 
-Scope = Mapping[str, Any]
+ErrorBody = Callable[[str, str], dict[str, Any]]
+"""A service's error shape: (machine code, sentence) -> the JSON body."""
 
 
 def _kib(n: int) -> str:
@@ -75,25 +77,27 @@ class BodyLimit:
 
     def __init__(
         self,
-        app,
+        app: ASGIApp,
         max_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        body: Callable[[str, str], dict] | None = None,
+        body: ErrorBody | None = None,
         drain_bytes: int = DRAIN_BYTES,
         drain_seconds: float = DRAIN_SECONDS,
-    ):
+    ) -> None:
         self.app, self.max_bytes = app, max_bytes
         self.drain_bytes, self.drain_seconds = max(drain_bytes, max_bytes), drain_seconds
-        self.body = body or (lambda code, sentence: {"error": code, "message": sentence})
+        self.body: ErrorBody = body or (lambda code, sentence: {"error": code, "message": sentence})
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             if declared > self.drain_bytes or _expects_continue(scope):
                 return await self._refuse(send, close=True)
             return await self._drain_then_refuse(receive, send, 0, True)
-        chunks, size, more = [], 0, True
+        chunks: list[bytes] = []
+        size, more = 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -108,7 +112,7 @@ class BodyLimit:
                 chunks.append(chunk)
         replayed = False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -117,7 +121,7 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _drain_then_refuse(self, receive, send, size: int, more: bool) -> None:
+    async def _drain_then_refuse(self, receive: Receive, send: Send, size: int, more: bool) -> None:
         """Read and drop the rest of a too-large body (up to drain_bytes, for drain_seconds), then 413."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_seconds
@@ -133,7 +137,7 @@ class BodyLimit:
         # All of it read: the connection can serve the client's next request. Otherwise it must close.
         await self._refuse(send, close=more)
 
-    async def _refuse(self, send, close: bool = True) -> None:
+    async def _refuse(self, send: Send, close: bool = True) -> None:
         sentence = (
             f"The request body is larger than {_kib(self.max_bytes)}, the most this service accepts. "
             "Send a smaller body."
@@ -147,7 +151,7 @@ def _expects_continue(scope: Scope) -> bool:
     return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
 
 
-async def _nothing():
+async def _nothing() -> Message:
     return {"type": "http.disconnect"}
 
 
@@ -168,7 +172,7 @@ def _content_length(scope: Scope) -> int | None:
 # services.shared.kafka.kafka_away) whether this error is the part being away. One that is not (asyncpg's
 # DataError for a bad argument, "another operation is in progress", a file not found, a message Kafka
 # refuses as it is) is a bug: re-raised, it stays a 500 with its traceback in the log.
-DATABASE_DOWN: tuple[type[BaseException], ...] = (
+DATABASE_DOWN: tuple[type[Exception], ...] = (
     OSError,  # refused, reset, unreachable; TimeoutError and ConnectionError are OSErrors
     asyncpg.PostgresConnectionError,  # class 08, e.g. ConnectionDoesNotExistError
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up
@@ -176,12 +180,12 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
     asyncpg.exceptions.InternalClientError,  # "cannot switch to state 12": the connection went away mid-query
 )
-KAFKA_DOWN: tuple[type[BaseException], ...] = (KafkaError,)
+KAFKA_DOWN: tuple[type[Exception], ...] = (KafkaError,)
 
 log = logging.getLogger(__name__)
 
 
-def install_outage_handlers(app: FastAPI, body: Callable[[str, str], dict]) -> None:
+def install_outage_handlers(app: FastAPI, body: ErrorBody) -> None:
     """Answer a database or Kafka outage on any route with 503 and a sentence (never a bare 500)."""
 
     async def database_down(_: Request, exc: Exception) -> JSONResponse:
@@ -245,10 +249,12 @@ _CODES = {
 }
 
 
-def install_http_error_handler(app: FastAPI, body: Callable[[str, str], dict]) -> None:
+def install_http_error_handler(app: FastAPI, body: ErrorBody) -> None:
     """HTTPExceptions (the framework's and the routes' own) answered in the service's error shape."""
 
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, StarletteHTTPException):  # registered for that class only: never taken
+            raise exc
         if exc.status_code == 400:
             # FastAPI's only 400: a body it could not parse for another reason than its JSON syntax (which
             # FastAPI itself answers 422). Like that one, a malformed request, told by its real cause.
@@ -272,14 +278,21 @@ _PATTERN_SENTENCES = {
 def _sentence(error: Mapping[str, Any]) -> str:
     kind = error.get("type", "")
     if kind == "string_pattern_mismatch":
-        pattern = (error.get("ctx") or {}).get("pattern")
-        return _PATTERN_SENTENCES.get(pattern, f"must match the pattern {pattern}")
+        pattern = _context(error).get("pattern")
+        known = _PATTERN_SENTENCES.get(pattern) if isinstance(pattern, str) else None
+        return known or f"must match the pattern {pattern}"
     if kind == "string_unicode":
         return "must be valid Unicode text (a lone surrogate is not)"
     if kind == "json_invalid":  # the parser's reason says where, never what (e.g. a lone surrogate escape)
-        reason = (error.get("ctx") or {}).get("error")
+        reason = _context(error).get("error")
         return f"the body is not valid JSON ({reason})" if reason else "the body is not valid JSON"
-    return error.get("msg", "is not valid")
+    return str(error.get("msg", "is not valid"))
+
+
+def _context(error: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The error's `ctx` (what pydantic says about the rule that failed), empty when it has none."""
+    ctx = error.get("ctx")
+    return ctx if isinstance(ctx, Mapping) else {}
 
 
 def describe(errors: Iterable[Mapping[str, Any]], limit: int = 5) -> str:
@@ -325,11 +338,11 @@ _DESCRIPTIONS = {
 
 
 # A health route answers its own body (what is up, what is not) with 503 when degraded.
-HEALTH_RESPONSES: dict[int | str, dict] = {
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "Degraded: a part is down", "content": {"application/json": {"schema": {"type": "object"}}}},
 }
 
 
-def error_responses(*codes: int, model: type[BaseModel] = ErrorOut) -> dict[int | str, dict]:
+def error_responses(*codes: int, model: type[BaseModel] = ErrorOut) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: each status in `codes` answered with `model`."""
     return {code: {"model": model, "description": _DESCRIPTIONS.get(code, "Refused")} for code in codes}

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -63,7 +64,13 @@ def kafka_away(exc: BaseException) -> bool:
 
 
 async def park(
-    conn, source: str, topic: str, key: bytes | None, payload: bytes, headers: str, error: BaseException
+    conn: asyncpg.Connection,
+    source: str,
+    topic: str,
+    key: bytes | None,
+    payload: bytes,
+    headers: str,
+    error: BaseException,
 ) -> None:
     """Keep a message Kafka will never take in `parked_messages`, so the relay moves on and nothing is lost."""
     await conn.execute(
@@ -217,9 +224,9 @@ def read_model_call(value: bytes | None) -> ModelCallCompleted | NotAnEvent:
         return NotAnEvent(kind, _validation_summary(exc))
 
 
-def make_producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
+def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
     """Idempotent producer: acks=all, so an acknowledged event is on disk, never duplicated by retries."""
-    options = dict(
+    options: dict[str, Any] = dict(
         bootstrap_servers=bootstrap,
         acks="all",
         enable_idempotence=True,
@@ -229,6 +236,21 @@ def make_producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
     )
     options.update(overrides)
     return AIOKafkaProducer(**options)
+
+
+class Consumed(Protocol):
+    """What a dead letter keeps of a consumed record (aiokafka's `ConsumerRecord[bytes, bytes]` has it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -244,8 +266,8 @@ class DeadLetter:
     error_type: str
 
     @classmethod
-    def of(cls, record, error: str, error_type: str) -> DeadLetter:
-        """The dead letter of a consumed record (anything with topic, partition, offset, key, value)."""
+    def of(cls, record: Consumed, error: str, error_type: str) -> DeadLetter:
+        """The dead letter of a consumed record."""
         return cls(record.topic, record.partition, record.offset, record.key, record.value, error, error_type)
 
     def headers(self) -> list[tuple[str, bytes]]:

@@ -39,6 +39,7 @@ from typing import Any
 
 import uvicorn
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("services.serving")
@@ -224,12 +225,13 @@ class InFlightLimit:
     (uvicorn's `limit_concurrency` counts open connections as well, so idle connections would
     make every request a 503.)"""
 
-    def __init__(self, app: Any, max_in_flight: int):
+    def __init__(self, app: ASGIApp, max_in_flight: int) -> None:
         self.app, self.max_in_flight, self.in_flight = app, max_in_flight, 0
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         if self.in_flight >= self.max_in_flight:
             body = (
                 b'{"error": "unavailable", "message": "This service is answering as many requests as it can '

@@ -24,13 +24,13 @@ def health_app(validation: Validation) -> FastAPI:
     app = FastAPI(title="validation worker", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
-    async def healthz():
+    async def healthz() -> Response:
         if validation.worker.running:
-            return {"status": "ok"}
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "consumer not running"}, status_code=503)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

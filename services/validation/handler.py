@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from uuid import UUID
 
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 import providers
@@ -42,7 +43,7 @@ class Outcome:
     dead_letter: DeadLetter | None = None
 
 
-def _headers(record) -> dict[str, str]:
+def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
     return {k: (v or b"").decode(errors="replace") for k, v in (record.headers or ())}
 
 
@@ -63,7 +64,7 @@ class RequestHandler:
     def _allowed_reply_topic(self, topic: str) -> bool:
         return topic == self.replies_topic or topic.startswith(self.replies_topic + ".")
 
-    async def handle(self, record) -> Outcome:
+    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
         """Never raises: whatever the record holds, the answer is a reply, a dead letter, or both."""
         started = time.monotonic()
         headers = _headers(record)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.shared.kafka import (
@@ -53,13 +54,13 @@ class PartitionProgress:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: ValidationWorker):
+    def __init__(self, worker: ValidationWorker) -> None:
         self.worker = worker
 
-    async def on_partitions_revoked(self, revoked):
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self.worker._finish_partitions(set(revoked))
 
-    async def on_partitions_assigned(self, assigned):
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         for tp in assigned:
             self.worker._progress[tp] = PartitionProgress()
 
@@ -67,19 +68,31 @@ class _Rebalance(ConsumerRebalanceListener):
 class ValidationWorker:
     """Consumes `key_check_requests` (group `validation`) and answers each on its `reply_to` topic."""
 
-    def __init__(self, settings: ValidationSettings, handler: RequestHandler):
+    def __init__(self, settings: ValidationSettings, handler: RequestHandler) -> None:
         self.settings, self.handler = settings, handler
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._outages = OutageLog(log, "validation worker")
         self._progress: dict[TopicPartition, PartitionProgress] = {}
-        self._tasks: dict[asyncio.Task, TopicPartition] = {}
-        self._loop_task: asyncio.Task | None = None
+        self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
+        self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
     def running(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        """The consumer `start` made (the loop and the commits run only after it)."""
+        if self.consumer is None:
+            raise RuntimeError("the validation worker is used before start()")
+        return self.consumer
+
+    def _producer(self) -> AIOKafkaProducer:
+        """The producer `start` made (answers are sent only after it)."""
+        if self.producer is None:
+            raise RuntimeError("the validation worker is used before start()")
+        return self.producer
 
     async def start(self) -> None:
         s = self.settings
@@ -121,13 +134,14 @@ class ValidationWorker:
 
     async def _run(self) -> None:
         s = self.settings
+        consumer = self._consumer()
         while not self._stopping:
             try:
                 room = s.max_in_flight - len(self._tasks)
                 if room <= 0:
                     await asyncio.wait(list(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                     continue
-                batch = await self.consumer.getmany(timeout_ms=100, max_records=room)
+                batch = await consumer.getmany(timeout_ms=100, max_records=room)
                 for tp, records in batch.items():
                     progress = self._progress.setdefault(tp, PartitionProgress())
                     for record in records:
@@ -145,7 +159,7 @@ class ValidationWorker:
                     log.exception("worker loop iteration failed; continuing")
                 await asyncio.sleep(0.5)
 
-    async def _answer(self, tp: TopicPartition, record) -> None:
+    async def _answer(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         with metrics.HANDLE_SECONDS.time():
             try:
                 outcome = await self.handler.handle(record)
@@ -217,14 +231,16 @@ class ValidationWorker:
             progress.done(record.offset)
 
     async def _send(self, outcome: Outcome) -> None:
+        producer = self._producer()
         if outcome.reply is not None:
             r = outcome.reply
-            await (await self.producer.send(r.topic, r.value, key=r.key, headers=r.headers))
+            await (await producer.send(r.topic, r.value, key=r.key, headers=r.headers))
         if outcome.dead_letter is not None:
-            await send_dead_letters(self.producer, [outcome.dead_letter])
+            await send_dead_letters(producer, [outcome.dead_letter])
 
     async def _commit(self, only: set[TopicPartition] | None = None) -> None:
-        offsets = {}
+        consumer = self._consumer()
+        offsets: dict[TopicPartition, int] = {}
         for tp, progress in self._progress.items():
             if only is not None and tp not in only:
                 continue
@@ -234,7 +250,7 @@ class ValidationWorker:
         if not offsets:
             return
         try:
-            await self.consumer.commit(offsets)
+            await consumer.commit(offsets)
         except KafkaError as exc:  # harmless: uncommitted requests are answered again, never lost
             if kafka_away(exc):
                 self._outages.down("Kafka", exc)
