@@ -184,7 +184,7 @@ class KeyCheckRequester:
                 for record in records:
                     self._resolve(record)
 
-    def _resolve(self, record: ConsumerRecord) -> None:
+    def _resolve(self, record: ConsumerRecord[bytes, bytes]) -> None:
         headers = dict(record.headers or ())
         correlation_id = (headers.get(CORRELATION_ID) or b"").decode(errors="replace")
         future = self._pending.get(correlation_id)
