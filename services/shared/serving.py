@@ -162,7 +162,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._deadline = None
 
     def _close_with(self, response: bytes | None) -> None:
-        self._deadline = None
+        # Cancelled, not only forgotten: a pending timer holds the protocol (parser, buffers, cycle)
+        # until it fires, so a client opening thousands of connections a second that are each refused
+        # at once (a 431) kept 10 s worth of them alive (some 200 MiB).
+        self._disarm()
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
