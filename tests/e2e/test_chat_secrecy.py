@@ -105,7 +105,9 @@ def test_a_known_key_is_nowhere_at_rest(private_kafka, database_url, db_schema, 
             keep(web.post("/v1/chat/completions", json={**claude, "model": "gpt-4o"}, headers=own))  # wrong provider
             keep(web.post("/v1/chat/completions", json={**claude, "messages": []}, headers=own))
             system.sim.state.register(GATEWAY_KEY, "revoked")
-            assert keep(web.post("/v1/chat/completions", json=claude, headers=own)).status_code == 502
+            # The provider refused the user's own key: the gateway's 403 (PermissionDeniedError), whose
+            # sentence names the provider and never the key.
+            assert keep(web.post("/v1/chat/completions", json=claude, headers=own)).status_code == 403
             keep(web.post("/auth/logout"))
         assert system.sim.state.calls(KNOWN_KEY) >= 3  # the key really was used
         assert system.sim.state.calls(GATEWAY_KEY) >= 3
