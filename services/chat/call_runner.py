@@ -12,8 +12,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
 import providers
 from billing.pricing import PriceBook
 from providers import ChatReply, ProviderError
@@ -22,6 +20,7 @@ from services.chat.call_answers import CallPlan, ended_event, outcome_of, unreco
 from services.chat.call_store import INTERRUPTED_STATUS, CallStore, Outcome, interrupted_body
 from services.chat.running import RunningCall
 from services.chat.store import SettingsStore
+from services.shared.db import database_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,8 @@ class CallRunner:
             return await asyncio.wait_for(asyncio.shield(write), self.record_wait_s)
         except TimeoutError:
             pass
+        except Exception:  # a bug in the write: the same as a write that does not come back
+            log.exception("call %s: its end could not be recorded", event.event_id)
         write.cancel()
         await asyncio.gather(write, return_exceptions=True)
         failed = event.model_copy(update={"status": CallStatus.FAILED, "ending": Ending.INTERRUPTED})
@@ -121,7 +122,11 @@ class CallRunner:
                 log.warning("call %s ended after its pending event was published as interrupted", event.event_id)
                 await asyncio.shield(self.store.end(event.event_id, lost))
                 return lost
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
+                # Away or busy (refused, restarting, a protocol state a dropped connection broke):
+                # retried; anything else is about the write itself and would fail again.
+                if not database_unreachable(exc):
+                    raise
                 if backoff == 0.2:
                     log.warning("cannot record the end of call %s yet (%s)", event.event_id, type(exc).__name__)
                 await asyncio.sleep(backoff)

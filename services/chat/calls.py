@@ -36,13 +36,24 @@ from services.chat.credit_account import CreditAccount, CreditsUnavailable, Hold
 from services.chat.idempotency import IdempotencyKeyReused, call_event_id, checked_key
 from services.chat.identity import Identity
 from services.chat.key_session import KeyRing
-from services.chat.refusals import BalanceUnknown, InvalidRequest
+from services.chat.refusals import BalanceUnknown, ChatRefused, InvalidRequest
 from services.chat.routing import session_of
 from services.chat.running import RunningCall
 from services.chat.service import ChatService
 from services.chat.store import SettingsStore
+from services.shared.db import database_unreachable
 
 log = logging.getLogger(__name__)
+
+
+def not_started(exc: BaseException, event_id: uuid.UUID) -> Outcome:
+    """What a retry that joined a call gets when the call was refused before it started: the refusal
+    the first request got, or, for an outage, a sentence saying nothing was charged."""
+    if isinstance(exc, ChatRefused):
+        body = {"error": exc.code, "message": exc.message, **exc.details}
+        return Outcome(exc.status, {**body, "charged": False, "event_id": str(event_id)})
+    sentence = "This call could not be started just now; nothing was charged. Send it again in a moment."
+    return Outcome(503, {"error": "not_started", "message": sentence, "charged": False, "event_id": str(event_id)})
 
 
 class ChatCalls:
@@ -126,13 +137,20 @@ class ChatCalls:
             raise InvalidRequest("This call was refused a moment ago; send it again.", reason="retry")
         running = RunningCall(stream, str(pending.event_id), route.model)
         self.running[(who.user_id, key)] = running
+        # A retry arriving from here on follows `running`: however the start ends, it gets an answer.
         try:
             reservation = await self._reserve(who, key, pending, handle)
-        except BaseException:
+        except BaseException as exc:
             self.running.pop((who.user_id, key), None)
+            answer = not_started(exc, pending.event_id)
+            running.finish(answer)
+            if not isinstance(exc, (ChatRefused, asyncio.CancelledError)):  # refusals and cancels are settled
+                log.exception("call %s could not be started", pending.event_id)
+                self._settle_unstarted(handle, pending, answer)
             raise
         if isinstance(reservation, Outcome):
             self.running.pop((who.user_id, key), None)
+            running.finish(reservation)
             return reservation
         messages = [dict(m) for m in request.messages]
         call = CallPlan(who, key, route, api_key, messages, pending, handle, reservation, request.max_tokens)
@@ -163,16 +181,26 @@ class ChatCalls:
         watcher = RunningCall(stream=False, event_id=str(record.event_id))
 
         async def poll() -> None:
+            # Whatever happens (the database away a while, a bug), the watcher gets an outcome.
+            outcome = Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": str(record.event_id)})
             deadline = time.monotonic() + self.call_max_s + self.lease_s * 2
-            while time.monotonic() < deadline:
-                found = await self.store.find(record.user_id, record.idempotency_key)
-                if found is None or found.outcome is not None or not found.instance_alive:
-                    break
-                await asyncio.sleep(self.poll_s)
-            if found is not None and found.outcome is not None:
-                watcher.finish(found.outcome)
-            else:
-                watcher.finish(Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": str(record.event_id)}))
+            try:
+                while time.monotonic() < deadline:
+                    try:
+                        found = await self.store.find(record.user_id, record.idempotency_key)
+                    except Exception as exc:
+                        if not database_unreachable(exc):
+                            raise
+                        await asyncio.sleep(self.poll_s)
+                        continue
+                    if found is not None and found.outcome is not None:
+                        outcome = found.outcome
+                        break
+                    if found is None or not found.instance_alive:
+                        break
+                    await asyncio.sleep(self.poll_s)
+            finally:
+                watcher.finish(outcome)
 
         watcher.task = self._spawn(poll())
         return watcher
@@ -201,15 +229,15 @@ class ChatCalls:
         try:
             return await self.balances.reserve(who, pending.event_id, pending.feature, pending.provider, pending.model)
         except HoldRefused as exc:
-            await self.store.forget(handle, who.user_id, key)
-            raise short_of_credits(pending, exc, self.book.in_force(self.service.clock()).version) from None
+            short = short_of_credits(pending, exc, self.book.in_force(self.service.clock()).version)
+            raise await self._refuse(who, key, pending, handle, short) from None
         except HoldConflict:
-            await self.store.forget(handle, who.user_id, key)
-            raise IdempotencyKeyReused(
+            reused = IdempotencyKeyReused(
                 "This Idempotency-Key belongs to an earlier call that is already settled. Use a new key for a "
                 "new message.",
                 reason="idempotency_key_reused",
-            ) from None
+            )
+            raise await self._refuse(who, key, pending, handle, reused) from None
         except (CreditsUnavailable, asyncio.CancelledError) as exc:
             self._release_soon(who, pending.event_id)
             body = {
@@ -221,12 +249,31 @@ class ChatCalls:
                 "event_id": str(pending.event_id),
             }
             outcome = Outcome(503, body)
-            event = pending.model_copy(update={"ending": Ending.NOT_STARTED, "occurred_at": self.service.clock()})
-            settle = self._spawn(self.runner.write(handle, event, outcome))  # failed: never billed, whenever written
+            settle = self._settle_unstarted(handle, pending, outcome)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             await asyncio.wait({settle}, timeout=self.runner.record_wait_s)
             return outcome
+
+    async def _refuse(
+        self, who: Identity, key: str, pending: ModelCallCompleted, handle: int, refusal: ChatRefused
+    ) -> ChatRefused:
+        """Forget a call refused before anything was held, so that its key may be used again. With the
+        database away, the refusal is recorded instead, whenever it can be (a `not_started` event, never
+        billed): a claimed call nobody runs would keep its retries waiting."""
+        try:
+            await self.store.forget(handle, who.user_id, key)
+        except Exception as exc:
+            if not database_unreachable(exc):
+                raise
+            self._settle_unstarted(handle, pending, not_started(refusal, pending.event_id))
+        return refusal
+
+    def _settle_unstarted(self, handle: int, pending: ModelCallCompleted, outcome: Outcome) -> asyncio.Task[Any]:
+        """Write a call that never reached the provider as `not_started` (failed: never billed), with the
+        answer its retries get, whenever the database takes it."""
+        event = pending.model_copy(update={"ending": Ending.NOT_STARTED, "occurred_at": self.service.clock()})
+        return self._spawn(self.runner.write(handle, event, outcome))
 
     def _release_soon(self, who: Identity, event_id: uuid.UUID) -> None:
         """Release a hold whose placement's answer was lost, now and once more after `release_again_s`
@@ -249,9 +296,19 @@ class ChatCalls:
     # --- running and ending a call ----------------------------------------------------------------
 
     async def _run(self, running: RunningCall, call: CallPlan) -> None:
-        outcome = await self.runner.run(running, call)
-        self.running.pop((call.who.user_id, call.key), None)
-        running.finish(outcome)
+        """Run the call; whatever happens, its readers get an outcome and the call leaves `running`
+        (a reader waiting on a call whose task died would wait for ever)."""
+        try:
+            outcome = await self.runner.run(running, call)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("call %s ended without an outcome", call.pending.event_id)
+            event_id = str(call.pending.event_id)
+            outcome = Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": event_id})
+            raise
+        finally:
+            self.running.pop((call.who.user_id, call.key), None)
+            running.finish(outcome)
 
     # --- the instance's lease ---------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from providers import ChatReply, KeyVerdict, ProviderError
@@ -11,7 +12,7 @@ from schemas.events import CallStatus, Ending, Feature, KeyCheckStatus, Provider
 from services.chat.call_store import Outcome
 from services.chat.idempotency import IdempotencyKeyReused, call_event_id
 from services.chat.identity import Identity
-from services.chat.refusals import InvalidRequest
+from services.chat.refusals import InvalidRequest, PaymentRequired
 from services.chat.routing import page_request
 from services.chat.running import RunningCall
 from tests.fakes import FakeChecker, FakeProvider, MemoryCredits, MemorySettingsStore, memory_chat
@@ -216,3 +217,98 @@ async def test_a_call_whose_end_cannot_be_recorded_is_answered_free_and_recorded
     assert ready and written.status is CallStatus.FAILED and written.ending is Ending.INTERRUPTED
     assert attempts[0].status is CallStatus.SUCCEEDED  # it was tried as it was, first
     assert (await store.find("alice", "k")).outcome == done
+
+
+async def test_a_retry_that_joins_a_call_refused_at_its_hold_gets_the_same_refusal():
+    """Two requests with one key: the second joins the first while its hold is asked for; the hold is
+    refused (402). The second must get that answer, not wait for ever on a call that never ran (the
+    outage test saw a request hang 60 s on exactly this)."""
+    calls, store, balances, provider = make(balance=1)
+    gate = asyncio.Event()
+    real_reserve = balances.reserve
+
+    async def slow_reserve(*args):
+        await gate.wait()
+        return await real_reserve(*args)
+
+    balances.reserve = slow_reserve
+    request = page_request(Feature.DEEP_ANALYSIS, "analyse")
+    first = asyncio.ensure_future(calls.start(ALICE, None, request, idempotency_key="k"))
+    await asyncio.sleep(0.01)  # the first has claimed the key and waits for its hold
+    joined = await calls.start(ALICE, None, request, idempotency_key="k")
+    gate.set()
+    with pytest.raises(PaymentRequired) as refused:
+        await first
+    answer = await asyncio.wait_for(outcome_of(joined), 1.0)
+    assert answer.status == 402 and answer.body["error"] == refused.value.code and answer.body["charged"] is False
+    assert not provider.calls and not store.events and not calls.running
+
+
+async def test_a_write_broken_by_a_dropped_connection_is_retried_and_a_bug_still_answers():
+    """asyncpg's "cannot switch to state" (a connection PostgreSQL dropped mid-statement) is the database
+    being away: the end is written once it answers. Any other failure of the write still answers the
+    call (not charged), instead of leaving its readers waiting."""
+    calls, store, _, _ = make(record_wait_s=0.5)
+    real_finish, attempts = store.finish, []
+
+    async def protocol_broken_once(handle, event, outcome):
+        attempts.append(event)
+        if len(attempts) == 1:
+            raise asyncpg.exceptions.InternalClientError(
+                "cannot switch to state 15; another operation (2) is in progress"
+            )
+        return await real_finish(handle, event, outcome)
+
+    store.finish = protocol_broken_once
+    done = await asyncio.wait_for(outcome_of(await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"))), 5)
+    assert done.ok and done.body["charged"] is True and len(attempts) == 2
+
+    async def buggy(handle, event, outcome):
+        raise KeyError("a bug")
+
+    store.finish = buggy
+    done = await asyncio.wait_for(outcome_of(await calls.start(ALICE, None, page_request(Feature.CHAT, "ho"))), 5)
+    assert done.ok and done.body["charged"] is False and "not charged" in done.body["notice"]
+    assert not calls.running
+
+
+async def test_a_retry_watching_a_call_in_the_database_survives_the_database_going_away():
+    """A retry for a call this process no longer runs (its end is being written) watches the database
+    for the outcome; the database away while it watches must not leave the retry waiting for ever."""
+    calls, store, _, _ = make()
+    calls.poll_s = 0.01
+    done = await outcome_of(await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k"))
+    kept = store.calls[("alice", "k")]["outcome"]
+    store.calls[("alice", "k")]["outcome"] = None  # as if the end were still being written
+    real_find, away = store.find, [3]
+
+    async def away_for_a_while(user_id, key):
+        if away[0]:
+            away[0] -= 1
+            raise ConnectionRefusedError("database away")
+        return await real_find(user_id, key)
+
+    watcher = await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k")
+    assert isinstance(watcher, RunningCall)
+    store.find = away_for_a_while
+    await asyncio.sleep(0.05)
+    store.calls[("alice", "k")]["outcome"] = kept  # written now
+    assert await asyncio.wait_for(watcher.result(), 2) == done and away == [0]
+
+
+async def test_a_refusal_that_cannot_be_forgotten_is_recorded_for_its_retries():
+    """Refused at its hold while the database is away (the claim cannot be removed): the refusal is
+    written as the call's outcome once it can be, so a retry gets it instead of watching for ever."""
+    calls, store, _, provider = make(balance=1)
+    calls.poll_s = 0.01
+
+    async def away(*args):
+        raise ConnectionRefusedError("database away")
+
+    store.forget = away
+    request = page_request(Feature.DEEP_ANALYSIS, "analyse")
+    with pytest.raises(PaymentRequired):
+        await calls.start(ALICE, None, request, idempotency_key="k")
+    retry = await asyncio.wait_for(outcome_of(await calls.start(ALICE, None, request, idempotency_key="k")), 2)
+    assert retry.status == 402 and retry.body["charged"] is False and not provider.calls
+    assert store.events[-1].ending is Ending.NOT_STARTED and store.events[-1].status is CallStatus.FAILED
