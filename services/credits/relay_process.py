@@ -21,22 +21,25 @@ from services.credits.relay import OutcomeRelay
 from services.credits.settings import CreditSettings
 from services.shared.db import create_pool
 from services.shared.gc_tuning import tune_for_batches
-from services.shared.kafka import make_producer
+from services.shared.kafka import OutageLog, make_producer
 from services.shared.logging import setup_logging
 
 log = logging.getLogger("services.credits")
 
 
 async def start_producer(settings: CreditSettings) -> AIOKafkaProducer:
-    """Start the producer, waiting for the broker if it is not up yet."""
+    """Start the producer, waiting for the broker if it is not up yet (one line when it is not, one
+    when it answers: a relay restarted during an outage does not write a line per second)."""
+    outage = OutageLog(log, "outcome relay")
     while True:
         producer = make_producer(settings.kafka_bootstrap_servers, linger_ms=5)
         try:
             await producer.start()
+            outage.up()
             return producer
         except Exception as exc:
             await producer.stop()
-            log.warning("Kafka not reachable yet (%s); retrying", exc)
+            outage.down("Kafka", exc)
             await asyncio.sleep(1)
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.shared.http import GracefulServer
+from services.shared.kafka import OutageLog
 from services.shared.logging import setup_logging
 from services.shared.sealing import SealingSettings
 from services.shared.serving import server_config
@@ -37,13 +38,16 @@ def health_app(validation: Validation) -> FastAPI:
 
 
 async def start_worker(validation: Validation) -> None:
-    """Start the worker, waiting for the broker if it is not up yet."""
+    """Start the worker, waiting for the broker if it is not up yet (one line when it is not, one when
+    it answers, however long it takes)."""
+    outage = OutageLog(log, "validation worker")
     while True:
         try:
             await validation.worker.start()
+            outage.up()
             return
         except Exception as exc:
-            log.warning("Kafka not reachable yet (%s); retrying", type(exc).__name__)
+            outage.down("Kafka", exc)
             await asyncio.sleep(1)
 
 
