@@ -62,8 +62,7 @@ fuzz: install         ## schemathesis over the chat and credit APIs (live proces
 	@bash infra/kafka.sh up && bash infra/postgres.sh up
 	@$(PY) -m pytest tests/e2e/test_api_fuzz.py -s $(PYTEST_ARGS)
 
-bench: install        ## benchmarks, each figure beside its baseline from the same run
-	@bash infra/kafka.sh up && bash infra/postgres.sh up
+bench: install        ## benchmarks, each figure beside its baseline from the same run (starts and then stops the broker and database unless they run)
 	@$(PY) -m bench $(BENCH_ARGS)
 
 demo: install         ## scripted scenario against the live stack; exit 0 only if balances are right

@@ -32,19 +32,43 @@ def table(figures: list[Figure]) -> Table:
     return t
 
 
+def infra(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """infra/<script>.sh with the shell's own settings (BYOK_KAFKA_PORT, BYOK_PG_PORT, ...)."""
+    return subprocess.run(["bash", str(ROOT / f"infra/{script}.sh"), *args], capture_output=True, text=True)
+
+
+def start_missing() -> list[str]:
+    """Start the broker and the database unless they run already (a stack beside which the benchmark
+    runs, say); the ones started here, which the benchmark stops when it ends."""
+    started = []
+    for script in ("kafka", "postgres"):
+        if infra(script, "status").returncode != 0:
+            up = infra(script, "up")
+            if up.returncode != 0:
+                raise SystemExit(f"could not start {script}: {up.stderr or up.stdout}")
+            started.append(script)
+    return started
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small loads, for a smoke run")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
-    db = (
-        os.environ.get("DATABASE_URL")
-        or subprocess.run(
-            ["bash", str(ROOT / "infra/postgres.sh"), "url"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    env = BenchEnv(os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), db, args.quick)
+    started = start_missing()
+    try:
+        return await run_all(args)
+    finally:
+        for script in reversed(started):  # what the benchmark started, it stops
+            print(f"stopping the {script} this benchmark started", file=sys.stderr)
+            infra(script, "down")
+
+
+async def run_all(args: argparse.Namespace) -> int:
+    db = os.environ.get("DATABASE_URL") or infra("postgres", "url").stdout.strip()
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or infra("kafka", "bootstrap").stdout.strip()
+    env = BenchEnv(bootstrap, db, args.quick)
     figures: list[Figure] = []
     for name in args.only or MODULES:
         try:

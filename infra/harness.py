@@ -55,6 +55,10 @@ def free_ports(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
+# The running stack's own ports (infra/stack.sh): never inherited by a process the harness starts.
+STACK_PORT_VARIABLES = frozenset({"CHAT_PORT", "CREDITS_PORT", "VALIDATION_PORT", "SIM_PORT", "HTTP_PORT"})
+
+
 class ServiceProcess:
     """One service run as `python -m <module>`, with its output kept in a log file."""
 
@@ -62,9 +66,12 @@ class ServiceProcess:
         self.name, self.module = name, module
         self.port = port or free_port()
         # Local runs: the services accept their development defaults (see refuse_default_secrets).
+        # The port is the harness's own: a stack's CHAT_PORT exported in the shell would win over
+        # HTTP_PORT in the chat's settings and point the process (and a benchmark) at the wrong port.
+        inherited = {k: v for k, v in os.environ.items() if k not in STACK_PORT_VARIABLES}
         self.env = {
             "BYOK_ENV": "development",
-            **os.environ,
+            **inherited,
             **env,
             "HTTP_PORT": str(self.port),
             "PYTHONUNBUFFERED": "1",
