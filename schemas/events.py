@@ -7,6 +7,7 @@ negative counts, no unknown fields. Change only by adding optional fields.
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Literal, Self
@@ -45,12 +46,29 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class _LatestAllowed:
+    """`utc_now() + MAX_FUTURE`, read from the clock at most once a second: the bound is a day wide, and
+    reading the wall clock for every event was 8 % of the credit service's intake (issue 22)."""
+
+    def __init__(self) -> None:
+        self._until, self._bound = 0.0, EARLIEST_OCCURRED_AT
+
+    def __call__(self) -> datetime:
+        now = time.monotonic()
+        if now >= self._until:
+            self._until, self._bound = now + 1.0, utc_now() + MAX_FUTURE
+        return self._bound
+
+
+_latest_allowed = _LatestAllowed()
+
+
 def _plausible_moment(value: datetime) -> datetime:
     # Compared before anything converts it: 0001-01-01T00:30+01:00 is a valid ISO date whose UTC
     # form does not exist, and converting it is what used to break the ledger's COPY.
     if value < EARLIEST_OCCURRED_AT:
         raise ValueError(f"must not be before {EARLIEST_OCCURRED_AT.isoformat()}")
-    if value > utc_now() + MAX_FUTURE:
+    if value > _latest_allowed():
         raise ValueError(f"must not be more than {MAX_FUTURE.total_seconds():.0f} s in the future")
     return value
 
