@@ -41,9 +41,12 @@ class Answer:
 
 
 class CreditsClient:
-    def __init__(self, base_url: str, timeout_s: float, *, max_connections: int = 64):
+    def __init__(self, base_url: str, timeout_s: float, *, max_connections: int = 64, queue_s: float = 30.0):
         self.base_url = base_url.rstrip("/")
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # `timeout_s` bounds the credit service's own part: connecting, then each wait for its answer.
+        # Waiting for one of the `max_connections` is not the service failing to answer: a burst of
+        # holds (1,500 calls at once) queues here, up to `queue_s`, instead of timing out as a 503.
+        self.timeout = aiohttp.ClientTimeout(total=queue_s + timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
         self._session = LazySession(
             lambda: aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=2.0),

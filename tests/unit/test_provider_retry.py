@@ -174,3 +174,34 @@ async def test_a_closed_client_opens_no_new_connection_for_a_call_still_running_
         with pytest.raises(CreditsUnreachable, match="shutting down"):
             await credits.request("GET", "/api/credits/alice", "token")
     assert server.requests == [] and not provider._session.opened and not credits._session.opened
+
+
+async def test_holds_queued_for_a_connection_wait_their_turn_and_a_silent_service_still_times_out():
+    """A burst of holds larger than the client's connections queues for one: the timeout bounds the
+    credit service's answer, not the wait for a connection (1,500 calls at once got 503s for that).
+    A service that does not answer at all is still reported after the timeout."""
+    from aiohttp import web
+
+    from services.chat.credits_client import CreditsClient, CreditsUnreachable
+
+    async def slow_hold(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.1 if request.path == "/api/holds" else 1)
+        return web.json_response({"credits": 1})
+
+    app = web.Application()
+    app.router.add_post("/api/holds", slow_hold)
+    app.router.add_post("/api/silent", slow_hold)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = CreditsClient(f"http://127.0.0.1:{port}", timeout_s=0.3, max_connections=2, queue_s=10)
+    try:
+        answers = await asyncio.gather(*(client.request("POST", "/api/holds", "t", json_body={}) for _ in range(12)))
+        assert [a.status for a in answers] == [200] * 12  # 6 rounds of 0.1 s: 0.6 s, twice the timeout
+        with pytest.raises(CreditsUnreachable, match="did not answer"):
+            await client.request("POST", "/api/silent", "t", json_body={})
+    finally:
+        await client.aclose()
+        await runner.cleanup()
