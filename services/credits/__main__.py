@@ -10,8 +10,6 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
-import uvloop  # noqa: E402
-
 from services.credits.settings import CreditSettings  # noqa: E402
 from services.shared.logging import setup_logging  # noqa: E402
 from services.shared.settings import refuse_default_secrets  # noqa: E402
@@ -55,9 +53,7 @@ def main() -> None:
     settings = CreditSettings()
     refuse_default_secrets("The credit service", settings)
     setup_logging(settings.log_level, "credits")
-    # uvloop, as the chat runs (through uvicorn): the consumer, the holds API and the relay child (its
-    # own process, also on uvloop) spend less CPU in the event loop itself (issue 22; make bench).
-    uvloop.run(serve(settings))
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import signal
 
-import uvloop
 from aiokafka import AIOKafkaProducer
 
 from services.credits.relay import OutcomeRelay
@@ -79,7 +78,7 @@ def _relay_process_main(settings_json: str, parent_pid: int) -> None:
     setup_logging(settings.log_level, "credits-relay")
     tune_for_batches()
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(run_relay(settings))
+        asyncio.run(run_relay(settings))
 
 
 async def supervise_relay_process(settings: CreditSettings) -> None:

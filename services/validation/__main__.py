@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import uvloop
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -78,7 +77,7 @@ def main() -> None:
     # The worker keeps no database and no token secret: only its sealing private keys are secret.
     refuse_default_secrets("The key-check worker", (SealingSettings(), ("private_keys",)))
     setup_logging(settings.log_level, "validation")  # also keeps httpx's per-request lines out
-    uvloop.run(serve(settings))
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":
