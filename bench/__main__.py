@@ -89,8 +89,8 @@ async def run_all(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     # The load generators time each answer with the loop's clock, which uvloop keeps in whole
-    # milliseconds: the benchmark runs on the standard loop. The services it starts run on uvloop;
-    # BENCH_LOOP=uvloop runs the in-process parts (the credit pipeline's bulk run) on it as well.
+    # milliseconds: the benchmark runs on the standard loop, as the credit service does.
+    # BENCH_LOOP=uvloop runs the in-process parts (the credit pipeline's bulk run) on uvloop, to compare.
     if os.environ.get("BENCH_LOOP", "asyncio") == "uvloop":
         sys.exit(uvloop.run(main()))
     sys.exit(asyncio.run(main()))
