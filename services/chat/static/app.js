@@ -11,7 +11,7 @@ const FEATURES = { chat: "Chat", deep_analysis: "Deep analysis", code_fix: "Code
 const LOW_SHARE = 0.1; // warn below 10% of the last grant
 // keyNotes: the last check answer per provider, so one provider's wait is never shown for another.
 // balance: what a new call can use (the balance less the credits held by calls still running).
-const state = { config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false,
+const state = { saving: Promise.resolve(), config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false,
                 retry: null, signedIn: false };
 const MAX_MESSAGE = 20000;
 
@@ -265,7 +265,10 @@ async function loadSettings() {
 async function saveSettings(extra = {}) {
   const body = { provider: $("provider").value, model: $("model").value,
                  use_own_key: $("byok").getAttribute("aria-checked") === "true", ...extra };
-  const r = await api("/settings/model", { json: body });
+  // A message sent right after a change waits for it (onSend): the call runs on what the page shows.
+  const saving = api("/settings/model", { json: body });
+  state.saving = saving.catch(() => {});
+  const r = await saving;
   if (r.body.settings) state.settings = r.body.settings;
   return r;
 }
@@ -476,10 +479,11 @@ async function onSend(event) {
   if (!message) { $("chat-input").focus(); return; }
   const feature = $("feature").value;
   const key = keyFor(message, feature);
-  const entry = addEntry(message, feature);
   // Not `disabled`: a disabled button drops the keyboard focus to the page body.
   state.sending = true;
   $("send").setAttribute("aria-disabled", "true");
+  await state.saving;  // a provider or model just chosen is saved before the call that uses it
+  const entry = addEntry(message, feature);
   const controller = new AbortController();
   $("stop").hidden = false;
   $("stop").onclick = () => controller.abort();
