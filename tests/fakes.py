@@ -19,7 +19,7 @@ from billing.policy import price_of
 from billing.pricing import default_price_book
 from providers import ChatReply, HttpStream, ProviderError, ProviderUnreachable, key_hint
 from schemas.events import KeyCheckResult, KeyCheckStatus, ModelCallCompleted, Provider, utc_now
-from services.chat.call_store import CallRecord, CallStore
+from services.chat.call_store import CallRecord, CallStore, Outcome
 from services.chat.calls import ChatCalls
 from services.chat.credit_account import CreditAccount, Funds, HoldRefused, Reservation
 from services.chat.identity import Identity
@@ -107,10 +107,13 @@ class MemoryCallStore(CallStore):
         await self.end(event.event_id, outcome)
         return True
 
-    async def end(self, event_id, outcome) -> None:
+    async def end(self, event_id, outcome) -> Outcome:
         for c in self.calls.values():
-            if c["event_id"] == event_id and c["outcome"] is None:
-                c["outcome"] = outcome
+            if c["event_id"] == event_id:
+                if c["outcome"] is None:
+                    c["outcome"] = outcome
+                return c["outcome"]
+        return outcome
 
     async def forget(self, handle, user_id, key) -> None:
         self.rows.pop(handle, None)

@@ -119,9 +119,10 @@ class CallRunner:
                 if await asyncio.shield(self.store.finish(handle, event, outcome)):
                     return outcome
                 lost = Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": str(event.event_id)})
-                log.warning("call %s ended after its pending event was published as interrupted", event.event_id)
-                await asyncio.shield(self.store.end(event.event_id, lost))
-                return lost
+                ended = await asyncio.shield(self.store.end(event.event_id, lost))
+                if ended == lost:
+                    log.warning("call %s ended after its pending event was published as interrupted", event.event_id)
+                return ended
             except Exception as exc:
                 # Away or busy (refused, restarting, a protocol state a dropped connection broke):
                 # retried; anything else is about the write itself and would fail again.

@@ -79,8 +79,10 @@ class CallStore:
         nothing changes here, and the caller ends the call otherwise."""
         raise NotImplementedError
 
-    async def end(self, event_id: UUID, outcome: Outcome) -> None:
-        """End a call whose event is already settled otherwise (its outcome only)."""
+    async def end(self, event_id: UUID, outcome: Outcome) -> Outcome:
+        """End a call whose event is already settled otherwise (its outcome only); the outcome it ends
+        with: `outcome`, or the one already recorded (a write whose commit landed while its answer was
+        lost to a dropped connection, then the relay took the event: that outcome is the true one)."""
         raise NotImplementedError
 
     async def forget(self, handle: int, user_id: str, key: str) -> None:
@@ -156,9 +158,20 @@ class PgCallStore(CallStore):
         self.on_ready()
         return True
 
-    async def end(self, event_id: UUID, outcome: Outcome) -> None:
-        async with self.pool.acquire() as conn:
-            await self._end(conn, event_id, outcome)
+    async def end(self, event_id: UUID, outcome: Outcome) -> Outcome:
+        # Both parts read one snapshot: the row the UPDATE ends had no outcome before it.
+        stored = await self.pool.fetchval(
+            """WITH ended AS (
+                   UPDATE chat_calls SET ended_at = now(), outcome = $2
+                    WHERE event_id = $1 AND ended_at IS NULL RETURNING outcome)
+               SELECT coalesce((SELECT outcome FROM ended), (SELECT outcome FROM chat_calls WHERE event_id = $1))""",
+            event_id,
+            json.dumps({"status": outcome.status, "body": outcome.body}),
+        )
+        if stored is None:  # no such call (purged)
+            return outcome
+        kept = json.loads(stored)
+        return Outcome(kept["status"], kept["body"])
 
     @staticmethod
     async def _end(conn: asyncpg.Connection, event_id: UUID, outcome: Outcome) -> None:

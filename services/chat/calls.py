@@ -155,6 +155,7 @@ class ChatCalls:
         messages = [dict(m) for m in request.messages]
         call = CallPlan(who, key, route, api_key, messages, pending, handle, reservation, request.max_tokens)
         running.task = asyncio.create_task(self._run(running, call), name=f"call-{pending.event_id}")
+        running.task.add_done_callback(lambda _: self._never_ran(running, call))
         return running
 
     async def _existing(self, who: Identity, key: str, digest: str) -> RunningCall | Outcome | None:
@@ -309,6 +310,16 @@ class ChatCalls:
         finally:
             self.running.pop((call.who.user_id, call.key), None)
             running.finish(outcome)
+
+    def _never_ran(self, running: RunningCall, call: CallPlan) -> None:
+        """A call cancelled before its task took a first step (a Stop in the same instant) never ran
+        `_run`: it is answered and recorded here, not charged (the provider was never asked)."""
+        if running.outcome.done():
+            return
+        self.running.pop((call.who.user_id, call.key), None)
+        outcome = Outcome(INTERRUPTED_STATUS, {**interrupted_body(), "event_id": str(call.pending.event_id)})
+        running.finish(outcome)
+        self._settle_unstarted(call.handle, call.pending, outcome)
 
     # --- the instance's lease ---------------------------------------------------------------------
 

@@ -92,3 +92,21 @@ async def test_a_pending_event_is_due_only_once_its_instance_is_gone(store: PgCa
     assert ModelCallCompleted.from_json(bytes(rows[0]["payload"])).ending is Ending.INTERRUPTED
     assert (await store.find("bo", "orphan")).instance_alive is False
     assert (await store.find("bo", "slow")).instance_alive is True
+
+
+async def test_ending_a_call_already_ended_answers_the_outcome_it_has(store: PgCallStore):
+    """A write whose commit landed while its answer was lost is retried; by then the relay may have taken
+    the event, so `finish` says False. The call keeps the outcome it was ended with, and `end` answers
+    that one, so the user is told what is billed (not "interrupted, not charged")."""
+    instance, event_id = uuid.uuid4(), uuid.uuid4()
+    await store.renew_lease(instance, 30)
+    handle = await store.claim("bea", "k", "b" * 64, instance, False, pending("bea", event_id))
+    done = pending("bea", event_id).model_copy(update={"status": CallStatus.SUCCEEDED, "ending": Ending.COMPLETED})
+    charged = Outcome(200, {"reply": "yes", "charged": True})
+    assert await store.finish(handle, done, charged)
+    lost = Outcome(503, {"error": "interrupted", "charged": False})
+    assert await store.end(event_id, lost) == charged
+    assert (await store.find("bea", "k")).outcome == charged
+    other = uuid.uuid4()
+    await store.claim("bea", "k2", "c" * 64, instance, False, pending("bea", other))
+    assert await store.end(other, lost) == lost and (await store.find("bea", "k2")).outcome == lost

@@ -312,3 +312,43 @@ async def test_a_refusal_that_cannot_be_forgotten_is_recorded_for_its_retries():
     retry = await asyncio.wait_for(outcome_of(await calls.start(ALICE, None, request, idempotency_key="k")), 2)
     assert retry.status == 402 and retry.body["charged"] is False and not provider.calls
     assert store.events[-1].ending is Ending.NOT_STARTED and store.events[-1].status is CallStatus.FAILED
+
+
+async def test_a_call_stopped_before_its_task_starts_is_answered_and_recorded_free():
+    """A Stop in the very instant the call is started cancels a task that never ran a line: its readers
+    still get an answer (not charged), the call leaves this instance, and its end is written (failed)."""
+    calls, store, _, provider = make(stream=FakeStream(pieces=3))
+    running = await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k", stream=True)
+    running.stop()  # before the loop ever runs the task
+    done = await asyncio.wait_for(running.result(), 2)
+    assert done.body["charged"] is False and not calls.running and not provider.calls
+    for _ in range(50):
+        if store.events:
+            break
+        await asyncio.sleep(0.01)
+    assert store.events[-1].status is CallStatus.FAILED and store.events[-1].ending is Ending.NOT_STARTED
+    again = await asyncio.wait_for(
+        outcome_of(await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"), idempotency_key="k")), 2
+    )
+    assert again == done
+
+
+async def test_a_write_that_landed_but_lost_its_answer_keeps_the_charge_it_recorded():
+    """The first write of a call's end commits, its answer is lost (PostgreSQL dropped the connection),
+    and the relay takes the event before the retry: the user is told the outcome that is billed."""
+    calls, store, _, _ = make()
+    real_finish = store.finish
+    tries = []
+
+    async def committed_then_dropped(handle, event, outcome):
+        tries.append(event)
+        if len(tries) == 1:
+            await real_finish(handle, event, outcome)
+            store.published.add(handle)  # the relay took the ready event meanwhile
+            raise ConnectionResetError("the answer to COMMIT was lost")
+        return await real_finish(handle, event, outcome)
+
+    store.finish = committed_then_dropped
+    done = await asyncio.wait_for(outcome_of(await calls.start(ALICE, None, page_request(Feature.CHAT, "hi"))), 5)
+    assert done.ok and done.body["charged"] is True and len(tries) == 2
+    assert store.events[-1].status is CallStatus.SUCCEEDED
