@@ -7,7 +7,6 @@ import asyncio
 import importlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import BenchEnv, Figure
+from bench.cpu import infra
 
-ROOT = Path(__file__).resolve().parents[1]
 # Each module here defines `async def run(env) -> list[Figure]`.
 MODULES = ["credits", "validation", "chat", "stream", "gateway", "finance", "resume", "scale", "failover"]
 
@@ -31,11 +30,6 @@ def table(figures: list[Figure]) -> Table:
         base = f"{f.baseline_value:,.2f} {f.unit}" if f.baseline_value is not None else ""
         t.add_row(f.benchmark, f.metric, f"{f.value:,.2f} {f.unit}", f.baseline_name, base, ratio, f.target)
     return t
-
-
-def infra(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """infra/<script>.sh with the shell's own settings (BYOK_KAFKA_PORT, BYOK_PG_PORT, ...)."""
-    return subprocess.run(["bash", str(ROOT / f"infra/{script}.sh"), *args], capture_output=True, text=True)
 
 
 def start_missing() -> list[str]:

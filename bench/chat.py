@@ -34,7 +34,7 @@ import asyncpg
 import httpx
 
 from bench import BenchEnv, Figure, percentile
-from bench.cpu import ProcessCpu
+from bench.cpu import ProcessCpu, Tree
 from bench.loadgen import LeanClient, Run, steady
 from infra.harness import ServiceProcess
 from infra.topics import ensure_topics, wait_for_broker
@@ -225,7 +225,7 @@ async def measure(
                 await switch(byok)
                 async with LeanClient(chat.url) as client:
                     await steady(HOLD_RATE, warmup, chat_calls(client, byok))
-                    with ProcessCpu(chat.proc.pid, credits.proc.pid) as used:
+                    with ProcessCpu(chat.proc.pid, Tree(credits.proc.pid)) as used:
                         results[name] = await steady(HOLD_RATE, seconds, chat_calls(client, byok))
                     cpu[name] = used.per_call(results[name].planned)
             async with LeanClient(credits.url) as client:
@@ -243,7 +243,7 @@ async def measure(
                 async with LeanClient(origin) as client:
                     send = direct_calls(client) if name.startswith("direct") else chat_calls(client, path == "byok")
                     await steady(RATE, warmup, send)  # warm connections and caches
-                    with ProcessCpu(chat.proc.pid, credits.proc.pid) as used:
+                    with ProcessCpu(chat.proc.pid, Tree(credits.proc.pid)) as used:
                         results[name] = await steady(RATE, seconds, send)
                     cpu[name] = used.per_call(results[name].planned)
     return figures_of(results, cpu)
@@ -278,7 +278,7 @@ def figures_of(results: dict[str, Run], cpu: dict[str, tuple[float, float]] | No
             label = f"{name} at {HOLD_RATE if '/' in name else RATE:.0f} req/s"
             figures.append(
                 Figure(
-                    NAME, f"{label}: chat process CPU per call", chat_ms, "ms", "credit service", credits_ms, "lower"
+                    NAME, f"{label}: chat process CPU per call", chat_ms, "ms", "credit service (with its relay child)", credits_ms, "lower"
                 )
             )
     held, unheld, trip = results.get("platform/hold"), results.get("byok/no hold"), results.get("hold round trip")

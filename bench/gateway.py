@@ -48,6 +48,7 @@ import asyncpg
 import httpx
 
 from bench import BenchEnv, Figure, percentile
+from bench.cpu import billing_sources, idle_rates, infra_sources
 from bench.loadgen import LeanClient
 from bench.stream import Phase, Sse, SseClient, Timing, open_loop
 from infra.harness import ROOT, ServiceProcess, free_port
@@ -60,7 +61,8 @@ from services.shared.db import migrate
 NAME = "gateway"
 # bench/chat.py's rates (its admission-holds rate and its main rate), and a low one that no path here
 # should need to queue at, so its overhead is the way through, not a queue.
-RATES = (25.0, 100.0, 200.0)
+RATES = (25.0, 50.0, 100.0, 200.0)
+IDLE_S = 5.0  # the billing pipeline's CPU with no call at all, measured once before the phases
 MODEL = "gpt-4o-mini"
 SECRET = "bench-gateway-secret-0123456789abcdef"
 PLATFORM_KEY = "sk-proj-valid-benchgateway0000000000001"
@@ -168,6 +170,9 @@ async def run(env: BenchEnv) -> list[Figure]:
     procs: list[ServiceProcess] = []
     proxy: LiteLLMProxy | None = None
     try:
+        # Kafka and PostgreSQL with no client at all: their own idle work, a floor under the pipeline's CPU
+        # per call at a low rate.
+        floor = await idle_rates(infra_sources(), IDLE_S)
         procs.append(sim.start())
         common = {
             "KAFKA_BOOTSTRAP_SERVERS": env.kafka_bootstrap,
@@ -193,7 +198,9 @@ async def run(env: BenchEnv) -> list[Figure]:
         if why_not:
             print(f"bench/gateway.py: LiteLLM proxy not measured: {why_not}", flush=True)
         rates = (RATES[0], RATES[-1]) if env.quick else RATES
-        return await measure(chat, credits, sim, None if why_not else proxy, why_not, seconds, warmup, rates)
+        return await measure(
+            chat, credits, sim, None if why_not else proxy, why_not, seconds, warmup, rates, floor=floor
+        )
     finally:
         if proxy is not None:
             proxy.stop()
@@ -218,6 +225,8 @@ async def measure(
     seconds: float,
     warmup: float,
     rates: tuple[float, ...] = RATES,
+    *,
+    floor: dict[str, float] | None = None,
 ) -> list[Figure]:
     admin = mint_token(SECRET, "bench-admin", role="admin", ttl_s=3600)
     tokens = [mint_token(SECRET, f"bench-gw-{i}", ttl_s=3600) for i in range(USERS)]
@@ -306,6 +315,8 @@ async def measure(
         return one
 
     pids = {"direct": sim.proc.pid, "platform": chat.proc.pid, "byok": chat.proc.pid}
+    billing = billing_sources(credits.proc.pid)
+    idle_per_s = await idle_rates(billing, IDLE_S)
     if proxy is not None:
         pids["litellm"] = proxy.proc.pid
     targets = [t for t in ("platform", "byok", "litellm") if t in pids]
@@ -320,13 +331,31 @@ async def measure(
                     async with (LeanClient if mode == "plain" else SseClient)(url) as client:
                         calls = plain_calls(client, name) if mode == "plain" else stream_calls(client, name)
                         results[f"{rate:.0f}/{mode}/{target}/{name}"] = await open_loop(
-                            rate, warmup, seconds, calls, pids[name]
+                            rate, warmup, seconds, calls, pids[name], also=billing if name == target else None
                         )
-    return [f for rate in rates for f in figures_of(results, rate, targets, why_not)]
+    return [f for rate in rates for f in figures_of(results, rate, targets, why_not, idle_per_s, floor)]
 
 
-def figures_of(results: dict[str, Phase], rate: float, targets: list[str], why_not: str | None) -> list[Figure]:
+def figures_of(
+    results: dict[str, Phase],
+    rate: float,
+    targets: list[str],
+    why_not: str | None,
+    idle_per_s: dict[str, float] | None = None,
+    floor: dict[str, float] | None = None,
+) -> list[Figure]:
     figures: list[Figure] = []
+    idle_per_s = idle_per_s or {}
+    if floor:
+        figures.append(
+            Figure(
+                NAME,
+                f"at {rate:.0f}/s: {' + '.join(floor)} alone, no client at all, CPU per call's worth of time",
+                sum(floor.values()) * 1000 / rate,
+                "ms",
+                target="the floor under the billing pipeline's CPU per call",
+            )
+        )
     overhead: dict[tuple[str, str], float] = {}
     cpu: dict[tuple[str, str], float] = {}
     what = {"platform": "gateway platform path", "byok": "gateway BYOK path", "litellm": "LiteLLM proxy"}
@@ -371,6 +400,7 @@ def figures_of(results: dict[str, Phase], rate: float, targets: list[str], why_n
                     direct.cpu_ms,
                     "lower",
                 ),
+                *billing_figures(label, through, rate, idle_per_s),
                 Figure(
                     NAME,
                     f"{label}: generator late starts (> 1 ms)",
@@ -413,4 +443,43 @@ def figures_of(results: dict[str, Phase], rate: float, targets: list[str], why_n
                     "lower",
                 )
             )
+            through = results[f"{rate:.0f}/{mode}/{path}/{path}"]
+            if through.also_ms:
+                figures.append(
+                    Figure(
+                        NAME,
+                        f"{label}: chat + billing pipeline CPU per call ({' + '.join(through.also_ms)})",
+                        cpu[mode, path] + sum(through.also_ms.values()),
+                        "ms",
+                        "LiteLLM proxy CPU per call",
+                        cpu[mode, "litellm"],
+                        "lower",
+                        "<= 0.50x",
+                    )
+                )
+    return figures
+
+
+def billing_figures(label: str, through: Phase, rate: float, idle_per_s: dict[str, float]) -> list[Figure]:
+    """The billing pipeline's CPU per call of one phase (credit service with its relay child, Kafka,
+    PostgreSQL), each beside what the same processes spend per call's worth of time with no call at all."""
+    if not through.also_ms:
+        return []
+    idle = {name: idle_per_s.get(name, 0.0) * 1000 / rate for name in through.also_ms}  # ms per call at this rate
+    figures = [
+        Figure(
+            NAME,
+            f"{label}: billing pipeline CPU per call ({' + '.join(through.also_ms)})",
+            sum(through.also_ms.values()),
+            "ms",
+            "the same, idle (no call)",
+            sum(idle.values()),
+            "lower",
+            "<= 1 ms",
+        )
+    ]
+    figures += [
+        Figure(NAME, f"{label}: {name} CPU per call", ms, "ms", f"{name} idle", idle[name], "lower")
+        for name, ms in through.also_ms.items()
+    ]
     return figures

@@ -34,7 +34,7 @@ import json
 import shutil
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -44,7 +44,7 @@ import httptools
 import httpx
 
 from bench import BenchEnv, Figure, percentile
-from bench.cpu import cpu_seconds
+from bench.cpu import ProcessCpu, Source
 from bench.loadgen import HttpFailed, LeanClient
 from infra.harness import ServiceProcess
 from infra.topics import ensure_topics, wait_for_broker
@@ -194,6 +194,7 @@ class Phase:
     in_flight: float  # mean calls in flight over the window
     cpu_ms: float  # the watched process's CPU per call scheduled in the window
     late_starts: int
+    also_ms: dict[str, float] = field(default_factory=dict)  # CPU per call of the other processes watched
 
 
 async def open_loop(
@@ -201,15 +202,16 @@ async def open_loop(
     warmup: float,
     seconds: float,
     one: Callable[[Timing], Awaitable[None]],
-    pid: int,
+    pid: Source,
     *,
     pieces: int | None = None,
     drain_s: float = 60.0,
+    also: Mapping[str, Source] | None = None,
 ) -> Phase:
     """Start `one(timing)` at a fixed `rate` for `warmup + seconds` (open loop). Calls scheduled in the
     last `seconds` are counted: good ones with their timings, others as failures (an exception, no end
     event, another number of pieces than `pieces`, or not done within `drain_s`). The chat process's
-    CPU and the calls in flight are read over that window."""
+    CPU (and that of the processes in `also`) and the calls in flight are read over that window."""
     loop = asyncio.get_running_loop()
     clock = loop.time
     skip = int(rate * warmup)
@@ -221,16 +223,16 @@ async def open_loop(
     tasks: set[asyncio.Task] = set()
     t0 = clock()
     window = (t0 + warmup, t0 + warmup + seconds)
-    cpu: list[float] = []
     samples: list[int] = []
+    used = ProcessCpu(pid, *(also or {}).values())
 
     async def watch() -> None:
         await asyncio.sleep(max(0.0, window[0] - clock()))
-        cpu.append(cpu_seconds(pid))
+        used.__enter__()
         while clock() < window[1]:
             samples.append(running)
             await asyncio.sleep(0.05)
-        cpu.append(cpu_seconds(pid))
+        used.__exit__()
 
     async def call(i: int, timing: Timing) -> None:
         nonlocal failed, running
@@ -272,8 +274,16 @@ async def open_loop(
         ttft.append((marks[0] - t.scheduled) * 1000)
         gaps += [(b - a) * 1000 for a, b in zip(marks, marks[1:], strict=False)]
     planned = n - skip
+    per_call = used.per_call(planned)
     return Phase(
-        ttft, gaps, failed, planned, sum(samples) / max(len(samples), 1), (cpu[1] - cpu[0]) * 1000 / planned, late
+        ttft,
+        gaps,
+        failed,
+        planned,
+        sum(samples) / max(len(samples), 1),
+        per_call[0],
+        late,
+        dict(zip(also or {}, per_call[1:], strict=True)),
     )
 
 

@@ -84,7 +84,15 @@ status() {
 
 url() { echo "${DATABASE_URL:-postgresql://$DB_USER:$DB_PASS@127.0.0.1:$PG_PORT/$DB_NAME}"; }
 
+# pid: the postmaster's process id (the benchmark reads the CPU of it and its backends); fails for an
+# external server or a stopped cluster
+pid() {
+  [ -z "${DATABASE_URL:-}" ] || die "DATABASE_URL is set: the server is not this script's"
+  running || die "postgres is not running"
+  head -n 1 "$PG_DATA/postmaster.pid"
+}
+
 case "${1:-}" in
-  up) up ;; down) down ;; status) status ;; url) url ;;
-  *) echo "usage: $0 up|down|status|url" >&2; exit 2 ;;
+  up) up ;; down) down ;; status) status ;; url) url ;; pid) pid ;;
+  *) echo "usage: $0 up|down|status|url|pid" >&2; exit 2 ;;
 esac
