@@ -20,18 +20,24 @@ class CreditSettings(CommonSettings, HttpSettings):
     consumer_instance_id: str | None = None
     session_timeout_ms: int = 10_000
     # Fetched batches are validated as they come and written by group commit (consumer.CommitPipeline):
-    # whatever piled up while one ledger transaction ran goes into the next. A short fetch timeout
-    # keeps a quiet topic's events from waiting; FastStream also sleeps this long after an empty fetch.
+    # whatever piled up while one ledger transaction ran goes into the next. A poll returns as soon as
+    # records arrive (consumer.poll_without_idle_sleep), so its timeout only sets how often a quiet
+    # consumer wakes. The broker, too, answers a fetch as soon as a record arrives, so the fetch wait
+    # mostly sets how often a quiet consumer asks: every 20 ms cost the broker and this service about 25
+    # and 20 ms of CPU a second with no traffic (issue 22). It is not longer because aiokafka leaves a
+    # partition whose records were just handed over out of the fetch then sent, and fetches it again
+    # only once that one returns: a record landing there in between waits up to this long (at 500 ms
+    # the key check's p99 went from 13 to 55 ms, which is why the key-check consumers keep 20 ms).
     batch_max_records: int = 5000
-    batch_timeout_ms: int = 5
+    batch_timeout_ms: int = 500
     max_queued_events: int = 20_000  # validated, not yet in the ledger; fetching pauses beyond it
-    fetch_max_wait_ms: int = 20
+    fetch_max_wait_ms: int = 100
     # "process": the outcome relay runs in a child process, off the consumer's CPU; "task": in the
     # consumer's own event loop; "off": not here (another instance relays).
     relay_mode: Literal["process", "task", "off"] = "process"
     relay_start_delay_s: float = 2.0  # "process" mode: the consumer starts first
     relay_batch: int = 5000
-    relay_idle_poll_s: float = 0.2
+    relay_idle_poll_s: float = 0.5  # a safety net: the ledger's NOTIFY wakes the relay at each commit
     db_pool_size: int = 5
     # Admission holds (DESIGN.md) have no time limit (migrations/0014): a hold is released by its event's
     # decision or by DELETE /api/holds/{event_id}; HOLD_TTL_S and HOLD_SWEEP_S are gone (ignored if set).
