@@ -278,7 +278,13 @@ def figures_of(results: dict[str, Run], cpu: dict[str, tuple[float, float]] | No
             label = f"{name} at {HOLD_RATE if '/' in name else RATE:.0f} req/s"
             figures.append(
                 Figure(
-                    NAME, f"{label}: chat process CPU per call", chat_ms, "ms", "credit service (with its relay child)", credits_ms, "lower"
+                    NAME,
+                    f"{label}: chat process CPU per call",
+                    chat_ms,
+                    "ms",
+                    "credit service (with its relay child)",
+                    credits_ms,
+                    "lower",
                 )
             )
     held, unheld, trip = results.get("platform/hold"), results.get("byok/no hold"), results.get("hold round trip")

@@ -11,6 +11,9 @@ completion per call (`{"model", "messages": [user "hello"]}`; streamed: `stream:
 - through the LiteLLM proxy (`litellm --config`), when one is installed: one `model_list` entry
   `openai/gpt-4o-mini` with `api_base` the simulator's OpenAI URL and the same platform key, a master
   key, no database, its access log off as the chat's is;
+- through a bare pass-through (`bench/passthrough.py`: uvicorn and one pooled aiohttp session, no auth,
+  no outbox): the bound of the chat's own CPU per call (issue 22: at most 2x for BYOK, 2.5x for a
+  platform call with its hold);
 - baseline for each, measured right before it (so a load that comes and goes on this shared machine
   hits both alike): the same request straight to the simulator's OpenAI route.
 
@@ -19,8 +22,13 @@ p99 from each call's scheduled send time; overhead = through - direct at p50 and
 process's CPU per call (chat, or LiteLLM's proxy) read from /proc over the measured window, divided by
 the calls scheduled in it: it includes the process's idle work (timers, polling), which weighs most at
 the lowest rate, and a process that cannot keep up shows less than it would need; failures.
-`--quick`: the lowest and the highest rate, 5 s each.
-Then our overhead p50 as a ratio of LiteLLM's (target: at most 0.5) and our CPU per call against its.
+`--quick`: 25 and 100 calls/s, 5 s each.
+On our paths also the billing pipeline's CPU per call: the credit service (with its relay child), Kafka
+and PostgreSQL, read from /proc the same way (target: at most 1 ms), each beside what the same
+processes spend with no call at all, and the floor under it: Kafka and PostgreSQL with no client, read
+before any service starts.
+Then our overhead p50 as a ratio of LiteLLM's (target: at most 0.5), our CPU per call against its, and
+chat plus billing pipeline against it (target: at most 0.5).
 
 The LiteLLM proxy is not part of the lock (its `proxy` extra pins versions the project does not use,
 and at the locked LiteLLM version it needs a package PyPI does not have): install it apart, e.g.
@@ -192,14 +200,19 @@ async def run(env: BenchEnv) -> list[Figure]:
             logs,
         )
         procs.append(chat.start())
+        # The bound of the chat's own CPU per call: the same request through a bare pass-through.
+        bare = ServiceProcess(
+            "passthrough", "bench.passthrough", {"UPSTREAM": base_urls(sim.url)["OPENAI_BASE_URL"]}, logs
+        )
+        procs.append(bare.start())
         executable = os.environ.get("LITELLM_PROXY") or str(ROOT / ".venv/bin/litellm")
         proxy = LiteLLMProxy(executable, base_urls(sim.url)["OPENAI_BASE_URL"], PLATFORM_KEY, logs)
         why_not = await asyncio.to_thread(proxy.start)
         if why_not:
             print(f"bench/gateway.py: LiteLLM proxy not measured: {why_not}", flush=True)
-        rates = (RATES[0], RATES[-1]) if env.quick else RATES
+        rates = (RATES[0], 100.0) if env.quick else RATES  # quick: the lowest rate and the holds' rate
         return await measure(
-            chat, credits, sim, None if why_not else proxy, why_not, seconds, warmup, rates, floor=floor
+            chat, credits, sim, None if why_not else proxy, why_not, seconds, warmup, rates, bare=bare, floor=floor
         )
     finally:
         if proxy is not None:
@@ -226,6 +239,7 @@ async def measure(
     warmup: float,
     rates: tuple[float, ...] = RATES,
     *,
+    bare: ServiceProcess,
     floor: dict[str, float] | None = None,
 ) -> list[Figure]:
     admin = mint_token(SECRET, "bench-admin", role="admin", ttl_s=3600)
@@ -255,6 +269,9 @@ async def measure(
         if target == "direct":
             headers = {"Authorization": f"Bearer {PLATFORM_KEY}"}
             return [client.prepare("POST", direct_path, json_body=body(stream), headers=headers)]
+        if target == "bare":
+            headers = {"Authorization": f"Bearer {PLATFORM_KEY}"}
+            return [client.prepare("POST", "/v1/chat/completions", json_body=body(stream), headers=headers)]
         if target == "litellm":
             headers = {"Authorization": f"Bearer {MASTER_KEY}"}
             return [client.prepare("POST", "/v1/chat/completions", json_body=body(stream), headers=headers)]
@@ -305,7 +322,7 @@ async def measure(
                 if choices and choices[0]["delta"].get("content"):
                     timing.piece(event.at)
                 if choices and choices[0].get("finish_reason"):
-                    seen["finish"] = target in ("direct", "litellm") or good(target, chunk)
+                    seen["finish"] = target in ("direct", "bare", "litellm") or good(target, chunk)
                 if chunk.get("usage"):
                     seen["usage"] = True
 
@@ -319,19 +336,25 @@ async def measure(
     idle_per_s = await idle_rates(billing, IDLE_S)
     if proxy is not None:
         pids["litellm"] = proxy.proc.pid
-    targets = [t for t in ("platform", "byok", "litellm") if t in pids]
+    pids["bare"] = bare.proc.pid
+    targets = [t for t in ("platform", "byok", "bare", "litellm") if t in pids]
     results: dict[str, Phase] = {}
     for rate in rates:
         for mode in ("plain", "stream"):
             for target in targets:
                 # The baseline right before each target; a fresh client per phase (no connection left
                 # idle past a server's keep-alive timeout).
-                origin = proxy.url if target == "litellm" and proxy else chat.url
+                origin = {"litellm": proxy.url if proxy else "", "bare": bare.url}.get(target, chat.url)
                 for name, url in (("direct", sim.url), (target, origin)):
                     async with (LeanClient if mode == "plain" else SseClient)(url) as client:
                         calls = plain_calls(client, name) if mode == "plain" else stream_calls(client, name)
                         results[f"{rate:.0f}/{mode}/{target}/{name}"] = await open_loop(
-                            rate, warmup, seconds, calls, pids[name], also=billing if name == target else None
+                            rate,
+                            warmup,
+                            seconds,
+                            calls,
+                            pids[name],
+                            also=billing if name in ("platform", "byok") else None,
                         )
     return [f for rate in rates for f in figures_of(results, rate, targets, why_not, idle_per_s, floor)]
 
@@ -358,7 +381,12 @@ def figures_of(
         )
     overhead: dict[tuple[str, str], float] = {}
     cpu: dict[tuple[str, str], float] = {}
-    what = {"platform": "gateway platform path", "byok": "gateway BYOK path", "litellm": "LiteLLM proxy"}
+    what = {
+        "platform": "gateway platform path",
+        "byok": "gateway BYOK path",
+        "bare": "bare pass-through",
+        "litellm": "LiteLLM proxy",
+    }
     for mode in ("plain", "stream"):
         latency = "latency" if mode == "plain" else "TTFT"
         for target in targets:
@@ -385,7 +413,7 @@ def figures_of(
             t50, d50 = percentile(through.ttft, 50), percentile(direct.ttft, 50)
             t99, d99 = percentile(through.ttft, 99), percentile(direct.ttft, 99)
             overhead[mode, target] = t50 - d50
-            process = "chat process" if target != "litellm" else "LiteLLM process"
+            process = {"litellm": "LiteLLM process", "bare": "pass-through process"}.get(target, "chat process")
             figures += [
                 Figure(NAME, f"{label}: {latency} p50", t50, "ms", "simulator direct p50", d50, "lower"),
                 Figure(NAME, f"{label}: {latency} p99", t99, "ms", "simulator direct p99", d99, "lower"),
@@ -411,8 +439,23 @@ def figures_of(
                     "lower",
                 ),
             ]
+    for mode in ("plain", "stream"):
+        for path, bound in (("byok", 2.0), ("platform", 2.5)):
+            if (mode, path) in cpu and (mode, "bare") in cpu:
+                figures.append(
+                    Figure(
+                        NAME,
+                        f"{mode} at {rate:.0f}/s, gateway {path} path: chat process CPU per call vs a bare pass-through",
+                        cpu[mode, path],
+                        "ms",
+                        "bare pass-through (uvicorn + aiohttp) CPU per call",
+                        cpu[mode, "bare"],
+                        "lower",
+                        f"<= {bound:.2f}x",
+                    )
+                )
     if why_not:
-        if rate == max(RATES):
+        if rate == RATES[0]:  # said once
             figures.append(Figure(NAME, f"LiteLLM proxy not measured: {why_not[:160]}", float("nan"), ""))
         return figures
     for mode in ("plain", "stream"):
