@@ -47,7 +47,7 @@ class KeyCheckRequester:
         sealer: KeySealer | None = None,
         *,
         timeout_s: float = 8.0,
-        fetch_max_wait_ms: int = 20,
+        fetch_max_wait_ms: int = 100,  # how often a quiet reader asks; see services/credits/settings.py
     ):
         self.settings = settings
         self.sealer = sealer or KeySealer.from_settings()

@@ -23,11 +23,12 @@ class CreditSettings(CommonSettings, HttpSettings):
     # whatever piled up while one ledger transaction ran goes into the next. A poll returns as soon as
     # records arrive (consumer.poll_without_idle_sleep), so its timeout only sets how often a quiet
     # consumer wakes. The broker, too, answers a fetch as soon as a record arrives, so the fetch wait
-    # mostly sets how often a quiet consumer asks: every 20 ms cost the broker and this service about 25
-    # and 20 ms of CPU a second with no traffic (issue 22). It is not longer because aiokafka leaves a
-    # partition whose records were just handed over out of the fetch then sent, and fetches it again
-    # only once that one returns: a record landing there in between waits up to this long (at 500 ms
-    # the key check's p99 went from 13 to 55 ms, which is why the key-check consumers keep 20 ms).
+    # mostly sets how often a quiet consumer asks: every 20 ms cost this service about 20 ms of CPU a
+    # second with no traffic, and the broker some more (issue 22). It is not longer because aiokafka
+    # leaves a partition whose records were just handed over out of the fetch it then sends, and
+    # fetches it again only once that one returns: a record landing there in between waits up to this
+    # long (the key-check consumers, at 500 ms, showed a p99 of 55 ms twice; at 100 ms, as at 20 ms,
+    # 10-14 ms, with one run in four at 50 ms either way).
     batch_max_records: int = 5000
     batch_timeout_ms: int = 500
     max_queued_events: int = 20_000  # validated, not yet in the ledger; fetching pauses beyond it

@@ -26,7 +26,7 @@ class ValidationSettings(CommonSettings, ProviderSettings):
     user_checks_per_minute: int = Field(default=10, ge=1)
     # Checks running at once in one worker; more requests wait in Kafka.
     max_in_flight: int = Field(default=64, ge=1)
-    fetch_max_wait_ms: int = 20
+    fetch_max_wait_ms: int = 100  # how often a quiet worker asks; see services/credits/settings.py
     # A dead worker's partitions move to a live one after this long (the broker's minimum is 6 s).
     session_timeout_ms: int = Field(default=10_000, ge=6_000)
     # Static group membership (KIP-345): a restarted worker gets its partitions back at once instead
