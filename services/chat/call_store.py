@@ -113,6 +113,20 @@ SELECT event_id, $1, $7, $5 FROM call
 RETURNING id
 """
 
+_FINISH = """
+WITH ready AS (
+    UPDATE chat_outbox SET payload = $2, ready = true WHERE id = $1 AND event_id = $3 RETURNING event_id),
+ended AS (
+    UPDATE chat_calls SET ended_at = now(), outcome = $4
+     WHERE event_id = (SELECT event_id FROM ready) AND ended_at IS NULL)
+SELECT EXISTS (SELECT 1 FROM ready)
+"""
+
+
+def _outcome_json(outcome: Outcome) -> str:
+    return json.dumps({"status": outcome.status, "body": outcome.body})
+
+
 _FIND = """
 SELECT c.request_hash, c.event_id, c.instance_id, c.stream, c.outcome,
        EXISTS (SELECT 1 FROM chat_instances i WHERE i.instance_id = c.instance_id AND i.alive_until > now()) AS alive
@@ -145,16 +159,11 @@ class PgCallStore(CallStore):
         )
 
     async def finish(self, handle: int, event: ModelCallCompleted, outcome: Outcome) -> bool:
-        async with self.pool.acquire() as conn, conn.transaction():
-            done = await conn.fetchval(
-                "UPDATE chat_outbox SET payload = $2, ready = true WHERE id = $1 AND event_id = $3 RETURNING id",
-                handle,
-                event.to_json(),
-                event.event_id,
-            )
-            if done is None:
-                return False
-            await self._end(conn, event.event_id, outcome)
+        # One statement, so one round trip and its own transaction: the call ends only if its outbox row
+        # took the event (one BEGIN, UPDATE, UPDATE, COMMIT before: issue 22).
+        done = await self.pool.fetchval(_FINISH, handle, event.to_json(), event.event_id, _outcome_json(outcome))
+        if not done:
+            return False
         self.on_ready()
         return True
 
@@ -166,20 +175,12 @@ class PgCallStore(CallStore):
                     WHERE event_id = $1 AND ended_at IS NULL RETURNING outcome)
                SELECT coalesce((SELECT outcome FROM ended), (SELECT outcome FROM chat_calls WHERE event_id = $1))""",
             event_id,
-            json.dumps({"status": outcome.status, "body": outcome.body}),
+            _outcome_json(outcome),
         )
         if stored is None:  # no such call (purged)
             return outcome
         kept = json.loads(stored)
         return Outcome(kept["status"], kept["body"])
-
-    @staticmethod
-    async def _end(conn: asyncpg.Connection, event_id: UUID, outcome: Outcome) -> None:
-        await conn.execute(
-            "UPDATE chat_calls SET ended_at = now(), outcome = $2 WHERE event_id = $1 AND ended_at IS NULL",
-            event_id,
-            json.dumps({"status": outcome.status, "body": outcome.body}),
-        )
 
     async def forget(self, handle: int, user_id: str, key: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

@@ -110,3 +110,21 @@ async def test_ending_a_call_already_ended_answers_the_outcome_it_has(store: PgC
     other = uuid.uuid4()
     await store.claim("bea", "k2", "c" * 64, instance, False, pending("bea", other))
     assert await store.end(other, lost) == lost and (await store.find("bea", "k2")).outcome == lost
+
+
+async def test_finish_ends_the_call_only_if_its_outbox_row_takes_the_event(store: PgCallStore):
+    """One statement does both: an outbox row that is not the call's (relayed and deleted, or another
+    event's) leaves the call running, and the call is ended only once."""
+    instance, event_id = uuid.uuid4(), uuid.uuid4()
+    await store.renew_lease(instance, 30)
+    handle = await store.claim("cy", "k", "d" * 64, instance, False, pending("cy", event_id))
+    stranger = pending("cy", uuid.uuid4()).model_copy(update={"status": CallStatus.SUCCEEDED})
+    assert not await store.finish(handle, stranger, Outcome(200, {"reply": "not mine"}))
+    assert (await store.find("cy", "k")).outcome is None
+    done = pending("cy", event_id).model_copy(update={"status": CallStatus.SUCCEEDED, "ending": Ending.COMPLETED})
+    first = Outcome(200, {"reply": "first"})
+    assert await store.finish(handle, done, first)
+    assert await store.finish(handle, done, Outcome(200, {"reply": "second"}))  # the row takes it again ...
+    assert (await store.find("cy", "k")).outcome == first  # ... but the call ended once
+    await store.pool.execute("DELETE FROM chat_outbox WHERE id = $1", handle)  # relayed
+    assert not await store.finish(handle, done, Outcome(200, {"reply": "late"}))
