@@ -180,6 +180,7 @@ async def run(env: BenchEnv) -> list[Figure]:
     try:
         # Kafka and PostgreSQL with no client at all: their own idle work, a floor under the pipeline's CPU
         # per call at a low rate.
+        await asyncio.sleep(2)  # a broker `make bench` has just started is still settling
         floor = await idle_rates(infra_sources(), IDLE_S)
         procs.append(sim.start())
         common = {
@@ -512,7 +513,7 @@ def billing_figures(label: str, through: Phase, rate: float, idle_per_s: dict[st
     figures = [
         Figure(
             NAME,
-            f"{label}: billing pipeline CPU per call ({' + '.join(through.also_ms)})",
+            f"{label}: billing pipeline CPU per call ({' + '.join(through.also_ms)}; the chat's own queries included)",
             sum(through.also_ms.values()),
             "ms",
             "the same, idle (no call)",
