@@ -263,7 +263,8 @@ def test_ctrl_c_on_make_run_leaves_no_process_and_no_port(private_state, tmp_pat
         except subprocess.TimeoutExpired:
             # What was still stopping, and how far the stop got (stop_pid logs each part once it stopped).
             left = describe(processes_of(private_state))
-            raise AssertionError(f"make run still running 90 s after Ctrl-C; left: {left}\n{log.read_text()[-3000:]}")
+            tail = log.read_text()[-3000:]
+            raise AssertionError(f"make run still running 90 s after Ctrl-C; left: {left}\n{tail}") from None
         nothing_left(private_state, ports, within_s=30)
         print(f"everything stopped {time.monotonic() - interrupted_at:.1f} s after Ctrl-C")  # not asserted
         out = log.read_text()
