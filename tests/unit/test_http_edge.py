@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import asyncpg
 import httpx
 import pytest
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
@@ -25,6 +27,7 @@ from services.chat.credits_client import CreditsClient
 from services.chat.settings import ChatSettings
 from services.chat.store import ModelSettings
 from services.credits.api import ApiContext, build_api
+from services.credits.api.deps import identity
 from services.credits.settings import CreditSettings
 from services.shared.auth import mint_token
 from services.shared.settings import DefaultSecret, refuse_default_secrets
@@ -143,6 +146,33 @@ def test_credits_refuses_an_oversized_body_with_413_before_authentication():
     r = client.post("/api/user/deduct-credits", content=chunks(BIG), headers={"content-type": "application/json"})
     refused_with_a_sentence(r, 413)
     assert ledger.calls == []
+
+
+async def test_credits_remembers_a_verified_token_until_its_expiry_and_never_past_a_sign_out():
+    """The credit service checks a token's signature once (the chat sends one user's token with every
+    hold): a remembered token is refused once it expires or its session is signed out, and a forged one
+    is never taken."""
+    ctx = ApiContext(CreditSettings(auth_jwt_secret=SECRET), None, None)
+    now = [time.time()]
+    ctx.tokens.clock = lambda: now[0]
+    signed_out: set[str] = set()
+    ctx.sessions = SimpleNamespace(is_revoked=lambda who: who.session_id in signed_out)
+    token = mint_token(SECRET, "alice", ttl_s=60, session_id="s-1")
+    assert (await identity(ctx, f"Bearer {token}")).user_id == "alice"
+    assert (await identity(ctx, f"Bearer {token}")).user_id == "alice"  # remembered
+    forged = mint_token(SECRET + "-not-ours", "alice", ttl_s=60, session_id="s-1")
+    with pytest.raises(HTTPException) as refused:
+        await identity(ctx, f"Bearer {forged}")
+    assert refused.value.status_code == 401 and "invalid token" in refused.value.detail
+    signed_out.add("s-1")
+    with pytest.raises(HTTPException) as refused:
+        await identity(ctx, f"Bearer {token}")
+    assert refused.value.status_code == 401 and "signed out" in refused.value.detail
+    signed_out.clear()
+    now[0] += 61
+    with pytest.raises(HTTPException) as refused:
+        await identity(ctx, f"Bearer {token}")
+    assert refused.value.status_code == 401 and "expired" in refused.value.detail
 
 
 # --- ids and model ids ----------------------------------------------------------------------------

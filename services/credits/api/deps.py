@@ -7,7 +7,7 @@ hop per request for microseconds of work.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
@@ -17,7 +17,7 @@ from services.credits.compat import CompatDeductions
 from services.credits.health import StallWatch
 from services.credits.ledger import Ledger
 from services.credits.settings import CreditSettings
-from services.shared.auth import AuthError, Identity, read_token
+from services.shared.auth import AuthError, Identity, TokenReader
 from services.shared.sessions import SessionRevocations
 
 
@@ -36,6 +36,12 @@ class ApiContext:
     stall: StallWatch | None = None  # None: no consumer in this process
     # Sign-outs recorded by the chat (services/shared/sessions.py): a signed-out token opens nothing here.
     sessions: SessionRevocations | None = None
+    # The bearer tokens verified so far (each until its expiry): the chat sends one user's token with
+    # every hold of that user's calls.
+    tokens: TokenReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenReader(self.settings.auth_jwt_secret)
 
 
 async def context(request: Request) -> ApiContext:
@@ -57,7 +63,7 @@ async def identity(ctx: Context, authorization: Annotated[str | None, Header()] 
     if not authorization or not authorization.lower().startswith("bearer "):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "send a bearer token", headers={"WWW-Authenticate": "Bearer"})
     try:
-        who = read_token(ctx.settings.auth_jwt_secret, authorization[7:].strip())
+        who = ctx.tokens.read(authorization[7:].strip())
     except AuthError as exc:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
     if ctx.sessions is not None and ctx.sessions.is_revoked(who):
