@@ -14,6 +14,7 @@ from billing.pricing import default_price_book
 from providers import KeyVerdict, ProviderError, key_hint
 from schemas.events import CallStatus, Decision, Ending, Feature, KeyCheckStatus, KeySource, Provider
 from services.chat.call_answers import Billing
+from services.chat.call_request import CallRequest
 from services.chat.call_store import Outcome
 from services.chat.calls import ChatCalls
 from services.chat.credit_account import CreditsUnavailable
@@ -510,3 +511,33 @@ async def test_a_hold_whose_answer_was_lost_is_released_now_and_once_more_later(
     await asyncio.sleep(0.1)
     assert LostAnswer.releases == 2 and credits.holds == {}  # ...and the second release takes it away
     assert (await credits.funds(ALICE)).available == 50
+
+
+async def test_a_gateway_call_with_its_own_key_reads_no_settings_and_runs_on_that_key():
+    """X-Provider-Key decides the route whatever the settings say (Router.route_for_model): the plan reads
+    nothing for it, while a gateway call without a key, and any other feature, read the user's settings
+    (BYOK switched on without a session key refuses the keyless one)."""
+    calling, store, _, _ = make()
+    reads = []
+    real_load = store.load
+
+    async def load(user_id, session_id, key_ids):
+        reads.append(user_id)
+        return await real_load(user_id, session_id, key_ids)
+
+    store.load = load
+    await store.put(ModelSettings("alice", Provider.OPENAI, "gpt-4o", True))  # BYOK on, no key in the session
+    own = CallRequest(Feature.CHAT, [{"role": "user", "content": "hi"}], model="gpt-4o-mini", own_key=USER_KEY)
+    route, api_key = await calling.service.plan(ALICE, None, own)
+    assert (route.key_source, route.provider, route.model, api_key) == (
+        KeySource.BYOK,
+        Provider.OPENAI,
+        "gpt-4o-mini",
+        USER_KEY,
+    )
+    assert reads == []
+    with pytest.raises(OwnKeyMissing):
+        await calling.service.plan(ALICE, None, replace(own, own_key=None))
+    assert reads == ["alice"]
+    route, _ = await calling.service.plan(ALICE, None, replace(own, feature=Feature.DEEP_ANALYSIS))
+    assert route.key_source is KeySource.PLATFORM and reads == ["alice", "alice"]
