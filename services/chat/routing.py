@@ -221,6 +221,12 @@ class Router:
         )
         return Route(feature, KeySource.BYOK, provider, model, 0, key=key, refusal=refusal, reason=why)
 
+    @staticmethod
+    def needs_state(feature: Feature, model: str | None, own_key: str | None) -> bool:
+        """Whether the route depends on the user's settings and session keys: not for the gateway's chat
+        on the key the request brings, which `route_for_model` runs on that key whatever they say."""
+        return not (feature is Feature.CHAT and model is not None and own_key is not None)
+
     def route_for_model(
         self, s: ModelSettings, held: Mapping[Provider, LiveKey], feature: Feature, model: str, own_key: str | None
     ) -> Route:

@@ -254,12 +254,10 @@ class ChatService:
         """Where a call runs and the key it runs on, or the refusal (`ChatRefused`) that stops it before
         anything is written, held or asked. The call itself is `ChatCalls`'."""
         held: Mapping[Provider, LiveKey]
-        if request.own_key is not None and request.model is not None and request.feature is Feature.CHAT:
-            # The gateway's chat on the key the request brings runs on it whatever the settings and the
-            # session's keys say (Router.route_for_model): nothing to read, one round trip fewer a call.
-            s, held = self._default(who.user_id), {}
-        else:
+        if self.router.needs_state(request.feature, request.model, request.own_key):
             s, held = await self.state(who, ring)
+        else:  # nothing to read: one round trip fewer a call
+            s, held = self._default(who.user_id), {}
         if request.model is None:
             route = self.router.route(s, held, request.feature)
         else:
