@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.message import KafkaMessage
 
 from services.credits import metrics
 from services.credits.health import StallWatch
@@ -45,9 +45,10 @@ async def tolerant_parser(records: tuple[Record, ...], original: Callable[[tuple
     return await original(tuple(_clean_headers(r) for r in records))
 
 
-async def raw_decoder(message: object, original: Callable[[object], Awaitable[Any]]) -> None:
-    # Records are validated one by one in services.credits.intake, not by FastStream as a whole.
-    return None
+async def raw_decoder(message: object, original: Callable[[object], Awaitable[Any]]) -> object:
+    # Records are validated one by one in services.credits.intake, not by FastStream as a whole: the
+    # handler gets the message itself (its records and its consumer), with no dependency injection.
+    return message
 
 
 def poll_without_idle_sleep(subscriber: Any) -> None:
@@ -86,7 +87,10 @@ class CreditConsumer:
 def build_consumer(settings: CreditSettings, service: CreditService) -> CreditConsumer:
     # A list: FastStream hands a string to aiokafka as one host, "a:9092,b:9092" included.
     bootstrap = [h.strip() for h in settings.kafka_bootstrap_servers.split(",") if h.strip()]
-    broker = KafkaBroker(bootstrap, client_id="credits", logger=log)
+    # No FastDepends: the handler takes the message from raw_decoder. Injecting it (`msg: KafkaMessage`)
+    # cost a thread-pool hop for every batch (fast_depends runs FastStream's Context field, a plain
+    # function, in a worker thread), and at 25-100 calls/s a batch is one event (py-spy).
+    broker = KafkaBroker(bootstrap, client_id="credits", logger=log, apply_types=False)
 
     subscriber = broker.subscriber(
         settings.model_call_completed_topic,
@@ -113,7 +117,7 @@ def build_consumer(settings: CreditSettings, service: CreditService) -> CreditCo
     )
 
     @subscriber
-    async def on_model_calls(body: Any, msg: KafkaMessage) -> None:
+    async def on_model_calls(msg: KafkaMessage) -> None:
         # FastStream's ConsumerProtocol declares commit() without offsets; the object is aiokafka's
         # AIOKafkaConsumer, whose commit takes them.
         batch = msg.raw_message  # a tuple of records: the subscriber is a batch one
