@@ -215,7 +215,15 @@ def start_make_run(env: dict[str, str], log_path) -> subprocess.Popen:
     returns once it says the stack is up (the supervisor runs) and the page answers."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            ["make", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # A terminal's shell leaves SIGINT to its default; a test run started in the background
+            # inherits it ignored, and bash can never trap a signal ignored when it starts.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     page = f"http://127.0.0.1:{env['CHAT_PORT']}/"
 
