@@ -256,10 +256,7 @@ run() {
   echo
   tail -n0 -F "$SUPERVISOR_LOG" 2>/dev/null &
   follower=$!
-  # Waiting with the `wait` builtin, which a trapped signal interrupts at once. A foreground `sleep`
-  # lost the Ctrl-C when the signal came just as the sleep ended on its own: bash then runs an INT trap
-  # only if the child died of SIGINT (twice in CI, make run never stopped).
-  while true; do sleep 1 & wait $! || true; done
+  while true; do sleep 1; done
 }
 
 case "${1:-}" in
