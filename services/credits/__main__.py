@@ -11,6 +11,7 @@ import logging  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from services.credits.settings import CreditSettings  # noqa: E402
+from services.shared import event_loop  # noqa: E402
 from services.shared.logging import setup_logging  # noqa: E402
 from services.shared.settings import refuse_default_secrets  # noqa: E402
 
@@ -53,7 +54,7 @@ def main() -> None:
     settings = CreditSettings()
     refuse_default_secrets("The credit service", settings)
     setup_logging(settings.log_level, "credits")
-    asyncio.run(serve(settings))
+    event_loop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from services.credits.relay import OutcomeRelay
 from services.credits.settings import CreditSettings
+from services.shared import event_loop
 from services.shared.db import create_pool
 from services.shared.gc_tuning import tune_for_batches
 from services.shared.kafka import OutageLog, make_producer
@@ -78,7 +79,7 @@ def _relay_process_main(settings_json: str, parent_pid: int) -> None:
     setup_logging(settings.log_level, "credits-relay")
     tune_for_batches()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_relay(settings))
+        event_loop.run(run_relay(settings))
 
 
 async def supervise_relay_process(settings: CreditSettings) -> None:

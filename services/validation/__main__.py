@@ -9,6 +9,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.shared import event_loop
 from services.shared.http import GracefulServer
 from services.shared.kafka import OutageLog
 from services.shared.logging import setup_logging
@@ -77,7 +78,7 @@ def main() -> None:
     # The worker keeps no database and no token secret: only its sealing private keys are secret.
     refuse_default_secrets("The key-check worker", (SealingSettings(), ("private_keys",)))
     setup_logging(settings.log_level, "validation")  # also keeps httpx's per-request lines out
-    asyncio.run(serve(settings))
+    event_loop.run(serve(settings))
 
 
 if __name__ == "__main__":
