@@ -86,13 +86,25 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="chat-outbox-relay")
 
     async def stop(self) -> None:
+        """Stop relaying; what is ready by now is sent first (a round may be lingering for more)."""
         if self._task:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            self._task = None
+            await self._flush()
         await self._drop_producer()
+
+    async def _flush(self) -> None:
+        # A stopping chat may be the only one: rows left ready would wait for its next start. If Kafka or
+        # PostgreSQL is away they do wait (nothing is lost), and the stop is not held up for long.
+        try:
+            while await asyncio.wait_for(self.relay_once(), self.send_timeout_s) == self.batch:
+                pass
+        except Exception as exc:
+            log.warning("outbox relay: ready events left for the next start (%s: %s)", type(exc).__name__, exc)
 
     async def _producer_ready(self) -> AIOKafkaProducer:
         if self._producer is None:

@@ -278,3 +278,37 @@ async def test_relays_park_a_message_kafka_refuses_and_publish_the_rest(stack):
     finally:
         await producer.stop()
         await pool.close()
+
+
+async def test_a_stopping_chat_relay_sends_what_is_ready_rather_than_leaving_it_for_its_next_start(stack):
+    """The chat's relay waits after a wake-up for more events to send with the first (its linger); a chat
+    stopped meanwhile sends what is ready on its way out: a lone instance would otherwise keep those
+    calls unbilled until it starts again."""
+    from services.chat.outbox import OutboxRelay
+    from services.shared.kafka import make_producer
+
+    topic = stack.settings().model_call_completed_topic
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=3, server_settings={"search_path": stack.database_schema}
+    )
+    relay = OutboxRelay(pool, lambda: make_producer(stack.kafka_bootstrap), topic, linger_s=600, idle_poll_s=600)
+    try:
+        await relay.start()
+        await asyncio.sleep(1)  # its first round (nothing due) is done: it waits for a wake-up
+        events = [make_event(user_id="frank") for _ in range(3)]
+        for event in events:
+            await pool.execute(
+                "INSERT INTO chat_outbox (event_id, user_id, payload, ready) VALUES ($1, 'frank', $2, true)",
+                event.event_id,
+                event.to_json(),
+            )
+        relay.wake()
+        await asyncio.sleep(0.5)  # the relay is lingering now: nothing sent yet
+        assert await pool.fetchval("SELECT count(*) FROM chat_outbox") == 3
+        await asyncio.wait_for(relay.stop(), 30)
+        assert await pool.fetchval("SELECT count(*) FROM chat_outbox") == 0
+        published = await read_all(stack.kafka_bootstrap, topic, expected=3)
+        assert sorted(r.value for r in published) == sorted(e.to_json() for e in events)
+    finally:
+        await relay.stop()
+        await pool.close()
