@@ -23,7 +23,7 @@ from services.shared.gc_tuning import tune_for_batches
 from services.shared.sessions import SessionRevocations
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
+    from starlette.types import ASGIApp
 
 log = logging.getLogger("services.credits")
 
@@ -41,7 +41,7 @@ class CreditRuntime:
     async def lag(self) -> int | None:
         return await consumer_lag(self.consumer.subscriber)
 
-    def api(self) -> FastAPI:
+    def api(self) -> ASGIApp:
         # Imported here, not at the top: FastAPI takes about as long to import as everything the
         # consumer needs, and a restarted instance should be debiting before it serves HTTP.
         from services.credits.api import ApiContext, build_api

@@ -2,9 +2,11 @@
 
 - `BodyLimit`: bodies over the limit get 413 before anything else is done (authentication, parsing),
   counted as they arrive, so a chunked body without a Content-Length is stopped as well.
-- `install_outage_handlers`: PostgreSQL or Kafka unreachable is a 503 with a sentence, on every route.
+- `install_outage_handlers`: PostgreSQL or Kafka unreachable is a 503 with a sentence, on every route
+  (`outage_answer`: that answer, for a path that is not a route).
 - `install_http_error_handler`: the framework's own refusals (an unreadable body, an unknown path) in
-  the service's error shape; a body that cannot be parsed is a malformed request, 422.
+  the service's error shape; a body that cannot be parsed is a malformed request, 422 (`refusal`: a
+  refusal in that shape, returned rather than raised).
 - `describe`: a validation error as a sentence, saying where and what is wrong, never echoing the input.
 - `PrintableId`: an id field (control characters and lone surrogates refused), documented portably.
 - `error_responses` / `HEALTH_RESPONSES`: what the OpenAPI documents say about those answers.
@@ -185,12 +187,9 @@ KAFKA_DOWN: tuple[type[Exception], ...] = (KafkaError,)
 log = logging.getLogger(__name__)
 
 
-def install_outage_handlers(app: FastAPI, body: ErrorBody) -> None:
-    """Answer a database or Kafka outage on any route with 503 and a sentence (never a bare 500)."""
-
-    async def database_down(_: Request, exc: Exception) -> JSONResponse:
-        if not database_away(exc):
-            raise exc
+def outage_answer(exc: Exception, body: ErrorBody) -> JSONResponse | None:
+    """The 503 of a database or Kafka outage, or None: `exc` is neither."""
+    if database_away(exc):
         log.debug("answered 503: database away (%s: %s)", type(exc).__name__, exc)
         return JSONResponse(
             body(
@@ -201,10 +200,7 @@ def install_outage_handlers(app: FastAPI, body: ErrorBody) -> None:
             status_code=503,
             headers={"Retry-After": "30"},
         )
-
-    async def kafka_down(_: Request, exc: Exception) -> JSONResponse:
-        if not kafka_away(exc):
-            raise exc
+    if kafka_away(exc):
         log.debug("answered 503: Kafka away (%s: %s)", type(exc).__name__, exc)
         return JSONResponse(
             body(
@@ -215,11 +211,20 @@ def install_outage_handlers(app: FastAPI, body: ErrorBody) -> None:
             status_code=503,
             headers={"Retry-After": "30"},
         )
+    return None
 
-    for kind in DATABASE_DOWN:
-        app.add_exception_handler(kind, database_down)
-    for kind in KAFKA_DOWN:
-        app.add_exception_handler(kind, kafka_down)
+
+def install_outage_handlers(app: FastAPI, body: ErrorBody) -> None:
+    """Answer a database or Kafka outage on any route with 503 and a sentence (never a bare 500)."""
+
+    async def outage(_: Request, exc: Exception) -> JSONResponse:
+        answer = outage_answer(exc, body)
+        if answer is None:
+            raise exc
+        return answer
+
+    for kind in (*DATABASE_DOWN, *KAFKA_DOWN):
+        app.add_exception_handler(kind, outage)
 
 
 def unreadable_body(cause: BaseException | None) -> str:
@@ -249,6 +254,11 @@ _CODES = {
 }
 
 
+def refusal(body: ErrorBody, status: int, sentence: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """A refusal in the service's error shape, as an HTTPException with this status and sentence gives."""
+    return JSONResponse(body(_CODES.get(status, "refused"), sentence), status_code=status, headers=headers)
+
+
 def install_http_error_handler(app: FastAPI, body: ErrorBody) -> None:
     """HTTPExceptions (the framework's and the routes' own) answered in the service's error shape."""
 
@@ -260,9 +270,7 @@ def install_http_error_handler(app: FastAPI, body: ErrorBody) -> None:
             # FastAPI itself answers 422). Like that one, a malformed request, told by its real cause.
             return JSONResponse(body("invalid_request", unreadable_body(exc.__cause__)), status_code=422)
         sentence = exc.detail if isinstance(exc.detail, str) else "The request was refused."
-        return JSONResponse(
-            body(_CODES.get(exc.status_code, "refused"), sentence), status_code=exc.status_code, headers=exc.headers
-        )
+        return refusal(body, exc.status_code, sentence, exc.headers)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
 

@@ -6,6 +6,7 @@ hold: holds do not lapse by time (migrations/0014), and operators see the old on
 """
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
@@ -260,3 +261,98 @@ async def test_a_hold_waits_for_a_locked_account_at_most_three_seconds_then_noth
     assert (credits["held"], credits["available"]) == (0, 50)
     placed = await api.post("/api/holds", json=body, headers=auth("gil"))  # the lock gone: placed at once
     assert placed.status_code == 201
+
+
+async def test_the_holds_short_path_answers_exactly_as_the_route_and_leaves_refusals_to_it(stack, pool):
+    """POST /api/holds is answered in front of FastAPI (services.credits.api.hold_path) when its checks
+    pass; the same requests through the FastAPI route (a chunked body, no Content-Length) get the same
+    answers, and a request that fails a check reaches the route whole."""
+    from services.credits.api.hold_path import HoldPath
+
+    settings = stack.settings(CreditSettings, auth_jwt_secret=SECRET)
+    ledger = Ledger(pool)
+    await grant(ledger, "hal")  # 50
+    await grant(ledger, "ivy")
+    app = build_api(ApiContext(settings, ledger, default_price_book()))
+    assert isinstance(app, HoldPath)
+    reached: list[bytes] = []  # the bodies the FastAPI app was given
+
+    async def route(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/api/holds":
+            parts, more = [], True
+            while more:
+                message = await receive()
+                parts.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            reached.append(b"".join(parts))
+            given = [{"type": "http.request", "body": reached[-1], "more_body": False}]
+
+            async def again():
+                return given.pop() if given else await receive()
+
+            return await fastapi_app(scope, again, send)
+        return await fastapi_app(scope, receive, send)
+
+    fastapi_app, app.app = app.app, route
+
+    def chunked(body: dict):
+        async def parts():
+            yield json.dumps(body).encode()
+
+        return parts()
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://credits") as api:
+
+        async def both(user: str, body: dict) -> tuple[httpx.Response, httpx.Response]:
+            """The request through the short path, then the same one through the route."""
+            short = await api.post("/api/holds", json=body, headers=auth(user))
+            assert reached == [], "the short path handed a request it can answer to the route"
+            routed = await api.post(
+                "/api/holds", content=chunked(body), headers={**auth(user), "Content-Type": "application/json"}
+            )
+            assert len(reached) == 1
+            reached.clear()
+            return short, routed
+
+        def body(**fields) -> dict:
+            return {"event_id": str(uuid.uuid4()), "feature": "chat", "provider": "openai", "model": "gpt-4o", **fields}
+
+        first = body()
+        placed, again = await both("hal", first)  # placed, then the same hold placed before
+        assert (placed.status_code, again.status_code) == (201, 200)
+        assert {**placed.json(), "created": False} == again.json() and placed.json()["available"] == 45
+        conflict = await both("ivy", first)  # hal's event id
+        broke = [body(feature="deep_analysis") for _ in range(2)]
+        for status, (short, routed) in (
+            (409, conflict),
+            (422, await both("hal", body(model="gpt-9-ultra"))),
+        ):
+            assert (short.status_code, short.json()) == (
+                routed.status_code,
+                routed.json(),
+            ) and short.status_code == status
+        poor_short = await api.post("/api/holds", json=broke[0], headers=auth("hal"))  # 50 needed, 45 left
+        assert reached == []
+        poor_routed = await api.post(
+            "/api/holds", content=chunked(broke[1]), headers={**auth("hal"), "Content-Type": "application/json"}
+        )
+        assert (poor_short.status_code, poor_short.json()) == (poor_routed.status_code, poor_routed.json())
+        assert poor_short.status_code == 402 and poor_short.json()["needed"] == 50
+        reached.clear()
+        # Refused before anything is held: the route gets the request, body and all, and refuses it.
+        refusals = [
+            (401, await api.post("/api/holds", json=body(), headers={"Authorization": "Bearer forged"})),
+            (401, await api.post("/api/holds", json=body())),
+            (422, await api.post("/api/holds", json={**body(), "credits": 1}, headers=auth("hal"))),
+            (422, await api.post("/api/holds", json=body(feature="nope"), headers=auth("hal"))),
+            (
+                422,
+                await api.post(
+                    "/api/holds", content=b"{not json", headers={**auth("hal"), "Content-Type": "application/json"}
+                ),
+            ),
+        ]
+        assert [(s, r.status_code) for s, r in refusals] == [(s, s) for s, _ in refusals]
+        assert all(r.json()["error"] for _, r in refusals)
+        assert len(reached) == len(refusals) and reached[-1] == b"{not json"
+    assert (await ledger.balance("hal")).held == 5  # the first hold only

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException, status
+from fastapi import status
 from fastapi.responses import JSONResponse
 
 from services.credits.holds import InsufficientAvailable
 from services.credits.ledger import Ledger
+from services.shared.edge import refusal
 
 
 def detail_body(code: str, sentence: str) -> dict[str, str]:
@@ -29,10 +30,11 @@ async def payment_required(ledger: Ledger, exc: InsufficientAvailable, user_id: 
     )
 
 
-def ledger_busy(nothing_done: str) -> HTTPException:
+def ledger_busy(nothing_done: str) -> JSONResponse:
     """503 while the account stays locked (services.credits.holds.LedgerBusy); the client retries."""
-    return HTTPException(
+    return refusal(
+        detail_body,
         status.HTTP_503_SERVICE_UNAVAILABLE,
         f"The credit ledger is busy with this account right now; {nothing_done}. Try again in a moment.",
-        headers={"Retry-After": "2"},
+        {"Retry-After": "2"},
     )

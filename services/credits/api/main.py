@@ -5,9 +5,11 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp
 
 from services.credits.api.deps import ApiContext
 from services.credits.api.errors import detail_body
+from services.credits.api.hold_path import HoldPath
 from services.credits.api.routes import balances, compat, grants, health, holds
 from services.credits.compat import CompatDeductions
 from services.shared.edge import BodyLimit, describe, install_http_error_handler, install_outage_handlers
@@ -15,7 +17,8 @@ from services.shared.edge import BodyLimit, describe, install_http_error_handler
 __all__ = ["ApiContext", "build_api"]
 
 
-def build_api(ctx: ApiContext) -> FastAPI:
+def build_api(ctx: ApiContext) -> ASGIApp:
+    """The API: FastAPI's routes behind the admission hold's short path (services.credits.api.hold_path)."""
     app = FastAPI(title="byok-credits: credit service", version="1")
     app.state.ctx = ctx
     app.state.deductions = CompatDeductions(
@@ -32,4 +35,4 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     for topic in (health, balances, holds, grants, compat):
         app.include_router(topic.router)
-    return app
+    return HoldPath(app, ctx, ctx.settings.http_max_body_bytes)

@@ -53,7 +53,7 @@ async def deduct(
     except KeyReused as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     except LedgerBusy:
-        raise ledger_busy("nothing was held or recorded") from None
+        return ledger_busy("nothing was held or recorded")
     if done.decision is None:
         response.status_code = status.HTTP_202_ACCEPTED
         return {"event_id": str(done.event_id), "decision": "pending", "held": done.held}

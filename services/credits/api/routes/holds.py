@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from billing.policy import UnpricedModel, price_of
 from schemas.events import Feature, ModelId, Provider
-from services.credits.api.deps import Caller, Context
-from services.credits.api.errors import ledger_busy, payment_required
-from services.credits.holds import HoldConflict, InsufficientAvailable, LedgerBusy
-from services.shared.edge import DetailOut, ErrorOut, error_responses
+from services.credits.api.deps import ApiContext, Caller, Context
+from services.credits.api.errors import detail_body, ledger_busy, payment_required
+from services.credits.holds import Hold, HoldConflict, InsufficientAvailable, LedgerBusy
+from services.shared.edge import DetailOut, ErrorOut, error_responses, refusal
 
 router = APIRouter()
 
@@ -40,36 +40,43 @@ class HoldIn(BaseModel):
         402: {"description": "Not enough available credits; nothing is held", "model": ErrorOut},
     },
 )
-async def place_hold(
-    body: HoldIn, caller: Caller, ctx: Context, response: Response
-) -> dict[str, object] | JSONResponse:
+async def place_hold(body: HoldIn, caller: Caller, ctx: Context) -> Response:
     """Reserve the price of one billable call before it starts (admission hold).
 
     The hold has no expiry: it lasts until the call's event is decided (whatever the decision) or
     the caller releases it with DELETE /api/holds/{event_id} (the provider was never called)."""
+    return await hold_response(ctx, body, caller.user_id)
+
+
+async def hold_response(ctx: ApiContext, body: HoldIn, user_id: str) -> Response:
+    """Place the hold of one call at the price in force, and the answer to it: 201 placed, 200 placed
+    before, 402, 409, 422 (no price) or 503 (account locked). The route and the short path
+    (services.credits.api.hold_path) answer with this."""
     prices = ctx.book.in_force(datetime.now(timezone.utc))
     try:
         credits = price_of(body.feature, body.model, prices)
-    except UnpricedModel as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-    try:
         hold = await ctx.ledger.place_hold(
             body.event_id,
-            caller.user_id,
+            user_id,
             credits,
             prices.version,
             feature=body.feature.value,
             provider=body.provider.value,
             model=body.model,
         )
+    except UnpricedModel as exc:
+        return refusal(detail_body, status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
     except InsufficientAvailable as exc:
-        return await payment_required(ctx.ledger, exc, caller.user_id)
+        return await payment_required(ctx.ledger, exc, user_id)
     except HoldConflict as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        return refusal(detail_body, status.HTTP_409_CONFLICT, str(exc))
     except LedgerBusy:
-        raise ledger_busy("nothing was held") from None
-    if not hold.created:
-        response.status_code = status.HTTP_200_OK
+        return ledger_busy("nothing was held")
+    return JSONResponse(hold_answer(hold), status_code=status.HTTP_201_CREATED if hold.created else status.HTTP_200_OK)
+
+
+def hold_answer(hold: Hold) -> dict[str, object]:
+    """The body of 201 (placed now) and 200 (placed before)."""
     return {
         "event_id": str(hold.event_id),
         "credits": hold.credits,

@@ -1,0 +1,100 @@
+"""The admission hold's short path: `POST /api/holds` placed without FastAPI's request machinery.
+
+Every platform call places a hold, so this one request is most of the credit service's HTTP work; on
+FastAPI it spent more CPU in the framework (middleware, routing, dependency solving, response
+rendering) than in placing the hold (py-spy, issue 22). `HoldPath` sits in front of the FastAPI app
+and takes a JSON request that passes the route's checks: a Content-Length within the body limit, a bearer
+token that opens and is not signed out (`TokenReader`, as `deps.identity`), a body that `HoldIn`
+takes. It then answers with the route's own `hold_response` (201, 200, 402, 409, 422 for no price,
+503 for a locked account; a database away: the 503 of `outage_answer`, as every route). A request
+that fails a check, before anything is held, goes to the FastAPI route with the body read so far,
+which refuses it as it always has (401, 413, 422 with its sentence).
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.credits.api.deps import ApiContext
+from services.credits.api.errors import detail_body
+from services.credits.api.routes.holds import HoldIn, hold_response
+from services.shared.auth import AuthError
+from services.shared.edge import outage_answer
+
+PATH = "/api/holds"
+
+
+class HoldPath:
+    def __init__(self, app: ASGIApp, ctx: ApiContext, max_body_bytes: int) -> None:
+        self.app, self.ctx, self.max_body_bytes = app, ctx, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        authorization, declared, json_body = None, None, False
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                declared = value
+            elif name == b"content-type":
+                json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
+        try:
+            size = int(declared) if declared is not None else -1
+        except ValueError:
+            size = -1
+        if not 0 <= size <= self.max_body_bytes or authorization is None or not json_body:
+            return await self.app(scope, receive, send)  # the route (and its body limit) answers
+        chunks, read, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left: nothing to answer
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            read += len(chunk)
+            more = message.get("more_body", False)
+            if read > self.max_body_bytes:  # more than it declared: the route's body limit answers
+                return await self.app(scope, _replay(chunks, more, receive), send)
+        body = b"".join(chunks)
+        checked = self._checked(authorization, body)
+        if checked is None:
+            return await self.app(scope, _replay([body], False, receive), send)
+        wanted, user_id = checked
+        try:
+            answer = await hold_response(self.ctx, wanted, user_id)
+        except Exception as exc:
+            outage = outage_answer(exc, detail_body)
+            if outage is None:
+                raise
+            answer = outage
+        await answer(scope, receive, send)
+
+    def _checked(self, authorization: bytes, body: bytes) -> tuple[HoldIn, str] | None:
+        """The hold asked for and the caller's user id, or None: the FastAPI route refuses the request."""
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        try:
+            who = self.ctx.tokens.read(token.strip())
+            wanted = HoldIn.model_validate_json(body)
+        except (AuthError, ValidationError, ValueError):
+            return None
+        if self.ctx.sessions is not None and self.ctx.sessions.is_revoked(who):
+            return None
+        return wanted, who.user_id
+
+
+def _replay(chunks: list[bytes], more: bool, receive: Receive) -> Receive:
+    """A receive that gives what was read first (as one message), then goes on reading the request."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": more}
+        return await receive()
+
+    return replayed
