@@ -66,6 +66,21 @@ DRAIN_BYTES = 8 * 1024 * 1024
 DRAIN_SECONDS = 10.0
 
 
+def replay(body: bytes, more: bool, receive: Receive) -> Receive:
+    """A receive that gives `body` (what was read of the request) first, then goes on reading it (after
+    a whole body, only a disconnect can come)."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": more}
+        return await receive()
+
+    return replayed
+
+
 class BodyLimit:
     """ASGI middleware: a request body larger than `max_bytes` is answered 413, never handed on.
 
@@ -112,16 +127,7 @@ class BodyLimit:
                 return await self._drain_then_refuse(receive, send, size, more)
             if chunk:
                 chunks.append(chunk)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: only a disconnect can come
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay(b"".join(chunks), False, receive), send)
 
     async def _drain_then_refuse(self, receive: Receive, send: Send, size: int, more: bool) -> None:
         """Read and drop the rest of a too-large body (up to drain_bytes, for drain_seconds), then 413."""

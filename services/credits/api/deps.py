@@ -58,21 +58,23 @@ Context = Annotated[ApiContext, Depends(context)]
 Deductions = Annotated[CompatDeductions, Depends(deductions)]
 
 
+def caller_of(ctx: ApiContext, authorization: str | None) -> Identity:
+    """The caller of a bearer token that is valid and not signed out; AuthError (with why) otherwise.
+    The route dependency below and the holds' short path (services.credits.api.hold_path) check with it."""
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise AuthError("send a bearer token")
+    who = ctx.tokens.read(authorization[7:].strip())
+    if ctx.sessions is not None and ctx.sessions.is_revoked(who):
+        raise AuthError("this session was signed out; sign in again")
+    return who
+
+
 async def identity(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> Identity:
     """The caller of a bearer token that is valid and not signed out; 401 otherwise."""
-    if not authorization or not authorization.lower().startswith("bearer "):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "send a bearer token", headers={"WWW-Authenticate": "Bearer"})
     try:
-        who = ctx.tokens.read(authorization[7:].strip())
+        return caller_of(ctx, authorization)
     except AuthError as exc:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
-    if ctx.sessions is not None and ctx.sessions.is_revoked(who):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "this session was signed out; sign in again",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return who
 
 
 Caller = Annotated[Identity, Depends(identity)]

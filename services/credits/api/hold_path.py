@@ -4,7 +4,7 @@ Every platform call places a hold, so this one request is most of the credit ser
 FastAPI it spent more CPU in the framework (middleware, routing, dependency solving, response
 rendering) than in placing the hold (py-spy, issue 22). `HoldPath` sits in front of the FastAPI app
 and takes a JSON request that passes the route's checks: a Content-Length within the body limit, a bearer
-token that opens and is not signed out (`TokenReader`, as `deps.identity`), a body that `HoldIn`
+token that opens and is not signed out (`deps.caller_of`, as the route's), a body that `HoldIn`
 takes. It then answers with the route's own `hold_response` (201, 200, 402, 409, 422 for no price,
 503 for a locked account; a database away: the 503 of `outage_answer`, as every route). A request
 that fails a check, before anything is held, goes to the FastAPI route with the body read so far,
@@ -14,13 +14,13 @@ which refuses it as it always has (401, 413, 422 with its sentence).
 from __future__ import annotations
 
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.credits.api.deps import ApiContext
+from services.credits.api.deps import ApiContext, caller_of
 from services.credits.api.errors import detail_body
 from services.credits.api.routes.holds import HoldIn, hold_response
 from services.shared.auth import AuthError
-from services.shared.edge import outage_answer
+from services.shared.edge import outage_answer, replay
 
 PATH = "/api/holds"
 
@@ -56,11 +56,11 @@ class HoldPath:
             read += len(chunk)
             more = message.get("more_body", False)
             if read > self.max_body_bytes:  # more than it declared: the route's body limit answers
-                return await self.app(scope, _replay(chunks, more, receive), send)
+                return await self.app(scope, replay(b"".join(chunks), more, receive), send)
         body = b"".join(chunks)
         checked = self._checked(authorization, body)
         if checked is None:
-            return await self.app(scope, _replay([body], False, receive), send)
+            return await self.app(scope, replay(body, False, receive), send)
         wanted, user_id = checked
         try:
             answer = await hold_response(self.ctx, wanted, user_id)
@@ -73,28 +73,9 @@ class HoldPath:
 
     def _checked(self, authorization: bytes, body: bytes) -> tuple[HoldIn, str] | None:
         """The hold asked for and the caller's user id, or None: the FastAPI route refuses the request."""
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer":
-            return None
         try:
-            who = self.ctx.tokens.read(token.strip())
+            who = caller_of(self.ctx, authorization.decode("latin-1"))
             wanted = HoldIn.model_validate_json(body)
         except (AuthError, ValidationError, ValueError):
             return None
-        if self.ctx.sessions is not None and self.ctx.sessions.is_revoked(who):
-            return None
         return wanted, who.user_id
-
-
-def _replay(chunks: list[bytes], more: bool, receive: Receive) -> Receive:
-    """A receive that gives what was read first (as one message), then goes on reading the request."""
-    pending = True
-
-    async def replayed() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": more}
-        return await receive()
-
-    return replayed
