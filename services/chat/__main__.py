@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from services.chat.app import create_app
+from services.chat.app import serving_app
 from services.chat.bootstrap import wire
 from services.chat.settings import ChatSettings
 from services.shared.http import GracefulServer
@@ -19,7 +19,7 @@ def main() -> None:
     # The chat seals users' keys to the worker's public key: the repository's pair is no secret.
     refuse_default_secrets("The chat service", settings, (SealingSettings(), ("public_keys",)))
     setup_logging(settings.log_level, "chat")
-    app = create_app(settings, wire)
+    app = serving_app(settings, wire)
     log = logging.getLogger(__name__)
     log.info("chat service on http://%s:%d/", settings.http_host, settings.http_port)
     # Like credits and validation: SIGTERM/SIGINT finish the requests in flight (their outbox rows

@@ -15,8 +15,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from services.chat.api import errors
+from services.chat.api.gateway_path import GatewayPath
 from services.chat.api.openai_shapes import OpenAIErrors
 from services.chat.api.routes import account, auth, calls, gateway, keys, pages
 from services.chat.identity import TokenReader
@@ -24,7 +26,7 @@ from services.chat.settings import ChatSettings
 from services.chat.wiring import Wiring
 from services.shared.edge import BodyLimit
 
-__all__ = ["Wiring", "create_app"]
+__all__ = ["Wiring", "create_app", "serving_app"]
 
 
 def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAsyncContextManager[Wiring]]) -> FastAPI:
@@ -61,3 +63,9 @@ def create_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAs
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def serving_app(settings: ChatSettings, wire: Callable[[ChatSettings], AbstractAsyncContextManager[Wiring]]) -> ASGIApp:
+    """The app the chat serves: `create_app`'s behind the gateway's short path (`api/gateway_path.py`),
+    which answers the calls of `POST /v1/chat/completions` that pass the route's checks."""
+    return GatewayPath(create_app(settings, wire), settings.http_max_body_bytes)

@@ -39,11 +39,17 @@ async def not_authenticated(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def gateway_refusal(exc: ChatRefused) -> JSONResponse:
+    """A refusal before the call started, counted, in OpenAI's error shape."""
+    REFUSALS.labels(exc.code).inc()
+    return openai_shapes.refusal(exc)
+
+
 async def refused(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ChatRefused)
-    REFUSALS.labels(exc.code).inc()
     if gateway_path(request):
-        return openai_shapes.refusal(exc)
+        return gateway_refusal(exc)
+    REFUSALS.labels(exc.code).inc()
     return JSONResponse({"error": exc.code, "message": exc.message, **exc.details}, status_code=exc.status)
 
 

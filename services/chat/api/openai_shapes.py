@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from services.chat.call_store import Outcome
@@ -185,6 +185,25 @@ async def chunks(started: RunningCall | Outcome, model: str, include_usage: bool
         opened = True
 
 
+def reshaped(status: int, found: Mapping[str, Any]) -> dict[str, Any]:
+    """An error in the service's own shape (`{"error": code, "message": sentence}`) in OpenAI's."""
+    detail = {
+        "message": str(found.get("message") or found["error"]),
+        "type": ERROR_TYPES.get(status, "api_error"),
+        "param": None,
+        "code": found["error"],
+    }
+    return {"error": detail}
+
+
+def in_openai_shape(answer: Response) -> Response:
+    """`answer`, an error in the service's own shape (an outage's 503, say), re-shaped as `OpenAIErrors`
+    re-shapes it: the same status and headers, OpenAI's body."""
+    body = json.dumps(reshaped(answer.status_code, json.loads(bytes(answer.body)))).encode()
+    headers = {k: v for k, v in answer.headers.items() if k not in ("content-length", "content-type")}
+    return Response(body, status_code=answer.status_code, headers=headers, media_type="application/json")
+
+
 class OpenAIErrors:
     """ASGI middleware: under /v1/, an error the app's shared edge answered in the service's own shape
     (`{"error": code, "message": sentence}`: an oversized or unreadable body, an outage) is re-shaped
@@ -217,14 +236,7 @@ class OpenAIErrors:
             except ValueError:
                 found = None
             if isinstance(found, dict) and isinstance(found.get("error"), str):
-                status = start["status"]
-                detail = {
-                    "message": str(found.get("message") or found["error"]),
-                    "type": ERROR_TYPES.get(status, "api_error"),
-                    "param": None,
-                    "code": found["error"],
-                }
-                body = json.dumps({"error": detail}).encode()
+                body = json.dumps(reshaped(start["status"], found)).encode()
                 headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
                 headers.append((b"content-length", str(len(body)).encode()))
             await send({**start, "headers": headers})

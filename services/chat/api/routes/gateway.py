@@ -11,7 +11,7 @@ call. `X-Provider-Key` is the user's own key for this call only: never stored, l
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from billing.pricing import default_price_book
@@ -21,10 +21,14 @@ from services.chat.api.openai_shapes import GATEWAY_ERRORS, OpenAIErrorOut, chun
 from services.chat.call_request import CallRequest
 from services.chat.call_store import Outcome
 from services.chat.catalog import MODELS
+from services.chat.identity import Identity
+from services.chat.key_session import KeyRing
 from services.chat.refusals import InvalidRequest
+from services.chat.wiring import Wiring
 from services.shared.edge import error_responses
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+MAX_PROVIDER_KEY_CHARS = 1024
 
 
 class TextPart(BaseModel):
@@ -102,9 +106,15 @@ async def chat_completions(
     w: Wired,
     ring: Key,
     x_feature: Annotated[str | None, Header()] = None,
-    x_provider_key: Annotated[str | None, Header(max_length=1024)] = None,
+    x_provider_key: Annotated[str | None, Header(max_length=MAX_PROVIDER_KEY_CHARS)] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> Any:
+) -> Response:
+    call = gateway_call(body, x_feature, x_provider_key)
+    return await completion_response(w, who, ring, body, call, idempotency_key)
+
+
+def gateway_call(body: CompletionIn, x_feature: str | None, x_provider_key: str | None) -> CallRequest:
+    """The call an OpenAI request asks for; raises `InvalidRequest` for one that cannot be a call."""
     try:
         feature = Feature(x_feature or Feature.CHAT.value)
     except ValueError:
@@ -114,7 +124,7 @@ async def chat_completions(
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     if not any(m["role"] == "user" and m["content"].strip() for m in messages):
         raise InvalidRequest("messages: send at least one user message with text.", reason="empty_messages")
-    call = CallRequest(
+    return CallRequest(
         feature,
         messages,
         model=body.model,
@@ -122,6 +132,13 @@ async def chat_completions(
         max_tokens=body.max_completion_tokens or body.max_tokens or 1024,
         route="v1",
     )
+
+
+async def completion_response(
+    w: Wiring, who: Identity, ring: KeyRing, body: CompletionIn, call: CallRequest, idempotency_key: str | None
+) -> Response:
+    """Start (or find) the call and answer it in OpenAI's shape: a `chat.completion`, a stream of chunks,
+    or an error. Raises what `ChatCalls.start` raises for a call refused before it started."""
     started = await w.calls.start(who, ring, call, idempotency_key=idempotency_key, stream=body.stream)
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
