@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from services.chat.api.gateway_path import GatewayPath
 from services.chat.app import Wiring, serving_app
 from services.chat.bootstrap import key_cookie
-from services.chat.identity import mint_token
+from services.chat.identity import AuthError, mint_token
 from services.chat.settings import ChatSettings
 from tests.fakes import FakeChecker, FakeProvider, MemoryCredits, MemorySettingsStore, memory_chat
 
@@ -191,3 +191,33 @@ def test_an_outage_is_answered_as_the_route_answers_it(gateway, monkeypatch):
     assert short.status_code == routed.status_code == 503
     assert short.json() == routed.json() and short.json()["error"]["code"] == "database_unavailable"
     assert short.headers["retry-after"] == routed.headers["retry-after"]
+
+
+def test_every_cookie_header_counts_as_the_route_counts_them(gateway):
+    """A client (or proxy) may send its cookies in several Cookie headers: the caller and their keys
+    are read from all of them, later ones winning, as Starlette reads them for the route."""
+    g, client = gateway
+    alice, bob = (mint_token(SECRET, user, ttl_s=600) for user in ("alice", "bob"))
+    cookies = [("cookie", f"byok_session={alice}"), ("cookie", f"byok_session={bob}")]
+    short = client.post(PATH, json=request(), headers=cookies)
+    assert g.reached == []
+    routed = client.post(PATH, content=chunked(request()), headers=[*cookies, ("content-type", "application/json")])
+    assert len(g.reached) == 1
+    assert short.status_code == routed.status_code == 402  # bob's session, bob's 1 credit
+    assert comparable(short.json()) == comparable(routed.json())
+
+
+def test_a_caller_signed_out_during_the_start_gets_the_routes_401(gateway, monkeypatch):
+    g, client = gateway
+
+    async def signed_out(*_: Any, **__: Any) -> Any:
+        raise AuthError("this session was signed out; sign in again")
+
+    monkeypatch.setattr(g.calls, "start", signed_out)
+    short = client.post(PATH, json=request(), headers=bearer("alice"))
+    assert g.reached == []
+    routed = client.post(
+        PATH, content=chunked(request()), headers={**bearer("alice"), "Content-Type": "application/json"}
+    )
+    assert short.status_code == routed.status_code == 401
+    assert short.json() == routed.json() and short.headers["www-authenticate"] == "Bearer"

@@ -25,13 +25,18 @@ def gateway_path(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def gateway_unauthenticated(exc: Exception) -> JSONResponse:
+    """Sign-in first, in OpenAI's error shape (its SDKs raise AuthenticationError)."""
+    answer = openai_shapes.openai_error(
+        401, "invalid_api_key", f"Sign in first: the API key is your identity token ({exc})."
+    )
+    answer.headers["WWW-Authenticate"] = "Bearer"
+    return answer
+
+
 async def not_authenticated(request: Request, exc: Exception) -> JSONResponse:
     if gateway_path(request):
-        answer = openai_shapes.openai_error(
-            401, "invalid_api_key", f"Sign in first: the API key is your identity token ({exc})."
-        )
-        answer.headers["WWW-Authenticate"] = "Bearer"
-        return answer
+        return gateway_unauthenticated(exc)
     return JSONResponse(
         {"error": "not_authenticated", "message": "Sign in first.", "detail": str(exc)},
         status_code=401,

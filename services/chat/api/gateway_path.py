@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import cookie_parser
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -59,7 +58,9 @@ class GatewayPath:
             return await self.app(scope, receive, send)
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
-            if name in _WANTED and name not in headers:  # the first of each, as the route reads them
+            if name == b"cookie" and name in headers:  # every Cookie header, as Starlette reads them
+                headers[name] += b"; " + value
+            elif name in _WANTED and name not in headers:  # the first of the others, as the route reads them
                 headers[name] = value
         try:
             size = int(headers.get(b"content-length", b"-1"))
@@ -91,6 +92,8 @@ class GatewayPath:
             answer = await completion_response(wiring, who, ring, wanted, call, idempotency_key)
         except ChatRefused as exc:
             answer = errors.gateway_refusal(exc)
+        except AuthError as exc:  # a session signed out meanwhile, say: as the app's handler answers it
+            answer = errors.gateway_unauthenticated(exc)
         except Exception as exc:
             outage = outage_answer(exc, errors.error_body)
             if outage is None:
@@ -111,7 +114,7 @@ class GatewayPath:
             who = tokens.read(token_from(_text(headers.get(b"authorization")), cookies.get(SESSION_COOKIE)))
             wanted = CompletionIn.model_validate_json(body)
             call = gateway_call(wanted, _text(headers.get(b"x-feature")), own_key)
-        except (AuthError, ValidationError, InvalidRequest, ValueError):
+        except (AuthError, InvalidRequest, ValueError):  # ValueError: pydantic's ValidationError too
             return None
         ring = wiring.key_cookie.open(who.user_id, who.session_id, cookies.get(KEY_COOKIE))
         return who, ring, wanted, call
