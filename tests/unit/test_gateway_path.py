@@ -18,6 +18,7 @@ from services.chat.app import Wiring, serving_app
 from services.chat.bootstrap import key_cookie
 from services.chat.identity import AuthError, mint_token
 from services.chat.settings import ChatSettings
+from services.shared.edge import read_body
 from tests.fakes import FakeChecker, FakeProvider, MemoryCredits, MemorySettingsStore, memory_chat
 
 pytestmark = pytest.mark.unit
@@ -101,18 +102,21 @@ def stream_events(text: str) -> list[Any]:
     ]
 
 
+def short_and_routed(g: Gateway, client: TestClient, body: dict, headers: list[tuple[str, str]]) -> tuple[Any, Any]:
+    """The request through the short path, then the same one through the FastAPI route."""
+    short = client.post(PATH, json=body, headers=headers)
+    assert g.reached == [], "the short path handed a request it can answer to the route"
+    routed = client.post(PATH, content=chunked(body), headers=[*headers, ("content-type", "application/json")])
+    assert len(g.reached) == 1, "a request without Content-Length goes to the route"
+    g.reached.clear()
+    return short, routed
+
+
 def test_calls_the_route_could_answer_are_answered_in_front_of_it_alike(gateway):
     g, client = gateway
 
     def both(user: str, body: dict, **headers: str):
-        short = client.post(PATH, json=body, headers={**bearer(user), **headers})
-        assert g.reached == [], "the short path handed a request it can answer to the route"
-        routed = client.post(
-            PATH, content=chunked(body), headers={**bearer(user), "Content-Type": "application/json", **headers}
-        )
-        assert len(g.reached) == 1, "a request without Content-Length goes to the route"
-        g.reached.clear()
-        return short, routed
+        return short_and_routed(g, client, body, [*bearer(user).items(), *headers.items()])
 
     platform = both("alice", request())
     own_key = both("alice", request(), **{"X-Provider-Key": OWN_KEY})
@@ -183,11 +187,7 @@ def test_an_outage_is_answered_as_the_route_answers_it(gateway, monkeypatch):
         raise asyncpg.CannotConnectNowError("the database system is starting up")
 
     monkeypatch.setattr(g.calls, "start", away)
-    short = client.post(PATH, json=request(), headers=bearer("alice"))
-    assert g.reached == []
-    routed = client.post(
-        PATH, content=chunked(request()), headers={**bearer("alice"), "Content-Type": "application/json"}
-    )
+    short, routed = short_and_routed(g, client, request(), list(bearer("alice").items()))
     assert short.status_code == routed.status_code == 503
     assert short.json() == routed.json() and short.json()["error"]["code"] == "database_unavailable"
     assert short.headers["retry-after"] == routed.headers["retry-after"]
@@ -199,10 +199,7 @@ def test_every_cookie_header_counts_as_the_route_counts_them(gateway):
     g, client = gateway
     alice, bob = (mint_token(SECRET, user, ttl_s=600) for user in ("alice", "bob"))
     cookies = [("cookie", f"byok_session={alice}"), ("cookie", f"byok_session={bob}")]
-    short = client.post(PATH, json=request(), headers=cookies)
-    assert g.reached == []
-    routed = client.post(PATH, content=chunked(request()), headers=[*cookies, ("content-type", "application/json")])
-    assert len(g.reached) == 1
+    short, routed = short_and_routed(g, client, request(), cookies)
     assert short.status_code == routed.status_code == 402  # bob's session, bob's 1 credit
     assert comparable(short.json()) == comparable(routed.json())
 
@@ -214,10 +211,51 @@ def test_a_caller_signed_out_during_the_start_gets_the_routes_401(gateway, monke
         raise AuthError("this session was signed out; sign in again")
 
     monkeypatch.setattr(g.calls, "start", signed_out)
-    short = client.post(PATH, json=request(), headers=bearer("alice"))
-    assert g.reached == []
-    routed = client.post(
-        PATH, content=chunked(request()), headers={**bearer("alice"), "Content-Type": "application/json"}
-    )
+    short, routed = short_and_routed(g, client, request(), list(bearer("alice").items()))
     assert short.status_code == routed.status_code == 401
     assert short.json() == routed.json() and short.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("declared_more", [True, False])
+async def test_a_body_past_the_limit_is_handed_on_whole_and_a_client_that_left_gets_nothing(declared_more):
+    """The short paths' body reader (services.shared.edge.read_body): a body larger than the limit
+    (more than its Content-Length said) goes on to the app, what was read replayed and the rest still
+    to come, so the app's body limit answers it; a client that left first is not answered."""
+    sent = [
+        {"type": "http.request", "body": b"x" * 8, "more_body": True},
+        {"type": "http.request", "body": b"y" * 8, "more_body": declared_more},
+    ]
+    if declared_more:
+        sent.append({"type": "http.request", "body": b"z" * 8, "more_body": False})
+    queue = list(sent)
+
+    async def receive():
+        return queue.pop(0)
+
+    given: list[bytes] = []
+
+    async def app(scope, receive, send):
+        more = True
+        while more:
+            message = await receive()
+            given.append(message["body"])
+            more = message.get("more_body", False)
+
+    assert await read_body(app, 10, {"type": "http"}, receive, None) is None
+    assert b"".join(given) == b"".join(m["body"] for m in sent)  # the app read it all, in order
+    assert given[0] == b"x" * 8 + b"y" * 8
+
+    left = [{"type": "http.request", "body": b"x", "more_body": True}, {"type": "http.disconnect"}]
+
+    async def leaving():
+        return left.pop(0)
+
+    given.clear()
+    assert await read_body(app, 10, {"type": "http"}, leaving, None) is None
+    assert given == []
+    whole = [{"type": "http.request", "body": b"ok", "more_body": False}]
+
+    async def small():
+        return whole.pop(0)
+
+    assert await read_body(app, 10, {"type": "http"}, small, None) == b"ok"

@@ -33,7 +33,7 @@ from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenRea
 from services.chat.key_session import KEY_COOKIE
 from services.chat.refusals import ChatRefused, InvalidRequest
 from services.chat.wiring import Wiring
-from services.shared.edge import outage_answer, replay
+from services.shared.edge import outage_answer, read_body, replay
 
 PATH = "/v1/chat/completions"
 _WANTED = {
@@ -70,18 +70,9 @@ class GatewayPath:
         wiring: Wiring | None = getattr(self.state, "wiring", None)
         if not 0 <= size <= self.max_body_bytes or content_type != b"application/json" or wiring is None:
             return await self.app(scope, receive, send)  # the route (and its body limit) answers
-        chunks, read, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left: nothing to answer
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            read += len(chunk)
-            more = message.get("more_body", False)
-            if read > self.max_body_bytes:  # more than it declared: the route's body limit answers
-                return await self.app(scope, replay(b"".join(chunks), more, receive), send)
-        body = b"".join(chunks)
+        body = await read_body(self.app, self.max_body_bytes, scope, receive, send)
+        if body is None:
+            return
         checked = self._checked(wiring, headers, body)
         if checked is None:
             return await self.app(scope, replay(body, False, receive), send)

@@ -20,7 +20,7 @@ from services.credits.api.deps import ApiContext, caller_of
 from services.credits.api.errors import detail_body
 from services.credits.api.routes.holds import HoldIn, hold_response
 from services.shared.auth import AuthError
-from services.shared.edge import outage_answer, replay
+from services.shared.edge import outage_answer, read_body, replay
 
 PATH = "/api/holds"
 
@@ -46,18 +46,9 @@ class HoldPath:
             size = -1
         if not 0 <= size <= self.max_body_bytes or authorization is None or not json_body:
             return await self.app(scope, receive, send)  # the route (and its body limit) answers
-        chunks, read, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left: nothing to answer
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            read += len(chunk)
-            more = message.get("more_body", False)
-            if read > self.max_body_bytes:  # more than it declared: the route's body limit answers
-                return await self.app(scope, replay(b"".join(chunks), more, receive), send)
-        body = b"".join(chunks)
+        body = await read_body(self.app, self.max_body_bytes, scope, receive, send)
+        if body is None:
+            return
         checked = self._checked(authorization, body)
         if checked is None:
             return await self.app(scope, replay(body, False, receive), send)
