@@ -196,6 +196,52 @@ def test_stop_before_the_first_token_is_free_and_after_it_is_charged_once(system
     assert system.balance("stopper") == 495
 
 
+def test_through_the_gateway_a_dropped_connection_and_a_stop_are_one_call_and_one_charge(system: ChatSystem):
+    """The OpenAI-compatible gateway (answered by its short path in front of FastAPI) keeps the lifecycle:
+    an SDK that times out of a plain call gets the same completion with the same Idempotency-Key, billed
+    once; an SDK that closes a stream after its first chunks ends the call `stopped`, billed once."""
+    import openai
+
+    system.grant("gateway-user", "standard")  # 500
+    client = system.client("gateway-user")
+
+    def sdk(**kw) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=system.chat.url + "/v1", api_key=system.token("gateway-user"), max_retries=0, **kw
+        )
+
+    messages = [{"role": "user", "content": "a question that takes a while"}]
+    system.sim.state.register(PLATFORM_OPENAI, "slow", delay_ms=4000)
+    dropped = str(uuid.uuid4())
+    with pytest.raises(openai.APITimeoutError):
+        sdk(timeout=1.0).chat.completions.create(
+            model="gpt-4o", messages=messages, extra_headers={"Idempotency-Key": dropped}
+        )
+    ended = outcome(client, dropped)
+    assert ended["status"] == 200 and ended["answer"]["billing"]["charged"] is True, ended
+    again = sdk().chat.completions.create(model="gpt-4o", messages=messages, extra_headers={"Idempotency-Key": dropped})
+    assert again.choices[0].message.content == ended["answer"]["reply"]
+    assert again.id == "chatcmpl-" + ended["answer"]["event_id"].replace("-", "")
+
+    system.sim.state.register(PLATFORM_OPENAI, "stream_slow", delay_ms=300)
+    stopped = str(uuid.uuid4())
+    shown = []
+    with sdk().chat.completions.create(
+        model="gpt-4o", messages=messages, stream=True, extra_headers={"Idempotency-Key": stopped}
+    ) as chunks:
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                shown.append(chunk.choices[0].delta.content)
+            if len(shown) == 2:
+                break  # the client goes away: leaving the block closes the connection
+    answer = outcome(client, stopped)["answer"]
+    assert answer["ending"] == "stopped" and answer["billing"]["charged"] is True, answer
+    assert answer["reply"].startswith("".join(shown))
+    assert system.wait_balance("gateway-user", 490) == 490  # 5 + 5, each call once
+    time.sleep(1.5)
+    assert system.balance("gateway-user") == 490
+
+
 @pytest.mark.parametrize(
     "behaviour, delay_ms, ending",
     [("stream_fail", 0, "provider_error"), ("stream_stall", 8000, "timeout"), ("stream_cut", 0, "provider_error")],
