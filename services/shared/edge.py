@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Annotated, Any
 
 import asyncpg
@@ -64,6 +64,31 @@ def _kib(n: int) -> str:
 # and never see the 413. Beyond this bound the 413 is sent at once and the connection closed.
 DRAIN_BYTES = 8 * 1024 * 1024
 DRAIN_SECONDS = 10.0
+
+
+def request_headers(scope: Scope, wanted: Collection[bytes]) -> dict[bytes, bytes]:
+    """For a short path placed in front of an app: the `wanted` headers (lower-case names) as the app's
+    routes read them: the first of each, as Starlette's `Headers.get`, and every Cookie header joined,
+    as its `Request.cookies`."""
+    found: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        if name == b"cookie" and name in found:
+            found[name] += b"; " + value
+        elif name in wanted and name not in found:
+            found[name] = value
+    return found
+
+
+def declares_json_within(headers: Mapping[bytes, bytes], max_bytes: int) -> bool:
+    """Whether a request says it sends JSON (`application/json`, any parameters) and a Content-Length of
+    at most `max_bytes`: what a short path takes; anything else is left to the app's body limit and
+    parser."""
+    try:
+        size = int(headers.get(b"content-length", b"-1"))
+    except ValueError:
+        return False
+    kind = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    return 0 <= size <= max_bytes and kind == b"application/json"
 
 
 async def read_body(app: ASGIApp, max_bytes: int, scope: Scope, receive: Receive, send: Send) -> bytes | None:

@@ -343,6 +343,13 @@ async def test_the_holds_short_path_answers_exactly_as_the_route_and_leaves_refu
         refusals = [
             (401, await api.post("/api/holds", json=body(), headers={"Authorization": "Bearer forged"})),
             (401, await api.post("/api/holds", json=body())),
+            # Two Authorization headers: the route reads the first, and so does the short path.
+            (
+                401,
+                await api.post(
+                    "/api/holds", json=body(), headers=[("Authorization", "Bearer forged"), *auth("hal").items()]
+                ),
+            ),
             (422, await api.post("/api/holds", json={**body(), "credits": 1}, headers=auth("hal"))),
             (422, await api.post("/api/holds", json=body(feature="nope"), headers=auth("hal"))),
             (

@@ -33,7 +33,7 @@ from services.chat.identity import SESSION_COOKIE, AuthError, Identity, TokenRea
 from services.chat.key_session import KEY_COOKIE
 from services.chat.refusals import ChatRefused, InvalidRequest
 from services.chat.wiring import Wiring
-from services.shared.edge import outage_answer, read_body, replay
+from services.shared.edge import declares_json_within, outage_answer, read_body, replay, request_headers
 
 PATH = "/v1/chat/completions"
 _WANTED = {
@@ -56,19 +56,9 @@ class GatewayPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        headers: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
-            if name == b"cookie" and name in headers:  # every Cookie header, as Starlette reads them
-                headers[name] += b"; " + value
-            elif name in _WANTED and name not in headers:  # the first of the others, as the route reads them
-                headers[name] = value
-        try:
-            size = int(headers.get(b"content-length", b"-1"))
-        except ValueError:
-            size = -1
-        content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        headers = request_headers(scope, _WANTED)
         wiring: Wiring | None = getattr(self.state, "wiring", None)
-        if not 0 <= size <= self.max_body_bytes or content_type != b"application/json" or wiring is None:
+        if wiring is None or not declares_json_within(headers, self.max_body_bytes):
             return await self.app(scope, receive, send)  # the route (and its body limit) answers
         body = await read_body(self.app, self.max_body_bytes, scope, receive, send)
         if body is None:

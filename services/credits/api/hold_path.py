@@ -20,9 +20,10 @@ from services.credits.api.deps import ApiContext, caller_of
 from services.credits.api.errors import detail_body
 from services.credits.api.routes.holds import HoldIn, hold_response
 from services.shared.auth import AuthError
-from services.shared.edge import outage_answer, read_body, replay
+from services.shared.edge import declares_json_within, outage_answer, read_body, replay, request_headers
 
 PATH = "/api/holds"
+_WANTED = {b"authorization", b"content-length", b"content-type"}
 
 
 class HoldPath:
@@ -32,19 +33,9 @@ class HoldPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        authorization, declared, json_body = None, None, False
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"content-length":
-                declared = value
-            elif name == b"content-type":
-                json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
-        try:
-            size = int(declared) if declared is not None else -1
-        except ValueError:
-            size = -1
-        if not 0 <= size <= self.max_body_bytes or authorization is None or not json_body:
+        headers = request_headers(scope, _WANTED)
+        authorization = headers.get(b"authorization")
+        if authorization is None or not declares_json_within(headers, self.max_body_bytes):
             return await self.app(scope, receive, send)  # the route (and its body limit) answers
         body = await read_body(self.app, self.max_body_bytes, scope, receive, send)
         if body is None:
