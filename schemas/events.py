@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -46,34 +47,26 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class _LatestAllowed:
-    """`utc_now() + MAX_FUTURE`, read from the clock at most once a second: the bound is a day wide, and
-    reading the wall clock for every event was 8 % of the credit service's intake (issue 22)."""
-
-    def __init__(self) -> None:
-        self._until, self._bound = 0.0, EARLIEST_OCCURRED_AT
-
-    def __call__(self) -> datetime:
-        now = time.monotonic()
-        if now >= self._until:
-            self._until, self._bound = now + 1.0, utc_now() + MAX_FUTURE
-        return self._bound
+# (until, latest): `utc_now() + MAX_FUTURE`, read from the clock at most once a second. The bound is a day
+# wide, and reading the wall clock for every event was 8 % of the credit service's intake (issue 22).
+_latest_allowed: list[Any] = [0.0, EARLIEST_OCCURRED_AT]
 
 
-_latest_allowed = _LatestAllowed()
-
-
-def _plausible_moment(value: datetime) -> datetime:
-    # Compared before anything converts it: 0001-01-01T00:30+01:00 is a valid ISO date whose UTC
-    # form does not exist, and converting it is what used to break the ledger's COPY.
-    if value < EARLIEST_OCCURRED_AT:
-        raise ValueError(f"must not be before {EARLIEST_OCCURRED_AT.isoformat()}")
-    if value > _latest_allowed():
+def _not_far_ahead(
+    value: datetime, _monotonic: Callable[[], float] = time.monotonic, _latest: list[Any] = _latest_allowed
+) -> datetime:
+    # The only rule of an event checked in Python: the one bound that moves with the clock. The earliest
+    # moment is the compiled validator's own `ge`, which compares before anything converts the value
+    # (0001-01-01T00:30+01:00 is a valid ISO date whose UTC form does not exist: converting it is what
+    # used to break the ledger's COPY). Two Python comparisons here were 40 % of an event's validation.
+    if _monotonic() >= _latest[0]:
+        _latest[0], _latest[1] = _monotonic() + 1.0, utc_now() + MAX_FUTURE
+    if value > _latest[1]:
         raise ValueError(f"must not be more than {MAX_FUTURE.total_seconds():.0f} s in the future")
     return value
 
 
-OccurredAt = Annotated[AwareDatetime, AfterValidator(_plausible_moment)]
+OccurredAt = Annotated[AwareDatetime, Field(ge=EARLIEST_OCCURRED_AT), AfterValidator(_not_far_ahead)]
 
 
 class Provider(StrEnum):
