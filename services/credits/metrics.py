@@ -17,6 +17,10 @@ BATCH_SECONDS = Histogram(
 LEDGER_RETRIES = Counter(
     "credits_ledger_retries_total", "Ledger transactions retried because the database was unreachable"
 )
+LEDGER_COLLISIONS = Counter(
+    "credits_ledger_collisions_total",
+    "Ledger transactions written again with a lookup because an event in them was already decided (redelivery)",
+)
 ISOLATIONS = Counter(
     "credits_ledger_isolation_splits_total",
     "Ledger transactions refused for their content and split to find the record(s) at fault",

@@ -1,6 +1,7 @@
 """The credit consumer on the real broker and database: policy, idempotence, dead letters."""
 
 import asyncio
+import dataclasses
 import json
 
 import asyncpg
@@ -282,5 +283,83 @@ async def test_within_one_ledger_transaction_the_first_of_two_events_with_one_id
         assert [bytes(r["payload"]) for r in letters] == [other.to_json()] * 2
         assert all(json.loads(r["headers"])["dlq.error_type"] == "conflict" for r in letters)
         assert (await ledger.balance("dora")).debited == 5
+    finally:
+        await pool.close()
+
+
+async def test_a_batch_with_decided_and_new_events_is_written_again_with_the_lookup_and_only_the_new_count(stack):
+    """The ledger writes a batch optimistically (no lookup of its ids); when the key refuses it because
+    some events are already decided, the transaction is written again with the lookup: the new events
+    are debited once, with running balances of their own, the decided ones are duplicates, and the next
+    batches look up first for a while (redeliveries come in runs)."""
+    from billing.policy import decide
+    from billing.pricing import default_price_book
+    from services.credits import metrics
+    from services.credits.ledger import Decided, Ledger
+
+    def decided(events):
+        return [Decided(e, decide(e, book), e.to_json(), "t", 0, i) for i, e in enumerate(events)]
+
+    def collisions() -> float:
+        return metrics.LEDGER_COLLISIONS._value.get()
+
+    book = default_price_book()
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    )
+    try:
+        ledger = Ledger(pool)
+        await ledger.grant("g-eve", "eve", "pro", 100)
+        old = [make_event(user_id="eve", model="gpt-4o") for _ in range(3)]  # 5 credits each
+        new = [make_event(user_id="eve", model="gpt-4o") for _ in range(2)]
+        before = collisions()
+        first = await ledger.record(decided(old))
+        assert (first.new, first.duplicates, first.debited, first.credits) == (3, 0, 3, 15)
+        assert collisions() == before  # nothing was in the ledger: one transaction, no lookup needed
+
+        mixed = await ledger.record(decided([old[0], new[0], old[1], new[1]]))
+        assert (mixed.new, mixed.duplicates, mixed.conflicts, mixed.debited, mixed.credits) == (2, 2, 0, 2, 10)
+        assert collisions() == before + 1
+        assert (await ledger.balance("eve")).balance == 100 - 25
+        after = await pool.fetch(
+            "SELECT entry_id, balance_after FROM ledger_entries WHERE entry_id = ANY($1::uuid[]) ORDER BY seq",
+            [e.event_id for e in new],
+        )
+        assert [r["balance_after"] for r in after] == [80, 75]
+
+        # Within the window the next redelivery is looked up first: no second refused COPY.
+        again = await ledger.record(decided([old[2], new[0]]))
+        assert (again.new, again.duplicates) == (0, 2)
+        assert collisions() == before + 1
+        assert (await ledger.balance("eve")).balance == 75
+        assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'eve'") == 5
+    finally:
+        await pool.close()
+
+
+async def test_a_batch_the_ledger_refuses_for_another_reason_is_not_retried_as_a_redelivery(stack):
+    """Only the one-decision-per-event key means 'already decided': any other refusal reaches the
+    pipeline, which isolates the record at fault (test_billing_never_stalls), and is not counted as a
+    collision."""
+    from billing.policy import decide
+    from billing.pricing import default_price_book
+    from services.credits import metrics
+    from services.credits.ledger import Decided, Ledger
+
+    book = default_price_book()
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    )
+    try:
+        ledger = Ledger(pool)
+        bad = make_event(user_id="fay", model="gpt-4o")
+        charge = decide(bad, book)
+        # A debit without its price list version: the ledger's CHECK refuses it, as it would a bug.
+        broken = Decided(bad, dataclasses.replace(charge, price_list_version=None), b"{}", "t", 0, 0)
+        before = metrics.LEDGER_COLLISIONS._value.get()
+        with pytest.raises(asyncpg.CheckViolationError):
+            await ledger.record([broken])
+        assert metrics.LEDGER_COLLISIONS._value.get() == before
+        assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'fay'") == 0
     finally:
         await pool.close()
