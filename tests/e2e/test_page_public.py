@@ -111,6 +111,37 @@ def test_an_unpriced_model_is_not_called_short_of_credits(system: ChatSystem, pa
     shot(page, f"unpriced-model-{viewport}")
 
 
+def test_a_provider_then_its_model_chosen_quickly_are_saved_in_that_order(
+    system: ChatSystem, page: Page, viewport: str
+):
+    """CI once charged 5 credits for a call shown on an unpriced model: the two saves (provider, then
+    model) raced, and the server kept the provider's first model. Here the first save is held back and
+    whatever else was sent meanwhile is let through first: the page must not have sent the second yet."""
+    user = new_user("order")
+    sign_in(page, system, user)
+    seen, held = [], []
+
+    def hold_the_first(route):  # the first save waits; any other goes through at once
+        seen.append(route.request.post_data_json)
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/settings/model", hold_the_first)
+    page.get_by_label("Provider").select_option("gemini")
+    page.get_by_label("Model for chat").select_option("gemini-2.5-flash")
+    page.wait_for_timeout(300)
+    assert [b["model"] for b in seen] == ["gemini-2.5-pro"], seen  # the model's save waits for the provider's
+    with page.expect_response("**/settings/model"):
+        held[0].continue_()
+    expect(page.get_by_label("Model for chat")).to_have_value("gemini-2.5-flash")
+    entry = send(page, "chat", "hello")
+    expect(entry.locator(".billing")).to_have_text("Not sent: no platform price")
+    r = httpx.get(system.chat.url + "/api/model-settings", headers={"Authorization": f"Bearer {system.token(user)}"})
+    assert (r.json()["provider"], r.json()["model"]) == ("gemini", "gemini-2.5-flash"), r.text
+
+
 def test_long_messages_are_counted_bounded_and_not_echoed_whole(system: ChatSystem, page: Page, viewport: str):
     sign_in(page, system, new_user("long"))
     box = page.get_by_label("Message")

@@ -11,7 +11,7 @@ const FEATURES = { chat: "Chat", deep_analysis: "Deep analysis", code_fix: "Code
 const LOW_SHARE = 0.1; // warn below 10% of the last grant
 // keyNotes: the last check answer per provider, so one provider's wait is never shown for another.
 // balance: what a new call can use (the balance less the credits held by calls still running).
-const state = { saving: Promise.resolve(), config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false,
+const state = { saving: Promise.resolve(), pendingSaves: 0, config: null, settings: null, balance: null, held: 0, lastGrant: null, keyNotes: {}, sending: false,
                 retry: null, signedIn: false };
 const MAX_MESSAGE = 20000;
 
@@ -225,12 +225,15 @@ function renderKeyStatus() {
 
 function renderSettings() {
   const s = state.settings;
-  $("provider").value = s.provider;
-  if ($("model").dataset.provider !== s.provider || $("model").value !== s.model) {
-    fillModels(s.provider, s.model);
-    $("model").dataset.provider = s.provider;
+  // While a later change is still on its way, an earlier answer does not put back what the user changed.
+  if (!state.pendingSaves) {
+    $("provider").value = s.provider;
+    if ($("model").dataset.provider !== s.provider || $("model").value !== s.model) {
+      fillModels(s.provider, s.model);
+      $("model").dataset.provider = s.provider;
+    }
+    setSwitch(s.byok);
   }
-  setSwitch(s.byok);
   const name = NAMES[s.provider];
   $("api-key-label").textContent = `Your ${name} API key`;
   const held = s.keys.find((k) => k.provider === s.provider);
@@ -265,12 +268,20 @@ async function loadSettings() {
 async function saveSettings(extra = {}) {
   const body = { provider: $("provider").value, model: $("model").value,
                  use_own_key: $("byok").getAttribute("aria-checked") === "true", ...extra };
-  // A message sent right after a change waits for it (onSend): the call runs on what the page shows.
-  const saving = api("/settings/model", { json: body });
+  // Saves go to the server one at a time, in the order they were made. Sent side by side, a provider
+  // and then its model could be applied the other way round: the server would keep the provider's first
+  // model while the page shows the one chosen, and the call would run (and be charged) on the first.
+  // A message sent right after a change waits for all of them (onSend): the call runs on what the page shows.
+  state.pendingSaves += 1;
+  const saving = state.saving.then(() => api("/settings/model", { json: body }));
   state.saving = saving.catch(() => {});
-  const r = await saving;
-  if (r.body.settings) state.settings = r.body.settings;
-  return r;
+  try {
+    const r = await saving;
+    if (r.body.settings) state.settings = r.body.settings;
+    return r;
+  } finally {
+    state.pendingSaves -= 1;
+  }
 }
 
 async function onCheck() {
