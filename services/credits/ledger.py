@@ -87,10 +87,11 @@ class Ledger(AdmissionHolds):
             try:
                 return await self._record(decided, letters, look_up=False)
             except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name != _DECISION_KEY:
-                    raise
-                self._look_up_until = time.monotonic() + self.LOOK_UP_AFTER_COLLISION_S
-                metrics.LEDGER_COLLISIONS.inc()
+                # Written again with the lookup whatever key refused it: that way was always right, and
+                # a refusal that is not a redelivery is refused again and reaches the pipeline.
+                if exc.constraint_name == _DECISION_KEY:
+                    self._look_up_until = time.monotonic() + self.LOOK_UP_AFTER_COLLISION_S
+                    metrics.LEDGER_COLLISIONS.inc()
         return await self._record(decided, letters, look_up=True)
 
     async def _record(self, decided: list[Decided], letters: Sequence[DeadLetter], *, look_up: bool) -> Recorded:

@@ -12,6 +12,7 @@ from schemas.events import CallStatus, CreditOutcome, Decision, Feature, KeySour
 from schemas.topics import dlq
 from services.credits.bootstrap import running
 from services.credits.settings import CreditSettings
+from services.shared.kafka import DeadLetter
 from tests.support import make_event, publish, wait_for
 
 pytestmark = pytest.mark.integration
@@ -317,10 +318,25 @@ async def test_a_batch_with_decided_and_new_events_is_written_again_with_the_loo
         assert (first.new, first.duplicates, first.debited, first.credits) == (3, 0, 3, 15)
         assert collisions() == before  # nothing was in the ledger: one transaction, no lookup needed
 
-        mixed = await ledger.record(decided([old[0], new[0], old[1], new[1]]))
+        # A hold on a new event, and a dead letter written in the same transaction: the refused first
+        # attempt is rolled back whole, so each is settled or written once.
+        await ledger.place_hold(
+            new[0].event_id,
+            "eve",
+            5,
+            decide(new[0], book).price_list_version,
+            feature="chat",
+            provider="openai",
+            model="gpt-4o",
+        )
+        assert (await ledger.balance("eve")).held == 5
+        letter = DeadLetter("t", 0, 99, b"eve", b"not json", "not an event", "deserialization")
+        mixed = await ledger.record(decided([old[0], new[0], old[1], new[1]]), [letter])
         assert (mixed.new, mixed.duplicates, mixed.conflicts, mixed.debited, mixed.credits) == (2, 2, 0, 2, 10)
         assert collisions() == before + 1
         assert (await ledger.balance("eve")).balance == 100 - 25
+        assert (await ledger.balance("eve")).held == 0
+        assert await pool.fetchval("SELECT count(*) FROM credit_outbox WHERE payload = 'not json'") == 1
         after = await pool.fetch(
             "SELECT entry_id, balance_after FROM ledger_entries WHERE entry_id = ANY($1::uuid[]) ORDER BY seq",
             [e.event_id for e in new],
@@ -337,10 +353,10 @@ async def test_a_batch_with_decided_and_new_events_is_written_again_with_the_loo
         await pool.close()
 
 
-async def test_a_batch_the_ledger_refuses_for_another_reason_is_not_retried_as_a_redelivery(stack):
+async def test_a_batch_the_ledger_refuses_for_another_reason_is_raised_not_counted_as_a_redelivery(stack):
     """Only the one-decision-per-event key means 'already decided': any other refusal reaches the
     pipeline, which isolates the record at fault (test_billing_never_stalls), and is not counted as a
-    collision."""
+    collision. Here a CHECK, and a unique key elsewhere (the dead letters' outbox, its sequence set back)."""
     from billing.policy import decide
     from billing.pricing import default_price_book
     from services.credits import metrics
@@ -359,6 +375,21 @@ async def test_a_batch_the_ledger_refuses_for_another_reason_is_not_retried_as_a
         before = metrics.LEDGER_COLLISIONS._value.get()
         with pytest.raises(asyncpg.CheckViolationError):
             await ledger.record([broken])
+        assert metrics.LEDGER_COLLISIONS._value.get() == before
+        assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'fay'") == 0
+
+        # The outbox's next two ids are taken: the batch's dead letter collides there, and again when
+        # the batch is written a second time with the lookup.
+        taken = await pool.fetchval(
+            "WITH t AS (INSERT INTO credit_outbox (topic, payload) VALUES ('t.dlq', 'x'), ('t.dlq', 'y') RETURNING id)"
+            " SELECT min(id) FROM t"
+        )
+        await pool.execute("SELECT setval(pg_get_serial_sequence('credit_outbox', 'id'), $1, false)", taken)
+        good = make_event(user_id="fay", model="gpt-4o")
+        letter = DeadLetter("t", 0, 1, b"fay", b"not json", "not an event", "deserialization")
+        with pytest.raises(asyncpg.UniqueViolationError) as refused:
+            await ledger.record([Decided(good, decide(good, book), good.to_json(), "t", 0, 2)], [letter])
+        assert refused.value.constraint_name == "credit_outbox_pkey"
         assert metrics.LEDGER_COLLISIONS._value.get() == before
         assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'fay'") == 0
     finally:
