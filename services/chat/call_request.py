@@ -23,15 +23,19 @@ class CallRequest:
     max_tokens: int = 1024
     # Where it came from: the same Idempotency-Key on another route is another request.
     route: str = "chat"
+    # What the page showed for the call (key source, model, credits): the call runs only on that route.
+    shown: tuple[str, str, int | None] | None = None
 
     def digest(self) -> str:
         """What makes two requests with one key the same call: everything but the key (never hashed,
         so a reused key with another own key is the same call rather than a probe of the key)."""
-        body = {
+        body: dict[str, object] = {
             "route": self.route,
             "feature": self.feature.value,
             "model": self.model,
             "max_tokens": self.max_tokens,
             "messages": [dict(m) for m in self.messages],
         }
+        if self.shown is not None:  # digests of requests without it stay what they were
+            body["shown"] = list(self.shown)
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -46,6 +46,14 @@ class ProviderFailed(ChatRefused):
     status = 502
 
 
+class SettingsChanged(ChatRefused):
+    """The page showed another route for the call than the settings now give (changed in another tab,
+    or by another client): nothing is asked or charged on a route the user was not shown."""
+
+    code = "settings_changed"
+    status = 409
+
+
 class ModelNotFound(ChatRefused):
     code = "model_not_found"
     status = 404

@@ -45,8 +45,9 @@ DEFAULT_FEATURE_MODELS: dict[Feature, tuple[Provider, str]] = {
 }
 
 
-def page_request(feature: Feature, message: str) -> CallRequest:
-    """The page's message as a call: the feature's prompt, then the message."""
+def page_request(feature: Feature, message: str, shown: tuple[str, str, int | None] | None = None) -> CallRequest:
+    """The page's message as a call: the feature's prompt, then the message; `shown`, the route the page
+    showed for it (key source, model, credits), which the call must take or be refused."""
     if not message.strip():
         raise InvalidRequest("Type a message first.")
     if len(message) > MAX_MESSAGE_CHARS:
@@ -56,7 +57,9 @@ def page_request(feature: Feature, message: str) -> CallRequest:
             reason="message_too_long",
         )
     return CallRequest(
-        feature, ({"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message})
+        feature,
+        ({"role": "system", "content": FEATURE_PROMPTS[feature]}, {"role": "user", "content": message}),
+        shown=shown,
     )
 
 

@@ -34,6 +34,7 @@ from services.chat.key_session import KeyRing, SessionKey
 from services.chat.refusals import (
     InvalidRequest,
     PlatformKeyMissing,
+    SettingsChanged,
 )
 from services.chat.routing import LiveKey, Route, Router, session_of
 from services.chat.store import (
@@ -104,6 +105,20 @@ class SettingsView:
             "platform_price": self.platform_price,
             "features": {f.value: r.as_dict() for f, r in self.routes.items()},
         }
+
+
+def settings_changed(route: Route) -> SettingsChanged:
+    """The refusal of a call the page showed on another route than the one it would take now."""
+    if route.key_source is KeySource.BYOK:
+        now = f"{route.model} on your {providers.of(route.provider).name} key, no credits"
+    else:
+        now = f"{route.model} on platform credits, {route.credits} credits"
+    return SettingsChanged(
+        f"Your model settings changed since this page showed them (in another tab?): this message would now "
+        f"run on {now}. Nothing was sent or charged. Check the settings above and send it again.",
+        reason="settings_changed",
+        route=route.as_dict(),
+    )
 
 
 class ChatService:
@@ -264,6 +279,8 @@ class ChatService:
             route = self.router.route_for_model(s, held, request.feature, request.model, request.own_key)
         if route.refusal is not None:
             raise route.refusal
+        if request.shown is not None and request.shown != (route.key_source.value, route.model, route.credits):
+            raise settings_changed(route)
         if route.key_source is KeySource.BYOK:
             api_key = route.key.key.api_key if route.key is not None else providers.normalize_key(request.own_key or "")
         else:

@@ -142,6 +142,31 @@ def test_a_provider_then_its_model_chosen_quickly_are_saved_in_that_order(
     assert (r.json()["provider"], r.json()["model"]) == ("gemini", "gemini-2.5-flash"), r.text
 
 
+def test_settings_changed_elsewhere_are_shown_before_anything_is_charged(system: ChatSystem, page: Page, viewport: str):
+    """Another client (a second tab, the API) moves chat to a dearer model while this page still shows
+    the first: the message is not sent, the page shows the new settings, and only the next message,
+    sent on what is now shown, is charged."""
+    user = new_user("elsewhere")
+    sign_in(page, system, user)
+    expect(page.locator("#feature-status")).to_contain_text("on platform credits")
+    shown_model = page.get_by_label("Model for chat").input_value()
+    assert shown_model != "o1"
+    r = httpx.post(
+        system.chat.url + "/settings/model",
+        json={"provider": "openai", "model": "o1", "use_own_key": False},
+        headers={"Authorization": f"Bearer {system.token(user)}"},
+    )
+    assert r.status_code == 200, r.text
+    entry = send(page, "chat", "hello")
+    expect(entry.locator(".billing")).to_have_text("Not sent: your settings changed")
+    expect(entry.locator(".answer")).to_contain_text("o1 on platform credits, 20 credits")
+    expect(page.get_by_label("Model for chat")).to_have_value("o1")
+    expect(page.locator("#badge")).to_contain_text("50 credits left")
+    shot(page, f"settings-changed-elsewhere-{viewport}")
+    again = send(page, "chat", "hello again")
+    expect(again.locator(".billing")).to_have_text("Platform: 20 credits charged · 30 left")
+
+
 def test_long_messages_are_counted_bounded_and_not_echoed_whole(system: ChatSystem, page: Page, viewport: str):
     sign_in(page, system, new_user("long"))
     box = page.get_by_label("Message")

@@ -20,7 +20,14 @@ from services.chat.calls import ChatCalls
 from services.chat.credit_account import CreditsUnavailable
 from services.chat.identity import Identity
 from services.chat.key_session import SessionKey
-from services.chat.refusals import BalanceUnknown, OwnKeyMissing, PaymentRequired, PlatformKeyMissing, ProviderFailed
+from services.chat.refusals import (
+    BalanceUnknown,
+    OwnKeyMissing,
+    PaymentRequired,
+    PlatformKeyMissing,
+    ProviderFailed,
+    SettingsChanged,
+)
 from services.chat.routing import page_request
 from services.chat.service import ChatService
 from services.chat.store import ModelSettings
@@ -171,6 +178,32 @@ async def test_unpriced_model_is_refused_on_the_platform_but_runs_on_the_users_k
     key = await byok_on(service, Provider.GEMINI, "gemini-2.5-flash")
     result = await service.call(ALICE, key, Feature.CHAT, "hello")
     assert result.billing.decision is Decision.NOT_BILLED_BYOK
+
+
+async def test_a_call_the_page_showed_on_another_route_is_refused_before_anything_is_asked():
+    """Another tab moved chat from gpt-4o (5 credits) to o1 (20): a message sent from the page that
+    still shows gpt-4o is refused (409), nothing asked, held or charged; sent with what the page shows
+    once it has reloaded, it runs and is charged that."""
+    service, _, outbox, provider = make(balance=100)
+    await service.update_settings(ALICE, None, Provider.OPENAI, "gpt-4o", False, None)
+    line = (await service.view(ALICE, None)).as_dict()["features"]["chat"]
+    shown = (line["key_source"], line["model"], line["credits"])
+    assert shown == ("platform", "gpt-4o", 5)
+    await service.update_settings(ALICE, None, Provider.OPENAI, "o1", False, None)
+    with pytest.raises(SettingsChanged) as exc:
+        await service.calls.start(ALICE, None, page_request(Feature.CHAT, "hello", shown))
+    assert exc.value.status == 409 and exc.value.details["route"]["model"] == "o1"
+    assert (
+        "o1 on platform credits, 20 credits" in exc.value.message and "Nothing was sent or charged" in exc.value.message
+    )
+    assert provider.calls == [] and outbox.events == []
+    # BYOK switched on elsewhere: the page that still shows platform credits is refused too.
+    ring = await byok_on(service, Provider.OPENAI, "o1")
+    with pytest.raises(SettingsChanged, match="o1 on your OpenAI key, no credits"):
+        await service.calls.start(ALICE, ring, page_request(Feature.CHAT, "hello", ("platform", "o1", 20)))
+    started = await service.calls.start(ALICE, ring, page_request(Feature.CHAT, "hello", ("byok", "o1", 0)))
+    outcome = started if isinstance(started, Outcome) else await started.result()
+    assert outcome.ok and outcome.body["billing"]["decision"] == "not_billed_byok" and len(provider.calls) == 1
 
 
 async def test_provider_error_on_the_users_key_is_worded_like_the_check_and_marks_the_key():

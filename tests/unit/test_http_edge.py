@@ -243,6 +243,27 @@ def test_the_platform_key_runs_no_unpriced_model_whatever_the_feature_costs(feat
     assert chat.provider.calls == [] and chat.outbox.rows == {}
 
 
+def test_a_chat_sent_on_what_the_page_no_longer_shows_is_409_with_the_route_it_would_take():
+    chat = Chat()
+    with chat.client() as client:
+        assert client.post("/settings/model", json={"provider": "openai", "model": "gpt-4o"}).status_code == 200
+        line = client.get("/api/model-settings").json()["features"]["chat"]
+        shown = {k: line[k] for k in ("key_source", "model", "credits")}
+        assert shown == {"key_source": "platform", "model": "gpt-4o", "credits": 5}
+        assert client.post("/settings/model", json={"provider": "openai", "model": "o1"}).status_code == 200
+        body = refused_with_a_sentence(
+            client.post("/chat", json={"message": "hi", "shown": shown}), 409, "o1 on platform credits, 20 credits"
+        )
+        assert body["error"] == "settings_changed" and body["route"]["model"] == "o1"
+        for bad in ({"model": "o1"}, {**shown, "credits": -1}, {**shown, "key_source": "free"}, {**shown, "x": 1}):
+            r = client.post("/chat", json={"message": "hi", "shown": bad})
+            assert r.status_code == 422 and "shown" in r.text, (bad, r.text)
+        assert chat.provider.calls == [] and chat.outbox.rows == {}
+        ok = client.post("/chat", json={"message": "hi", "shown": {**shown, "model": "o1", "credits": 20}})
+        assert ok.status_code == 200 and ok.json()["billing"]["credits"] == 20, ok.text
+    assert len(chat.provider.calls) == 1
+
+
 def test_the_gemini_model_never_leaves_its_url_path_segment():
     settings = providers.ProviderSettings(gemini_base_url="https://gemini.example")
     assert (

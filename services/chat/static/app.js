@@ -447,7 +447,15 @@ function showAnswer(entry, r) {
   // Refused before the provider was asked: nothing charged, and only a 402 is about credits.
   entry.billing.textContent = r.body.billing || r.body.ending ? "Failed call: no credits"
     : r.body.reason === "unpriced_model" ? "Not sent: no platform price"
+    : r.body.reason === "settings_changed" ? "Not sent: your settings changed"
     : r.status === 402 ? "Not sent: not enough credits" : "Not sent: nothing charged";
+}
+
+// What the page shows for a feature's call; the server runs the call on that or refuses it (409), so a
+// change made in another tab is never charged unseen.
+function shownFor(feature) {
+  const f = state.settings && state.settings.features[feature];
+  return f ? { key_source: f.key_source, model: f.model, credits: f.credits } : null;
 }
 
 // After a dropped connection or a Stop: ask the server what became of the call, without starting one.
@@ -508,7 +516,7 @@ async function onSend(event) {
       method: "POST",
       credentials: "same-origin",
       headers: { "Content-Type": "application/json", "Idempotency-Key": key },
-      body: JSON.stringify({ feature, message, stream: true }),
+      body: JSON.stringify({ feature, message, stream: true, shown: shownFor(feature) }),
       signal: controller.signal,
     });
     let final = null;

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.events import Feature
+from schemas.events import Feature, KeySource
 from services.chat.api.deps import Who, Wired, identify
 from services.chat.api.errors import error_body
 from services.chat.call_store import Outcome
@@ -30,6 +30,15 @@ CALLS = Counter(
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
+class Shown(BaseModel):
+    """What the page showed for the call (its feature's line): the call runs on it or is refused (409)."""
+
+    model_config = ConfigDict(extra="forbid")
+    key_source: KeySource
+    model: str = Field(min_length=1, max_length=100)
+    credits: int | None = Field(ge=0, le=1_000_000)
+
+
 class ChatIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     feature: Feature = Feature.CHAT
@@ -37,6 +46,8 @@ class ChatIn(BaseModel):
     message: str = Field(min_length=1)
     # Server-Sent Events: `delta` events with the text as it comes, then one `done` or `error`.
     stream: bool = False
+    # Optional: without it the call runs on whatever the settings say when it arrives (API clients).
+    shown: Shown | None = None
 
 
 def count(outcome: Outcome) -> None:
@@ -121,7 +132,11 @@ async def chat(request: Request) -> Response:
     started = await w.calls.start(
         who,
         ring,
-        page_request(body.feature, body.message),
+        page_request(
+            body.feature,
+            body.message,
+            None if body.shown is None else (body.shown.key_source.value, body.shown.model, body.shown.credits),
+        ),
         idempotency_key=request.headers.get("idempotency-key"),
         stream=body.stream,
     )
