@@ -19,6 +19,20 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
+async def ledger(stack):
+    """A Ledger on the stack's schema; its pool is `ledger.pool`."""
+    from services.credits.ledger import Ledger
+
+    pool = await asyncpg.create_pool(
+        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    )
+    try:
+        yield Ledger(pool)
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
 async def credits(stack):
     async with running(stack.settings(CreditSettings)) as runtime:
         yield runtime
@@ -259,36 +273,29 @@ async def test_an_event_id_reused_for_another_call_is_a_conflict_in_the_dlq_and_
         await conn.close()
 
 
-async def test_within_one_ledger_transaction_the_first_of_two_events_with_one_id_is_decided(stack):
+async def test_within_one_ledger_transaction_the_first_of_two_events_with_one_id_is_decided(ledger):
     """The set-based write compares identities inside the batch too: one transaction, two events with
     one id and different content, then the same again (a redelivery of the whole batch)."""
     from billing.policy import decide
     from billing.pricing import default_price_book
-    from services.credits.ledger import Decided, Ledger
+    from services.credits.ledger import Decided
 
-    book = default_price_book()
-    pool = await asyncpg.create_pool(
-        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
-    )
-    try:
-        ledger = Ledger(pool)
-        one = make_event(user_id="dora", model="gpt-4o")
-        same = one.model_copy(update={"latency_ms": 77, "occurred_at": one.occurred_at})
-        other = one.model_copy(update={"feature": Feature.DEEP_ANALYSIS})
-        batch = [Decided(e, decide(e, book), e.to_json(), "t", 0, i) for i, e in enumerate([one, same, other])]
-        first = await ledger.record(batch)
-        assert (first.new, first.duplicates, first.conflicts, first.credits) == (1, 1, 1, 5)
-        again = await ledger.record(batch)
-        assert (again.new, again.duplicates, again.conflicts) == (0, 2, 1)
-        letters = await pool.fetch("SELECT payload, headers FROM credit_outbox WHERE topic = $1", dlq("t"))
-        assert [bytes(r["payload"]) for r in letters] == [other.to_json()] * 2
-        assert all(json.loads(r["headers"])["dlq.error_type"] == "conflict" for r in letters)
-        assert (await ledger.balance("dora")).debited == 5
-    finally:
-        await pool.close()
+    book, pool = default_price_book(), ledger.pool
+    one = make_event(user_id="dora", model="gpt-4o")
+    same = one.model_copy(update={"latency_ms": 77, "occurred_at": one.occurred_at})
+    other = one.model_copy(update={"feature": Feature.DEEP_ANALYSIS})
+    batch = [Decided(e, decide(e, book), e.to_json(), "t", 0, i) for i, e in enumerate([one, same, other])]
+    first = await ledger.record(batch)
+    assert (first.new, first.duplicates, first.conflicts, first.credits) == (1, 1, 1, 5)
+    again = await ledger.record(batch)
+    assert (again.new, again.duplicates, again.conflicts) == (0, 2, 1)
+    letters = await pool.fetch("SELECT payload, headers FROM credit_outbox WHERE topic = $1", dlq("t"))
+    assert [bytes(r["payload"]) for r in letters] == [other.to_json()] * 2
+    assert all(json.loads(r["headers"])["dlq.error_type"] == "conflict" for r in letters)
+    assert (await ledger.balance("dora")).debited == 5
 
 
-async def test_a_batch_with_decided_and_new_events_is_written_again_with_the_lookup_and_only_the_new_count(stack):
+async def test_a_batch_with_decided_and_new_events_is_written_again_with_the_lookup_and_only_the_new_count(ledger):
     """The ledger writes a batch optimistically (no lookup of its ids); when the key refuses it because
     some events are already decided, the transaction is written again with the lookup: the new events
     are debited once, with running balances of their own, the decided ones are duplicates, and the next
@@ -296,7 +303,7 @@ async def test_a_batch_with_decided_and_new_events_is_written_again_with_the_loo
     from billing.policy import decide
     from billing.pricing import default_price_book
     from services.credits import metrics
-    from services.credits.ledger import Decided, Ledger
+    from services.credits.ledger import Decided
 
     def decided(events):
         return [Decided(e, decide(e, book), e.to_json(), "t", 0, i) for i, e in enumerate(events)]
@@ -304,93 +311,79 @@ async def test_a_batch_with_decided_and_new_events_is_written_again_with_the_loo
     def collisions() -> float:
         return metrics.LEDGER_COLLISIONS._value.get()
 
-    book = default_price_book()
-    pool = await asyncpg.create_pool(
-        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    book, pool = default_price_book(), ledger.pool
+    await ledger.grant("g-eve", "eve", "pro", 100)
+    old = [make_event(user_id="eve", model="gpt-4o") for _ in range(3)]  # 5 credits each
+    new = [make_event(user_id="eve", model="gpt-4o") for _ in range(2)]
+    before = collisions()
+    first = await ledger.record(decided(old))
+    assert (first.new, first.duplicates, first.debited, first.credits) == (3, 0, 3, 15)
+    assert collisions() == before  # nothing was in the ledger: one transaction, no lookup needed
+
+    # A hold on a new event, and a dead letter written in the same transaction: the refused first
+    # attempt is rolled back whole, so each is settled or written once.
+    await ledger.place_hold(
+        new[0].event_id,
+        "eve",
+        5,
+        decide(new[0], book).price_list_version,
+        feature="chat",
+        provider="openai",
+        model="gpt-4o",
     )
-    try:
-        ledger = Ledger(pool)
-        await ledger.grant("g-eve", "eve", "pro", 100)
-        old = [make_event(user_id="eve", model="gpt-4o") for _ in range(3)]  # 5 credits each
-        new = [make_event(user_id="eve", model="gpt-4o") for _ in range(2)]
-        before = collisions()
-        first = await ledger.record(decided(old))
-        assert (first.new, first.duplicates, first.debited, first.credits) == (3, 0, 3, 15)
-        assert collisions() == before  # nothing was in the ledger: one transaction, no lookup needed
+    assert (await ledger.balance("eve")).held == 5
+    letter = DeadLetter("t", 0, 99, b"eve", b"not json", "not an event", "deserialization")
+    mixed = await ledger.record(decided([old[0], new[0], old[1], new[1]]), [letter])
+    assert (mixed.new, mixed.duplicates, mixed.conflicts, mixed.debited, mixed.credits) == (2, 2, 0, 2, 10)
+    assert collisions() == before + 1
+    assert (await ledger.balance("eve")).balance == 100 - 25
+    assert (await ledger.balance("eve")).held == 0
+    assert await pool.fetchval("SELECT count(*) FROM credit_outbox WHERE payload = 'not json'") == 1
+    after = await pool.fetch(
+        "SELECT entry_id, balance_after FROM ledger_entries WHERE entry_id = ANY($1::uuid[]) ORDER BY seq",
+        [e.event_id for e in new],
+    )
+    assert [r["balance_after"] for r in after] == [80, 75]
 
-        # A hold on a new event, and a dead letter written in the same transaction: the refused first
-        # attempt is rolled back whole, so each is settled or written once.
-        await ledger.place_hold(
-            new[0].event_id,
-            "eve",
-            5,
-            decide(new[0], book).price_list_version,
-            feature="chat",
-            provider="openai",
-            model="gpt-4o",
-        )
-        assert (await ledger.balance("eve")).held == 5
-        letter = DeadLetter("t", 0, 99, b"eve", b"not json", "not an event", "deserialization")
-        mixed = await ledger.record(decided([old[0], new[0], old[1], new[1]]), [letter])
-        assert (mixed.new, mixed.duplicates, mixed.conflicts, mixed.debited, mixed.credits) == (2, 2, 0, 2, 10)
-        assert collisions() == before + 1
-        assert (await ledger.balance("eve")).balance == 100 - 25
-        assert (await ledger.balance("eve")).held == 0
-        assert await pool.fetchval("SELECT count(*) FROM credit_outbox WHERE payload = 'not json'") == 1
-        after = await pool.fetch(
-            "SELECT entry_id, balance_after FROM ledger_entries WHERE entry_id = ANY($1::uuid[]) ORDER BY seq",
-            [e.event_id for e in new],
-        )
-        assert [r["balance_after"] for r in after] == [80, 75]
-
-        # Within the window the next redelivery is looked up first: no second refused COPY.
-        again = await ledger.record(decided([old[2], new[0]]))
-        assert (again.new, again.duplicates) == (0, 2)
-        assert collisions() == before + 1
-        assert (await ledger.balance("eve")).balance == 75
-        assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'eve'") == 5
-    finally:
-        await pool.close()
+    # Within the window the next redelivery is looked up first: no second refused COPY.
+    again = await ledger.record(decided([old[2], new[0]]))
+    assert (again.new, again.duplicates) == (0, 2)
+    assert collisions() == before + 1
+    assert (await ledger.balance("eve")).balance == 75
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'eve'") == 5
 
 
-async def test_a_batch_the_ledger_refuses_for_another_reason_is_raised_not_counted_as_a_redelivery(stack):
+async def test_a_batch_the_ledger_refuses_for_another_reason_is_raised_not_counted_as_a_redelivery(ledger):
     """Only the one-decision-per-event key means 'already decided': any other refusal reaches the
     pipeline, which isolates the record at fault (test_billing_never_stalls), and is not counted as a
     collision. Here a CHECK, and a unique key elsewhere (the dead letters' outbox, its sequence set back)."""
     from billing.policy import decide
     from billing.pricing import default_price_book
     from services.credits import metrics
-    from services.credits.ledger import Decided, Ledger
+    from services.credits.ledger import Decided
 
-    book = default_price_book()
-    pool = await asyncpg.create_pool(
-        stack.database_url, min_size=1, max_size=2, server_settings={"search_path": stack.database_schema}
+    book, pool = default_price_book(), ledger.pool
+    bad = make_event(user_id="fay", model="gpt-4o")
+    charge = decide(bad, book)
+    # A debit without its price list version: the ledger's CHECK refuses it, as it would a bug.
+    broken = Decided(bad, dataclasses.replace(charge, price_list_version=None), b"{}", "t", 0, 0)
+    before = metrics.LEDGER_COLLISIONS._value.get()
+    with pytest.raises(asyncpg.CheckViolationError):
+        await ledger.record([broken])
+    assert metrics.LEDGER_COLLISIONS._value.get() == before
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'fay'") == 0
+
+    # The outbox's next two ids are taken: the batch's dead letter collides there, and again when
+    # the batch is written a second time with the lookup.
+    taken = await pool.fetchval(
+        "WITH t AS (INSERT INTO credit_outbox (topic, payload) VALUES ('t.dlq', 'x'), ('t.dlq', 'y') RETURNING id)"
+        " SELECT min(id) FROM t"
     )
-    try:
-        ledger = Ledger(pool)
-        bad = make_event(user_id="fay", model="gpt-4o")
-        charge = decide(bad, book)
-        # A debit without its price list version: the ledger's CHECK refuses it, as it would a bug.
-        broken = Decided(bad, dataclasses.replace(charge, price_list_version=None), b"{}", "t", 0, 0)
-        before = metrics.LEDGER_COLLISIONS._value.get()
-        with pytest.raises(asyncpg.CheckViolationError):
-            await ledger.record([broken])
-        assert metrics.LEDGER_COLLISIONS._value.get() == before
-        assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'fay'") == 0
-
-        # The outbox's next two ids are taken: the batch's dead letter collides there, and again when
-        # the batch is written a second time with the lookup.
-        taken = await pool.fetchval(
-            "WITH t AS (INSERT INTO credit_outbox (topic, payload) VALUES ('t.dlq', 'x'), ('t.dlq', 'y') RETURNING id)"
-            " SELECT min(id) FROM t"
-        )
-        await pool.execute("SELECT setval(pg_get_serial_sequence('credit_outbox', 'id'), $1, false)", taken)
-        good = make_event(user_id="fay", model="gpt-4o")
-        letter = DeadLetter("t", 0, 1, b"fay", b"not json", "not an event", "deserialization")
-        with pytest.raises(asyncpg.UniqueViolationError) as refused:
-            await ledger.record([Decided(good, decide(good, book), good.to_json(), "t", 0, 2)], [letter])
-        assert refused.value.constraint_name == "credit_outbox_pkey"
-        assert metrics.LEDGER_COLLISIONS._value.get() == before
-        assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'fay'") == 0
-    finally:
-        await pool.close()
+    await pool.execute("SELECT setval(pg_get_serial_sequence('credit_outbox', 'id'), $1, false)", taken)
+    good = make_event(user_id="fay", model="gpt-4o")
+    letter = DeadLetter("t", 0, 1, b"fay", b"not json", "not an event", "deserialization")
+    with pytest.raises(asyncpg.UniqueViolationError) as refused:
+        await ledger.record([Decided(good, decide(good, book), good.to_json(), "t", 0, 2)], [letter])
+    assert refused.value.constraint_name == "credit_outbox_pkey"
+    assert metrics.LEDGER_COLLISIONS._value.get() == before
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = 'fay'") == 0
