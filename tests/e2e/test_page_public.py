@@ -150,21 +150,22 @@ def test_settings_changed_elsewhere_are_shown_before_anything_is_charged(system:
     sign_in(page, system, user)
     expect(page.locator("#feature-status")).to_contain_text("on platform credits")
     shown_model = page.get_by_label("Model for chat").input_value()
-    assert shown_model != "o1"
+    assert shown_model == "gpt-4o-mini"  # 3 credits
     r = httpx.post(
         system.chat.url + "/settings/model",
-        json={"provider": "openai", "model": "o1", "use_own_key": False},
+        json={"provider": "openai", "model": "gpt-4.1", "use_own_key": False},
         headers={"Authorization": f"Bearer {system.token(user)}"},
     )
     assert r.status_code == 200, r.text
     entry = send(page, "chat", "hello")
     expect(entry.locator(".billing")).to_have_text("Not sent: your settings changed")
-    expect(entry.locator(".answer")).to_contain_text("o1 on platform credits, 20 credits")
-    expect(page.get_by_label("Model for chat")).to_have_value("o1")
+    expect(entry.locator(".answer")).to_contain_text("gpt-4.1 on platform credits, 5 credits")
+    expect(page.get_by_label("Model for chat")).to_have_value("gpt-4.1")
+    expect(page.locator("#feature-status")).to_contain_text("gpt-4.1 on platform credits: 5 credits per message")
     expect(page.locator("#badge")).to_contain_text("50 credits left")
     shot(page, f"settings-changed-elsewhere-{viewport}")
     again = send(page, "chat", "hello again")
-    expect(again.locator(".billing")).to_have_text("Platform: 20 credits charged · 30 left")
+    expect(again.locator(".billing")).to_have_text("Platform: 5 credits charged · 45 left")
 
 
 def test_long_messages_are_counted_bounded_and_not_echoed_whole(system: ChatSystem, page: Page, viewport: str):
